@@ -1,0 +1,886 @@
+//! The org's request engine: one `execute` serves plain REST calls, Composite subrequests and
+//! Composite Graph nodes, so all three behave the same way.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use rand::Rng;
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use super::org::{OrgSpec, SObjectSpec};
+use super::soql;
+use super::store::{Ctx, Store, is_valid_id};
+use crate::salesforce::model::{
+    ApiError, CompositeRequest, DescribeGlobal, GraphRequest, MAX_COMPOSITE_SUBREQUESTS,
+    MAX_GRAPH_FAILURES_PER_REQUEST, MAX_GRAPHS_PER_REQUEST, MAX_NODES_PER_REQUEST,
+    ROLLED_BACK_MESSAGE,
+};
+
+/// A response: status, JSON body (None for 204/304), extra headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: Option<Value>,
+    /// Extra headers (e.g. `Location`, `Last-Modified`).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            body: Some(body),
+            headers: vec![],
+        }
+    }
+
+    fn empty(status: u16) -> Self {
+        Self {
+            status,
+            body: None,
+            headers: vec![],
+        }
+    }
+
+    /// A Salesforce error array.
+    pub fn errors(status: u16, errors: Vec<ApiError>) -> Self {
+        Self::json(status, serde_json::to_value(errors).unwrap_or(Value::Null))
+    }
+
+    /// A one-error Salesforce error array.
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self::errors(status, vec![ApiError::new(code, message, vec![])])
+    }
+
+    fn not_found() -> Self {
+        Self::error(404, "NOT_FOUND", "The requested resource does not exist")
+    }
+
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Request details that only some resources read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Meta {
+    /// `If-Modified-Since`.
+    pub if_modified_since: Option<SystemTime>,
+    /// From `Sforce-Query-Options: batchSize=N`.
+    pub batch_size: Option<usize>,
+    /// Fail one graph of this request with UNABLE_TO_LOCK_ROW (fault injection).
+    pub lock_one_graph: bool,
+}
+
+/// The org's mutable state. Held under one mutex; no call awaits while holding it.
+pub struct OrgState {
+    /// The org model (permissions change at run time).
+    pub spec: OrgSpec,
+    /// Stored records.
+    pub store: Store,
+    /// username (lower case) → User Id.
+    pub user_ids: HashMap<String, String>,
+    /// API requests used today.
+    pub api_used: u64,
+    /// When the schema or permissions last changed (describe `Last-Modified`).
+    pub schema_modified: SystemTime,
+    cursors: HashMap<String, (Vec<Value>, u64)>,
+    next_cursor: u64,
+}
+
+fn whole_seconds(at: SystemTime) -> SystemTime {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
+impl OrgState {
+    /// A fresh org: only the users' records exist.
+    pub fn new(spec: OrgSpec) -> Self {
+        let (store, user_ids) = Store::with_users(&spec);
+        Self {
+            spec,
+            store,
+            user_ids,
+            api_used: 0,
+            schema_modified: whole_seconds(SystemTime::now()),
+            cursors: HashMap::new(),
+            next_cursor: 0,
+        }
+    }
+
+    /// Marks the schema/permissions as changed now (describe clients see a new Last-Modified).
+    pub fn touch_schema(&mut self) {
+        let now = whole_seconds(SystemTime::now());
+        self.schema_modified = if now > self.schema_modified {
+            now
+        } else {
+            self.schema_modified + std::time::Duration::from_secs(1)
+        };
+    }
+
+    /// The org id (derived, stable).
+    pub fn org_id(&self) -> String {
+        super::store::make_id("00D", 1)
+    }
+
+    /// Runs one request under `/services/data/vXX.X` as `username`.
+    pub fn execute(
+        &mut self,
+        username: &str,
+        version: &str,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        body: Option<&Value>,
+        meta: Meta,
+    ) -> Reply {
+        let reply = self.dispatch(username, version, method, path, query, body, meta);
+        self.store.commit();
+        reply
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &mut self,
+        username: &str,
+        version: &str,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        body: Option<&Value>,
+        meta: Meta,
+    ) -> Reply {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, segments.as_slice()) {
+            ("GET", ["sobjects"]) => self.describe_global(username),
+            ("GET", ["sobjects", object, "describe"]) => self.describe(username, object, meta),
+            ("GET", ["limits"]) => {
+                let max = self.spec.org.daily_api_limit;
+                Reply::json(
+                    200,
+                    json!({"DailyApiRequests": {"Max": max, "Remaining": max.saturating_sub(self.api_used)}}),
+                )
+            }
+            ("GET", ["query"]) => {
+                let soql = query
+                    .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "q"))
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                self.query(username, version, &soql, meta)
+            }
+            ("GET", ["query", locator]) => self.next_page(version, locator),
+            ("POST", ["composite"]) => self.composite(username, body),
+            ("POST", ["composite", "graph"]) => self.graph(username, body, meta),
+            _ if segments.first() == Some(&"sobjects") => {
+                self.sobject_call(username, version, method, &segments[1..], body)
+            }
+            _ => Reply::not_found(),
+        }
+    }
+
+    fn user_ctx(&self, username: &str) -> Option<(&super::org::UserSpec, &str)> {
+        let user = self.spec.user(username)?;
+        let id = self.user_ids.get(&username.to_ascii_lowercase())?;
+        Some((user, id.as_str()))
+    }
+
+    fn describe_global(&self, username: &str) -> Reply {
+        let Some((user, _)) = self.user_ctx(username) else {
+            return Reply::not_found();
+        };
+        let body = DescribeGlobal {
+            encoding: "UTF-8".into(),
+            max_batch_size: 200,
+            sobjects: self.spec.global_for(user),
+        };
+        Reply::json(200, serde_json::to_value(body).unwrap_or(Value::Null))
+    }
+
+    fn describe(&self, username: &str, object: &str, meta: Meta) -> Reply {
+        let Some((user, _)) = self.user_ctx(username) else {
+            return Reply::not_found();
+        };
+        let Some(describe) = self
+            .spec
+            .sobject(object)
+            .and_then(|o| self.spec.describe_for(user, o))
+        else {
+            return Reply::not_found();
+        };
+        let last_modified = ("Last-Modified", httpdate::fmt_http_date(self.schema_modified));
+        if meta
+            .if_modified_since
+            .is_some_and(|since| self.schema_modified <= since)
+        {
+            let mut reply = Reply::empty(304);
+            reply.headers.push(last_modified);
+            return reply;
+        }
+        let mut reply = Reply::json(200, serde_json::to_value(describe).unwrap_or(Value::Null));
+        reply.headers.push(last_modified);
+        reply
+    }
+
+    fn record_json(&self, version: &str, username: &str, id: &str) -> Option<Value> {
+        let (user, _) = self.user_ctx(username)?;
+        let record = self.store.get(id)?;
+        let object = self.spec.sobject(&record.sobject)?;
+        let describe = self.spec.describe_for(user, object)?;
+        let mut out = Map::new();
+        out.insert(
+            "attributes".into(),
+            json!({"type": record.sobject, "url": format!("/services/data/v{version}/sobjects/{}/{id}", record.sobject)}),
+        );
+        for field in &describe.fields {
+            out.insert(
+                field.name.clone(),
+                record.fields.get(&field.name).cloned().unwrap_or(Value::Null),
+            );
+        }
+        Some(Value::Object(out))
+    }
+
+    fn sobject_call(
+        &mut self,
+        username: &str,
+        version: &str,
+        method: &str,
+        rest: &[&str],
+        body: Option<&Value>,
+    ) -> Reply {
+        let Some(object) = rest.first().and_then(|name| self.spec.sobject(name)).cloned() else {
+            return Reply::not_found();
+        };
+        let readable = self
+            .user_ctx(username)
+            .is_some_and(|(user, _)| self.spec.object_access(user, &object.name).read);
+        if !readable {
+            return Reply::not_found();
+        }
+        let empty = Map::new();
+        let fields = match body {
+            Some(Value::Object(map)) => map,
+            None => &empty,
+            Some(_) => {
+                return Reply::error(
+                    400,
+                    "JSON_PARSER_ERROR",
+                    "Cannot deserialize instance of the sObject from a non-object value",
+                );
+            }
+        };
+        match (method, &rest[1..]) {
+            ("POST", []) => match self.write(username, &object, None, fields) {
+                Ok((id, _)) => {
+                    let mut reply =
+                        Reply::json(201, json!({"id": id, "success": true, "errors": []}));
+                    reply.headers.push((
+                        "Location",
+                        format!("/services/data/v{version}/sobjects/{}/{id}", object.name),
+                    ));
+                    reply
+                }
+                Err(errors) => Reply::errors(400, errors),
+            },
+            (method, [id]) if is_valid_id(id) && id.starts_with(&object.key_prefix) => {
+                let exists = self
+                    .store
+                    .get(id)
+                    .is_some_and(|r| r.sobject == object.name);
+                if !exists {
+                    return Reply::not_found();
+                }
+                let id = self
+                    .store
+                    .get(id)
+                    .and_then(|r| r.fields.get("Id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(id)
+                    .to_owned();
+                match method {
+                    "GET" => self
+                        .record_json(version, username, &id)
+                        .map(|v| Reply::json(200, v))
+                        .unwrap_or_else(Reply::not_found),
+                    "PATCH" => match self.write(username, &object, Some(id), fields) {
+                        Ok(_) => Reply::empty(204),
+                        Err(errors) => Reply::errors(400, errors),
+                    },
+                    "DELETE" => self.delete(username, &object, &id),
+                    _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
+                }
+            }
+            (method, [field, value]) => {
+                self.external_id_call(username, version, method, &object, field, value, fields)
+            }
+            _ => Reply::not_found(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn external_id_call(
+        &mut self,
+        username: &str,
+        version: &str,
+        method: &str,
+        object: &SObjectSpec,
+        field: &str,
+        raw_value: &str,
+        fields: &Map<String, Value>,
+    ) -> Reply {
+        let value = percent_encoding::percent_decode_str(raw_value)
+            .decode_utf8_lossy()
+            .into_owned();
+        let Some(key_field) = object
+            .fields
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(field))
+        else {
+            return Reply::not_found();
+        };
+        if !key_field.external_id && !key_field.unique {
+            return Reply::error(
+                400,
+                "INVALID_FIELD",
+                format!(
+                    "Field {} is not an external id field on {}",
+                    key_field.name, object.name
+                ),
+            );
+        }
+        let matches = self
+            .store
+            .find_by_external_id(&object.name, &key_field.name, &value);
+        if matches.len() > 1 {
+            let urls: Vec<String> = matches
+                .iter()
+                .map(|id| format!("/services/data/v{version}/sobjects/{}/{id}", object.name))
+                .collect();
+            return Reply::json(300, json!(urls));
+        }
+        let existing = matches.into_iter().next();
+        match (method, existing) {
+            ("GET", Some(id)) => self
+                .record_json(version, username, &id)
+                .map(|v| Reply::json(200, v))
+                .unwrap_or_else(Reply::not_found),
+            ("GET", None) | ("DELETE", None) => Reply::not_found(),
+            ("DELETE", Some(id)) => self.delete(username, object, &id),
+            ("PATCH" | "POST", existing) => {
+                let mut body = fields.clone();
+                if existing.is_none() {
+                    body.insert(key_field.name.clone(), Value::String(value));
+                } else {
+                    body.remove(&key_field.name);
+                }
+                match self.write(username, object, existing, &body) {
+                    Ok((id, created)) => {
+                        let mut reply = Reply::json(
+                            if created { 201 } else { 200 },
+                            json!({"id": id, "success": true, "errors": [], "created": created}),
+                        );
+                        reply.headers.push((
+                            "Location",
+                            format!("/services/data/v{version}/sobjects/{}/{id}", object.name),
+                        ));
+                        reply
+                    }
+                    Err(errors) => Reply::errors(400, errors),
+                }
+            }
+            _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
+        }
+    }
+
+    fn write(
+        &mut self,
+        username: &str,
+        object: &SObjectSpec,
+        id: Option<String>,
+        body: &Map<String, Value>,
+    ) -> Result<(String, bool), Vec<ApiError>> {
+        let Self {
+            spec,
+            store,
+            user_ids,
+            ..
+        } = self;
+        let user = spec
+            .user(username)
+            .ok_or_else(|| vec![ApiError::new("INVALID_SESSION_ID", "unknown user", vec![])])?;
+        let user_id = user_ids
+            .get(&username.to_ascii_lowercase())
+            .map(String::as_str)
+            .unwrap_or_default();
+        let ctx = Ctx {
+            org: spec,
+            user,
+            user_id,
+            now: OffsetDateTime::now_utc(),
+        };
+        match id {
+            Some(id) => store.update(&ctx, object, &id, body).map(|()| (id, false)),
+            None => store.create(&ctx, object, body).map(|id| (id, true)),
+        }
+    }
+
+    fn delete(&mut self, username: &str, object: &SObjectSpec, id: &str) -> Reply {
+        let Self {
+            spec,
+            store,
+            user_ids,
+            ..
+        } = self;
+        let Some(user) = spec.user(username) else {
+            return Reply::not_found();
+        };
+        let ctx = Ctx {
+            org: spec,
+            user,
+            user_id: user_ids
+                .get(&username.to_ascii_lowercase())
+                .map(String::as_str)
+                .unwrap_or_default(),
+            now: OffsetDateTime::now_utc(),
+        };
+        match store.delete(&ctx, object, id) {
+            Ok(()) => Reply::empty(204),
+            Err(errors) => Reply::errors(400, errors),
+        }
+    }
+
+    fn query(&mut self, username: &str, version: &str, soql: &str, meta: Meta) -> Reply {
+        let parsed = match soql::parse(soql) {
+            Ok(q) => q,
+            Err(message) => return Reply::error(400, "MALFORMED_QUERY", message),
+        };
+        let Some((user, _)) = self.user_ctx(username) else {
+            return Reply::not_found();
+        };
+        let Some(describe) = self
+            .spec
+            .sobject(&parsed.sobject)
+            .and_then(|o| self.spec.describe_for(user, o))
+        else {
+            return Reply::error(
+                400,
+                "INVALID_TYPE",
+                format!("sObject type '{}' is not supported.", parsed.sobject),
+            );
+        };
+        for name in parsed
+            .fields
+            .iter()
+            .chain(parsed.conditions.iter().map(|c| &c.field))
+        {
+            if describe.field(name).is_none() {
+                return Reply::error(
+                    400,
+                    "INVALID_FIELD",
+                    format!("No such column '{name}' on entity '{}'.", describe.name),
+                );
+            }
+        }
+        let mut rows: Vec<Value> = self
+            .store
+            .all(&describe.name)
+            .into_iter()
+            .filter(|r| parsed.conditions.iter().all(|c| c.matches(&r.fields)))
+            .take(parsed.limit.unwrap_or(usize::MAX))
+            .map(|r| {
+                let id = r.fields.get("Id").and_then(Value::as_str).unwrap_or_default();
+                let mut row = Map::new();
+                row.insert(
+                    "attributes".into(),
+                    json!({"type": describe.name, "url": format!("/services/data/v{version}/sobjects/{}/{id}", describe.name)}),
+                );
+                for name in &parsed.fields {
+                    let field = describe.field(name).map(|f| f.name.as_str()).unwrap_or(name);
+                    row.insert(
+                        field.to_owned(),
+                        r.fields.get(field).cloned().unwrap_or(Value::Null),
+                    );
+                }
+                Value::Object(row)
+            })
+            .collect();
+        let total = rows.len() as u64;
+        let batch = meta
+            .batch_size
+            .map(|n| n.clamp(200, 2000))
+            .unwrap_or(self.spec.org.query_batch_size)
+            .max(1);
+        let rest = if rows.len() > batch {
+            rows.split_off(batch)
+        } else {
+            Vec::new()
+        };
+        self.page(version, rows, rest, total, batch)
+    }
+
+    fn page(
+        &mut self,
+        version: &str,
+        rows: Vec<Value>,
+        rest: Vec<Value>,
+        total: u64,
+        batch: usize,
+    ) -> Reply {
+        let mut body = json!({"totalSize": total, "done": rest.is_empty(), "records": rows});
+        if !rest.is_empty() {
+            self.next_cursor += 1;
+            let locator = format!("{}-{}", super::store::make_id("01g", self.next_cursor), batch);
+            body["nextRecordsUrl"] = json!(format!("/services/data/v{version}/query/{locator}"));
+            self.cursors.insert(locator, (rest, total));
+        }
+        Reply::json(200, body)
+    }
+
+    fn next_page(&mut self, version: &str, locator: &str) -> Reply {
+        let Some((mut rows, total)) = self.cursors.remove(locator) else {
+            return Reply::error(
+                400,
+                "INVALID_QUERY_LOCATOR",
+                "invalid query locator",
+            );
+        };
+        let batch = locator
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2000usize)
+            .max(1);
+        let rest = if rows.len() > batch {
+            rows.split_off(batch)
+        } else {
+            Vec::new()
+        };
+        self.page(version, rows, rest, total, batch)
+    }
+
+    /// Runs one subrequest (Composite or Graph) whose URL is a full `/services/data/vXX.X/…`.
+    fn subrequest(
+        &mut self,
+        username: &str,
+        method: &str,
+        url: &str,
+        body: Option<&Value>,
+        graph_node: bool,
+    ) -> Reply {
+        let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+        let Some(rest) = path.strip_prefix("/services/data/v") else {
+            return Reply::error(
+                400,
+                "INVALID_URL",
+                format!("The URL must start with /services/data/vXX.X/: {url}"),
+            );
+        };
+        let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        if graph_node && !rest.starts_with("sobjects/") {
+            return Reply::error(
+                400,
+                "INVALID_GRAPH_NODE",
+                format!("Composite Graph nodes support only sObject resources: {url}"),
+            );
+        }
+        self.dispatch(username, version, method, rest, query, body, Meta::default())
+    }
+
+    fn composite(&mut self, username: &str, body: Option<&Value>) -> Reply {
+        let request: CompositeRequest = match body.cloned().map(serde_json::from_value) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Reply::error(400, "JSON_PARSER_ERROR", e.to_string()),
+            None => return Reply::error(400, "JSON_PARSER_ERROR", "body required"),
+        };
+        if request.composite_request.len() > MAX_COMPOSITE_SUBREQUESTS {
+            return Reply::error(
+                400,
+                "LIMIT_EXCEEDED",
+                format!(
+                    "Composite request may contain at most {MAX_COMPOSITE_SUBREQUESTS} \
+                     subrequests"
+                ),
+            );
+        }
+        let mark = self.store.mark();
+        let mut outputs: HashMap<String, Value> = HashMap::new();
+        let mut failed: Vec<String> = Vec::new();
+        let mut results: Vec<Value> = Vec::new();
+        let mut any_failure = false;
+        for sub in &request.composite_request {
+            if !valid_reference_id(&sub.reference_id) {
+                return Reply::error(
+                    400,
+                    "INVALID_REFERENCE_ID",
+                    format!("Invalid referenceId: {}", sub.reference_id),
+                );
+            }
+            let reply = match resolve_all(&sub.url, sub.body.as_ref(), &outputs, &failed) {
+                Ok((url, body)) => {
+                    self.subrequest(username, &sub.method, &url, body.as_ref(), false)
+                }
+                Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
+            };
+            if reply.is_success() {
+                outputs.insert(sub.reference_id.clone(), reply.body.clone().unwrap_or(Value::Null));
+            } else {
+                any_failure = true;
+                failed.push(sub.reference_id.clone());
+            }
+            results.push(subresult(&sub.reference_id, &reply));
+        }
+        if request.all_or_none && any_failure {
+            self.store.rollback(mark, &self.spec);
+            for (result, sub) in results.iter_mut().zip(&request.composite_request) {
+                if !failed.contains(&sub.reference_id) {
+                    *result = halted(&sub.reference_id, ROLLED_BACK_MESSAGE);
+                }
+            }
+        }
+        Reply::json(200, json!({"compositeResponse": results}))
+    }
+
+    fn graph(&mut self, username: &str, body: Option<&Value>, meta: Meta) -> Reply {
+        let request: GraphRequest = match body.cloned().map(serde_json::from_value) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Reply::error(400, "JSON_PARSER_ERROR", e.to_string()),
+            None => return Reply::error(400, "JSON_PARSER_ERROR", "body required"),
+        };
+        let nodes: usize = request
+            .graphs
+            .iter()
+            .map(|g| g.composite_request.len())
+            .sum();
+        if request.graphs.len() > MAX_GRAPHS_PER_REQUEST || nodes > MAX_NODES_PER_REQUEST {
+            return Reply::error(
+                400,
+                "LIMIT_EXCEEDED",
+                format!(
+                    "A Composite Graph request may contain at most {MAX_GRAPHS_PER_REQUEST} \
+                     graphs and {MAX_NODES_PER_REQUEST} nodes; it has {} graphs and {nodes} nodes",
+                    request.graphs.len()
+                ),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for graph in &request.graphs {
+            if graph.graph_id.is_empty()
+                || graph.graph_id.len() >= 40
+                || graph.graph_id.contains('.')
+                || !seen.insert(graph.graph_id.as_str())
+            {
+                return Reply::error(
+                    400,
+                    "INVALID_GRAPH_ID",
+                    format!("Invalid or duplicate graphId: {}", graph.graph_id),
+                );
+            }
+        }
+        let locked = meta
+            .lock_one_graph
+            .then(|| rand::thread_rng().gen_range(0..request.graphs.len().max(1)));
+        let mut failures = 0usize;
+        let mut out = Vec::with_capacity(request.graphs.len());
+        for (index, graph) in request.graphs.iter().enumerate() {
+            if failures >= MAX_GRAPH_FAILURES_PER_REQUEST {
+                let results: Vec<Value> = graph
+                    .composite_request
+                    .iter()
+                    .map(|n| halted(&n.reference_id, ROLLED_BACK_MESSAGE))
+                    .collect();
+                out.push(json!({"graphId": graph.graph_id, "graphResponse": {"compositeResponse": results}, "isSuccessful": false}));
+                continue;
+            }
+            let mark = self.store.mark();
+            let mut outputs: HashMap<String, Value> = HashMap::new();
+            let mut results: Vec<Value> = Vec::new();
+            let mut failed_at: Option<usize> = None;
+            for (i, node) in graph.composite_request.iter().enumerate() {
+                let reply = if locked == Some(index) {
+                    Reply::error(
+                        400,
+                        "UNABLE_TO_LOCK_ROW",
+                        "unable to obtain exclusive access to this record or 1 records",
+                    )
+                } else if !valid_reference_id(&node.reference_id) {
+                    Reply::error(
+                        400,
+                        "INVALID_REFERENCE_ID",
+                        format!("Invalid referenceId: {}", node.reference_id),
+                    )
+                } else {
+                    match resolve_all(&node.url, node.body.as_ref(), &outputs, &[]) {
+                        Ok((url, body)) => {
+                            self.subrequest(username, &node.method, &url, body.as_ref(), true)
+                        }
+                        Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
+                    }
+                };
+                results.push(subresult(&node.reference_id, &reply));
+                if !reply.is_success() {
+                    failed_at = Some(i);
+                    break;
+                }
+                outputs.insert(node.reference_id.clone(), reply.body.unwrap_or(Value::Null));
+            }
+            let successful = failed_at.is_none();
+            if let Some(failed) = failed_at {
+                failures += 1;
+                self.store.rollback(mark, &self.spec);
+                let real_error = results.pop().unwrap_or(Value::Null);
+                results = graph
+                    .composite_request
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| {
+                        if i == failed {
+                            real_error.clone()
+                        } else {
+                            halted(&node.reference_id, ROLLED_BACK_MESSAGE)
+                        }
+                    })
+                    .collect();
+            }
+            out.push(json!({"graphId": graph.graph_id, "graphResponse": {"compositeResponse": results}, "isSuccessful": successful}));
+        }
+        Reply::json(200, json!({"graphs": out}))
+    }
+}
+
+fn valid_reference_id(reference: &str) -> bool {
+    reference
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && reference
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn subresult(reference: &str, reply: &Reply) -> Value {
+    let headers: Map<String, Value> = reply
+        .headers
+        .iter()
+        .filter(|(name, _)| *name == "Location")
+        .map(|(name, value)| ((*name).to_owned(), Value::String(value.clone())))
+        .collect();
+    json!({
+        "body": reply.body.clone().unwrap_or(Value::Null),
+        "httpHeaders": headers,
+        "httpStatusCode": reply.status,
+        "referenceId": reference,
+    })
+}
+
+fn halted(reference: &str, message: &str) -> Value {
+    json!({
+        "body": [{"errorCode": "PROCESSING_HALTED", "message": message}],
+        "httpHeaders": {},
+        "httpStatusCode": 400,
+        "referenceId": reference,
+    })
+}
+
+/// Looks up `ref.path[0].field` in earlier results.
+fn lookup(expr: &str, outputs: &HashMap<String, Value>, failed: &[String]) -> Result<Value, String> {
+    let (reference, path) = expr.split_once('.').unwrap_or((expr, ""));
+    if failed.iter().any(|f| f == reference) {
+        return Err(format!(
+            "Execution halted as previous operation ({reference}) was not successful."
+        ));
+    }
+    let invalid = || {
+        format!(
+            "Invalid reference specified. No value for {expr} found in {reference}. Provided \
+             referenceId ({reference}) must start with a letter or a number, and it can contain \
+             only letters, numbers and underscores ('_')."
+        )
+    };
+    let mut current = outputs.get(reference).ok_or_else(invalid)?;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        current = current.get(name).ok_or_else(invalid)?;
+        if let Some(index) = index {
+            current = current.get(index).ok_or_else(invalid)?;
+        }
+    }
+    if current.is_null() {
+        return Err(invalid());
+    }
+    Ok(current.clone())
+}
+
+fn resolve_string(
+    text: &str,
+    outputs: &HashMap<String, Value>,
+    failed: &[String],
+) -> Result<Value, String> {
+    if let Some(inner) = text.strip_prefix("@{").and_then(|t| t.strip_suffix('}'))
+        && !inner.contains('}')
+    {
+        return lookup(inner, outputs, failed);
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("@{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("Unterminated reference in {text}"))?;
+        match lookup(&after[..end], outputs, failed)? {
+            Value::String(s) => out.push_str(&s),
+            other => out.push_str(&other.to_string()),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Value::String(out))
+}
+
+fn resolve_value(
+    value: &Value,
+    outputs: &HashMap<String, Value>,
+    failed: &[String],
+) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) if s.contains("@{") => resolve_string(s, outputs, failed)?,
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| resolve_value(v, outputs, failed))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), resolve_value(v, outputs, failed)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn resolve_all(
+    url: &str,
+    body: Option<&Value>,
+    outputs: &HashMap<String, Value>,
+    failed: &[String],
+) -> Result<(String, Option<Value>), String> {
+    let url = match resolve_string(url, outputs, failed)? {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    let body = body
+        .map(|b| resolve_value(b, outputs, failed))
+        .transpose()?;
+    Ok((url, body))
+}

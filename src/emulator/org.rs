@@ -1,0 +1,520 @@
+//! The emulated org's model: sObjects and fields, users, connected apps, permission sets and
+//! validation rules, loaded from TOML or JSON (the built-in demo org is `demo_org.toml`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::salesforce::model::{FieldDescribe, GlobalSObject, PicklistValue, SObjectDescribe};
+
+/// The built-in demo org.
+pub const DEMO_ORG_TOML: &str = include_str!("demo_org.toml");
+/// Public half of the demo JWT key (`config/keys/demo-jwt.key`), for the demo only.
+pub const DEMO_PUBLIC_KEY: &str = include_str!("demo-jwt.pub.pem");
+
+/// A whole org file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSpec {
+    /// Org-wide settings.
+    pub org: OrgSettings,
+    /// Connected apps that may mint tokens.
+    #[serde(default)]
+    pub connected_apps: Vec<ConnectedApp>,
+    /// Users (also the `User` records).
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    /// Permission sets.
+    #[serde(default)]
+    pub permission_sets: Vec<PermissionSet>,
+    /// Validation rules.
+    #[serde(default)]
+    pub validation_rules: Vec<ValidationRule>,
+    /// sObjects.
+    pub sobjects: Vec<SObjectSpec>,
+}
+
+/// Org-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSettings {
+    /// Display name.
+    pub name: String,
+    /// Daily API request allocation.
+    #[serde(default = "default_daily_limit")]
+    pub daily_api_limit: u64,
+    /// Rows per query page unless `Sforce-Query-Options: batchSize=N` asks for fewer.
+    #[serde(default = "default_batch_size")]
+    pub query_batch_size: usize,
+    /// JWT audiences accepted besides the emulator's own base URL.
+    #[serde(default)]
+    pub login_audiences: Vec<String>,
+}
+
+fn default_daily_limit() -> u64 {
+    100_000
+}
+
+fn default_batch_size() -> usize {
+    2000
+}
+
+/// A connected app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectedApp {
+    /// Display name.
+    pub name: String,
+    /// The consumer key (client id; JWT `iss`).
+    pub consumer_key: String,
+    /// The consumer secret for the client-credentials flow.
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Username the client-credentials flow runs as.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// PEM public key (or `builtin:demo`) that verifies JWT assertions.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// Users pre-authorized for the JWT flow.
+    #[serde(default)]
+    pub pre_authorized: Vec<String>,
+}
+
+impl ConnectedApp {
+    /// The PEM public key that verifies this app's JWT assertions.
+    pub fn public_key_pem(&self) -> Option<&str> {
+        match self.certificate.as_deref() {
+            Some("builtin:demo") => Some(DEMO_PUBLIC_KEY),
+            other => other,
+        }
+    }
+}
+
+/// A user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// Username (unique, email-shaped).
+    pub username: String,
+    /// Email.
+    pub email: String,
+    /// First name.
+    #[serde(default)]
+    pub first_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// Active users can sign in and own records.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Has "API Enabled".
+    #[serde(default = "yes")]
+    pub api_enabled: bool,
+    /// Assigned permission sets.
+    #[serde(default)]
+    pub permission_sets: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A permission set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionSet {
+    /// API name.
+    pub name: String,
+    /// Label.
+    #[serde(default)]
+    pub label: String,
+    /// Object permissions: letters of `CRUD`.
+    #[serde(default)]
+    pub objects: BTreeMap<String, String>,
+    /// Field permissions `Object.Field` → `read` | `edit`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A validation rule (the kinds the BookMe package uses).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationRule {
+    /// The object it guards.
+    pub sobject: String,
+    /// Rule name.
+    pub name: String,
+    /// A number field whose value may not decrease on update.
+    pub no_decrease: String,
+    /// The message of the FIELD_CUSTOM_VALIDATION_EXCEPTION.
+    pub error_message: String,
+}
+
+/// An sObject.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SObjectSpec {
+    /// API name.
+    pub name: String,
+    /// Label.
+    pub label: String,
+    /// Three-character id prefix.
+    pub key_prefix: String,
+    /// Custom object.
+    #[serde(default)]
+    pub custom: bool,
+    /// Fields besides the system fields every object has.
+    pub fields: Vec<FieldSpec>,
+}
+
+/// A field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    /// API name.
+    pub name: String,
+    /// Label.
+    pub label: String,
+    /// Salesforce field type.
+    #[serde(rename = "type")]
+    pub field_type: String,
+    /// Max length for text types.
+    #[serde(default)]
+    pub length: u32,
+    /// Accepts null.
+    #[serde(default = "yes")]
+    pub nillable: bool,
+    /// Writable on create (schema level, before permissions).
+    #[serde(default = "yes")]
+    pub createable: bool,
+    /// Writable on update (schema level, before permissions).
+    #[serde(default = "yes")]
+    pub updateable: bool,
+    /// Gets a value on create when none is given.
+    #[serde(default)]
+    pub defaulted_on_create: bool,
+    /// External id.
+    #[serde(default)]
+    pub external_id: bool,
+    /// Unique.
+    #[serde(default)]
+    pub unique: bool,
+    /// Custom field.
+    #[serde(default)]
+    pub custom: bool,
+    /// Reference targets.
+    #[serde(default)]
+    pub reference_to: Vec<String>,
+    /// Picklist values.
+    #[serde(default)]
+    pub picklist: Vec<String>,
+    /// Restricted picklist.
+    #[serde(default)]
+    pub restricted: bool,
+}
+
+/// What a user may do with an object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObjectAccess {
+    /// Create records.
+    pub create: bool,
+    /// Read records.
+    pub read: bool,
+    /// Edit records.
+    pub edit: bool,
+    /// Delete records.
+    pub delete: bool,
+}
+
+/// What a user may do with a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FieldAccess {
+    /// Invisible.
+    None,
+    /// Visible, read-only.
+    Read,
+    /// Visible and writable.
+    Edit,
+}
+
+/// Fields every object has; read-only to everyone.
+const SYSTEM_FIELDS: &[(&str, &str, &str)] = &[
+    ("Id", "Record ID", "id"),
+    ("CreatedDate", "Created Date", "datetime"),
+    ("LastModifiedDate", "Last Modified Date", "datetime"),
+    ("CreatedById", "Created By ID", "reference"),
+    ("LastModifiedById", "Last Modified By ID", "reference"),
+];
+
+impl OrgSpec {
+    /// Parses an org file (TOML, or JSON when it starts with `{`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let spec: Self = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| e.to_string())?
+        } else {
+            toml::from_str(text).map_err(|e| e.to_string())?
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The built-in demo org.
+    pub fn demo() -> Self {
+        Self::parse(DEMO_ORG_TOML).expect("the built-in demo org parses")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for object in &self.sobjects {
+            if object.key_prefix.len() != 3 {
+                problems.push(format!("{}: key_prefix must have 3 characters", object.name));
+            }
+        }
+        for user in &self.users {
+            for set in &user.permission_sets {
+                if !self.permission_sets.iter().any(|p| &p.name == set) {
+                    problems.push(format!("user {}: unknown permission set {set}", user.username));
+                }
+            }
+        }
+        for app in &self.connected_apps {
+            for name in app.run_as.iter().chain(&app.pre_authorized) {
+                if self.user(name).is_none() {
+                    problems.push(format!("connected app {}: unknown user {name}", app.name));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// The user with this username.
+    pub fn user(&self, username: &str) -> Option<&UserSpec> {
+        self.users
+            .iter()
+            .find(|u| u.username.eq_ignore_ascii_case(username))
+    }
+
+    /// The sObject with this name (case-insensitive).
+    pub fn sobject(&self, name: &str) -> Option<&SObjectSpec> {
+        self.sobjects
+            .iter()
+            .find(|o| o.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The sObject whose ids start with this prefix.
+    pub fn sobject_by_prefix(&self, prefix: &str) -> Option<&SObjectSpec> {
+        self.sobjects.iter().find(|o| o.key_prefix == prefix)
+    }
+
+    fn user_sets<'a>(&'a self, user: &'a UserSpec) -> impl Iterator<Item = &'a PermissionSet> {
+        user.permission_sets
+            .iter()
+            .filter_map(|name| self.permission_sets.iter().find(|p| &p.name == name))
+    }
+
+    /// Object permissions: the union over the user's permission sets.
+    pub fn object_access(&self, user: &UserSpec, sobject: &str) -> ObjectAccess {
+        let mut access = ObjectAccess::default();
+        for set in self.user_sets(user) {
+            let Some(letters) = set
+                .objects
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(sobject))
+                .map(|(_, letters)| letters.to_ascii_uppercase())
+            else {
+                continue;
+            };
+            access.create |= letters.contains('C');
+            access.read |= letters.contains('R') || !letters.is_empty();
+            access.edit |= letters.contains('U');
+            access.delete |= letters.contains('D');
+        }
+        access
+    }
+
+    /// Field-level security: system and required fields are always editable (Salesforce does not
+    /// let an admin remove access to them); the rest as the permission sets grant.
+    pub fn field_access(&self, user: &UserSpec, sobject: &str, field: &FieldSpec) -> FieldAccess {
+        if !self.object_access(user, sobject).read {
+            return FieldAccess::None;
+        }
+        if !field.nillable {
+            return FieldAccess::Edit;
+        }
+        let key = format!("{sobject}.{}", field.name);
+        self.user_sets(user)
+            .filter_map(|set| {
+                set.fields
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(&key))
+                    .map(|(_, access)| match access.as_str() {
+                        "edit" => FieldAccess::Edit,
+                        "read" => FieldAccess::Read,
+                        _ => FieldAccess::None,
+                    })
+            })
+            .max()
+            .unwrap_or(FieldAccess::None)
+    }
+
+    /// Sets one permission (the `/__emulator/org` endpoint). `access` is `CRUD` letters for an
+    /// object, `edit` / `read` / `none` for a field.
+    pub fn set_permission(
+        &mut self,
+        permission_set: &str,
+        object: Option<&str>,
+        field: Option<&str>,
+        access: &str,
+    ) -> Result<(), String> {
+        let set = self
+            .permission_sets
+            .iter_mut()
+            .find(|p| p.name == permission_set)
+            .ok_or_else(|| format!("unknown permission set {permission_set}"))?;
+        match (object, field) {
+            (Some(object), None) => {
+                set.objects.insert(object.to_owned(), access.to_owned());
+            }
+            (None, Some(field)) => {
+                if !matches!(access, "edit" | "read" | "none") {
+                    return Err("field access is edit, read or none".into());
+                }
+                set.fields.insert(field.to_owned(), access.to_owned());
+            }
+            _ => return Err("name exactly one of object or field".into()),
+        }
+        Ok(())
+    }
+
+    /// The describe of `sobject` as `user` sees it, or None when the user cannot read it.
+    pub fn describe_for(&self, user: &UserSpec, sobject: &SObjectSpec) -> Option<SObjectDescribe> {
+        let access = self.object_access(user, &sobject.name);
+        if !access.read {
+            return None;
+        }
+        let mut fields: Vec<FieldDescribe> = SYSTEM_FIELDS
+            .iter()
+            .map(|(name, label, field_type)| FieldDescribe {
+                name: (*name).to_owned(),
+                label: (*label).to_owned(),
+                field_type: (*field_type).to_owned(),
+                length: if *field_type == "id" { 18 } else { 0 },
+                nillable: *name != "Id",
+                createable: false,
+                updateable: false,
+                defaulted_on_create: true,
+                external_id: false,
+                unique: false,
+                custom: false,
+                reference_to: if *field_type == "reference" {
+                    vec!["User".into()]
+                } else {
+                    vec![]
+                },
+                picklist_values: vec![],
+                restricted_picklist: false,
+            })
+            .collect();
+        for field in &sobject.fields {
+            let fls = self.field_access(user, &sobject.name, field);
+            if fls == FieldAccess::None {
+                continue;
+            }
+            let editable = fls == FieldAccess::Edit;
+            fields.push(FieldDescribe {
+                name: field.name.clone(),
+                label: field.label.clone(),
+                field_type: field.field_type.clone(),
+                length: field.length,
+                nillable: field.nillable,
+                createable: field.createable && editable && access.create,
+                updateable: field.updateable && editable && access.edit,
+                defaulted_on_create: field.defaulted_on_create,
+                external_id: field.external_id,
+                unique: field.unique,
+                custom: field.custom,
+                reference_to: field.reference_to.clone(),
+                picklist_values: field
+                    .picklist
+                    .iter()
+                    .map(|v| PicklistValue {
+                        value: v.clone(),
+                        label: v.clone(),
+                        active: true,
+                        default_value: false,
+                    })
+                    .collect(),
+                restricted_picklist: field.restricted,
+            });
+        }
+        Some(SObjectDescribe {
+            name: sobject.name.clone(),
+            label: sobject.label.clone(),
+            key_prefix: Some(sobject.key_prefix.clone()),
+            custom: sobject.custom,
+            createable: access.create,
+            updateable: access.edit,
+            deletable: access.delete,
+            queryable: access.read,
+            fields,
+        })
+    }
+
+    /// describeGlobal entries for `user`.
+    pub fn global_for(&self, user: &UserSpec) -> Vec<GlobalSObject> {
+        self.sobjects
+            .iter()
+            .filter_map(|o| {
+                let access = self.object_access(user, &o.name);
+                access.read.then(|| GlobalSObject {
+                    name: o.name.clone(),
+                    label: o.label.clone(),
+                    key_prefix: Some(o.key_prefix.clone()),
+                    custom: o.custom,
+                    createable: access.create,
+                    updateable: access.edit,
+                    deletable: access.delete,
+                    queryable: access.read,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_org_permissions() {
+        let org = OrgSpec::demo();
+        let integration = org.user("integration@bookme-demo.example").unwrap();
+        let limited = org.user("limited@bookme-demo.example").unwrap();
+        let lead = org.sobject("Lead").unwrap();
+        let phone = lead.fields.iter().find(|f| f.name == "Phone").unwrap();
+        let last_name = lead.fields.iter().find(|f| f.name == "LastName").unwrap();
+        assert_eq!(org.field_access(integration, "Lead", phone), FieldAccess::Edit);
+        assert_eq!(org.field_access(limited, "Lead", phone), FieldAccess::None);
+        assert_eq!(org.field_access(limited, "Lead", last_name), FieldAccess::Edit);
+        let describe = org.describe_for(limited, lead).unwrap();
+        assert!(describe.field("Phone").is_none());
+        assert!(describe.field("Email").unwrap().createable);
+        assert!(!org.object_access(limited, "Event").delete);
+        let contact = org.sobject("Contact").unwrap();
+        assert!(org.describe_for(limited, contact).is_none());
+    }
+
+    #[test]
+    fn unknown_permission_set_is_reported() {
+        let text = DEMO_ORG_TOML.replace(
+            "permission_sets = [\"BookMe_Limited\"]",
+            "permission_sets = [\"Nope\"]",
+        );
+        let error = OrgSpec::parse(&text).unwrap_err();
+        assert!(error.contains("unknown permission set Nope"), "{error}");
+    }
+}

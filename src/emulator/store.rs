@@ -1,0 +1,742 @@
+//! Stored records, 18-character ids, and every write rule the emulated org enforces.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::org::{FieldAccess, FieldSpec, OrgSpec, SObjectSpec, UserSpec};
+use crate::salesforce::model::ApiError;
+
+/// One stored record: the sObject and its field values (canonical field names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The sObject's API name.
+    pub sobject: String,
+    /// Field values, including `Id`.
+    pub fields: Map<String, Value>,
+}
+
+/// A write to undo when a transaction rolls back.
+#[derive(Debug)]
+enum Undo {
+    Created(String),
+    Replaced(String, Record),
+    Deleted(String, Record),
+}
+
+/// All records of the org, with an index of external-id and unique values.
+#[derive(Debug, Default)]
+pub struct Store {
+    records: HashMap<String, Record>,
+    by_object: HashMap<String, Vec<String>>,
+    unique_index: HashMap<(String, String, String), String>,
+    next_serial: u64,
+    journal: Vec<Undo>,
+}
+
+/// Salesforce's 18-character id: the 15-character case-sensitive id plus a 3-character suffix
+/// that encodes which of its letters are upper case.
+pub fn make_id(prefix: &str, serial: u64) -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut body = [b'0'; 10];
+    let mut n = serial;
+    for slot in body.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    let id15 = format!("{prefix}5g{}", String::from_utf8_lossy(&body));
+    id15_to_18(&id15)
+}
+
+/// Appends the case-safe suffix to a 15-character id.
+pub fn id15_to_18(id15: &str) -> String {
+    const SUFFIX: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345";
+    let mut id = id15.to_owned();
+    for chunk in id15.as_bytes().chunks(5) {
+        let bits = chunk
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_ascii_uppercase())
+            .fold(0usize, |acc, (i, _)| acc | (1 << i));
+        id.push(SUFFIX[bits] as char);
+    }
+    id
+}
+
+/// True for a well-formed 15- or 18-character id (the suffix checked on 18).
+pub fn is_valid_id(id: &str) -> bool {
+    let well_formed = id.bytes().all(|c| c.is_ascii_alphanumeric());
+    match id.len() {
+        15 => well_formed,
+        18 => well_formed && id15_to_18(&id[..15]) == id,
+        _ => false,
+    }
+}
+
+/// Salesforce's wire format for datetimes.
+pub fn format_datetime(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+0000",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok().or_else(|| {
+        // Salesforce also writes `+0000` offsets without a colon.
+        let (head, offset) = text.split_at(text.len().checked_sub(5)?);
+        if offset.starts_with(['+', '-']) && offset[1..].bytes().all(|b| b.is_ascii_digit()) {
+            OffsetDateTime::parse(&format!("{head}{}:{}", &offset[..3], &offset[3..]), &Rfc3339)
+                .ok()
+        } else {
+            None
+        }
+    })
+}
+
+fn err(code: &str, message: impl Into<String>, fields: &[&str]) -> ApiError {
+    ApiError::new(
+        code,
+        message,
+        fields.iter().map(|f| (*f).to_owned()).collect(),
+    )
+}
+
+fn is_text(field_type: &str) -> bool {
+    matches!(
+        field_type,
+        "string" | "textarea" | "email" | "phone" | "url" | "picklist" | "combobox"
+    )
+}
+
+fn looks_like_email(value: &str) -> bool {
+    let Some((local, domain)) = value.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !value.contains(char::is_whitespace)
+        && !domain.contains('@')
+}
+
+/// The user and org a write runs as.
+pub struct Ctx<'a> {
+    /// The org model.
+    pub org: &'a OrgSpec,
+    /// The running user.
+    pub user: &'a UserSpec,
+    /// The running user's record id.
+    pub user_id: &'a str,
+    /// Now, for CreatedDate / LastModifiedDate.
+    pub now: OffsetDateTime,
+}
+
+impl Store {
+    /// A store holding one `User` record per user of the org; returns the username → id map.
+    pub fn with_users(org: &OrgSpec) -> (Self, HashMap<String, String>) {
+        let mut store = Self::default();
+        let mut ids = HashMap::new();
+        let prefix = org
+            .sobject("User")
+            .map(|o| o.key_prefix.clone())
+            .unwrap_or_else(|| "005".into());
+        for user in &org.users {
+            let id = store.allocate(&prefix);
+            let mut fields = Map::new();
+            fields.insert("Id".into(), Value::String(id.clone()));
+            fields.insert("Username".into(), user.username.clone().into());
+            fields.insert("Email".into(), user.email.clone().into());
+            fields.insert("FirstName".into(), user.first_name.clone().into());
+            fields.insert("LastName".into(), user.last_name.clone().into());
+            fields.insert("IsActive".into(), user.active.into());
+            store.insert_raw(
+                id.clone(),
+                Record {
+                    sobject: "User".into(),
+                    fields,
+                },
+                org,
+            );
+            ids.insert(user.username.to_ascii_lowercase(), id);
+        }
+        store.journal.clear();
+        (store, ids)
+    }
+
+    fn allocate(&mut self, prefix: &str) -> String {
+        self.next_serial += 1;
+        make_id(prefix, self.next_serial)
+    }
+
+    /// The record with this id.
+    pub fn get(&self, id: &str) -> Option<&Record> {
+        let id = if id.len() == 15 {
+            id15_to_18(id)
+        } else {
+            id.to_owned()
+        };
+        self.records.get(&id)
+    }
+
+    /// Every record of an sObject, in creation order.
+    pub fn all(&self, sobject: &str) -> Vec<&Record> {
+        self.by_object
+            .get(sobject)
+            .map(|ids| ids.iter().filter_map(|id| self.records.get(id)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records whose external id `field` equals `value` (case-insensitive, as Salesforce matches
+    /// text external ids).
+    pub fn find_by_external_id(&self, sobject: &str, field: &str, value: &str) -> Vec<String> {
+        let key = (
+            sobject.to_owned(),
+            field.to_ascii_lowercase(),
+            value.to_lowercase(),
+        );
+        self.unique_index.get(&key).cloned().into_iter().collect()
+    }
+
+    /// Starts a transaction; pass the mark to [`Store::rollback`] to undo what follows.
+    pub fn mark(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Undoes every write after `mark`.
+    pub fn rollback(&mut self, mark: usize, org: &OrgSpec) {
+        while self.journal.len() > mark {
+            match self.journal.pop() {
+                Some(Undo::Created(id)) => self.remove_raw(&id, org),
+                Some(Undo::Replaced(id, old)) => {
+                    self.remove_raw(&id, org);
+                    self.insert_raw(id, old, org);
+                }
+                Some(Undo::Deleted(id, old)) => self.insert_raw(id, old, org),
+                None => break,
+            }
+        }
+    }
+
+    /// Forgets the undo log up to now: the writes are committed.
+    pub fn commit(&mut self) {
+        self.journal.clear();
+    }
+
+    fn index_keys(record: &Record, object: Option<&SObjectSpec>) -> Vec<(String, String, String)> {
+        let Some(object) = object else {
+            return vec![];
+        };
+        object
+            .fields
+            .iter()
+            .filter(|f| f.external_id || f.unique)
+            .filter_map(|f| {
+                let value = record.fields.get(&f.name)?;
+                let text = match value {
+                    Value::String(s) => s.to_lowercase(),
+                    Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                Some((object.name.clone(), f.name.to_ascii_lowercase(), text))
+            })
+            .collect()
+    }
+
+    fn insert_raw(&mut self, id: String, record: Record, org: &OrgSpec) {
+        for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
+            self.unique_index.insert(key, id.clone());
+        }
+        let ids = self.by_object.entry(record.sobject.clone()).or_default();
+        if !ids.contains(&id) {
+            ids.push(id.clone());
+        }
+        self.records.insert(id, record);
+    }
+
+    fn remove_raw(&mut self, id: &str, org: &OrgSpec) {
+        if let Some(record) = self.records.remove(id) {
+            for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
+                if self.unique_index.get(&key).map(String::as_str) == Some(id) {
+                    self.unique_index.remove(&key);
+                }
+            }
+            if let Some(ids) = self.by_object.get_mut(&record.sobject)
+                && let Some(pos) = ids.iter().position(|x| x == id)
+            {
+                ids.remove(pos);
+            }
+        }
+    }
+
+    /// Creates a record, enforcing object and field permissions, types, lengths, required
+    /// fields, uniqueness and the org's rules. Returns the new id.
+    pub fn create(
+        &mut self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        body: &Map<String, Value>,
+    ) -> Result<String, Vec<ApiError>> {
+        if !ctx.org.object_access(ctx.user, &object.name).create {
+            return Err(vec![err(
+                "INSUFFICIENT_ACCESS_OR_READONLY",
+                format!("insufficient access rights on object: cannot create {}", object.name),
+                &[],
+            )]);
+        }
+        let mut fields = self.validate_fields(ctx, object, body, true)?;
+        let missing: Vec<&str> = object
+            .fields
+            .iter()
+            .filter(|f| f.createable && !f.nillable && !f.defaulted_on_create)
+            .filter(|f| fields.get(&f.name).is_none_or(Value::is_null))
+            .map(|f| f.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(vec![err(
+                "REQUIRED_FIELD_MISSING",
+                format!("Required fields are missing: [{}]", missing.join(", ")),
+                &missing,
+            )]);
+        }
+        for field in &object.fields {
+            if field.name == "OwnerId" && fields.get("OwnerId").is_none_or(Value::is_null) {
+                fields.insert("OwnerId".into(), ctx.user_id.into());
+            }
+            if field.name == "Status"
+                && field.defaulted_on_create
+                && fields.get("Status").is_none_or(Value::is_null)
+                && let Some(first) = field.picklist.first()
+            {
+                fields.insert("Status".into(), first.clone().into());
+            }
+        }
+        let record = Record {
+            sobject: object.name.clone(),
+            fields,
+        };
+        self.check_record_rules(ctx, object, &record, None)?;
+        self.check_unique(object, &record, None)?;
+        let id = self.allocate(&object.key_prefix);
+        let mut record = record;
+        let now = format_datetime(ctx.now);
+        record.fields.insert("Id".into(), id.clone().into());
+        record.fields.insert("CreatedDate".into(), now.clone().into());
+        record.fields.insert("LastModifiedDate".into(), now.into());
+        record
+            .fields
+            .insert("CreatedById".into(), ctx.user_id.into());
+        record
+            .fields
+            .insert("LastModifiedById".into(), ctx.user_id.into());
+        self.insert_raw(id.clone(), record, ctx.org);
+        self.journal.push(Undo::Created(id.clone()));
+        Ok(id)
+    }
+
+    /// Updates a record with the same rules as [`Store::create`], plus the validation rules.
+    pub fn update(
+        &mut self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        id: &str,
+        body: &Map<String, Value>,
+    ) -> Result<(), Vec<ApiError>> {
+        if !ctx.org.object_access(ctx.user, &object.name).edit {
+            return Err(vec![err(
+                "INSUFFICIENT_ACCESS_OR_READONLY",
+                "insufficient access rights on object id",
+                &[],
+            )]);
+        }
+        let old = self
+            .records
+            .get(id)
+            .cloned()
+            .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        let changes = self.validate_fields(ctx, object, body, false)?;
+        let mut record = old.clone();
+        for (name, value) in changes {
+            record.fields.insert(name, value);
+        }
+        for field in object.fields.iter().filter(|f| !f.nillable) {
+            if record.fields.get(&field.name).is_some_and(Value::is_null) {
+                return Err(vec![err(
+                    "REQUIRED_FIELD_MISSING",
+                    format!("Required fields are missing: [{}]", field.name),
+                    &[&field.name],
+                )]);
+            }
+        }
+        self.check_record_rules(ctx, object, &record, Some(&old))?;
+        self.check_unique(object, &record, Some(id))?;
+        record
+            .fields
+            .insert("LastModifiedDate".into(), format_datetime(ctx.now).into());
+        record
+            .fields
+            .insert("LastModifiedById".into(), ctx.user_id.into());
+        self.remove_raw(id, ctx.org);
+        self.insert_raw(id.to_owned(), record, ctx.org);
+        self.journal.push(Undo::Replaced(id.to_owned(), old));
+        Ok(())
+    }
+
+    /// Deletes a record.
+    pub fn delete(
+        &mut self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        id: &str,
+    ) -> Result<(), Vec<ApiError>> {
+        if !ctx.org.object_access(ctx.user, &object.name).delete {
+            return Err(vec![err(
+                "INSUFFICIENT_ACCESS_OR_READONLY",
+                "insufficient access rights on object id",
+                &[],
+            )]);
+        }
+        let old = self
+            .records
+            .get(id)
+            .cloned()
+            .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        self.remove_raw(id, ctx.org);
+        self.journal.push(Undo::Deleted(id.to_owned(), old));
+        Ok(())
+    }
+
+    /// Checks each field of a write body; returns the values to store, coerced to their type.
+    fn validate_fields(
+        &self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        body: &Map<String, Value>,
+        creating: bool,
+    ) -> Result<Map<String, Value>, Vec<ApiError>> {
+        let mut out = Map::new();
+        let mut errors = Vec::new();
+        for (name, value) in body {
+            if name == "attributes" {
+                continue;
+            }
+            let Some(field) = object
+                .fields
+                .iter()
+                .find(|f| f.name.eq_ignore_ascii_case(name))
+                .filter(|f| ctx.org.field_access(ctx.user, &object.name, f) != FieldAccess::None)
+            else {
+                errors.push(err(
+                    "INVALID_FIELD",
+                    format!("No such column '{name}' on sobject of type {}", object.name),
+                    &[],
+                ));
+                continue;
+            };
+            let writable = if creating {
+                field.createable
+            } else {
+                field.updateable
+            };
+            if !writable
+                || ctx.org.field_access(ctx.user, &object.name, field) != FieldAccess::Edit
+            {
+                errors.push(err(
+                    "INVALID_FIELD_FOR_INSERT_UPDATE",
+                    format!(
+                        "Unable to create/update fields: {}. Please check the security settings \
+                         of this field and verify that it is read/write for your profile or \
+                         permission set.",
+                        field.name
+                    ),
+                    &[&field.name],
+                ));
+                continue;
+            }
+            match self.coerce(field, value) {
+                Ok(v) => {
+                    out.insert(field.name.clone(), v);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn coerce(&self, field: &FieldSpec, value: &Value) -> Result<Value, ApiError> {
+        let name = field.name.as_str();
+        if value.is_null() {
+            return if field.nillable {
+                Ok(Value::Null)
+            } else {
+                Err(err(
+                    "REQUIRED_FIELD_MISSING",
+                    format!("Required fields are missing: [{name}]"),
+                    &[name],
+                ))
+            };
+        }
+        let parse_error = || {
+            err(
+                "JSON_PARSER_ERROR",
+                format!(
+                    "Cannot deserialize instance of {} from {} value {} or request may be missing \
+                     a required field",
+                    field.field_type,
+                    if value.is_string() { "VALUE_STRING" } else { "VALUE" },
+                    value
+                ),
+                &[],
+            )
+        };
+        match field.field_type.as_str() {
+            t if is_text(t) => {
+                let text = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err(parse_error()),
+                };
+                if field.length > 0 && text.chars().count() > field.length as usize {
+                    let shown: String = text.chars().take(40).collect();
+                    return Err(err(
+                        "STRING_TOO_LONG",
+                        format!(
+                            "{}: data value too large: {shown} (max length={})",
+                            field.label, field.length
+                        ),
+                        &[name],
+                    ));
+                }
+                if t == "email" && !text.is_empty() && !looks_like_email(&text) {
+                    return Err(err(
+                        "INVALID_EMAIL_ADDRESS",
+                        format!("{}: invalid email address: {text}", field.label),
+                        &[name],
+                    ));
+                }
+                if t == "picklist" && field.restricted && !field.picklist.contains(&text) {
+                    return Err(err(
+                        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                        format!("{}: bad value for restricted picklist field: {text}", field.label),
+                        &[name],
+                    ));
+                }
+                Ok(Value::String(text))
+            }
+            "datetime" => value
+                .as_str()
+                .and_then(parse_datetime)
+                .map(|at| Value::String(format_datetime(at)))
+                .ok_or_else(parse_error),
+            "double" | "currency" | "percent" => match value {
+                Value::Number(n) => Ok(Value::Number(n.clone())),
+                Value::String(s) => s
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Value::Number)
+                    .ok_or_else(parse_error),
+                _ => Err(parse_error()),
+            },
+            "int" => match value {
+                Value::Number(n) if n.is_i64() => Ok(Value::Number(n.clone())),
+                Value::String(s) => s
+                    .parse::<i64>()
+                    .map(|n| Value::Number(n.into()))
+                    .map_err(|_| parse_error()),
+                _ => Err(parse_error()),
+            },
+            "boolean" => value
+                .as_bool()
+                .map(Value::Bool)
+                .ok_or_else(parse_error),
+            "reference" => {
+                let id = value.as_str().ok_or_else(parse_error)?;
+                let wrong_type = || {
+                    err(
+                        "MALFORMED_ID",
+                        format!("{}: id value of incorrect type: {id}", field.label),
+                        &[name],
+                    )
+                };
+                if !is_valid_id(id) {
+                    return Err(wrong_type());
+                }
+                let full = if id.len() == 15 {
+                    id15_to_18(id)
+                } else {
+                    id.to_owned()
+                };
+                match self.records.get(&full) {
+                    Some(target)
+                        if field
+                            .reference_to
+                            .iter()
+                            .any(|t| t.eq_ignore_ascii_case(&target.sobject)) =>
+                    {
+                        if target.sobject == "User"
+                            && target.fields.get("IsActive") == Some(&Value::Bool(false))
+                        {
+                            return Err(err(
+                                "INACTIVE_OWNER_OR_USER",
+                                "operation performed with inactive user",
+                                &[name],
+                            ));
+                        }
+                        Ok(Value::String(full))
+                    }
+                    Some(_) => Err(wrong_type()),
+                    None => Err(err(
+                        "INVALID_CROSS_REFERENCE_KEY",
+                        format!("invalid cross reference id: {id}"),
+                        &[name],
+                    )),
+                }
+            }
+            _ => Ok(value.clone()),
+        }
+    }
+
+    /// Object-specific rules: Event dates and Who/What, and the org's validation rules.
+    fn check_record_rules(
+        &self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        record: &Record,
+        old: Option<&Record>,
+    ) -> Result<(), Vec<ApiError>> {
+        if object.name == "Event" {
+            let start = record.fields.get("StartDateTime").and_then(Value::as_str);
+            let end = record.fields.get("EndDateTime").and_then(Value::as_str);
+            let duration = record.fields.get("DurationInMinutes").filter(|v| !v.is_null());
+            if start.is_some() && end.is_none() && duration.is_none() {
+                return Err(vec![err(
+                    "REQUIRED_FIELD_MISSING",
+                    "Required fields are missing: [EndDateTime]",
+                    &["EndDateTime"],
+                )]);
+            }
+            if let (Some(start), Some(end)) = (
+                start.and_then(parse_datetime),
+                end.and_then(parse_datetime),
+            ) && end < start
+            {
+                return Err(vec![err(
+                    "FIELD_INTEGRITY_EXCEPTION",
+                    "End Date Time: End time can't be before the start time",
+                    &["EndDateTime"],
+                )]);
+            }
+            let who_is_lead = record
+                .fields
+                .get("WhoId")
+                .and_then(Value::as_str)
+                .and_then(|id| self.records.get(id))
+                .is_some_and(|r| r.sobject == "Lead");
+            let has_what = record.fields.get("WhatId").is_some_and(|v| !v.is_null());
+            if who_is_lead && has_what {
+                return Err(vec![err(
+                    "FIELD_INTEGRITY_EXCEPTION",
+                    "Related To ID: If the Name ID refers to a lead, Related To ID must be empty",
+                    &["WhatId"],
+                )]);
+            }
+        }
+        let Some(old) = old else {
+            return Ok(());
+        };
+        for rule in ctx
+            .org
+            .validation_rules
+            .iter()
+            .filter(|r| r.sobject.eq_ignore_ascii_case(&object.name))
+        {
+            let before = old.fields.get(&rule.no_decrease).and_then(Value::as_f64);
+            let after = record.fields.get(&rule.no_decrease).and_then(Value::as_f64);
+            if let (Some(before), Some(after)) = (before, after)
+                && after < before
+            {
+                return Err(vec![err(
+                    "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                    rule.error_message.clone(),
+                    &[],
+                )]);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_unique(
+        &self,
+        object: &SObjectSpec,
+        record: &Record,
+        own_id: Option<&str>,
+    ) -> Result<(), Vec<ApiError>> {
+        for key in Self::index_keys(record, Some(object)) {
+            if let Some(other) = self.unique_index.get(&key)
+                && Some(other.as_str()) != own_id
+            {
+                let field = object
+                    .fields
+                    .iter()
+                    .find(|f| f.name.eq_ignore_ascii_case(&key.1))
+                    .map(|f| f.name.as_str())
+                    .unwrap_or(&key.1);
+                return Err(vec![err(
+                    "DUPLICATE_VALUE",
+                    format!("duplicate value found: {field} duplicates value on record with id: {other}"),
+                    &[],
+                )]);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_prefix_and_valid_suffix() {
+        let id = make_id("00Q", 12345);
+        assert_eq!(id.len(), 18);
+        assert!(id.starts_with("00Q"));
+        assert!(is_valid_id(&id));
+        assert!(is_valid_id(&id[..15]));
+        assert!(!is_valid_id("00Q5g0000003D7ZZZZ"));
+        // Salesforce's documented example: 15-char 001A0000006Vm9r → 18-char suffix IAC.
+        assert_eq!(id15_to_18("001A0000006Vm9r"), "001A0000006Vm9rIAC");
+    }
+
+    #[test]
+    fn datetimes_normalise_to_utc() {
+        let at = parse_datetime("2026-12-03T13:00:00+01:00").unwrap();
+        assert_eq!(format_datetime(at), "2026-12-03T12:00:00.000+0000");
+        assert!(parse_datetime("2026-12-03T12:00:00.000+0000").is_some());
+        assert!(parse_datetime("tomorrow").is_none());
+    }
+
+    #[test]
+    fn email_shapes() {
+        assert!(looks_like_email("jane.doe@globex.example"));
+        assert!(!looks_like_email("jane.doe"));
+        assert!(!looks_like_email("a@b"));
+        assert!(!looks_like_email("a b@c.d"));
+    }
+}

@@ -1,0 +1,537 @@
+//! The Salesforce REST client of one tenant's org.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode, header};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::auth::{AccessToken, Credentials, TokenCache};
+use super::error::SalesforceError;
+use super::model::{
+    ApiError, CompositeRequest, CompositeResponse, DescribeGlobal, GraphRequest, GraphResponse,
+    Limit, MAX_COMPOSITE_SUBREQUESTS, MAX_GRAPHS_PER_REQUEST, MAX_NODES_PER_REQUEST, QueryPage,
+    SObjectDescribe, SaveResult, UpsertOutcome,
+};
+use crate::telemetry::metrics::Metrics;
+
+/// Used/max daily API requests, from the `Sforce-Limit-Info` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiUsage {
+    /// Requests used in the rolling 24 h.
+    pub used: u64,
+    /// The org's allocation.
+    pub max: u64,
+}
+
+impl ApiUsage {
+    /// Parses `api-usage=18/5000` out of a `Sforce-Limit-Info` value.
+    pub fn parse(header: &str) -> Option<Self> {
+        let usage = header
+            .split(',')
+            .map(str::trim)
+            .find_map(|part| part.strip_prefix("api-usage="))?;
+        let (used, max) = usage.split_once('/')?;
+        Some(Self {
+            used: used.trim().parse().ok()?,
+            max: max.trim().parse().ok()?,
+        })
+    }
+
+    /// used / max, 1.0 when the org has no allocation.
+    pub fn ratio(&self) -> f64 {
+        if self.max == 0 {
+            1.0
+        } else {
+            self.used as f64 / self.max as f64
+        }
+    }
+}
+
+/// Result of a describe with `If-Modified-Since`.
+#[derive(Debug, Clone)]
+pub enum Described {
+    /// 304: the cached copy is still current.
+    NotModified,
+    /// 200: the describe and its `Last-Modified`.
+    Fresh {
+        /// The describe as JSON (kept whole for the cache).
+        describe: Box<SObjectDescribe>,
+        /// The `Last-Modified` header, to send back as `If-Modified-Since`.
+        last_modified: Option<String>,
+    },
+}
+
+/// Where and how to reach one org.
+#[derive(Debug, Clone)]
+pub struct OrgEndpoint {
+    /// Tenant the org belongs to (a metric label).
+    pub tenant: String,
+    /// The OAuth login URL (also the JWT audience).
+    pub login_url: String,
+    /// API version without the `v`, e.g. `66.0`.
+    pub api_version: String,
+    /// How the integration user signs in.
+    pub credentials: Credentials,
+    /// Timeout of every request.
+    pub timeout: Duration,
+}
+
+/// A Salesforce REST client for one org: token handling, every resource portals-crm uses,
+/// API usage tracking. Cheap to share behind an `Arc`.
+pub struct SalesforceClient {
+    endpoint: OrgEndpoint,
+    http: reqwest::Client,
+    tokens: TokenCache,
+    usage: Mutex<Option<ApiUsage>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for SalesforceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SalesforceClient")
+            .field("tenant", &self.endpoint.tenant)
+            .field("login_url", &self.endpoint.login_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// True when `url` is https, or http to a loopback host (the emulator).
+pub fn is_allowed_url(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.scheme() {
+        "https" => true,
+        "http" => match parsed.host() {
+            Some(url::Host::Domain(domain)) => domain == "localhost",
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Percent-encodes one URL path segment (external id values hold `@`, `:`, spaces, `/`).
+pub fn encode_segment(value: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'@')
+        .remove(b':');
+    percent_encoding::utf8_percent_encode(value, SEGMENT).to_string()
+}
+
+impl SalesforceClient {
+    /// Builds a client; refuses a login URL that is neither https nor loopback.
+    pub fn new(endpoint: OrgEndpoint, metrics: Arc<Metrics>) -> Result<Self, SalesforceError> {
+        if !is_allowed_url(&endpoint.login_url) {
+            return Err(SalesforceError::Refused(format!(
+                "login URL {} must use https (http is allowed for loopback hosts only)",
+                endpoint.login_url
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(endpoint.timeout)
+            .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(32)
+            .build()
+            .map_err(|e| SalesforceError::Refused(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            endpoint,
+            http,
+            tokens: TokenCache::default(),
+            usage: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    /// The tenant this client serves.
+    pub fn tenant(&self) -> &str {
+        &self.endpoint.tenant
+    }
+
+    /// The API version in use, e.g. `66.0`.
+    pub fn api_version(&self) -> &str {
+        &self.endpoint.api_version
+    }
+
+    /// `/services/data/vXX.X`, the prefix of every resource and subrequest URL.
+    pub fn data_path(&self) -> String {
+        format!("/services/data/v{}", self.endpoint.api_version)
+    }
+
+    /// The last API usage Salesforce reported.
+    pub fn api_usage(&self) -> Option<ApiUsage> {
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current token, minted when there is none.
+    pub async fn token(&self) -> Result<Arc<AccessToken>, SalesforceError> {
+        let started = Instant::now();
+        let result = self
+            .tokens
+            .get(&self.http, &self.endpoint.login_url, &self.endpoint.credentials)
+            .await;
+        self.record_token(&result, started);
+        let token = result?;
+        if !is_allowed_url(&token.instance_url) {
+            return Err(SalesforceError::Refused(format!(
+                "instance URL {} must use https",
+                token.instance_url
+            )));
+        }
+        Ok(token)
+    }
+
+    fn record_token(
+        &self,
+        result: &Result<Arc<AccessToken>, SalesforceError>,
+        started: Instant,
+    ) {
+        let status = match result {
+            Ok(_) => "200".to_owned(),
+            Err(SalesforceError::Token { status, .. }) => status.to_string(),
+            Err(_) => "error".to_owned(),
+        };
+        self.metrics.salesforce_request(
+            &self.endpoint.tenant,
+            "token",
+            &status,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// The integration user's User Id, from the token's identity URL.
+    pub async fn integration_user_id(&self) -> Result<String, SalesforceError> {
+        Ok(self.token().await?.user_id.clone())
+    }
+
+    /// Sends one request, re-minting the token and replaying once on 401.
+    async fn send(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> Result<(StatusCode, header::HeaderMap, bytes::Bytes), SalesforceError> {
+        let mut token = self.token().await?;
+        let mut replayed = false;
+        loop {
+            let url = format!("{}{}", token.instance_url, path);
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(token.value.expose_secret())
+                .header(header::ACCEPT, "application/json");
+            for (name, value) in headers {
+                request = request.header(*name, value);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let started = Instant::now();
+            let response = request.send().await;
+            let elapsed = started.elapsed().as_secs_f64();
+            let response = match response {
+                Ok(response) => response,
+                Err(e) => {
+                    self.metrics
+                        .salesforce_request(&self.endpoint.tenant, kind, "error", elapsed);
+                    return Err(SalesforceError::Transport {
+                        kind,
+                        message: e.without_url().to_string(),
+                    });
+                }
+            };
+            let status = response.status();
+            self.metrics.salesforce_request(
+                &self.endpoint.tenant,
+                kind,
+                status.as_str(),
+                elapsed,
+            );
+            let headers = response.headers().clone();
+            self.note_usage(&headers);
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| SalesforceError::Transport {
+                    kind,
+                    message: e.without_url().to_string(),
+                })?;
+            if status == StatusCode::UNAUTHORIZED && !replayed {
+                replayed = true;
+                let started = Instant::now();
+                let refreshed = self
+                    .tokens
+                    .refresh(
+                        &token,
+                        &self.http,
+                        &self.endpoint.login_url,
+                        &self.endpoint.credentials,
+                    )
+                    .await;
+                self.record_token(&refreshed, started);
+                token = refreshed?;
+                continue;
+            }
+            if status.is_success() || status == StatusCode::NOT_MODIFIED || status.as_u16() == 300
+            {
+                return Ok((status, headers, bytes));
+            }
+            return Err(api_error(kind, status, &headers, &bytes));
+        }
+    }
+
+    fn note_usage(&self, headers: &header::HeaderMap) {
+        let Some(usage) = headers
+            .get("sforce-limit-info")
+            .and_then(|v| v.to_str().ok())
+            .and_then(ApiUsage::parse)
+        else {
+            return;
+        };
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(usage);
+        self.metrics
+            .api_usage_ratio
+            .with_label_values(&[self.endpoint.tenant.as_str()])
+            .set(usage.ratio());
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, SalesforceError> {
+        let (_, _, bytes) = self.send(kind, method, path, body, &[]).await?;
+        decode(kind, &bytes)
+    }
+
+    /// `POST /composite/graph`. Refuses more than 75 graphs or 500 nodes, as Salesforce would.
+    pub async fn composite_graph(
+        &self,
+        request: &GraphRequest,
+    ) -> Result<GraphResponse, SalesforceError> {
+        let nodes: usize = request
+            .graphs
+            .iter()
+            .map(|g| g.composite_request.len())
+            .sum();
+        if request.graphs.len() > MAX_GRAPHS_PER_REQUEST || nodes > MAX_NODES_PER_REQUEST {
+            return Err(SalesforceError::Refused(format!(
+                "a Composite Graph request carries at most {MAX_GRAPHS_PER_REQUEST} graphs and \
+                 {MAX_NODES_PER_REQUEST} nodes; this one has {} graphs and {nodes} nodes",
+                request.graphs.len()
+            )));
+        }
+        let body = serde_json::to_value(request).map_err(|e| SalesforceError::Decode {
+            kind: "graph",
+            message: e.to_string(),
+        })?;
+        let path = format!("{}/composite/graph", self.data_path());
+        let response: GraphResponse = self
+            .send_json("graph", Method::POST, &path, Some(&body))
+            .await?;
+        self.metrics
+            .graphs_per_request
+            .with_label_values(&[self.endpoint.tenant.as_str()])
+            .observe(request.graphs.len() as f64);
+        Ok(response)
+    }
+
+    /// `POST /composite`. Refuses more than 25 subrequests.
+    pub async fn composite(
+        &self,
+        request: &CompositeRequest,
+    ) -> Result<CompositeResponse, SalesforceError> {
+        if request.composite_request.len() > MAX_COMPOSITE_SUBREQUESTS {
+            return Err(SalesforceError::Refused(format!(
+                "a Composite request carries at most {MAX_COMPOSITE_SUBREQUESTS} subrequests; \
+                 this one has {}",
+                request.composite_request.len()
+            )));
+        }
+        let body = serde_json::to_value(request).map_err(|e| SalesforceError::Decode {
+            kind: "composite",
+            message: e.to_string(),
+        })?;
+        let path = format!("{}/composite", self.data_path());
+        self.send_json("composite", Method::POST, &path, Some(&body))
+            .await
+    }
+
+    /// `PATCH /sobjects/{sobject}/{field}/{value}`: upsert by external id.
+    pub async fn upsert(
+        &self,
+        sobject: &str,
+        external_id_field: &str,
+        external_id: &str,
+        fields: &Value,
+    ) -> Result<UpsertOutcome, SalesforceError> {
+        let path = format!(
+            "{}/sobjects/{}/{}/{}",
+            self.data_path(),
+            sobject,
+            external_id_field,
+            encode_segment(external_id)
+        );
+        let (status, _, bytes) = self
+            .send("upsert", Method::PATCH, &path, Some(fields), &[])
+            .await?;
+        if status.as_u16() == 300 {
+            return Err(SalesforceError::Api {
+                kind: "upsert",
+                status: 300,
+                errors: vec![ApiError::new(
+                    "MULTIPLE_CHOICES",
+                    format!("more than one {sobject} has {external_id_field} = this value"),
+                    vec![external_id_field.to_owned()],
+                )],
+                retry_after: None,
+            });
+        }
+        let result: SaveResult = decode("upsert", &bytes)?;
+        Ok(match status.as_u16() {
+            201 => UpsertOutcome::Created(result.id),
+            _ => UpsertOutcome::Updated(result.id),
+        })
+    }
+
+    /// `GET /sobjects/{sobject}/describe` with `If-Modified-Since` when a cached copy exists.
+    pub async fn describe(
+        &self,
+        sobject: &str,
+        if_modified_since: Option<&str>,
+    ) -> Result<Described, SalesforceError> {
+        let path = format!("{}/sobjects/{}/describe", self.data_path(), sobject);
+        let headers: Vec<(&str, String)> = if_modified_since
+            .map(|since| vec![("If-Modified-Since", since.to_owned())])
+            .unwrap_or_default();
+        let (status, response_headers, bytes) = self
+            .send("describe", Method::GET, &path, None, &headers)
+            .await?;
+        if status == StatusCode::NOT_MODIFIED {
+            return Ok(Described::NotModified);
+        }
+        let describe: SObjectDescribe = decode("describe", &bytes)?;
+        let last_modified = response_headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(Described::Fresh {
+            describe: Box::new(describe),
+            last_modified,
+        })
+    }
+
+    /// `GET /sobjects` (describeGlobal).
+    pub async fn describe_global(&self) -> Result<DescribeGlobal, SalesforceError> {
+        let path = format!("{}/sobjects", self.data_path());
+        self.send_json("describe", Method::GET, &path, None).await
+    }
+
+    /// `GET /query?q=…`, following `nextRecordsUrl` until done.
+    pub async fn query(
+        &self,
+        soql: &str,
+    ) -> Result<Vec<serde_json::Map<String, Value>>, SalesforceError> {
+        let query: String = url::form_urlencoded::byte_serialize(soql.as_bytes()).collect();
+        let mut path = format!("{}/query?q={}", self.data_path(), query);
+        let mut records = Vec::new();
+        loop {
+            let page: QueryPage = self.send_json("query", Method::GET, &path, None).await?;
+            records.extend(page.records);
+            match page.next_records_url {
+                Some(next) if !page.done => path = next,
+                _ => return Ok(records),
+            }
+        }
+    }
+
+    /// `GET /limits`.
+    pub async fn limits(&self) -> Result<BTreeMap<String, Limit>, SalesforceError> {
+        let path = format!("{}/limits", self.data_path());
+        let raw: BTreeMap<String, Value> =
+            self.send_json("limits", Method::GET, &path, None).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, serde_json::from_value(value).ok()?)))
+            .collect())
+    }
+}
+
+fn decode<T: DeserializeOwned>(kind: &'static str, bytes: &[u8]) -> Result<T, SalesforceError> {
+    serde_json::from_slice(bytes).map_err(|e| SalesforceError::Decode {
+        kind,
+        message: e.to_string(),
+    })
+}
+
+fn api_error(
+    kind: &'static str,
+    status: StatusCode,
+    headers: &header::HeaderMap,
+    bytes: &[u8],
+) -> SalesforceError {
+    let errors: Vec<ApiError> = serde_json::from_slice(bytes).unwrap_or_else(|_| {
+        vec![ApiError::new(
+            status.canonical_reason().unwrap_or("HTTP_ERROR"),
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            vec![],
+        )]
+    });
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    SalesforceError::Api {
+        kind,
+        status: status.as_u16(),
+        errors,
+        retry_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_info_parses() {
+        let usage = ApiUsage::parse("api-usage=18/5000, api-bursts=1/750").unwrap();
+        assert_eq!(usage, ApiUsage { used: 18, max: 5000 });
+        assert!((usage.ratio() - 0.0036).abs() < 1e-9);
+        assert_eq!(ApiUsage::parse("per-app-api-usage=1/2"), None);
+    }
+
+    #[test]
+    fn only_https_or_loopback() {
+        assert!(is_allowed_url("https://acme.my.salesforce.com"));
+        assert!(is_allowed_url("http://127.0.0.1:7800"));
+        assert!(is_allowed_url("http://localhost:7800"));
+        assert!(is_allowed_url("http://[::1]:7800"));
+        assert!(!is_allowed_url("http://acme.my.salesforce.com"));
+        assert!(!is_allowed_url("http://10.0.0.5:7800"));
+        assert!(!is_allowed_url("ftp://127.0.0.1"));
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(
+            encode_segment("acme:jane doe@x.example/1"),
+            "acme:jane%20doe@x.example%2F1"
+        );
+    }
+}

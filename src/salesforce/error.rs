@@ -1,0 +1,204 @@
+//! Salesforce errors and their classification.
+
+use std::time::Duration;
+
+use super::model::ApiError;
+
+/// What a Salesforce result means for the message that caused it.
+///
+/// | class | codes / conditions | why |
+/// |---|---|---|
+/// | `Success` | 2xx; graph `isSuccessful` | written |
+/// | `Superseded` | `FIELD_CUSTOM_VALIDATION_EXCEPTION` whose message is `STALE_BOOKING_VERSION` | the org already holds a newer snapshot; applying ours would regress it |
+/// | `Transient` | timeouts and connection errors; HTTP 5xx; `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures, a graph halted only by `PROCESSING_HALTED` (Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
+/// | `Permanent` | every other error code, notably `INVALID_FIELD`, `REQUIRED_FIELD_MISSING`, `FIELD_CUSTOM_VALIDATION_EXCEPTION`, `INSUFFICIENT_ACCESS*`, `STRING_TOO_LONG`, `MALFORMED_ID`, `INVALID_CROSS_REFERENCE_KEY`, `DUPLICATE_VALUE`, `NOT_FOUND`, `INVALID_EMAIL_ADDRESS`; HTTP 4xx without a known transient code; a request the client refuses to build | retrying the same payload fails the same way: it needs a mapping or permission fix, then a replay |
+///
+/// Salesforce publishes no retryability flag per code; this table follows the fact sheet
+/// (`salesforce-api.md` §6). An unknown code is permanent, so a surprise lands in the dead
+/// letters where ops see it instead of looping through the retry tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Written.
+    Success,
+    /// Older than what the org holds; drop and count.
+    Superseded,
+    /// Retry later, no sooner than `retry_after` when Salesforce said so.
+    Transient {
+        /// From the `Retry-After` header.
+        retry_after: Option<Duration>,
+    },
+    /// Dead-letter.
+    Permanent,
+}
+
+/// The message of the BookMe package's version-guard validation rule.
+pub const STALE_BOOKING_VERSION: &str = "STALE_BOOKING_VERSION";
+
+/// Classifies one Salesforce error object (see the table on [`Class`]).
+pub fn classify_api_error(error: &ApiError) -> Class {
+    match error.error_code.as_str() {
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION" if error.message.contains(STALE_BOOKING_VERSION) => {
+            Class::Superseded
+        }
+        "SERVER_UNAVAILABLE"
+        | "UNKNOWN_EXCEPTION"
+        | "UNABLE_TO_LOCK_ROW"
+        | "QUERY_TIMEOUT"
+        | "REQUEST_LIMIT_EXCEEDED"
+        | "INVALID_SESSION_ID"
+        | "PROCESSING_HALTED" => Class::Transient { retry_after: None },
+        _ => Class::Permanent,
+    }
+}
+
+/// Classifies an HTTP error response by status and body.
+pub fn classify_http(status: u16, errors: &[ApiError], retry_after: Option<Duration>) -> Class {
+    if status >= 500 {
+        return Class::Transient { retry_after };
+    }
+    match errors.first().map(classify_api_error) {
+        Some(Class::Transient { .. }) => Class::Transient { retry_after },
+        Some(class) => class,
+        None => Class::Permanent,
+    }
+}
+
+/// A failed Salesforce call.
+#[derive(Debug, thiserror::Error)]
+pub enum SalesforceError {
+    /// The request did not complete (connect error, timeout, broken body).
+    #[error("{kind} request to Salesforce failed: {message}")]
+    Transport {
+        /// What the request was for.
+        kind: &'static str,
+        /// The transport error, without URL query strings or headers.
+        message: String,
+    },
+    /// Salesforce answered with an error status.
+    #[error("Salesforce answered {status} to a {kind} request: {}", describe_errors(.errors))]
+    Api {
+        /// What the request was for.
+        kind: &'static str,
+        /// HTTP status.
+        status: u16,
+        /// The error objects of the body.
+        errors: Vec<ApiError>,
+        /// From `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint refused the grant.
+    #[error("Salesforce token request failed ({status}): {error}: {description}")]
+    Token {
+        /// HTTP status.
+        status: u16,
+        /// OAuth error code.
+        error: String,
+        /// OAuth error description.
+        description: String,
+    },
+    /// A 2xx whose body is not what the API documents.
+    #[error("unexpected {kind} response body from Salesforce: {message}")]
+    Decode {
+        /// What the request was for.
+        kind: &'static str,
+        /// The serde error.
+        message: String,
+    },
+    /// The client refused to send a request (limits, insecure URL, bad credentials reference).
+    #[error("refused to send: {0}")]
+    Refused(String),
+}
+
+impl SalesforceError {
+    /// The class of this error (see the table on [`Class`]).
+    pub fn class(&self) -> Class {
+        match self {
+            Self::Transport { .. } | Self::Token { .. } | Self::Decode { .. } => {
+                Class::Transient { retry_after: None }
+            }
+            Self::Api {
+                status,
+                errors,
+                retry_after,
+                ..
+            } => classify_http(*status, errors, *retry_after),
+            Self::Refused(_) => Class::Permanent,
+        }
+    }
+
+    /// The first Salesforce error object, when there is one.
+    pub fn api_error(&self) -> Option<&ApiError> {
+        match self {
+            Self::Api { errors, .. } => errors.first(),
+            _ => None,
+        }
+    }
+
+    /// True for 401 INVALID_SESSION_ID: the token must be re-minted.
+    pub fn is_invalid_session(&self) -> bool {
+        matches!(self, Self::Api { status: 401, .. })
+    }
+}
+
+fn describe_errors(errors: &[ApiError]) -> String {
+    if errors.is_empty() {
+        return "no error body".to_owned();
+    }
+    errors
+        .iter()
+        .map(|e| {
+            if e.fields.is_empty() {
+                format!("{}: {}", e.error_code, e.message)
+            } else {
+                format!("{}: {} [{}]", e.error_code, e.message, e.fields.join(", "))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(code: &str, message: &str) -> ApiError {
+        ApiError::new(code, message, vec![])
+    }
+
+    #[test]
+    fn classification_table() {
+        let transient = Class::Transient { retry_after: None };
+        let cases = [
+            (err("UNABLE_TO_LOCK_ROW", "locked"), transient),
+            (err("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."), transient),
+            (err("SERVER_UNAVAILABLE", "down"), transient),
+            (err("INVALID_FIELD", "No such column"), Class::Permanent),
+            (err("REQUIRED_FIELD_MISSING", "LastName"), Class::Permanent),
+            (err("STRING_TOO_LONG", "too long"), Class::Permanent),
+            (err("INSUFFICIENT_ACCESS_OR_READONLY", "no"), Class::Permanent),
+            (err("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Budget too low"), Class::Permanent),
+            (
+                err("FIELD_CUSTOM_VALIDATION_EXCEPTION", STALE_BOOKING_VERSION),
+                Class::Superseded,
+            ),
+            (err("SOMETHING_NEW", "?"), Class::Permanent),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(classify_api_error(&error), expected, "{}", error.error_code);
+        }
+    }
+
+    #[test]
+    fn http_status_classification_honours_retry_after() {
+        let wait = Some(Duration::from_secs(7));
+        assert_eq!(
+            classify_http(503, &[], wait),
+            Class::Transient { retry_after: wait }
+        );
+        assert_eq!(
+            classify_http(403, &[err("REQUEST_LIMIT_EXCEEDED", "x")], wait),
+            Class::Transient { retry_after: wait }
+        );
+        assert_eq!(classify_http(404, &[err("NOT_FOUND", "x")], None), Class::Permanent);
+    }
+}

@@ -1,0 +1,11 @@
+//! Salesforce: OAuth token per tenant, the REST client, wire models, and the classification of
+//! every result into success / superseded / transient / permanent.
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod model;
+
+pub use auth::Credentials;
+pub use client::{ApiUsage, Described, OrgEndpoint, SalesforceClient};
+pub use error::{Class, SalesforceError};

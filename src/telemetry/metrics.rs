@@ -1,0 +1,224 @@
+//! Prometheus metrics: one registry, the names, types and labels of DESIGN.md §9.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric portals-crm exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `portals_crm_events_received_total{tenant,type}`
+    pub events_received: IntCounterVec,
+    /// `portals_crm_events_settled_total{tenant,type,outcome}`
+    pub events_settled: IntCounterVec,
+    /// `portals_crm_event_processing_seconds{tenant}`
+    pub processing_seconds: HistogramVec,
+    /// `portals_crm_event_lag_seconds{tenant}`
+    pub lag_seconds: HistogramVec,
+    /// `portals_crm_salesforce_requests_total{tenant,kind,status}`
+    pub sf_requests: IntCounterVec,
+    /// `portals_crm_salesforce_request_seconds{tenant,kind}`
+    pub sf_request_seconds: HistogramVec,
+    /// `portals_crm_salesforce_graphs_per_request{tenant}`
+    pub graphs_per_request: HistogramVec,
+    /// `portals_crm_salesforce_api_usage_ratio{tenant}`
+    pub api_usage_ratio: prometheus::GaugeVec,
+    /// `portals_crm_retries_total{tenant,tier}`
+    pub retries: IntCounterVec,
+    /// `portals_crm_dead_letters_total{tenant,reason}`
+    pub dead_letters: IntCounterVec,
+    /// `portals_crm_circuit_open{tenant}`
+    pub circuit_open: IntGaugeVec,
+    /// `portals_crm_inflight_events`
+    pub inflight: IntGauge,
+    /// `portals_crm_cache_requests_total{cache,result}`
+    pub cache_requests: IntCounterVec,
+    /// `portals_crm_amqp_connected`
+    pub amqp_connected: IntGauge,
+    /// `portals_crm_amqp_reconnects_total`
+    pub amqp_reconnects: IntCounter,
+}
+
+/// Latency buckets from 5 ms to 5 min: a booking normally settles in well under a second, but
+/// retries through the tiers stretch lag to minutes.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let events_received = counter(
+            "portals_crm_events_received_total",
+            "Booking events received from the work queue.",
+            &["tenant", "type"],
+        );
+        let events_settled = counter(
+            "portals_crm_events_settled_total",
+            "Booking events settled, by outcome.",
+            &["tenant", "type", "outcome"],
+        );
+        let processing_seconds = histogram(
+            "portals_crm_event_processing_seconds",
+            "Time from delivery to settle.",
+            &["tenant"],
+            SECONDS_BUCKETS,
+        );
+        let lag_seconds = histogram(
+            "portals_crm_event_lag_seconds",
+            "Time from the event's time to the Salesforce commit.",
+            &["tenant"],
+            SECONDS_BUCKETS,
+        );
+        let sf_requests = counter(
+            "portals_crm_salesforce_requests_total",
+            "Requests sent to Salesforce.",
+            &["tenant", "kind", "status"],
+        );
+        let sf_request_seconds = histogram(
+            "portals_crm_salesforce_request_seconds",
+            "Salesforce request latency.",
+            &["tenant", "kind"],
+            SECONDS_BUCKETS,
+        );
+        let graphs_per_request = histogram(
+            "portals_crm_salesforce_graphs_per_request",
+            "Graphs carried by one Composite Graph request.",
+            &["tenant"],
+            &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0],
+        );
+        let api_usage_ratio = prometheus::GaugeVec::new(
+            Opts::new(
+                "portals_crm_salesforce_api_usage_ratio",
+                "Used / max daily API requests, from Sforce-Limit-Info.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(api_usage_ratio.clone()))
+            .expect("unique metric");
+        let retries = counter(
+            "portals_crm_retries_total",
+            "Events scheduled for a retry, by tier.",
+            &["tenant", "tier"],
+        );
+        let dead_letters = counter(
+            "portals_crm_dead_letters_total",
+            "Events dead-lettered, by reason.",
+            &["tenant", "reason"],
+        );
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "portals_crm_circuit_open",
+                "1 while a tenant is paused by its circuit breaker.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(circuit_open.clone()))
+            .expect("unique metric");
+        let inflight = IntGauge::new(
+            "portals_crm_inflight_events",
+            "Events received and not yet settled.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(inflight.clone()))
+            .expect("unique metric");
+        let cache_requests = counter(
+            "portals_crm_cache_requests_total",
+            "Cache look-ups, by cache and result.",
+            &["cache", "result"],
+        );
+        let amqp_connected = IntGauge::new(
+            "portals_crm_amqp_connected",
+            "1 while connected to the broker.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(amqp_connected.clone()))
+            .expect("unique metric");
+        let amqp_reconnects = IntCounter::new(
+            "portals_crm_amqp_reconnects_total",
+            "Broker reconnections.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(amqp_reconnects.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            events_received,
+            events_settled,
+            processing_seconds,
+            lag_seconds,
+            sf_requests,
+            sf_request_seconds,
+            graphs_per_request,
+            api_usage_ratio,
+            retries,
+            dead_letters,
+            circuit_open,
+            inflight,
+            cache_requests,
+            amqp_connected,
+            amqp_reconnects,
+        }
+    }
+
+    /// Records one Salesforce request.
+    pub fn salesforce_request(&self, tenant: &str, kind: &str, status: &str, seconds: f64) {
+        self.sf_requests
+            .with_label_values(&[tenant, kind, status])
+            .inc();
+        self.sf_request_seconds
+            .with_label_values(&[tenant, kind])
+            .observe(seconds);
+    }
+
+    /// Records a cache look-up.
+    pub fn cache(&self, cache: &str, hit: bool) {
+        self.cache_requests
+            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buffer).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// A histogram of one label set, for callers that time a block.
+    pub fn processing(&self, tenant: &str) -> Histogram {
+        self.processing_seconds.with_label_values(&[tenant])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
