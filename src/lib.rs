@@ -6,6 +6,17 @@
 //! [`app`] wires them together from [`config`]; [`telemetry`] observes them; [`emulator`] is the
 //! Salesforce the tests, the demo and the bench run against.
 
+pub mod amqp;
+pub mod app;
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod emulator;
+pub mod enrich;
+pub mod event;
+pub mod outcome;
+pub mod plan;
+pub mod retry_policy;
 pub mod salesforce;
 pub mod telemetry;

@@ -1,1 +1,92 @@
-fn main() {}
+//! The binary's edge: parse the command line, load config, start telemetry, run until a signal.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use portals_crm::cli::{Cli, Command};
+use portals_crm::config::{Config, TenantConfig};
+use portals_crm::emulator::{self, OrgSpec};
+use portals_crm::{app, demo, telemetry};
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            let tenants = TenantConfig::load_dir(&config.tenants.dir)
+                .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
+            let service = app::Service::start(&config, tenants).await?;
+            tracing::info!(http = %service.http_addr, "portals-crm running");
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            service.shutdown().await;
+            Ok(())
+        }
+        Command::Demo {
+            events,
+            keep_running,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let summary = demo::run(&config, events, keep_running, shutdown_signal()).await?;
+            println!("{summary}");
+            if summary.all_settled() {
+                Ok(())
+            } else {
+                anyhow::bail!("not every event was settled")
+            }
+        }
+        Command::Emulator {
+            listen,
+            org,
+            faults,
+        } => {
+            let org = match org {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    OrgSpec::parse(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
+                None => OrgSpec::demo(),
+            };
+            let handle = emulator::start(listen, org, &faults.spec())
+                .await
+                .with_context(|| format!("starting the emulator on {listen}"))?;
+            println!("Salesforce emulator listening on {}", handle.base_url);
+            println!("  token:   POST {}/services/oauth2/token (demo-client / demo-secret)", handle.base_url);
+            println!("  records: GET  {}/__emulator/records/Lead", handle.base_url);
+            shutdown_signal().await;
+            handle.stop().await;
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::logging::init(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -211,10 +211,37 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 
+    /// Settled events summed by `outcome` (the demo's progress and summary).
+    pub fn settled_by_outcome(&self) -> std::collections::BTreeMap<String, u64> {
+        sum_by_label(&self.events_settled, "outcome")
+    }
+
+    /// Dead letters summed by `reason`.
+    pub fn dead_letters_by_reason(&self) -> std::collections::BTreeMap<String, u64> {
+        sum_by_label(&self.dead_letters, "reason")
+    }
+
     /// A histogram of one label set, for callers that time a block.
     pub fn processing(&self, tenant: &str) -> Histogram {
         self.processing_seconds.with_label_values(&[tenant])
     }
+}
+
+fn sum_by_label(counters: &IntCounterVec, label: &str) -> std::collections::BTreeMap<String, u64> {
+    use prometheus::core::Collector;
+    let mut out = std::collections::BTreeMap::new();
+    for family in counters.collect() {
+        for metric in family.get_metric() {
+            let key = metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == label)
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            *out.entry(key).or_default() += metric.get_counter().get_value() as u64;
+        }
+    }
+    out
 }
 
 impl Default for Metrics {

@@ -1,3 +1,5 @@
-//! Metrics, logging (with redaction) and the HTTP surface for /metrics, probes and admin.
+//! Metrics, logging (with redaction) and the HTTP surface for /metrics and the probes.
 
+pub mod http;
+pub mod logging;
 pub mod metrics;

@@ -1,0 +1,120 @@
+//! AMQP: connection, topology, and a publisher with confirms and routing checks. The consumer
+//! loop lives in [`crate::app`], which owns reconnection.
+
+pub mod topology;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+pub use topology::{RetryTier, Topology};
+
+/// A publish that did not become durable on the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed.
+    #[error("broker error while publishing: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refused the message (e.g. `reject-publish` overflow).
+    #[error("the broker nacked the publish")]
+    Nacked,
+    /// `mandatory` publish that no queue took.
+    #[error("the broker returned the message as unroutable: {0}")]
+    Unroutable(String),
+}
+
+/// Connects with heartbeats (added to the URL unless it sets them). The URL holds a password,
+/// so it never appears in an error: lapin's errors do not include it, and neither do ours.
+pub async fn connect(
+    url: &SecretString,
+    heartbeat_secs: u16,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
+    let mut uri = url.expose_secret().to_owned();
+    if !uri.contains("heartbeat=") {
+        uri.push(if uri.contains('?') { '&' } else { '?' });
+        uri.push_str(&format!("heartbeat={heartbeat_secs}"));
+    }
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(&uri, properties).await
+}
+
+/// A channel in confirm mode; every publish waits for the broker's confirm and checks routing.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and enables publisher confirms.
+    pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    /// The underlying channel (for declarations and `basic_get`).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes persistently with `mandatory`, and returns only once the broker confirmed it
+    /// and a queue took it. "Acked" is not "routed": an unroutable mandatory message is acked
+    /// too, and comes back as a returned message.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        if let Some(returned) = confirm.take_message() {
+            return Err(PublishError::Unroutable(returned.reply_text.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// A string header, whether sent as a long or short string.
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// An integer header, whatever integer width the publisher chose.
+pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    match headers?.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => s.to_string().parse().ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,638 @@
+//! Builds every component from [`Config`] (everything that can fail at start-up fails here),
+//! runs the consumer until cancelled, and shuts down in order: stop consuming, drain in-flight
+//! messages within the deadline, close the broker connection (handing back the rest), flush.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::amqp::{self, Publisher, Topology};
+use crate::batch::{BatchLimits, Batcher, GraphOutcome};
+use crate::config::{Config, TenantConfig};
+use crate::enrich::{Caches, LedgerEntry, enrich};
+use crate::event::{self, BookingEvent};
+use crate::outcome::{Disposition, Failure, MessageInfo, Settled, Settler, headers};
+use crate::plan::CompiledMapping;
+use crate::retry_policy::Reconnect;
+use crate::salesforce::model::{ApiError, GraphResult};
+use crate::salesforce::{Class, SalesforceClient, SalesforceError};
+use crate::telemetry::http::Readiness;
+use crate::telemetry::logging::redact;
+use crate::telemetry::metrics::Metrics;
+
+/// Start-up failed; the message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Tenant files or mappings are invalid.
+    #[error("tenants:\n  - {}", .0.join("\n  - "))]
+    Tenants(Vec<String>),
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] crate::enrich::CacheError),
+    /// The HTTP port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One configured tenant, ready to process events.
+pub struct Tenant {
+    /// Its configuration.
+    pub config: TenantConfig,
+    /// Its compiled mapping.
+    pub mapping: CompiledMapping,
+    /// Its org's client.
+    pub client: Arc<SalesforceClient>,
+    batcher: Batcher,
+}
+
+/// Everything a message needs on its way through decode → enrich → plan → batch.
+pub struct Pipeline {
+    tenants: HashMap<String, Arc<Tenant>>,
+    caches: Caches,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+}
+
+/// Compiles every tenant file and builds its client; reports every problem at once.
+pub fn load_tenants(
+    tenants: Vec<TenantConfig>,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<(TenantConfig, CompiledMapping, Arc<SalesforceClient>)>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut built = Vec::new();
+    for tenant in tenants {
+        let mapping = CompiledMapping::compile(&tenant).map_err(|p| problems.extend(p));
+        let client = tenant
+            .endpoint(timeout)
+            .and_then(|e| SalesforceClient::new(e, metrics.clone()).map_err(|e| e.to_string()))
+            .map_err(|e| problems.push(format!("tenant {}: {e}", tenant.tenant)));
+        if let (Ok(mapping), Ok(client)) = (mapping, client) {
+            built.push((tenant, mapping, Arc::new(client)));
+        }
+    }
+    if built.is_empty() && problems.is_empty() {
+        problems.push("no tenant files found".into());
+    }
+    if problems.is_empty() {
+        Ok(built)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The result of processing one message, before it is settled.
+struct Processed {
+    info: MessageInfo,
+    type_label: &'static str,
+    disposition: Disposition,
+}
+
+fn failure(code: impl Into<String>, message: impl Into<String>, sf: Option<ApiError>) -> Failure {
+    Failure {
+        code: code.into(),
+        message: message.into(),
+        salesforce: sf,
+    }
+}
+
+/// Maps a Salesforce class and error to what happens to the message.
+fn disposition_for(class: Class, error: Option<ApiError>, message: String) -> Disposition {
+    let code = error
+        .as_ref()
+        .map(|e| format!("salesforce_{}", e.error_code.to_ascii_lowercase()))
+        .unwrap_or_else(|| "salesforce_unavailable".into());
+    match class {
+        Class::Success => Disposition::Written,
+        Class::Superseded => Disposition::Superseded,
+        Class::Transient { retry_after } => Disposition::Retry {
+            failure: failure(code, message, error),
+            retry_after,
+        },
+        Class::Permanent => Disposition::DeadLetter(failure(code, message, error)),
+    }
+}
+
+fn error_disposition(error: &SalesforceError) -> Disposition {
+    disposition_for(error.class(), error.api_error().cloned(), error.to_string())
+}
+
+fn sobject_of(url: &str) -> &str {
+    url.split("/sobjects/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("?")
+}
+
+impl Pipeline {
+    /// Builds the pipeline: one client and batcher per tenant.
+    pub fn new(
+        tenants: Vec<(TenantConfig, CompiledMapping, Arc<SalesforceClient>)>,
+        caches: Caches,
+        metrics: Arc<Metrics>,
+        limits: BatchLimits,
+        max_body_bytes: usize,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Self {
+        let tenants = tenants
+            .into_iter()
+            .map(|(config, mapping, client)| {
+                let batcher = Batcher::spawn(client.clone(), limits, tracker, cancel.clone());
+                (
+                    config.tenant.clone(),
+                    Arc::new(Tenant {
+                        config,
+                        mapping,
+                        client,
+                        batcher,
+                    }),
+                )
+            })
+            .collect();
+        Self {
+            tenants,
+            caches,
+            metrics,
+            max_body_bytes,
+        }
+    }
+
+    /// The configured tenants.
+    pub fn tenants(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.tenants.values()
+    }
+
+    /// Flushes the caches (shutdown).
+    pub fn flush(&self) {
+        self.caches.flush();
+    }
+
+    fn tenant_label(&self, tenant: Option<&str>) -> String {
+        match tenant {
+            Some(t) if self.tenants.contains_key(t) => t.to_owned(),
+            _ => "unknown".to_owned(),
+        }
+    }
+
+    async fn process(&self, body: &[u8]) -> Processed {
+        let event = match event::decode(body, self.max_body_bytes) {
+            Ok(event) => event,
+            Err(invalid) => {
+                let tenant = self.tenant_label(event::peek_tenant(body).as_deref());
+                self.metrics
+                    .events_received
+                    .with_label_values(&[tenant.as_str(), "invalid"])
+                    .inc();
+                return Processed {
+                    info: MessageInfo {
+                        tenant,
+                        ..MessageInfo::default()
+                    },
+                    type_label: "invalid",
+                    disposition: Disposition::DeadLetter(failure(
+                        "invalid_event",
+                        invalid.to_string(),
+                        None,
+                    )),
+                };
+            }
+        };
+        let tenant_label = self.tenant_label(Some(&event.tenant));
+        let type_label = event.kind.as_str();
+        self.metrics
+            .events_received
+            .with_label_values(&[tenant_label.as_str(), type_label])
+            .inc();
+        let info = MessageInfo {
+            tenant: tenant_label,
+            booking_id: Some(event.booking.booking_id.clone()),
+            event_id: Some(event.id.clone()),
+        };
+        let disposition = match self.tenants.get(&event.tenant) {
+            None => Disposition::DeadLetter(failure(
+                "unknown_tenant",
+                format!("tenant {:?} is not configured", event.tenant),
+                None,
+            )),
+            Some(tenant) => self.write(tenant, &event).await,
+        };
+        Processed {
+            info,
+            type_label,
+            disposition,
+        }
+    }
+
+    async fn write(&self, tenant: &Tenant, event: &BookingEvent) -> Disposition {
+        let booking = &event.booking;
+        if let Some(applied) = self.caches.ledger_get(&event.tenant, &booking.booking_id)
+            && applied.version >= booking.version
+        {
+            return Disposition::Superseded;
+        }
+        let enrichment = match enrich(event, &tenant.client, &self.caches).await {
+            Ok(e) => e,
+            Err(error) => return error_disposition(&error),
+        };
+        let nodes = match tenant.mapping.build_graph(event, &enrichment) {
+            Ok(nodes) => nodes,
+            Err(error) => {
+                return Disposition::DeadLetter(failure("mapping_error", error.to_string(), None));
+            }
+        };
+        let sobjects: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (n.reference_id.clone(), sobject_of(&n.url).to_owned()))
+            .collect();
+        let outcome = match tenant
+            .batcher
+            .submit(&booking.booking_id, booking.version, nodes)
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(stopped) => {
+                return Disposition::Retry {
+                    failure: failure("shutting_down", stopped.to_string(), None),
+                    retry_after: None,
+                };
+            }
+        };
+        match outcome {
+            GraphOutcome::Collapsed => Disposition::Superseded,
+            GraphOutcome::RequestFailed(error) => error_disposition(&error),
+            GraphOutcome::Answered(result) if result.is_successful => {
+                self.record_write(event, &result, &sobjects);
+                Disposition::Written
+            }
+            GraphOutcome::Answered(result) => {
+                let error = result.root_error();
+                let class = error
+                    .as_ref()
+                    .map(crate::salesforce::error::classify_api_error)
+                    .unwrap_or(Class::Transient { retry_after: None });
+                let message = error
+                    .as_ref()
+                    .map(|e| {
+                        format!(
+                            "Salesforce rolled the booking back: {}: {}{}",
+                            e.error_code,
+                            e.message,
+                            if e.fields.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" [{}]", e.fields.join(", "))
+                            }
+                        )
+                    })
+                    .unwrap_or_else(|| "Salesforce rolled the booking back".into());
+                disposition_for(class, error, message)
+            }
+        }
+    }
+
+    fn record_write(&self, event: &BookingEvent, result: &GraphResult, sobjects: &[(String, String)]) {
+        let booking = &event.booking;
+        let mut record_ids = Vec::new();
+        for node in &result.graph_response.composite_response {
+            let Some(id) = node.record_id() else { continue };
+            let sobject = sobjects
+                .iter()
+                .find(|(r, _)| *r == node.reference_id)
+                .map(|(_, s)| s.as_str())
+                .unwrap_or("?");
+            tracing::info!(
+                target: "portals_crm::audit",
+                tenant = %event.tenant,
+                booking_id = %booking.booking_id,
+                version = booking.version,
+                sobject,
+                record_id = id,
+                created = node.created().unwrap_or(false),
+                "salesforce write"
+            );
+            record_ids.push((node.reference_id.clone(), id.to_owned()));
+        }
+        self.caches.ledger_put(
+            &event.tenant,
+            &booking.booking_id,
+            &LedgerEntry {
+                version: booking.version,
+                record_ids,
+            },
+        );
+        let lag = (OffsetDateTime::now_utc() - event.time).as_seconds_f64().max(0.0);
+        self.metrics
+            .lag_seconds
+            .with_label_values(&[event.tenant.as_str()])
+            .observe(lag);
+    }
+
+    /// Processes one delivery and settles it; the only caller of [`Settler::settle`].
+    async fn handle(&self, delivery: Delivery, settler: &Settler) {
+        let started = Instant::now();
+        self.metrics.inflight.inc();
+        let attempt =
+            amqp::header_int(delivery.properties.headers().as_ref(), headers::ATTEMPT).unwrap_or(0) + 1;
+        let span = tracing::info_span!(
+            "message",
+            event_id = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            booking_id = tracing::field::Empty,
+            attempt
+        );
+        async {
+            let processed = self.process(&delivery.data).await;
+            let span = tracing::Span::current();
+            span.record("tenant", processed.info.tenant.as_str());
+            if let Some(id) = &processed.info.event_id {
+                span.record("event_id", id.as_str());
+            }
+            if let Some(id) = &processed.info.booking_id {
+                span.record("booking_id", id.as_str());
+            }
+            if let Disposition::Retry { failure, .. } | Disposition::DeadLetter(failure) =
+                &processed.disposition
+            {
+                tracing::warn!(reason = %failure.code, message = %redact(&failure.message), "booking not written");
+            }
+            let dead_reason = match &processed.disposition {
+                Disposition::DeadLetter(f) => Some(f.code.clone()),
+                _ => None,
+            };
+            match settler
+                .settle(&delivery, &processed.info, processed.disposition)
+                .await
+            {
+                Ok(settled) => {
+                    let tenant = processed.info.tenant.as_str();
+                    self.metrics
+                        .events_settled
+                        .with_label_values(&[tenant, processed.type_label, settled.label()])
+                        .inc();
+                    match settled {
+                        Settled::Retried { tier } => self
+                            .metrics
+                            .retries
+                            .with_label_values(&[tenant, &tier.to_string()])
+                            .inc(),
+                        Settled::DeadLettered => {
+                            let reason = dead_reason.unwrap_or_else(|| "retries_exhausted".into());
+                            self.metrics
+                                .dead_letters
+                                .with_label_values(&[tenant, reason.as_str()])
+                                .inc();
+                        }
+                        Settled::Written | Settled::Superseded => {}
+                    }
+                    self.metrics
+                        .processing(tenant)
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                Err(error) => tracing::error!(%error, "message not settled; the broker will redeliver it"),
+            }
+        }
+        .instrument(span)
+        .await;
+        self.metrics.inflight.dec();
+    }
+}
+
+/// Worker settings taken from [`Config`].
+#[derive(Clone)]
+pub struct WorkerSettings {
+    /// Broker URL.
+    pub url: secrecy::SecretString,
+    /// Heartbeat interval.
+    pub heartbeat_secs: u16,
+    /// Per-consumer prefetch.
+    pub prefetch: u16,
+    /// Messages processed at once.
+    pub concurrency: usize,
+    /// Drain deadline on shutdown.
+    pub drain: Duration,
+}
+
+/// Consumes the work queue until `cancel`: connects (with backoff), declares the topology,
+/// consumes with manual acks and per-consumer prefetch, and reconnects on loss. In-flight
+/// messages of a lost connection are simply redelivered: every write is an idempotent upsert.
+pub async fn run_consumer(
+    settings: WorkerSettings,
+    topology: Arc<Topology>,
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Reconnect::new(Duration::from_millis(200), Duration::from_secs(30));
+    let permits = Arc::new(Semaphore::new(settings.concurrency));
+    let mut first = true;
+    while !cancel.is_cancelled() {
+        if !first {
+            metrics.amqp_reconnects.inc();
+        }
+        first = false;
+        let session = consume_once(&settings, &topology, &pipeline, &metrics, &readiness, &permits, &cancel, &mut backoff).await;
+        readiness.set_broker(false);
+        metrics.amqp_connected.set(0);
+        if let Err(error) = session {
+            let delay = backoff.next_delay();
+            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => {}
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume_once(
+    settings: &WorkerSettings,
+    topology: &Topology,
+    pipeline: &Arc<Pipeline>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    permits: &Arc<Semaphore>,
+    cancel: &CancellationToken,
+    backoff: &mut Reconnect,
+) -> Result<(), lapin::Error> {
+    let connection = amqp::connect(&settings.url, settings.heartbeat_secs, "portals-crm worker").await?;
+    let publisher = Publisher::open(&connection).await?;
+    topology.declare(publisher.channel()).await?;
+    let channel = connection.create_channel().await?;
+    // Per-consumer QoS: global QoS on a quorum queue closes the connection.
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions { global: false })
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            topology.work_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    readiness.set_broker(true);
+    metrics.amqp_connected.set(1);
+    backoff.reset();
+    tracing::info!(queue = %topology.work_queue, prefetch = settings.prefetch, "consuming");
+    let settler = Settler::new(publisher, Arc::new(topology.clone()));
+    let in_flight = TaskTracker::new();
+    let result = loop {
+        tokio::select! {
+            () = cancel.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
+                    let pipeline = pipeline.clone();
+                    let settler = settler.clone();
+                    in_flight.spawn(async move {
+                        pipeline.handle(delivery, &settler).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => break Err(error),
+                None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                    lapin::ConnectionState::Closed,
+                ))),
+            }
+        }
+    };
+    if cancel.is_cancelled() {
+        // Stop deliveries first so nothing new starts while the rest drains.
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+    }
+    in_flight.close();
+    if tokio::time::timeout(settings.drain, in_flight.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain deadline passed; unsettled messages go back to the queue with the connection"
+        );
+    }
+    let _ = connection.close(200, "portals-crm shutting down".into()).await;
+    result
+}
+
+/// A running service: where its HTTP port is, and how to stop it.
+pub struct Service {
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The pipeline (tests and the demo read its tenants).
+    pub pipeline: Arc<Pipeline>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    batch_stop: CancellationToken,
+    consumer: tokio::task::JoinHandle<()>,
+    tracker: TaskTracker,
+}
+
+impl Service {
+    /// Builds every component from `config` and starts consuming. `tenants` overrides the
+    /// tenant directory (the demo points them at its in-process emulator).
+    pub async fn start(config: &Config, tenants: Vec<TenantConfig>) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::default());
+        let timeout = Duration::from_secs(config.salesforce.timeout_secs);
+        let tenants = load_tenants(tenants, timeout, &metrics).map_err(BuildError::Tenants)?;
+        let caches = Caches::open(
+            &config.cache.path,
+            Duration::from_secs(config.cache.user_ttl_secs),
+            Duration::from_secs(config.cache.negative_ttl_secs),
+            metrics.clone(),
+        )?;
+        let cancel = CancellationToken::new();
+        // Batchers stop only after the consumer has drained: in-flight messages still need them.
+        let batch_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let http_addr = crate::telemetry::http::serve(
+            config.http.listen.parse().map_err(|_| BuildError::Listen {
+                addr: config.http.listen.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an address"),
+            })?,
+            metrics.clone(),
+            readiness.clone(),
+            cancel.clone(),
+            &tracker,
+        )
+        .await
+        .map_err(|source| BuildError::Listen {
+            addr: config.http.listen.clone(),
+            source,
+        })?;
+        let limits = BatchLimits {
+            max_graphs: config.batch.max_graphs,
+            max_nodes: config.batch.max_nodes,
+            linger: Duration::from_millis(config.batch.linger_ms),
+            max_in_flight: config.batch.max_in_flight,
+        };
+        let pipeline = Arc::new(Pipeline::new(
+            tenants,
+            caches,
+            metrics.clone(),
+            limits,
+            config.worker.max_body_bytes,
+            &tracker,
+            &batch_stop,
+        ));
+        readiness.set_tenants(true);
+        let topology = Arc::new(Topology::new(&config.amqp, &config.retry_tiers()));
+        let settings = WorkerSettings {
+            url: config.amqp.url.clone(),
+            heartbeat_secs: config.amqp.heartbeat_secs,
+            prefetch: config.amqp.prefetch,
+            concurrency: config.worker.concurrency,
+            drain: Duration::from_secs(config.worker.drain_secs),
+        };
+        let consumer = tracker.spawn(run_consumer(
+            settings,
+            topology,
+            pipeline.clone(),
+            metrics.clone(),
+            readiness,
+            cancel.clone(),
+        ));
+        Ok(Self {
+            http_addr,
+            pipeline,
+            metrics,
+            cancel,
+            batch_stop,
+            consumer,
+            tracker,
+        })
+    }
+
+    /// Stops consuming, drains, closes, flushes.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        if let Err(error) = self.consumer.await {
+            tracing::error!(%error, "consumer task failed");
+        }
+        self.batch_stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.pipeline.flush();
+    }
+}

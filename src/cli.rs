@@ -1,0 +1,91 @@
+//! The command line: `run`, `demo`, `emulator`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::emulator::FaultSpec;
+use crate::telemetry::logging::LogFormat;
+
+/// portals-crm: BookMe bookings → Salesforce, idempotently.
+#[derive(Debug, Parser)]
+#[command(name = "portals-crm", version, about)]
+pub struct Cli {
+    /// Service configuration file.
+    #[arg(long, global = true, default_value = "config/portals-crm.toml")]
+    pub config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: consume booking events and write them to Salesforce.
+    Run,
+    /// Start the emulator in-process, publish sample bookings through the local broker,
+    /// process them, print a summary.
+    Demo {
+        /// How many events to publish.
+        #[arg(long, default_value_t = 300)]
+        events: usize,
+        /// Leave the service and emulator running afterwards (Ctrl-C stops them).
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Serve the Salesforce emulator.
+    Emulator {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        listen: SocketAddr,
+        /// Org file (TOML or JSON); the built-in demo org when absent.
+        #[arg(long)]
+        org: Option<PathBuf>,
+        /// Faults to start with.
+        #[command(flatten)]
+        faults: FaultArgs,
+    },
+}
+
+/// Fault flags of `portals-crm emulator` (the same keys as `POST /__emulator/faults`).
+#[derive(Debug, clap::Args)]
+pub struct FaultArgs {
+    /// Fixed latency added to every data request.
+    #[arg(long)]
+    pub latency_ms: Option<u64>,
+    /// Random extra latency up to this many milliseconds.
+    #[arg(long)]
+    pub jitter_ms: Option<u64>,
+    /// Fraction of data requests that fail (0–1).
+    #[arg(long)]
+    pub error_rate: Option<f64>,
+    /// Failures to draw from: 503, 500, UNABLE_TO_LOCK_ROW.
+    #[arg(long, value_delimiter = ',')]
+    pub errors: Option<Vec<String>>,
+    /// Remaining daily API requests.
+    #[arg(long)]
+    pub api_quota_remaining: Option<u64>,
+    /// Answer 503 to everything for this many seconds after start.
+    #[arg(long)]
+    pub outage_seconds: Option<u64>,
+}
+
+impl FaultArgs {
+    /// The equivalent fault spec.
+    pub fn spec(&self) -> FaultSpec {
+        FaultSpec {
+            latency_ms: self.latency_ms,
+            jitter_ms: self.jitter_ms,
+            error_rate: self.error_rate,
+            errors: self.errors.clone(),
+            expire_tokens: None,
+            api_quota_remaining: self.api_quota_remaining,
+            outage_seconds: self.outage_seconds,
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! Service configuration: `config/portals-crm.toml`, overlaid by `PORTALS_CRM_<SECTION>_<KEY>`
+//! environment variables, validated with every problem reported at once.
+
+pub mod tenant;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+pub use tenant::{AuthConfig, RecordMapping, TenantConfig};
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker and topology.
+    pub amqp: AmqpConfig,
+    /// Retry tiers.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Consumer workers.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    /// Batching into Composite Graph requests.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Salesforce client settings.
+    #[serde(default)]
+    pub salesforce: SalesforceConfig,
+    /// The HTTP port (metrics, probes).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The sled cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Where tenant files live.
+    #[serde(default)]
+    pub tenants: TenantsConfig,
+}
+
+/// Broker connection and topology names (DESIGN.md §4).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost`. Holds a password, hence secret.
+    pub url: SecretString,
+    /// Heartbeat interval negotiated with the broker.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u16,
+    /// Topic exchange the booking platform publishes to.
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// Binding of the work queue.
+    #[serde(default = "default_binding")]
+    pub binding_key: String,
+    /// The quorum work queue.
+    #[serde(default = "default_work_queue")]
+    pub work_queue: String,
+    /// Dead letters.
+    #[serde(default = "default_dead_queue")]
+    pub dead_letter_queue: String,
+    /// Prefix of the retry tier queues (`<prefix>.<delay>`).
+    #[serde(default = "default_retry_prefix")]
+    pub retry_queue_prefix: String,
+    /// Deliveries after which the broker dead-letters a message that keeps crashing workers.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// Unacked messages per consumer.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+/// Delayed retry tiers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tier delays in seconds, shortest first; after the last, a dead letter.
+    #[serde(default = "default_tiers")]
+    pub tiers_secs: Vec<u64>,
+}
+
+/// Consumer workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Messages processed at once by this process.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Bodies over this size are dead-lettered unread.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long SIGTERM waits for in-flight messages before handing them back.
+    #[serde(default = "default_drain")]
+    pub drain_secs: u64,
+}
+
+/// Batching (DESIGN.md §5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Graphs per Composite Graph request (Salesforce allows 75).
+    #[serde(default = "default_max_graphs")]
+    pub max_graphs: usize,
+    /// Nodes per request (Salesforce allows 500).
+    #[serde(default = "default_max_nodes")]
+    pub max_nodes: usize,
+    /// How long a non-full batch waits for more graphs; 0 sends what is ready at once.
+    #[serde(default = "default_linger")]
+    pub linger_ms: u64,
+    /// Requests in flight per tenant (Salesforce allows 25 long-running per org).
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+}
+
+/// Salesforce client settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceConfig {
+    /// Timeout of every request.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+/// The HTTP port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address of /metrics, /healthz, /readyz.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+/// The sled cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory of the sled database.
+    #[serde(default = "default_cache_path")]
+    pub path: PathBuf,
+    /// How long a host's User Id stays cached.
+    #[serde(default = "default_user_ttl")]
+    pub user_ttl_secs: u64,
+    /// How long "no such user" stays cached.
+    #[serde(default = "default_negative_ttl")]
+    pub negative_ttl_secs: u64,
+}
+
+/// Where tenant files live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsConfig {
+    /// Directory of `<tenant>.toml` files.
+    #[serde(default = "default_tenants_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_heartbeat() -> u16 {
+    30
+}
+fn default_exchange() -> String {
+    "bookings".into()
+}
+fn default_binding() -> String {
+    "meeting.#".into()
+}
+fn default_work_queue() -> String {
+    "crm.sync".into()
+}
+fn default_dead_queue() -> String {
+    "crm.dead".into()
+}
+fn default_retry_prefix() -> String {
+    "crm.retry".into()
+}
+fn default_delivery_limit() -> u32 {
+    10
+}
+fn default_prefetch() -> u16 {
+    300
+}
+fn default_tiers() -> Vec<u64> {
+    vec![5, 30, 120, 600, 3600]
+}
+fn default_concurrency() -> usize {
+    256
+}
+fn default_max_body() -> usize {
+    crate::event::DEFAULT_MAX_BODY_BYTES
+}
+fn default_drain() -> u64 {
+    20
+}
+fn default_max_graphs() -> usize {
+    75
+}
+fn default_max_nodes() -> usize {
+    500
+}
+fn default_linger() -> u64 {
+    0
+}
+fn default_in_flight() -> usize {
+    4
+}
+fn default_timeout() -> u64 {
+    30
+}
+fn default_listen() -> String {
+    "127.0.0.1:9898".into()
+}
+fn default_cache_path() -> PathBuf {
+    "data/portals-crm.sled".into()
+}
+fn default_user_ttl() -> u64 {
+    3600
+}
+fn default_negative_ttl() -> u64 {
+    300
+}
+fn default_tenants_dir() -> PathBuf {
+    "config/tenants".into()
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            tiers_secs: default_tiers(),
+        }
+    }
+}
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            max_body_bytes: default_max_body(),
+            drain_secs: default_drain(),
+        }
+    }
+}
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_graphs: default_max_graphs(),
+            max_nodes: default_max_nodes(),
+            linger_ms: default_linger(),
+            max_in_flight: default_in_flight(),
+        }
+    }
+}
+impl Default for SalesforceConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: default_timeout(),
+        }
+    }
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            path: default_cache_path(),
+            user_ttl_secs: default_user_ttl(),
+            negative_ttl_secs: default_negative_ttl(),
+        }
+    }
+}
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_tenants_dir(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "amqp",
+    "retry",
+    "worker",
+    "batch",
+    "salesforce",
+    "http",
+    "cache",
+    "tenants",
+];
+
+/// Applies `PORTALS_CRM_<SECTION>_<KEY>=value` overrides to a parsed TOML document. A value that
+/// parses as a TOML literal (number, bool, array) keeps that type; anything else is a string.
+fn overlay_env(
+    document: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("PORTALS_CRM_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        else {
+            continue;
+        };
+        let key = &lower[section.len() + 1..];
+        if key.is_empty() {
+            problems.push(format!("{name}: names no setting"));
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let table = document
+            .entry((*section).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match table.as_table_mut() {
+            Some(table) => {
+                table.insert(key.to_owned(), parsed);
+            }
+            None => problems.push(format!("[{section}] is not a table")),
+        }
+    }
+    problems
+}
+
+impl Config {
+    /// Loads `path`, overlays the process environment, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment overlay, then validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut document: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(vec![e.to_string()]))?;
+        let problems = overlay_env(&mut document, env);
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
+        let config: Config = toml::Value::Table(document)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(vec![e.to_string()]))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting and reports all problems together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let url = self.amqp.url.expose_secret();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            problems.push("amqp.url: must start with amqp:// or amqps://".to_owned());
+        }
+        for (name, value) in [
+            ("amqp.exchange", &self.amqp.exchange),
+            ("amqp.work_queue", &self.amqp.work_queue),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.retry_queue_prefix", &self.amqp.retry_queue_prefix),
+            ("amqp.binding_key", &self.amqp.binding_key),
+        ] {
+            if value.trim().is_empty() {
+                problems.push(format!("{name}: must not be empty"));
+            }
+        }
+        if self.amqp.prefetch == 0 {
+            problems.push("amqp.prefetch: must be at least 1".into());
+        }
+        if self.amqp.delivery_limit == 0 {
+            problems.push("amqp.delivery_limit: must be at least 1".into());
+        }
+        if self.retry.tiers_secs.is_empty() {
+            problems.push("retry.tiers_secs: list at least one tier".into());
+        }
+        if self.retry.tiers_secs.windows(2).any(|w| w[0] >= w[1]) {
+            problems.push("retry.tiers_secs: delays must increase".into());
+        }
+        if self.retry.tiers_secs.contains(&0) {
+            problems.push("retry.tiers_secs: a delay of 0 is not a delay".into());
+        }
+        if self.worker.concurrency == 0 {
+            problems.push("worker.concurrency: must be at least 1".into());
+        }
+        if self.worker.max_body_bytes < 1024 {
+            problems.push("worker.max_body_bytes: must be at least 1024".into());
+        }
+        if !(1..=75).contains(&self.batch.max_graphs) {
+            problems.push("batch.max_graphs: must be within 1..=75 (Salesforce's limit)".into());
+        }
+        if !(1..=500).contains(&self.batch.max_nodes) {
+            problems.push("batch.max_nodes: must be within 1..=500 (Salesforce's limit)".into());
+        }
+        if !(1..=25).contains(&self.batch.max_in_flight) {
+            problems.push(
+                "batch.max_in_flight: must be within 1..=25 (Salesforce's concurrency limit)"
+                    .into(),
+            );
+        }
+        if self.salesforce.timeout_secs == 0 {
+            problems.push("salesforce.timeout_secs: must be at least 1".into());
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen: {:?} is not an address like 127.0.0.1:9898",
+                self.http.listen
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// The retry tiers as durations.
+    pub fn retry_tiers(&self) -> Vec<Duration> {
+        self.retry
+            .tiers_secs
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../config/portals-crm.toml");
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let config = Config::from_toml(SHIPPED, std::iter::empty()).unwrap();
+        assert_eq!(config.amqp.work_queue, "crm.sync");
+    }
+
+    #[test]
+    fn environment_overrides_settings() {
+        let env = [
+            ("PORTALS_CRM_AMQP_URL", "amqp://u:p@broker:5672/%2f"),
+            ("PORTALS_CRM_AMQP_PREFETCH", "50"),
+            ("PORTALS_CRM_HTTP_LISTEN", "0.0.0.0:9000"),
+            ("UNRELATED", "x"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::from_toml(SHIPPED, env.into_iter()).unwrap();
+        assert_eq!(config.amqp.prefetch, 50);
+        assert_eq!(config.http.listen, "0.0.0.0:9000");
+        assert!(config.amqp.url.expose_secret().contains("broker"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let env = [
+            ("PORTALS_CRM_AMQP_URL", "http://nope"),
+            ("PORTALS_CRM_AMQP_PREFETCH", "0"),
+            ("PORTALS_CRM_BATCH_MAX_GRAPHS", "100"),
+            ("PORTALS_CRM_HTTP_LISTEN", "nowhere"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let error = Config::from_toml(SHIPPED, env.into_iter()).unwrap_err();
+        assert_eq!(error.0.len(), 4, "{error}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_broker_password() {
+        let env = [("PORTALS_CRM_AMQP_URL", "amqp://u:hunter2@broker/%2f")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::from_toml(SHIPPED, env.into_iter()).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,250 @@
+//! Enrich: what the plan needs besides the event — the host's Salesforce User Id and the last
+//! version already applied — from caches held in sled, filled from Salesforce on a miss.
+//!
+//! sled stays behind [`Caches`]: nothing else in the crate names it. Every entry is a cache;
+//! deleting the directory loses nothing but warm-up, and an entry that does not decode is
+//! treated as a miss and overwritten.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::BookingEvent;
+use crate::plan::Enrichment;
+use crate::salesforce::{SalesforceClient, SalesforceError};
+use crate::telemetry::metrics::Metrics;
+
+/// The sled database could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cache database at {path}: {message}")]
+pub struct CacheError {
+    /// The directory.
+    pub path: String,
+    /// sled's error.
+    pub message: String,
+}
+
+/// A cached host → User Id answer; `user_id: None` is a negative entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct UserEntry {
+    user_id: Option<String>,
+    expires_at: u64,
+}
+
+/// The last snapshot written for a booking, and the record ids it produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Version applied.
+    pub version: u64,
+    /// referenceId → record id.
+    pub record_ids: Vec<(String, String)>,
+}
+
+/// The caches of DESIGN.md §8 that the pipeline reads.
+#[derive(Clone)]
+pub struct Caches {
+    users: sled::Tree,
+    ledger: sled::Tree,
+    db: sled::Db,
+    user_ttl: Duration,
+    negative_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn key(tenant: &str, id: &str) -> Vec<u8> {
+    format!("{tenant}/{id}").into_bytes()
+}
+
+impl Caches {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(
+        path: &Path,
+        user_ttl: Duration,
+        negative_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CacheError> {
+        let fail = |e: sled::Error| CacheError {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(fail)?;
+        Ok(Self {
+            users: db.open_tree("users").map_err(fail)?,
+            ledger: db.open_tree("ledger").map_err(fail)?,
+            db,
+            user_ttl,
+            negative_ttl,
+            metrics,
+        })
+    }
+
+    /// Writes pending changes to disk (on shutdown).
+    pub fn flush(&self) {
+        if let Err(error) = self.db.flush() {
+            tracing::warn!(%error, "cache flush failed");
+        }
+    }
+
+    /// The last version applied for a booking, if known.
+    pub fn ledger_get(&self, tenant: &str, booking_id: &str) -> Option<LedgerEntry> {
+        let entry = self
+            .ledger
+            .get(key(tenant, booking_id))
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        self.metrics.cache("ledger", entry.is_some());
+        entry
+    }
+
+    /// Records a written version, never lowering what is there.
+    pub fn ledger_put(&self, tenant: &str, booking_id: &str, entry: &LedgerEntry) {
+        let k = key(tenant, booking_id);
+        let Ok(bytes) = serde_json::to_vec(entry) else {
+            return;
+        };
+        let result = self.ledger.fetch_and_update(&k, |old| {
+            let keep_old = old
+                .and_then(|o| serde_json::from_slice::<LedgerEntry>(o).ok())
+                .is_some_and(|o| o.version > entry.version);
+            if keep_old {
+                old.map(<[u8]>::to_vec)
+            } else {
+                Some(bytes.clone())
+            }
+        });
+        if let Err(error) = result {
+            tracing::warn!(%error, "ledger update failed");
+        }
+    }
+
+    fn user_get(&self, tenant: &str, email: &str) -> Option<UserEntry> {
+        let entry = self
+            .users
+            .get(key(tenant, email))
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<UserEntry>(&bytes).ok())
+            .filter(|e| e.expires_at > now_secs());
+        self.metrics.cache("user", entry.is_some());
+        entry
+    }
+
+    fn user_put(&self, tenant: &str, email: &str, user_id: Option<String>) {
+        let ttl = if user_id.is_some() {
+            self.user_ttl
+        } else {
+            self.negative_ttl
+        };
+        let entry = UserEntry {
+            user_id,
+            expires_at: now_secs() + ttl.as_secs(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&entry)
+            && let Err(error) = self.users.insert(key(tenant, email), bytes)
+        {
+            tracing::warn!(%error, "user cache update failed");
+        }
+    }
+}
+
+/// Escapes a value for a SOQL string literal.
+pub fn soql_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        match c {
+            '\'' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            _ => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// The host's User Id (cached, negative answers too) and the integration user's id.
+pub async fn enrich(
+    event: &BookingEvent,
+    client: &SalesforceClient,
+    caches: &Caches,
+) -> Result<Enrichment, SalesforceError> {
+    let email = event.booking.host.email.to_lowercase();
+    let host_user_id = match caches.user_get(&event.tenant, &email) {
+        Some(entry) => entry.user_id,
+        None => {
+            let soql = format!(
+                "SELECT Id FROM User WHERE Email = {} AND IsActive = true LIMIT 1",
+                soql_quote(&email)
+            );
+            let rows = client.query(&soql).await?;
+            let found = rows
+                .first()
+                .and_then(|row| row.get("Id"))
+                .and_then(|id| id.as_str())
+                .map(str::to_owned);
+            caches.user_put(&event.tenant, &email, found.clone());
+            found
+        }
+    };
+    Ok(Enrichment {
+        host_user_id,
+        integration_user_id: client.integration_user_id().await?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soql_quoting_escapes_quotes_and_backslashes() {
+        assert_eq!(soql_quote("o'brien@x.example"), "'o\\'brien@x.example'");
+        assert_eq!(soql_quote("a\\b"), "'a\\\\b'");
+    }
+
+    #[test]
+    fn ledger_never_goes_backwards_and_corrupt_entries_are_misses() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-ledger-{}", std::process::id()));
+        let caches = Caches::open(
+            &dir,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let entry = |version| LedgerEntry {
+            version,
+            record_ids: vec![],
+        };
+        caches.ledger_put("acme", "bk_1", &entry(3));
+        caches.ledger_put("acme", "bk_1", &entry(2));
+        assert_eq!(caches.ledger_get("acme", "bk_1").unwrap().version, 3);
+        caches.ledger.insert(key("acme", "bk_2"), &b"not json"[..]).unwrap();
+        assert_eq!(caches.ledger_get("acme", "bk_2"), None);
+        caches.ledger_put("acme", "bk_2", &entry(1));
+        assert_eq!(caches.ledger_get("acme", "bk_2").unwrap().version, 1);
+        caches.user_put("acme", "gone@x.example", None);
+        assert_eq!(caches.user_get("acme", "gone@x.example").unwrap().user_id, None);
+        drop(caches);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,460 @@
+//! Plan: a tenant's mapping, compiled once, rendered into the nodes of one Composite Graph per
+//! booking. Pure: no I/O.
+//!
+//! Templates run in minijinja's sandbox: they see only the context built here (the event, the
+//! enrichment) and can reach nothing outside it. Undefined names are errors, so a typo in a
+//! mapping fails at compile or render time instead of writing an empty field.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::config::TenantConfig;
+use crate::event::{Attendee, Booking, BookingEvent};
+use crate::salesforce::client::encode_segment;
+use crate::salesforce::model::Subrequest;
+
+/// What enrichment adds to the event for the templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Enrichment {
+    /// The host's Salesforce User Id, when a user has the host's email.
+    pub host_user_id: Option<String>,
+    /// The integration user's User Id (the fallback owner).
+    pub integration_user_id: String,
+}
+
+/// A mapping that cannot render for this event; dead-lettered as `mapping_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mapping {record}.{field}: {message}")]
+pub struct PlanError {
+    /// The record's reference name.
+    pub record: String,
+    /// The field (or `external_id` / `when`).
+    pub field: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+enum FieldTemplate {
+    /// A TOML constant, or a string without template syntax (including `@{ref.id}`).
+    Constant(Value),
+    /// A template made of one `{{ expression }}`: keeps the expression's type.
+    Expression(String),
+    /// Any other template: renders to a string.
+    Template(String),
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRecord {
+    reference: String,
+    sobject: String,
+    per_attendee: bool,
+    when: Option<String>,
+    external_id_field: String,
+    external_id: FieldTemplate,
+    fields: Vec<(String, FieldTemplate)>,
+}
+
+/// A tenant's mapping, compiled.
+pub struct CompiledMapping {
+    tenant: String,
+    api_version: String,
+    env: minijinja::Environment<'static>,
+    records: Vec<CompiledRecord>,
+}
+
+impl std::fmt::Debug for CompiledMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledMapping")
+            .field("tenant", &self.tenant)
+            .field("records", &self.records.len())
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct EventContext<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    time: String,
+    source: &'a str,
+}
+
+#[derive(Serialize)]
+struct Context<'a> {
+    tenant: &'a str,
+    event: EventContext<'a>,
+    booking: &'a Booking,
+    attendee: Option<&'a Attendee>,
+    attendee_index: usize,
+    host_user_id: Option<&'a str>,
+    integration_user_id: &'a str,
+}
+
+fn valid_reference(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 30
+}
+
+/// A single `{{ expression }}` with nothing around it.
+fn single_expression(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    (!inner.contains("{{") && !inner.contains("}}") && !inner.contains("{%")).then_some(inner)
+}
+
+fn is_template(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+/// `@{name.` references inside a constant.
+fn references(text: &str) -> Vec<&str> {
+    text.match_indices("@{")
+        .filter_map(|(at, _)| {
+            let rest = &text[at + 2..];
+            let end = rest.find(['.', '}'])?;
+            Some(&rest[..end])
+        })
+        .collect()
+}
+
+impl CompiledMapping {
+    /// Compiles a tenant's mapping; every problem is reported, naming tenant, record and field.
+    pub fn compile(tenant: &TenantConfig) -> Result<Self, Vec<String>> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        let mut problems = Vec::new();
+        let mut records = Vec::new();
+        let mut known: Vec<(String, bool)> = Vec::new();
+        let t = &tenant.tenant;
+        if tenant.records.is_empty() {
+            problems.push(format!("tenant {t}: the mapping lists no records"));
+        }
+        for (index, record) in tenant.records.iter().enumerate() {
+            let name = &record.reference;
+            if !valid_reference(name) {
+                problems.push(format!(
+                    "tenant {t}, record {name}: ref must start with a letter and hold only \
+                     letters, digits and _ (at most 30)"
+                ));
+            }
+            if known.iter().any(|(k, _)| k == name) {
+                problems.push(format!("tenant {t}, record {name}: ref is used twice"));
+            }
+            let per_attendee = match record.for_each.as_deref() {
+                None => false,
+                Some("attendees") => true,
+                Some(other) => {
+                    problems.push(format!(
+                        "tenant {t}, record {name}: for_each must be \"attendees\", not {other:?}"
+                    ));
+                    false
+                }
+            };
+            if record.external_id_field.trim().is_empty() {
+                problems.push(format!("tenant {t}, record {name}: external_id_field is empty"));
+            }
+            let mut compile_value = |field: &str, value: &Value, env: &mut minijinja::Environment<'static>| {
+                let Value::String(text) = value else {
+                    return Some(FieldTemplate::Constant(value.clone()));
+                };
+                if !is_template(text) {
+                    for target in references(text) {
+                        let ok = known.iter().any(|(k, each)| {
+                            if *each {
+                                target
+                                    .strip_prefix(k.as_str())
+                                    .and_then(|rest| rest.strip_prefix('_'))
+                                    .is_some_and(|n| n.parse::<usize>().is_ok())
+                            } else {
+                                target == k
+                            }
+                        });
+                        if !ok {
+                            problems.push(format!(
+                                "tenant {t}, record {name}, field {field}: @{{{target}…}} refers \
+                                 to no earlier record"
+                            ));
+                        }
+                    }
+                    return Some(FieldTemplate::Constant(value.clone()));
+                }
+                if let Some(expr) = single_expression(text) {
+                    return match env.compile_expression(expr) {
+                        Ok(_) => Some(FieldTemplate::Expression(expr.to_owned())),
+                        Err(e) => {
+                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            None
+                        }
+                    };
+                }
+                let template_name = format!("{index}.{name}.{field}");
+                match env.add_template_owned(template_name.clone(), text.clone()) {
+                    Ok(()) => Some(FieldTemplate::Template(template_name)),
+                    Err(e) => {
+                        problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                        None
+                    }
+                }
+            };
+            let external_id =
+                compile_value("external_id", &Value::String(record.external_id.clone()), &mut env);
+            let mut fields = Vec::new();
+            for (field, value) in &record.fields {
+                if let Some(template) = compile_value(field, value, &mut env) {
+                    fields.push((field.clone(), template));
+                }
+            }
+            if let Some(when) = &record.when
+                && let Err(e) = env.compile_expression(when)
+            {
+                problems.push(format!("tenant {t}, record {name}, when: {e}"));
+            }
+            known.push((name.clone(), per_attendee));
+            if let Some(external_id) = external_id {
+                records.push(CompiledRecord {
+                    reference: name.clone(),
+                    sobject: record.sobject.clone(),
+                    per_attendee,
+                    when: record.when.clone(),
+                    external_id_field: record.external_id_field.clone(),
+                    external_id,
+                    fields,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                tenant: tenant.tenant.clone(),
+                api_version: tenant.org.api_version.clone(),
+                env,
+                records,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn render(
+        &self,
+        record: &CompiledRecord,
+        field: &str,
+        template: &FieldTemplate,
+        ctx: &minijinja::Value,
+    ) -> Result<Value, PlanError> {
+        let fail = |e: minijinja::Error| PlanError {
+            record: record.reference.clone(),
+            field: field.to_owned(),
+            message: e.to_string(),
+        };
+        match template {
+            FieldTemplate::Constant(value) => Ok(value.clone()),
+            FieldTemplate::Expression(expr) => {
+                let value = self
+                    .env
+                    .compile_expression(expr)
+                    .and_then(|e| e.eval(ctx))
+                    .map_err(fail)?;
+                if value.is_undefined() {
+                    return Err(PlanError {
+                        record: record.reference.clone(),
+                        field: field.to_owned(),
+                        message: format!("{expr} is undefined for this event"),
+                    });
+                }
+                if value.is_none() {
+                    return Ok(Value::Null);
+                }
+                serde_json::to_value(&value).map_err(|e| PlanError {
+                    record: record.reference.clone(),
+                    field: field.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+            FieldTemplate::Template(name) => self
+                .env
+                .get_template(name)
+                .and_then(|t| t.render(ctx))
+                .map(Value::String)
+                .map_err(fail),
+        }
+    }
+
+    /// Renders the graph nodes for one booking, in mapping order.
+    pub fn build_graph(
+        &self,
+        event: &BookingEvent,
+        enrichment: &Enrichment,
+    ) -> Result<Vec<Subrequest>, PlanError> {
+        let time = event
+            .time
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut nodes = Vec::new();
+        for record in &self.records {
+            let attendees: Vec<(usize, Option<&Attendee>)> = if record.per_attendee {
+                event.booking.attendees.iter().map(Some).enumerate().collect()
+            } else {
+                vec![(0, None)]
+            };
+            for (index, attendee) in attendees {
+                let context = Context {
+                    tenant: &self.tenant,
+                    event: EventContext {
+                        id: &event.id,
+                        event_type: event.kind.cloudevents_type(),
+                        time: time.clone(),
+                        source: &event.source,
+                    },
+                    booking: &event.booking,
+                    attendee,
+                    attendee_index: index,
+                    host_user_id: enrichment.host_user_id.as_deref(),
+                    integration_user_id: &enrichment.integration_user_id,
+                };
+                let ctx = minijinja::Value::from(minijinja::value::Serde(&context));
+                if let Some(when) = &record.when {
+                    let keep = self
+                        .env
+                        .compile_expression(when)
+                        .and_then(|e| e.eval(&ctx))
+                        .map_err(|e| PlanError {
+                            record: record.reference.clone(),
+                            field: "when".into(),
+                            message: e.to_string(),
+                        })?;
+                    if !keep.is_true() {
+                        continue;
+                    }
+                }
+                let key = match self.render(record, "external_id", &record.external_id, &ctx)? {
+                    Value::String(s) => s,
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                if key.trim().is_empty() {
+                    return Err(PlanError {
+                        record: record.reference.clone(),
+                        field: "external_id".into(),
+                        message: "renders empty".into(),
+                    });
+                }
+                let mut body = Map::new();
+                for (field, template) in &record.fields {
+                    body.insert(field.clone(), self.render(record, field, template, &ctx)?);
+                }
+                let reference = if record.per_attendee {
+                    format!("{}_{index}", record.reference)
+                } else {
+                    record.reference.clone()
+                };
+                nodes.push(Subrequest {
+                    method: "PATCH".into(),
+                    url: format!(
+                        "/services/data/v{}/sobjects/{}/{}/{}",
+                        self.api_version,
+                        record.sobject,
+                        record.external_id_field,
+                        encode_segment(&key)
+                    ),
+                    reference_id: reference,
+                    body: Some(Value::Object(body)),
+                });
+            }
+        }
+        Ok(nodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{DEFAULT_MAX_BODY_BYTES, decode};
+
+    fn acme() -> TenantConfig {
+        let mut tenant: TenantConfig =
+            toml::from_str(include_str!("../../config/tenants/acme.toml")).unwrap();
+        tenant.tenant = "acme".into();
+        tenant
+    }
+
+    fn event(name: &str) -> BookingEvent {
+        let text = std::fs::read_to_string(format!("tests/fixtures/events/{name}.json")).unwrap();
+        decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+    }
+
+    #[test]
+    fn acme_mapping_renders_the_group_booking() {
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let nodes = mapping
+            .build_graph(
+                &event("booked-group"),
+                &Enrichment {
+                    host_user_id: None,
+                    integration_user_id: "005000000000001AAA".into(),
+                },
+            )
+            .unwrap();
+        let refs: Vec<&str> = nodes.iter().map(|n| n.reference_id.as_str()).collect();
+        assert_eq!(refs, ["lead_0", "lead_1", "event", "booking"]);
+        assert_eq!(
+            nodes[0].url,
+            "/services/data/v66.0/sobjects/Lead/BookMe__Lead_Key__c/acme:marie.curie@initech.example"
+        );
+        let lead = nodes[0].body.as_ref().unwrap();
+        assert_eq!(lead["Phone"], Value::Null);
+        assert_eq!(lead["Email"], "marie.curie@initech.example");
+        let ev = nodes[2].body.as_ref().unwrap();
+        assert_eq!(ev["OwnerId"], "005000000000001AAA");
+        assert_eq!(ev["WhoId"], "@{lead_0.id}");
+        let booking = nodes[3].body.as_ref().unwrap();
+        assert_eq!(booking["BookMe__Version__c"], 1);
+    }
+
+    #[test]
+    fn cancellation_prefixes_the_subject() {
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let nodes = mapping
+            .build_graph(
+                &event("cancelled"),
+                &Enrichment {
+                    host_user_id: Some("005000000000002AAA".into()),
+                    integration_user_id: "005000000000001AAA".into(),
+                },
+            )
+            .unwrap();
+        let ev = nodes[1].body.as_ref().unwrap();
+        assert_eq!(ev["Subject"], "Cancelled: Intro call");
+        assert_eq!(ev["OwnerId"], "005000000000002AAA");
+        assert!(ev["Description"].as_str().unwrap().contains("Customer asked to postpone"));
+    }
+
+    #[test]
+    fn compile_reports_every_problem() {
+        let mut tenant = acme();
+        tenant.records[1].fields.insert("Subject".into(), "{{ booking.title ".into());
+        tenant.records[2]
+            .fields
+            .insert("BookMe__Lead_Id__c".into(), "@{nobody.id}".into());
+        tenant.records[2].for_each = Some("hosts".into());
+        let problems = CompiledMapping::compile(&tenant).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("record event, field Subject")));
+        assert!(problems.iter().any(|p| p.contains("@{nobody…}")));
+    }
+
+    #[test]
+    fn unknown_names_fail_at_render() {
+        let mut tenant = acme();
+        tenant.records[1]
+            .fields
+            .insert("Location".into(), "{{ booking.no_such_field }}".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let error = mapping
+            .build_graph(&event("booked"), &Enrichment::default())
+            .unwrap_err();
+        assert_eq!(error.field, "Location");
+    }
+}

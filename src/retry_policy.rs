@@ -1,0 +1,54 @@
+//! The one place that uses the `backoff` crate (flagged unmaintained upstream, RUSTSEC-2025-0012),
+//! so swapping it touches nothing else.
+
+use std::time::Duration;
+
+use backoff::backoff::Backoff as _;
+
+/// Exponential backoff with jitter for reconnecting to the broker.
+pub struct Reconnect {
+    inner: backoff::ExponentialBackoff,
+}
+
+impl Reconnect {
+    /// Starts at `initial`, doubles up to `max`, with ±50 % jitter, never gives up.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            inner: backoff::ExponentialBackoff {
+                initial_interval: initial,
+                current_interval: initial,
+                max_interval: max,
+                randomization_factor: 0.5,
+                multiplier: 2.0,
+                max_elapsed_time: None,
+                ..backoff::ExponentialBackoff::default()
+            },
+        }
+    }
+
+    /// The wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        self.inner.next_backoff().unwrap_or(self.inner.max_interval)
+    }
+
+    /// Back to the initial delay after a success.
+    pub fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_and_are_capped() {
+        let mut policy = Reconnect::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| policy.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(150));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(3)));
+        assert!(delays[9] >= Duration::from_secs(1));
+        policy.reset();
+        assert!(policy.next_delay() <= Duration::from_millis(150));
+    }
+}

@@ -1,0 +1,99 @@
+//! The service's HTTP port: `/metrics`, `/healthz` (alive), `/readyz` (broker connected and
+//! tenants loaded, with the reason when not).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    broker: AtomicBool,
+    tenants: AtomicBool,
+}
+
+impl Readiness {
+    /// Broker connection state.
+    pub fn set_broker(&self, connected: bool) {
+        self.broker.store(connected, Ordering::Relaxed);
+    }
+
+    /// Tenants loaded and compiled.
+    pub fn set_tenants(&self, loaded: bool) {
+        self.tenants.store(loaded, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, else every reason it is not.
+    pub fn check(&self) -> Result<(), Vec<&'static str>> {
+        let mut reasons = Vec::new();
+        if !self.broker.load(Ordering::Relaxed) {
+            reasons.push("not connected to the broker");
+        }
+        if !self.tenants.load(Ordering::Relaxed) {
+            reasons.push("tenants not loaded");
+        }
+        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        ),
+    }
+}
+
+/// Binds `listen` and serves until `cancel`; returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    cancel: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { metrics, readiness });
+    tracker.spawn(async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "HTTP server stopped");
+        }
+    });
+    Ok(addr)
+}
