@@ -83,7 +83,7 @@ pub fn scenario(events: usize, run_id: &str, seed: u64) -> Vec<Message> {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = OffsetDateTime::now_utc();
     let mut out: Vec<Message> = Vec::new();
-    let malformed = (events / 50).max(6);
+    let malformed = (events / 50).max(7);
     let mut booking = 0usize;
     while out.len() + malformed < events {
         booking += 1;
@@ -166,6 +166,8 @@ pub struct Summary {
     pub dead_letters: BTreeMap<String, u64>,
     /// API calls the org counted.
     pub api_calls: u64,
+    /// Requests the org served, by endpoint.
+    pub requests: BTreeMap<String, u64>,
     /// Bookings written (events settled as written).
     pub written: u64,
     /// Wall time from first publish to last settle.
@@ -197,6 +199,9 @@ impl fmt::Display for Summary {
             writeln!(f, "    {reason:<40}{n}")?;
         }
         writeln!(f, "  Salesforce API calls    {}", self.api_calls)?;
+        for (endpoint, n) in &self.requests {
+            writeln!(f, "    {endpoint:<22}{n}")?;
+        }
         let per_booking = if self.written == 0 { 0.0 } else { self.api_calls as f64 / self.written as f64 };
         writeln!(f, "  API calls per booking   {per_booking:.3}")?;
         let rate = settled as f64 / self.elapsed.as_secs_f64().max(0.001);
@@ -326,6 +331,7 @@ pub async fn run(
         records,
         dead_letters: service.metrics.dead_letters_by_reason(),
         api_calls: stats["api_calls"].as_u64().unwrap_or(0),
+        requests: serde_json::from_value(stats["requests"].clone()).unwrap_or_default(),
         elapsed,
     };
     if keep_running {

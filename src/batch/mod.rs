@@ -21,7 +21,7 @@ pub struct BatchLimits {
     pub max_graphs: usize,
     /// Nodes per request.
     pub max_nodes: usize,
-    /// Wait this long for more graphs when a batch is not full.
+    /// While another request is in flight, wait this long for more graphs to fill a batch.
     pub linger: Duration,
     /// Requests in flight per tenant.
     pub max_in_flight: usize,
@@ -123,18 +123,22 @@ async fn run(
                 }
             },
         };
-        // Wait for a request slot first: while all are busy, more graphs pile up and the next
-        // batch is fuller, which is what keeps API calls per booking low under load.
+        // Linger only while another request is in flight: a lone booking on an idle queue goes
+        // at once, while under load the batch waits briefly to fill.
+        let busy = in_flight.available_permits() < limits.max_in_flight;
+        // Wait for a request slot: while all are busy, more graphs pile up and the next batch is
+        // fuller, which is what keeps API calls per booking low when Salesforce is the limit.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
+        let linger = if busy { limits.linger } else { Duration::ZERO };
         let mut nodes = first.nodes.len();
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + limits.linger;
+        let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < limits.max_graphs {
             let next = match rx.try_recv() {
                 Ok(s) => Some(s),
-                Err(mpsc::error::TryRecvError::Empty) if !limits.linger.is_zero() => {
+                Err(mpsc::error::TryRecvError::Empty) if !linger.is_zero() => {
                     tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
                 }
                 Err(_) => None,

@@ -112,7 +112,7 @@ pub struct BatchConfig {
     /// Nodes per request (Salesforce allows 500).
     #[serde(default = "default_max_nodes")]
     pub max_nodes: usize,
-    /// How long a non-full batch waits for more graphs; 0 sends what is ready at once.
+    /// While a request is in flight, how long a non-full batch waits for more graphs.
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
     /// Requests in flight per tenant (Salesforce allows 25 long-running per org).
@@ -205,7 +205,7 @@ fn default_max_nodes() -> usize {
     500
 }
 fn default_linger() -> u64 {
-    0
+    20
 }
 fn default_in_flight() -> usize {
     4

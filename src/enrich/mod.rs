@@ -51,6 +51,10 @@ pub struct Caches {
     user_ttl: Duration,
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
+    /// One Salesforce lookup per host at a time: a burst of bookings for a new host would
+    /// otherwise send one identical SOQL query per booking. A std Mutex, held only to clone
+    /// the per-key lock out of the map.
+    lookups: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn now_secs() -> u64 {
@@ -89,6 +93,7 @@ impl Caches {
             user_ttl,
             negative_ttl,
             metrics,
+            lookups: Arc::default(),
         })
     }
 
@@ -190,10 +195,38 @@ pub async fn enrich(
     let email = event.booking.host.email.to_lowercase();
     let host_user_id = match caches.user_get(&event.tenant, &email) {
         Some(entry) => entry.user_id,
-        None => {
+        None => caches.lookup_user(client, &event.tenant, &email).await?,
+    };
+    Ok(Enrichment {
+        host_user_id,
+        integration_user_id: client.integration_user_id().await?,
+    })
+}
+
+impl Caches {
+    /// Looks a host up in Salesforce, once per key however many callers miss together.
+    async fn lookup_user(
+        &self,
+        client: &SalesforceClient,
+        tenant: &str,
+        email: &str,
+    ) -> Result<Option<String>, SalesforceError> {
+        let k = key(tenant, email);
+        let lock = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(k.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if let Some(entry) = self.user_get(tenant, email) {
+            return Ok(entry.user_id);
+        }
+        let result = async {
             let soql = format!(
                 "SELECT Id FROM User WHERE Email = {} AND IsActive = true LIMIT 1",
-                soql_quote(&email)
+                soql_quote(email)
             );
             let rows = client.query(&soql).await?;
             let found = rows
@@ -201,14 +234,16 @@ pub async fn enrich(
                 .and_then(|row| row.get("Id"))
                 .and_then(|id| id.as_str())
                 .map(str::to_owned);
-            caches.user_put(&event.tenant, &email, found.clone());
-            found
+            self.user_put(tenant, email, found.clone());
+            Ok(found)
         }
-    };
-    Ok(Enrichment {
-        host_user_id,
-        integration_user_id: client.integration_user_id().await?,
-    })
+        .await;
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&k);
+        result
+    }
 }
 
 #[cfg(test)]
