@@ -202,7 +202,7 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<BookingEvent, InvalidEven
     let deserializer = &mut serde_json::Deserializer::from_str(text);
     let envelope: Envelope = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
+        let field = if path == "." || path == "?" || path.is_empty() {
             "$".to_owned()
         } else {
             path

@@ -1,0 +1,113 @@
+//! Every class of bad input (DESIGN.md §3) lands in the dead-letter queue with a reason that
+//! names the field, and the worker keeps processing: a valid booking published right after it
+//! is written.
+
+mod common;
+
+use common::{TestEnv, sample};
+use serde_json::{Value, json};
+
+fn booked() -> Value {
+    serde_json::from_slice(&sample("booked")).unwrap()
+}
+
+fn with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v = booked();
+    f(&mut v);
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// Publishes `body`, then a valid booking; expects one dead letter with `reason` whose message
+/// contains `mentions`, and the valid booking written.
+async fn dead_lettered(name: &str, body: Vec<u8>, reason: &str, mentions: &str) {
+    let env = TestEnv::start(name).await;
+    env.publish("meeting.booked", &body).await;
+    env.publish("meeting.booked", &sample("booked-group")).await;
+    env.wait_settled(2).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].reason, reason, "{dead:#?}");
+    assert!(
+        dead[0].message.contains(mentions),
+        "dead letter message {:?} should mention {mentions:?}",
+        dead[0].message
+    );
+    assert_eq!(dead[0].body, body, "the body is dead-lettered untouched");
+    assert_eq!(env.outcomes().get("written"), Some(&1), "the worker kept processing");
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn not_json() {
+    dead_lettered("notjson", b"{not json".to_vec(), "invalid_event", "$").await;
+}
+
+#[tokio::test]
+async fn invalid_utf8() {
+    dead_lettered("utf8", vec![0xff, 0xfe, 0xfd, b'{', b'}'], "invalid_event", "UTF-8").await;
+}
+
+#[tokio::test]
+async fn wrong_specversion() {
+    dead_lettered("spec", with(|v| v["specversion"] = json!("0.3")), "invalid_event", "specversion").await;
+}
+
+#[tokio::test]
+async fn unknown_type() {
+    dead_lettered("type", with(|v| v["type"] = json!("com.bookme.meeting.moved.v1")), "invalid_event", "type").await;
+}
+
+#[tokio::test]
+async fn missing_required_field() {
+    let body = with(|v| {
+        v["data"].as_object_mut().unwrap().remove("starts_at");
+    });
+    dead_lettered("missing", body, "invalid_event", "starts_at").await;
+}
+
+#[tokio::test]
+async fn ill_typed_field() {
+    dead_lettered("typed", with(|v| v["data"]["version"] = json!("one")), "invalid_event", "data.version").await;
+}
+
+#[tokio::test]
+async fn ends_before_it_starts() {
+    let body = with(|v| v["data"]["ends_at"] = v["data"]["starts_at"].clone());
+    dead_lettered("ends", body, "invalid_event", "data.ends_at").await;
+}
+
+#[tokio::test]
+async fn no_attendee() {
+    dead_lettered("attendees", with(|v| v["data"]["attendees"] = json!([])), "invalid_event", "data.attendees").await;
+}
+
+#[tokio::test]
+async fn status_does_not_match_type() {
+    dead_lettered("status", with(|v| v["data"]["status"] = json!("cancelled")), "invalid_event", "data.status").await;
+}
+
+#[tokio::test]
+async fn body_over_the_size_limit() {
+    let body = with(|v| v["data"]["title"] = json!("x".repeat(10 * 1024 * 1024)));
+    dead_lettered("huge", body, "invalid_event", "limit").await;
+}
+
+#[tokio::test]
+async fn json_bomb() {
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let text = String::from_utf8(sample("booked")).unwrap();
+    let body = text.replace("\"answers\": {", &format!("\"answers\": {{\"bomb\": {nested}, ")).into_bytes();
+    dead_lettered("bomb", body, "invalid_event", "recursion limit").await;
+}
+
+#[tokio::test]
+async fn unknown_tenant() {
+    dead_lettered("tenant", with(|v| v["tenantid"] = json!("initech")), "unknown_tenant", "initech").await;
+}
+
+#[tokio::test]
+async fn salesforce_rejects_the_data() {
+    let body = with(|v| v["data"]["attendees"][0]["email"] = json!("jane@localhost"));
+    dead_lettered("sfreject", body, "salesforce_invalid_email_address", "Email").await;
+}

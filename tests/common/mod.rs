@@ -1,0 +1,237 @@
+//! Shared test environment: the emulator on port 0, the service with unique queue names on the
+//! real local broker, and helpers that poll instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use portals_crm::amqp::{self, Publisher, Topology, header_str};
+use portals_crm::app::Service;
+use portals_crm::config::{Config, TenantConfig};
+use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
+use serde_json::Value;
+
+/// The sample events, as shipped in `tests/fixtures/events`.
+pub fn sample(name: &str) -> Vec<u8> {
+    std::fs::read(format!("tests/fixtures/events/{name}.json")).expect("sample event exists")
+}
+
+/// Polls `check` until it returns Some, or panics with what it last saw.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last saw: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A dead letter as the tests read it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub message: String,
+    pub tenant: String,
+    pub body: Vec<u8>,
+    pub sf_error_code: Option<String>,
+}
+
+/// One isolated environment.
+pub struct TestEnv {
+    pub emulator: EmulatorHandle,
+    pub service: Option<Service>,
+    pub config: Config,
+    pub tenants: Vec<TenantConfig>,
+    pub topology: Topology,
+    pub publisher: Publisher,
+    connection: lapin::Connection,
+    http: reqwest::Client,
+    cache_dir: std::path::PathBuf,
+}
+
+impl TestEnv {
+    /// Emulator + service with the shipped config and tenants, unique names everywhere.
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, |_| {}).await
+    }
+
+    /// As [`TestEnv::start`], letting the test adjust the config first.
+    pub async fn start_with(name: &str, adjust: impl FnOnce(&mut Config)) -> Self {
+        let emulator = emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            OrgSpec::demo(),
+            &FaultSpec::default(),
+        )
+        .await
+        .expect("emulator starts");
+        let suffix = format!("test-{name}-{:x}", rand::random::<u32>());
+        let text = std::fs::read_to_string("config/portals-crm.toml").unwrap();
+        let mut config = Config::from_toml(&text, std::iter::empty()).unwrap();
+        config.amqp.exchange = format!("bookings.{suffix}");
+        config.amqp.work_queue = format!("crm.sync.{suffix}");
+        config.amqp.dead_letter_queue = format!("crm.dead.{suffix}");
+        config.amqp.retry_queue_prefix = format!("crm.retry.{suffix}");
+        config.http.listen = "127.0.0.1:0".into();
+        let cache_dir = std::env::temp_dir().join(format!("portals-crm-{suffix}"));
+        config.cache.path = cache_dir.clone();
+        adjust(&mut config);
+        let mut tenants = TenantConfig::load_dir(std::path::Path::new("config/tenants")).unwrap();
+        for tenant in &mut tenants {
+            tenant.org.login_url = emulator.base_url.clone();
+        }
+        let topology = Topology::new(&config.amqp, &config.retry_tiers());
+        let connection = amqp::connect(&config.amqp.url, 30, "portals-crm test")
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 (see README)");
+        let publisher = Publisher::open(&connection).await.unwrap();
+        topology.declare(publisher.channel()).await.unwrap();
+        let service = Service::start(&config, tenants.clone()).await.unwrap();
+        Self {
+            emulator,
+            service: Some(service),
+            config,
+            tenants,
+            topology,
+            publisher,
+            connection,
+            http: reqwest::Client::new(),
+            cache_dir,
+        }
+    }
+
+    pub fn service(&self) -> &Service {
+        self.service.as_ref().expect("service running")
+    }
+
+    /// Publishes like the booking platform does.
+    pub async fn publish(&self, routing_key: &str, body: &[u8]) {
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into());
+        self.publisher
+            .publish(&self.topology.exchange, routing_key, body, properties)
+            .await
+            .expect("publish confirmed and routed");
+    }
+
+    /// Settled events so far (all outcomes).
+    pub fn settled(&self) -> u64 {
+        self.service().metrics.settled_by_outcome().values().sum()
+    }
+
+    /// Settled events by outcome.
+    pub fn outcomes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.service().metrics.settled_by_outcome()
+    }
+
+    /// Waits until `n` events have been settled.
+    pub async fn wait_settled(&self, n: u64) {
+        wait_until(&format!("{n} settled events"), Duration::from_secs(30), || async {
+            let settled = self.settled();
+            if settled >= n {
+                Ok(())
+            } else {
+                Err(format!("{settled} settled: {:?}", self.outcomes()))
+            }
+        })
+        .await
+    }
+
+    /// Records of an sObject in the emulated org.
+    pub async fn records(&self, sobject: &str) -> Vec<Value> {
+        self.get_json(&format!("/__emulator/records/{sobject}"))
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.emulator.base_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> reqwest::StatusCode {
+        self.http
+            .post(format!("{}{path}", self.emulator.base_url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// Takes every message from the dead-letter queue.
+    pub async fn drain_dead_letters(&self) -> Vec<DeadLetter> {
+        let channel = self.publisher.channel();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.topology.dead_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            let headers = message.delivery.properties.headers().clone();
+            let h = |name: &str| header_str(headers.as_ref(), name);
+            out.push(DeadLetter {
+                reason: h("x-portals-reason").unwrap_or_default(),
+                message: h("x-portals-message").unwrap_or_default(),
+                tenant: h("x-portals-tenant").unwrap_or_default(),
+                body: message.delivery.data.clone(),
+                sf_error_code: h("x-portals-sf-error-code"),
+            });
+            message
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+        }
+        out
+    }
+
+    /// Waits until `n` dead letters are there and takes them.
+    pub async fn wait_dead_letters(&self, n: usize) -> Vec<DeadLetter> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut all = Vec::new();
+        loop {
+            all.extend(self.drain_dead_letters().await);
+            if all.len() >= n {
+                return all;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} dead letters; saw {all:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops everything and deletes what the test created.
+    pub async fn finish(mut self) {
+        if let Some(service) = self.service.take() {
+            service.shutdown().await;
+        }
+        self.topology.delete(self.publisher.channel()).await.unwrap();
+        let _ = self.connection.close(200, "test done".into()).await;
+        self.emulator.stop().await;
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
+    }
+}
