@@ -69,12 +69,22 @@ pub struct Pipeline {
     max_body_bytes: usize,
 }
 
+/// A tenant file, compiled, with its org's client.
+pub struct LoadedTenant {
+    /// The file.
+    pub config: TenantConfig,
+    /// Its compiled mapping.
+    pub mapping: CompiledMapping,
+    /// Its org's client.
+    pub client: Arc<SalesforceClient>,
+}
+
 /// Compiles every tenant file and builds its client; reports every problem at once.
 pub fn load_tenants(
     tenants: Vec<TenantConfig>,
     timeout: Duration,
     metrics: &Arc<Metrics>,
-) -> Result<Vec<(TenantConfig, CompiledMapping, Arc<SalesforceClient>)>, Vec<String>> {
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
     let mut problems = Vec::new();
     let mut built = Vec::new();
     for tenant in tenants {
@@ -84,7 +94,11 @@ pub fn load_tenants(
             .and_then(|e| SalesforceClient::new(e, metrics.clone()).map_err(|e| e.to_string()))
             .map_err(|e| problems.push(format!("tenant {}: {e}", tenant.tenant)));
         if let (Ok(mapping), Ok(client)) = (mapping, client) {
-            built.push((tenant, mapping, Arc::new(client)));
+            built.push(LoadedTenant {
+                config: tenant,
+                mapping,
+                client: Arc::new(client),
+            });
         }
     }
     if built.is_empty() && problems.is_empty() {
@@ -143,7 +157,7 @@ fn sobject_of(url: &str) -> &str {
 impl Pipeline {
     /// Builds the pipeline: one client and batcher per tenant.
     pub fn new(
-        tenants: Vec<(TenantConfig, CompiledMapping, Arc<SalesforceClient>)>,
+        tenants: Vec<LoadedTenant>,
         caches: Caches,
         metrics: Arc<Metrics>,
         limits: BatchLimits,
@@ -153,18 +167,24 @@ impl Pipeline {
     ) -> Self {
         let tenants = tenants
             .into_iter()
-            .map(|(config, mapping, client)| {
-                let batcher = Batcher::spawn(client.clone(), limits, tracker, cancel.clone());
-                (
-                    config.tenant.clone(),
-                    Arc::new(Tenant {
-                        config,
-                        mapping,
-                        client,
-                        batcher,
-                    }),
-                )
-            })
+            .map(
+                |LoadedTenant {
+                     config,
+                     mapping,
+                     client,
+                 }| {
+                    let batcher = Batcher::spawn(client.clone(), limits, tracker, cancel.clone());
+                    (
+                        config.tenant.clone(),
+                        Arc::new(Tenant {
+                            config,
+                            mapping,
+                            client,
+                            batcher,
+                        }),
+                    )
+                },
+            )
             .collect();
         Self {
             tenants,
@@ -307,7 +327,12 @@ impl Pipeline {
         }
     }
 
-    fn record_write(&self, event: &BookingEvent, result: &GraphResult, sobjects: &[(String, String)]) {
+    fn record_write(
+        &self,
+        event: &BookingEvent,
+        result: &GraphResult,
+        sobjects: &[(String, String)],
+    ) {
         let booking = &event.booking;
         let mut record_ids = Vec::new();
         for node in &result.graph_response.composite_response {
@@ -337,7 +362,9 @@ impl Pipeline {
                 record_ids,
             },
         );
-        let lag = (OffsetDateTime::now_utc() - event.time).as_seconds_f64().max(0.0);
+        let lag = (OffsetDateTime::now_utc() - event.time)
+            .as_seconds_f64()
+            .max(0.0);
         self.metrics
             .lag_seconds
             .with_label_values(&[event.tenant.as_str()])
@@ -348,8 +375,9 @@ impl Pipeline {
     async fn handle(&self, delivery: Delivery, settler: &Settler) {
         let started = Instant::now();
         self.metrics.inflight.inc();
-        let attempt =
-            amqp::header_int(delivery.properties.headers().as_ref(), headers::ATTEMPT).unwrap_or(0) + 1;
+        let attempt = amqp::header_int(delivery.properties.headers().as_ref(), headers::ATTEMPT)
+            .unwrap_or(0)
+            + 1;
         let span = tracing::info_span!(
             "message",
             event_id = tracing::field::Empty,
@@ -448,7 +476,17 @@ pub async fn run_consumer(
             metrics.amqp_reconnects.inc();
         }
         first = false;
-        let session = consume_once(&settings, &topology, &pipeline, &metrics, &readiness, &permits, &cancel, &mut backoff).await;
+        let session = consume_once(
+            &settings,
+            &topology,
+            &pipeline,
+            &metrics,
+            &readiness,
+            &permits,
+            &cancel,
+            &mut backoff,
+        )
+        .await;
         readiness.set_broker(false);
         metrics.amqp_connected.set(0);
         if let Err(error) = session {
@@ -473,7 +511,8 @@ async fn consume_once(
     cancel: &CancellationToken,
     backoff: &mut Reconnect,
 ) -> Result<(), lapin::Error> {
-    let connection = amqp::connect(&settings.url, settings.heartbeat_secs, "portals-crm worker").await?;
+    let connection =
+        amqp::connect(&settings.url, settings.heartbeat_secs, "portals-crm worker").await?;
     let publisher = Publisher::open(&connection).await?;
     topology.declare(publisher.channel()).await?;
     let channel = connection.create_channel().await?;
@@ -530,7 +569,9 @@ async fn consume_once(
             "drain deadline passed; unsettled messages go back to the queue with the connection"
         );
     }
-    let _ = connection.close(200, "portals-crm shutting down".into()).await;
+    let _ = connection
+        .close(200, "portals-crm shutting down".into())
+        .await;
     result
 }
 

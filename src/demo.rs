@@ -28,10 +28,18 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
-const ACME_HOSTS: &[&str] = &["sara.rep@acme.example", "luc.vendeur@acme.example", "new.hire@acme.example"];
+const ACME_HOSTS: &[&str] = &[
+    "sara.rep@acme.example",
+    "luc.vendeur@acme.example",
+    "new.hire@acme.example",
+];
 const DEMO_HOSTS: &[&str] = &["olivia.host@demo.example", "former.rep@acme.example"];
-const FIRST: &[&str] = &["Jane", "Marie", "Pierre", "Aiko", "Omar", "Ingrid", "Luis", "Chen"];
-const LAST: &[&str] = &["Doe", "Curie", "Dupont", "Tanaka", "Haddad", "Berg", "García", "Wei"];
+const FIRST: &[&str] = &[
+    "Jane", "Marie", "Pierre", "Aiko", "Omar", "Ingrid", "Luis", "Chen",
+];
+const LAST: &[&str] = &[
+    "Doe", "Curie", "Dupont", "Tanaka", "Haddad", "Berg", "García", "Wei",
+];
 const COMPANIES: &[&str] = &["Globex", "Initech", "Umbrella", "Hooli", "Stark Industries"];
 
 fn rfc3339(at: OffsetDateTime) -> String {
@@ -87,9 +95,17 @@ pub fn scenario(events: usize, run_id: &str, seed: u64) -> Vec<Message> {
     let mut booking = 0usize;
     while out.len() + malformed < events {
         booking += 1;
-        let tenant = if booking % 3 == 0 { "demo" } else { "acme" };
+        let tenant = if booking.is_multiple_of(3) {
+            "demo"
+        } else {
+            "acme"
+        };
         let id = format!("bk_{run_id}_{booking}");
-        let hosts = if tenant == "acme" { ACME_HOSTS } else { DEMO_HOSTS };
+        let hosts = if tenant == "acme" {
+            ACME_HOSTS
+        } else {
+            DEMO_HOSTS
+        };
         let host = hosts[rng.gen_range(0..hosts.len())];
         let group = rng.gen_bool(0.2);
         let attendees: Vec<Value> = (0..if group { rng.gen_range(2..=3) } else { 1 })
@@ -107,13 +123,40 @@ pub fn scenario(events: usize, run_id: &str, seed: u64) -> Vec<Message> {
             })
             .collect();
         let starts = now + time::Duration::days(rng.gen_range(1..30));
-        let mut versions = vec![booking_event(tenant, &id, 1, "booked", starts, host, attendees.clone(), now)];
+        let mut versions = vec![booking_event(
+            tenant,
+            &id,
+            1,
+            "booked",
+            starts,
+            host,
+            attendees.clone(),
+            now,
+        )];
         if rng.gen_bool(0.35) {
-            versions.push(booking_event(tenant, &id, 2, "rescheduled", starts + time::Duration::days(1), host, attendees.clone(), now));
+            versions.push(booking_event(
+                tenant,
+                &id,
+                2,
+                "rescheduled",
+                starts + time::Duration::days(1),
+                host,
+                attendees.clone(),
+                now,
+            ));
         }
         if rng.gen_bool(0.15) {
             let v = versions.len() as u64 + 1;
-            versions.push(booking_event(tenant, &id, v, "cancelled", starts + time::Duration::days(1), host, attendees.clone(), now));
+            versions.push(booking_event(
+                tenant,
+                &id,
+                v,
+                "cancelled",
+                starts + time::Duration::days(1),
+                host,
+                attendees.clone(),
+                now,
+            ));
         }
         if versions.len() > 1 && rng.gen_bool(0.1) {
             versions.swap(0, 1);
@@ -130,19 +173,67 @@ pub fn scenario(events: usize, run_id: &str, seed: u64) -> Vec<Message> {
             });
         }
     }
-    let base = booking_event("acme", &format!("bk_{run_id}_bad"), 1, "booked", now + time::Duration::days(2), "sara.rep@acme.example", vec![json!({"email": "x@y.example", "first_name": "X", "last_name": "Y", "company": "Z", "phone": null, "title": null})], now);
+    let base = booking_event(
+        "acme",
+        &format!("bk_{run_id}_bad"),
+        1,
+        "booked",
+        now + time::Duration::days(2),
+        "sara.rep@acme.example",
+        vec![
+            json!({"email": "x@y.example", "first_name": "X", "last_name": "Y", "company": "Z", "phone": null, "title": null}),
+        ],
+        now,
+    );
     let bad: Vec<Vec<u8>> = vec![
         b"this is not JSON".to_vec(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["specversion"] = json!("0.3"); v }).unwrap_or_default(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["type"] = json!("com.bookme.meeting.teleported.v1"); v }).unwrap_or_default(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["data"]["ends_at"] = v["data"]["starts_at"].clone(); v }).unwrap_or_default(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["data"]["attendees"] = json!([]); v }).unwrap_or_default(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["tenantid"] = json!("nobody"); v }).unwrap_or_default(),
-        serde_json::to_vec(&{ let mut v = base.clone(); v["data"]["booking_id"] = json!(format!("bk_{run_id}_bademail")); v["data"]["attendees"][0]["email"] = json!("broken@localhost"); v }).unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["specversion"] = json!("0.3");
+            v
+        })
+        .unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["type"] = json!("com.bookme.meeting.teleported.v1");
+            v
+        })
+        .unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["data"]["ends_at"] = v["data"]["starts_at"].clone();
+            v
+        })
+        .unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["data"]["attendees"] = json!([]);
+            v
+        })
+        .unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["tenantid"] = json!("nobody");
+            v
+        })
+        .unwrap_or_default(),
+        serde_json::to_vec(&{
+            let mut v = base.clone();
+            v["data"]["booking_id"] = json!(format!("bk_{run_id}_bademail"));
+            v["data"]["attendees"][0]["email"] = json!("broken@localhost");
+            v
+        })
+        .unwrap_or_default(),
     ];
     for body in bad.into_iter().cycle().take(malformed) {
         let at = rng.gen_range(0..=out.len());
-        out.insert(at, Message { routing_key: "meeting.booked".into(), body });
+        out.insert(
+            at,
+            Message {
+                routing_key: "meeting.booked".into(),
+                body,
+            },
+        );
     }
     // Interleave bookings a little, as concurrent users would, without reordering one booking.
     out.chunks_mut(8).for_each(|chunk| {
@@ -202,10 +293,18 @@ impl fmt::Display for Summary {
         for (endpoint, n) in &self.requests {
             writeln!(f, "    {endpoint:<22}{n}")?;
         }
-        let per_booking = if self.written == 0 { 0.0 } else { self.api_calls as f64 / self.written as f64 };
+        let per_booking = if self.written == 0 {
+            0.0
+        } else {
+            self.api_calls as f64 / self.written as f64
+        };
         writeln!(f, "  API calls per booking   {per_booking:.3}")?;
         let rate = settled as f64 / self.elapsed.as_secs_f64().max(0.001);
-        write!(f, "  throughput              {rate:.0} events/s ({:.2} s)", self.elapsed.as_secs_f64())
+        write!(
+            f,
+            "  throughput              {rate:.0} events/s ({:.2} s)",
+            self.elapsed.as_secs_f64()
+        )
     }
 }
 
@@ -268,9 +367,13 @@ pub async fn run(
         tenant.org.login_url = emulator.base_url.clone();
     }
     let topology = Topology::new(&config.amqp, &config.retry_tiers());
-    let connection = amqp::connect(&config.amqp.url, config.amqp.heartbeat_secs, "portals-crm demo publisher")
-        .await
-        .map_err(|e| DemoError::Broker(e.to_string()))?;
+    let connection = amqp::connect(
+        &config.amqp.url,
+        config.amqp.heartbeat_secs,
+        "portals-crm demo publisher",
+    )
+    .await
+    .map_err(|e| DemoError::Broker(e.to_string()))?;
     let publisher = Publisher::open(&connection)
         .await
         .map_err(|e| DemoError::Broker(e.to_string()))?;
@@ -300,7 +403,12 @@ pub async fn run(
         let properties = lapin::BasicProperties::default()
             .with_content_type("application/cloudevents+json".into());
         publisher
-            .publish(&topology.exchange, &message.routing_key, &message.body, properties)
+            .publish(
+                &topology.exchange,
+                &message.routing_key,
+                &message.body,
+                properties,
+            )
             .await
             .map_err(|e| DemoError::Broker(e.to_string()))?;
     }
@@ -319,8 +427,15 @@ pub async fn run(
     let http = reqwest::Client::new();
     let mut records = BTreeMap::new();
     for sobject in ["Lead", "Event", "BookMe__Booking__c"] {
-        let rows = inspect(&http, &format!("{}/__emulator/records/{sobject}", emulator.base_url)).await?;
-        records.insert(sobject.to_owned(), rows.as_array().map_or(0, Vec::len) as u64);
+        let rows = inspect(
+            &http,
+            &format!("{}/__emulator/records/{sobject}", emulator.base_url),
+        )
+        .await?;
+        records.insert(
+            sobject.to_owned(),
+            rows.as_array().map_or(0, Vec::len) as u64,
+        );
     }
     let stats = inspect(&http, &format!("{}/__emulator/stats", emulator.base_url)).await?;
     let outcomes = service.metrics.settled_by_outcome();
@@ -336,7 +451,10 @@ pub async fn run(
     };
     if keep_running {
         println!("{summary}");
-        println!("\nstill running — records at {}/__emulator/records/Lead; Ctrl-C to stop", emulator.base_url);
+        println!(
+            "\nstill running — records at {}/__emulator/records/Lead; Ctrl-C to stop",
+            emulator.base_url
+        );
         stop.await;
     }
     service.shutdown().await;

@@ -60,8 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    OrgSpec::parse(&text)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    OrgSpec::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
                 }
                 None => OrgSpec::demo(),
             };
@@ -69,8 +68,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("starting the emulator on {listen}"))?;
             println!("Salesforce emulator listening on {}", handle.base_url);
-            println!("  token:   POST {}/services/oauth2/token (demo-client / demo-secret)", handle.base_url);
-            println!("  records: GET  {}/__emulator/records/Lead", handle.base_url);
+            println!(
+                "  token:   POST {}/services/oauth2/token (demo-client / demo-secret)",
+                handle.base_url
+            );
+            println!(
+                "  records: GET  {}/__emulator/records/Lead",
+                handle.base_url
+            );
             shutdown_signal().await;
             handle.stop().await;
             Ok(())

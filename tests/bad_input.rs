@@ -33,7 +33,11 @@ async fn dead_lettered(name: &str, body: Vec<u8>, reason: &str, mentions: &str) 
         dead[0].message
     );
     assert_eq!(dead[0].body, body, "the body is dead-lettered untouched");
-    assert_eq!(env.outcomes().get("written"), Some(&1), "the worker kept processing");
+    assert_eq!(
+        env.outcomes().get("written"),
+        Some(&1),
+        "the worker kept processing"
+    );
     assert_eq!(env.records("Event").await.len(), 1);
     env.finish().await;
 }
@@ -45,17 +49,35 @@ async fn not_json() {
 
 #[tokio::test]
 async fn invalid_utf8() {
-    dead_lettered("utf8", vec![0xff, 0xfe, 0xfd, b'{', b'}'], "invalid_event", "UTF-8").await;
+    dead_lettered(
+        "utf8",
+        vec![0xff, 0xfe, 0xfd, b'{', b'}'],
+        "invalid_event",
+        "UTF-8",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn wrong_specversion() {
-    dead_lettered("spec", with(|v| v["specversion"] = json!("0.3")), "invalid_event", "specversion").await;
+    dead_lettered(
+        "spec",
+        with(|v| v["specversion"] = json!("0.3")),
+        "invalid_event",
+        "specversion",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_type() {
-    dead_lettered("type", with(|v| v["type"] = json!("com.bookme.meeting.moved.v1")), "invalid_event", "type").await;
+    dead_lettered(
+        "type",
+        with(|v| v["type"] = json!("com.bookme.meeting.moved.v1")),
+        "invalid_event",
+        "type",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -68,7 +90,13 @@ async fn missing_required_field() {
 
 #[tokio::test]
 async fn ill_typed_field() {
-    dead_lettered("typed", with(|v| v["data"]["version"] = json!("one")), "invalid_event", "data.version").await;
+    dead_lettered(
+        "typed",
+        with(|v| v["data"]["version"] = json!("one")),
+        "invalid_event",
+        "data.version",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -79,12 +107,24 @@ async fn ends_before_it_starts() {
 
 #[tokio::test]
 async fn no_attendee() {
-    dead_lettered("attendees", with(|v| v["data"]["attendees"] = json!([])), "invalid_event", "data.attendees").await;
+    dead_lettered(
+        "attendees",
+        with(|v| v["data"]["attendees"] = json!([])),
+        "invalid_event",
+        "data.attendees",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn status_does_not_match_type() {
-    dead_lettered("status", with(|v| v["data"]["status"] = json!("cancelled")), "invalid_event", "data.status").await;
+    dead_lettered(
+        "status",
+        with(|v| v["data"]["status"] = json!("cancelled")),
+        "invalid_event",
+        "data.status",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -97,17 +137,34 @@ async fn body_over_the_size_limit() {
 async fn json_bomb() {
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let text = String::from_utf8(sample("booked")).unwrap();
-    let body = text.replace("\"answers\": {", &format!("\"answers\": {{\"bomb\": {nested}, ")).into_bytes();
+    let body = text
+        .replace(
+            "\"answers\": {",
+            &format!("\"answers\": {{\"bomb\": {nested}, "),
+        )
+        .into_bytes();
     dead_lettered("bomb", body, "invalid_event", "recursion limit").await;
 }
 
 #[tokio::test]
 async fn unknown_tenant() {
-    dead_lettered("tenant", with(|v| v["tenantid"] = json!("initech")), "unknown_tenant", "initech").await;
+    dead_lettered(
+        "tenant",
+        with(|v| v["tenantid"] = json!("initech")),
+        "unknown_tenant",
+        "initech",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn salesforce_rejects_the_data() {
     let body = with(|v| v["data"]["attendees"][0]["email"] = json!("jane@localhost"));
-    dead_lettered("sfreject", body, "salesforce_invalid_email_address", "Email").await;
+    dead_lettered(
+        "sfreject",
+        body,
+        "salesforce_invalid_email_address",
+        "Email",
+    )
+    .await;
 }

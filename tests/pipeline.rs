@@ -14,7 +14,10 @@ fn find<'a>(records: &'a [Value], field: &str, value: &str) -> &'a Value {
 
 async fn user_id(env: &TestEnv, email: &str) -> String {
     let users = env.records("User").await;
-    find(&users, "Email", email)["Id"].as_str().unwrap().to_owned()
+    find(&users, "Email", email)["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]
@@ -46,7 +49,10 @@ async fn samples_become_exact_records_and_follow_reschedule_then_cancel() {
     assert_eq!(event["StartDateTime"], "2026-12-01T14:00:00.000+0000");
     assert_eq!(event["EndDateTime"], "2026-12-01T14:30:00.000+0000");
     assert_eq!(event["Location"], "https://meet.example/abc-defg");
-    assert_eq!(event["Description"], "interest: Enterprise plan\nteam_size: 50-100\n");
+    assert_eq!(
+        event["Description"],
+        "interest: Enterprise plan\nteam_size: 50-100\n"
+    );
     assert_eq!(event["WhoId"], lead_id.as_str());
     assert_eq!(event["OwnerId"], sara.as_str());
     let event_id = event["Id"].as_str().unwrap().to_owned();
@@ -61,7 +67,8 @@ async fn samples_become_exact_records_and_follow_reschedule_then_cancel() {
     assert_eq!(booking["BookMe__Event_Id__c"], event_id.as_str());
     assert_eq!(booking["BookMe__Lead_Id__c"], lead_id.as_str());
 
-    env.publish("meeting.rescheduled", &sample("rescheduled")).await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
     env.wait_settled(2).await;
     let events = env.records("Event").await;
     assert_eq!(events.len(), 1, "a reschedule updates, never duplicates");
@@ -92,16 +99,27 @@ async fn samples_become_exact_records_and_follow_reschedule_then_cancel() {
     env.wait_settled(4).await;
     let leads = env.records("Lead").await;
     assert_eq!(leads.len(), 3, "the group booking adds its two attendees");
-    let marie = find(&leads, "BookMe__Lead_Key__c", "acme:marie.curie@initech.example");
+    let marie = find(
+        &leads,
+        "BookMe__Lead_Key__c",
+        "acme:marie.curie@initech.example",
+    );
     assert_eq!(marie["Email"], "marie.curie@initech.example");
     assert_eq!(marie["Phone"], Value::Null);
     assert_eq!(marie["Title"], "Directrice achats");
-    let pierre = find(&leads, "BookMe__Lead_Key__c", "acme:p.dupont@initech.example");
+    let pierre = find(
+        &leads,
+        "BookMe__Lead_Key__c",
+        "acme:p.dupont@initech.example",
+    );
     assert_eq!(pierre["Title"], Value::Null);
     let events = env.records("Event").await;
     let group = find(&events, "BookMe__Booking_Id__c", "bk_K3Z81");
     assert_eq!(group["WhoId"], marie["Id"]);
-    assert_eq!(group["OwnerId"], user_id(&env, "luc.vendeur@acme.example").await.as_str());
+    assert_eq!(
+        group["OwnerId"],
+        user_id(&env, "luc.vendeur@acme.example").await.as_str()
+    );
     assert_eq!(group["Subject"], "Démo produit — équipe achats");
     assert_eq!(group["StartDateTime"], "2026-12-03T12:00:00.000+0000");
     assert_eq!(env.outcomes().get("written"), Some(&4));
@@ -113,16 +131,29 @@ async fn duplicates_and_older_versions_leave_the_newest_once() {
     let env = TestEnv::start("idempotent").await;
     env.publish("meeting.booked", &sample("booked")).await;
     env.wait_settled(1).await;
-    env.publish("meeting.rescheduled", &sample("rescheduled")).await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
     env.wait_settled(2).await;
     assert_eq!(env.outcomes().get("written"), Some(&2));
-    let before = (env.records("Event").await, env.records("BookMe__Booking__c").await, env.records("Lead").await);
+    let before = (
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+        env.records("Lead").await,
+    );
 
-    env.publish("meeting.rescheduled", &sample("rescheduled")).await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
     env.publish("meeting.booked", &sample("booked")).await;
     env.wait_settled(4).await;
-    let after = (env.records("Event").await, env.records("BookMe__Booking__c").await, env.records("Lead").await);
-    assert_eq!(before, after, "a duplicate or an older snapshot changes nothing");
+    let after = (
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+        env.records("Lead").await,
+    );
+    assert_eq!(
+        before, after,
+        "a duplicate or an older snapshot changes nothing"
+    );
     assert_eq!(after.1[0]["BookMe__Version__c"], 2);
     assert_eq!(env.outcomes().get("superseded"), Some(&2));
     env.finish().await;
@@ -133,7 +164,10 @@ async fn salesforce_version_guard_holds_when_the_cache_is_lost() {
     let env = TestEnv::start("guard").await;
     env.publish("meeting.cancelled", &sample("cancelled")).await;
     env.wait_settled(1).await;
-    let before = (env.records("Event").await, env.records("BookMe__Booking__c").await);
+    let before = (
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+    );
     assert_eq!(before.1[0]["BookMe__Version__c"], 3);
 
     // A second worker with an empty cache: only Salesforce's validation rule can stop the stale
@@ -147,10 +181,14 @@ async fn salesforce_version_guard_holds_when_the_cache_is_lost() {
             .await
             .unwrap(),
     );
-    env.publish("meeting.rescheduled", &sample("rescheduled")).await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
     env.wait_settled(1).await;
     assert_eq!(env.outcomes().get("superseded"), Some(&1));
-    let after = (env.records("Event").await, env.records("BookMe__Booking__c").await);
+    let after = (
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+    );
     assert_eq!(before, after, "the stale graph rolled back every node");
     env.finish().await;
 }

@@ -40,9 +40,9 @@ pub struct Topology {
 /// `5s`, `2m`, `1h` — short names for tier queues.
 pub fn delay_label(delay: Duration) -> String {
     let secs = delay.as_secs();
-    if secs >= 3600 && secs % 3600 == 0 {
+    if secs >= 3600 && secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs >= 60 && secs % 60 == 0 {
+    } else if secs >= 60 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
@@ -79,8 +79,14 @@ impl Topology {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
         args.insert("x-dead-letter-exchange".into(), long_string(""));
-        args.insert("x-dead-letter-routing-key".into(), long_string(dead_letter_to));
-        args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(dead_letter_to),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
         args.insert("x-overflow".into(), long_string("reject-publish"));
         args
     }
@@ -106,7 +112,11 @@ impl Topology {
         // Dead letters: a classic durable queue, so that inspecting them (get + requeue) can
         // never trip a delivery limit.
         channel
-            .queue_declare(self.dead_queue.as_str().into(), durable, FieldTable::default())
+            .queue_declare(
+                self.dead_queue.as_str().into(),
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         let mut work = Self::quorum_args(&self.dead_queue);
         work.insert(
@@ -149,7 +159,10 @@ impl Topology {
                 .await?;
         }
         channel
-            .exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await
     }
 }

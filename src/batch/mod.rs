@@ -92,7 +92,9 @@ impl Batcher {
             .send(submission)
             .await
             .map_err(|_| BatcherStopped(self.tenant.clone()))?;
-        answer.await.map_err(|_| BatcherStopped(self.tenant.clone()))
+        answer
+            .await
+            .map_err(|_| BatcherStopped(self.tenant.clone()))
     }
 }
 
@@ -139,7 +141,10 @@ async fn run(
             let next = match rx.try_recv() {
                 Ok(s) => Some(s),
                 Err(mpsc::error::TryRecvError::Empty) if !linger.is_zero() => {
-                    tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+                    tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
                 }
                 Err(_) => None,
             };
@@ -234,7 +239,10 @@ mod tests {
             });
         }
         let kept = collapse(batch);
-        let kept: Vec<(String, u64)> = kept.iter().map(|s| (s.booking_id.clone(), s.version)).collect();
+        let kept: Vec<(String, u64)> = kept
+            .iter()
+            .map(|s| (s.booking_id.clone(), s.version))
+            .collect();
         assert_eq!(kept, [("a".to_owned(), 3), ("b".to_owned(), 1)]);
         let collapsed = answers
             .into_iter()

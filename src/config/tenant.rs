@@ -115,11 +115,7 @@ pub struct RecordMapping {
     pub fields: BTreeMap<String, serde_json::Value>,
 }
 
-fn read_secret(
-    file: Option<&Path>,
-    env: Option<&str>,
-    what: &str,
-) -> Result<SecretString, String> {
+fn read_secret(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<SecretString, String> {
     match (file, env) {
         (Some(path), None) => std::fs::read_to_string(path)
             .map(|s| SecretString::from(s.trim().to_owned()))
@@ -127,7 +123,9 @@ fn read_secret(
         (None, Some(name)) => std::env::var(name)
             .map(SecretString::from)
             .map_err(|_| format!("{what}: environment variable {name} is not set")),
-        _ => Err(format!("{what}: give exactly one of a _file or an _env reference")),
+        _ => Err(format!(
+            "{what}: give exactly one of a _file or an _env reference"
+        )),
     }
 }
 

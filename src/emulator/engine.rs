@@ -75,6 +75,19 @@ pub struct Meta {
     pub lock_one_graph: bool,
 }
 
+/// One request to a data resource, relative to `/services/data/vXX.X`.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path after the version, e.g. `sobjects/Lead/describe`.
+    pub path: &'a str,
+    /// Raw query string.
+    pub query: Option<&'a str>,
+    /// JSON body.
+    pub body: Option<&'a Value>,
+}
+
 /// The org's mutable state. Held under one mutex; no call awaits while holding it.
 pub struct OrgState {
     /// The org model (permissions change at run time).
@@ -130,32 +143,19 @@ impl OrgState {
     }
 
     /// Runs one request under `/services/data/vXX.X` as `username`.
-    pub fn execute(
-        &mut self,
-        username: &str,
-        version: &str,
-        method: &str,
-        path: &str,
-        query: Option<&str>,
-        body: Option<&Value>,
-        meta: Meta,
-    ) -> Reply {
-        let reply = self.dispatch(username, version, method, path, query, body, meta);
+    pub fn execute(&mut self, username: &str, version: &str, call: Call<'_>, meta: Meta) -> Reply {
+        let reply = self.dispatch(username, version, call, meta);
         self.store.commit();
         reply
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn dispatch(
-        &mut self,
-        username: &str,
-        version: &str,
-        method: &str,
-        path: &str,
-        query: Option<&str>,
-        body: Option<&Value>,
-        meta: Meta,
-    ) -> Reply {
+    fn dispatch(&mut self, username: &str, version: &str, call: Call<'_>, meta: Meta) -> Reply {
+        let Call {
+            method,
+            path,
+            query,
+            body,
+        } = call;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             ("GET", ["sobjects"]) => self.describe_global(username),
@@ -213,7 +213,10 @@ impl OrgState {
         else {
             return Reply::not_found();
         };
-        let last_modified = ("Last-Modified", httpdate::fmt_http_date(self.schema_modified));
+        let last_modified = (
+            "Last-Modified",
+            httpdate::fmt_http_date(self.schema_modified),
+        );
         if meta
             .if_modified_since
             .is_some_and(|since| self.schema_modified <= since)
@@ -240,7 +243,11 @@ impl OrgState {
         for field in &describe.fields {
             out.insert(
                 field.name.clone(),
-                record.fields.get(&field.name).cloned().unwrap_or(Value::Null),
+                record
+                    .fields
+                    .get(&field.name)
+                    .cloned()
+                    .unwrap_or(Value::Null),
             );
         }
         Some(Value::Object(out))
@@ -254,7 +261,11 @@ impl OrgState {
         rest: &[&str],
         body: Option<&Value>,
     ) -> Reply {
-        let Some(object) = rest.first().and_then(|name| self.spec.sobject(name)).cloned() else {
+        let Some(object) = rest
+            .first()
+            .and_then(|name| self.spec.sobject(name))
+            .cloned()
+        else {
             return Reply::not_found();
         };
         let readable = self
@@ -289,10 +300,7 @@ impl OrgState {
                 Err(errors) => Reply::errors(400, errors),
             },
             (method, [id]) if is_valid_id(id) && id.starts_with(&object.key_prefix) => {
-                let exists = self
-                    .store
-                    .get(id)
-                    .is_some_and(|r| r.sobject == object.name);
+                let exists = self.store.get(id).is_some_and(|r| r.sobject == object.name);
                 if !exists {
                     return Reply::not_found();
                 }
@@ -535,7 +543,11 @@ impl OrgState {
         let mut body = json!({"totalSize": total, "done": rest.is_empty(), "records": rows});
         if !rest.is_empty() {
             self.next_cursor += 1;
-            let locator = format!("{}-{}", super::store::make_id("01g", self.next_cursor), batch);
+            let locator = format!(
+                "{}-{}",
+                super::store::make_id("01g", self.next_cursor),
+                batch
+            );
             body["nextRecordsUrl"] = json!(format!("/services/data/v{version}/query/{locator}"));
             self.cursors.insert(locator, (rest, total));
         }
@@ -544,11 +556,7 @@ impl OrgState {
 
     fn next_page(&mut self, version: &str, locator: &str) -> Reply {
         let Some((mut rows, total)) = self.cursors.remove(locator) else {
-            return Reply::error(
-                400,
-                "INVALID_QUERY_LOCATOR",
-                "invalid query locator",
-            );
+            return Reply::error(400, "INVALID_QUERY_LOCATOR", "invalid query locator");
         };
         let batch = locator
             .rsplit('-')
@@ -573,7 +581,9 @@ impl OrgState {
         body: Option<&Value>,
         graph_node: bool,
     ) -> Reply {
-        let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
+        let (path, query) = url
+            .split_once('?')
+            .map_or((url, None), |(p, q)| (p, Some(q)));
         let Some(rest) = path.strip_prefix("/services/data/v") else {
             return Reply::error(
                 400,
@@ -589,7 +599,17 @@ impl OrgState {
                 format!("Composite Graph nodes support only sObject resources: {url}"),
             );
         }
-        self.dispatch(username, version, method, rest, query, body, Meta::default())
+        self.dispatch(
+            username,
+            version,
+            Call {
+                method,
+                path: rest,
+                query,
+                body,
+            },
+            Meta::default(),
+        )
     }
 
     fn composite(&mut self, username: &str, body: Option<&Value>) -> Reply {
@@ -628,7 +648,10 @@ impl OrgState {
                 Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
             };
             if reply.is_success() {
-                outputs.insert(sub.reference_id.clone(), reply.body.clone().unwrap_or(Value::Null));
+                outputs.insert(
+                    sub.reference_id.clone(),
+                    reply.body.clone().unwrap_or(Value::Null),
+                );
             } else {
                 any_failure = true;
                 failed.push(sub.reference_id.clone());
@@ -788,7 +811,11 @@ fn halted(reference: &str, message: &str) -> Value {
 }
 
 /// Looks up `ref.path[0].field` in earlier results.
-fn lookup(expr: &str, outputs: &HashMap<String, Value>, failed: &[String]) -> Result<Value, String> {
+fn lookup(
+    expr: &str,
+    outputs: &HashMap<String, Value>,
+    failed: &[String],
+) -> Result<Value, String> {
     let (reference, path) = expr.split_once('.').unwrap_or((expr, ""));
     if failed.iter().any(|f| f == reference) {
         return Err(format!(

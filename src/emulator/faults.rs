@@ -83,7 +83,8 @@ impl Faults {
 
     /// True while an outage is in force.
     pub fn in_outage(&self) -> bool {
-        self.outage_until.is_some_and(|until| Instant::now() < until)
+        self.outage_until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// The latency to add to this request.
@@ -118,18 +119,22 @@ mod tests {
     #[test]
     fn rejects_unknown_errors_and_bad_rates() {
         let mut faults = Faults::default();
-        assert!(faults
-            .apply(&FaultSpec {
-                errors: Some(vec!["418".into()]),
-                ..FaultSpec::default()
-            })
-            .is_err());
-        assert!(faults
-            .apply(&FaultSpec {
-                error_rate: Some(1.5),
-                ..FaultSpec::default()
-            })
-            .is_err());
+        assert!(
+            faults
+                .apply(&FaultSpec {
+                    errors: Some(vec!["418".into()]),
+                    ..FaultSpec::default()
+                })
+                .is_err()
+        );
+        assert!(
+            faults
+                .apply(&FaultSpec {
+                    error_rate: Some(1.5),
+                    ..FaultSpec::default()
+                })
+                .is_err()
+        );
     }
 
     #[test]

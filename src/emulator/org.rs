@@ -238,7 +238,7 @@ pub enum FieldAccess {
 }
 
 /// Fields every object has; read-only to everyone.
-const SYSTEM_FIELDS: &[(&str, &str, &str)] = &[
+pub const SYSTEM_FIELDS: &[(&str, &str, &str)] = &[
     ("Id", "Record ID", "id"),
     ("CreatedDate", "Created Date", "datetime"),
     ("LastModifiedDate", "Last Modified Date", "datetime"),
@@ -267,13 +267,19 @@ impl OrgSpec {
         let mut problems = Vec::new();
         for object in &self.sobjects {
             if object.key_prefix.len() != 3 {
-                problems.push(format!("{}: key_prefix must have 3 characters", object.name));
+                problems.push(format!(
+                    "{}: key_prefix must have 3 characters",
+                    object.name
+                ));
             }
         }
         for user in &self.users {
             for set in &user.permission_sets {
                 if !self.permission_sets.iter().any(|p| &p.name == set) {
-                    problems.push(format!("user {}: unknown permission set {set}", user.username));
+                    problems.push(format!(
+                        "user {}: unknown permission set {set}",
+                        user.username
+                    ));
                 }
             }
         }
@@ -497,9 +503,15 @@ mod tests {
         let lead = org.sobject("Lead").unwrap();
         let phone = lead.fields.iter().find(|f| f.name == "Phone").unwrap();
         let last_name = lead.fields.iter().find(|f| f.name == "LastName").unwrap();
-        assert_eq!(org.field_access(integration, "Lead", phone), FieldAccess::Edit);
+        assert_eq!(
+            org.field_access(integration, "Lead", phone),
+            FieldAccess::Edit
+        );
         assert_eq!(org.field_access(limited, "Lead", phone), FieldAccess::None);
-        assert_eq!(org.field_access(limited, "Lead", last_name), FieldAccess::Edit);
+        assert_eq!(
+            org.field_access(limited, "Lead", last_name),
+            FieldAccess::Edit
+        );
         let describe = org.describe_for(limited, lead).unwrap();
         assert!(describe.field("Phone").is_none());
         assert!(describe.field("Email").unwrap().createable);

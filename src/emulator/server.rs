@@ -17,7 +17,7 @@ use rand::distributions::Alphanumeric;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::engine::{Meta, OrgState, Reply};
+use super::engine::{Call, Meta, OrgState, Reply};
 use super::faults::{FaultSpec, Faults, Injected};
 use super::org::OrgSpec;
 
@@ -91,7 +91,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-fn json_response(status: u16, body: Option<Value>, headers: Vec<(&'static str, String)>) -> Response {
+fn json_response(
+    status: u16,
+    body: Option<Value>,
+    headers: Vec<(&'static str, String)>,
+) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = match body {
         Some(body) => (status, axum::Json(body)).into_response(),
@@ -131,11 +135,7 @@ struct JwtClaims {
     exp: u64,
 }
 
-async fn token(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let base = base_url(&shared, &headers);
     let mut inner = shared.lock();
@@ -143,45 +143,53 @@ async fn token(
     if inner.faults.in_outage() {
         return json_response(
             503,
-            Some(json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}])),
+            Some(
+                json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}]),
+            ),
             vec![],
         );
     }
-    let username = match form.get("grant_type").map(String::as_str) {
-        Some("client_credentials") => {
-            let id = form.get("client_id").map(String::as_str).unwrap_or_default();
-            let secret = form.get("client_secret").map(String::as_str).unwrap_or_default();
-            let app = inner
-                .org
-                .spec
-                .connected_apps
-                .iter()
-                .find(|a| a.consumer_key == id && a.client_secret.as_deref() == Some(secret));
-            let Some(app) = app else {
-                return oauth_error(400, "invalid_client", "invalid client credentials");
-            };
-            let Some(run_as) = app.run_as.clone() else {
-                return oauth_error(
-                    400,
-                    "invalid_grant",
-                    "no client credentials user enabled",
-                );
-            };
-            run_as
-        }
-        Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
-            let assertion = form.get("assertion").map(String::as_str).unwrap_or_default();
-            let mut audiences = inner.org.spec.org.login_audiences.clone();
-            audiences.push(base.clone());
-            match verify_assertion(&inner.org.spec, assertion, &audiences) {
-                Ok(username) => username,
-                Err((error, description)) => return oauth_error(400, error, description),
+    let client_credentials =
+        form.get("grant_type").map(String::as_str) == Some("client_credentials");
+    let username =
+        match form.get("grant_type").map(String::as_str) {
+            Some("client_credentials") => {
+                let id = form
+                    .get("client_id")
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                let secret = form
+                    .get("client_secret")
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                let app =
+                    inner.org.spec.connected_apps.iter().find(|a| {
+                        a.consumer_key == id && a.client_secret.as_deref() == Some(secret)
+                    });
+                let Some(app) = app else {
+                    return oauth_error(400, "invalid_client", "invalid client credentials");
+                };
+                let Some(run_as) = app.run_as.clone() else {
+                    return oauth_error(400, "invalid_grant", "no client credentials user enabled");
+                };
+                run_as
             }
-        }
-        _ => {
-            return oauth_error(400, "unsupported_grant_type", "grant type not supported");
-        }
-    };
+            Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
+                let assertion = form
+                    .get("assertion")
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                let mut audiences = inner.org.spec.org.login_audiences.clone();
+                audiences.push(base.clone());
+                match verify_assertion(&inner.org.spec, assertion, &audiences) {
+                    Ok(username) => username,
+                    Err((error, description)) => return oauth_error(400, error, description),
+                }
+            }
+            _ => {
+                return oauth_error(400, "unsupported_grant_type", "grant type not supported");
+            }
+        };
     let Some(user) = inner.org.spec.user(&username) else {
         return oauth_error(400, "invalid_grant", "user not found");
     };
@@ -206,18 +214,20 @@ async fn token(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    json_response(
-        200,
-        Some(json!({
-            "access_token": access_token,
-            "scope": "api",
-            "instance_url": base,
-            "id": format!("{base}/id/{org_id}/{user_id}"),
-            "token_type": "Bearer",
-            "issued_at": issued_at.to_string(),
-        })),
-        vec![],
-    )
+    let mut body = json!({
+        "access_token": access_token,
+        "scope": "api",
+        "instance_url": base,
+        "id": format!("{base}/id/{org_id}/{user_id}"),
+        "token_type": "Bearer",
+    });
+    // The client-credentials response also carries these; the JWT bearer one does not.
+    if client_credentials {
+        body["issued_at"] = json!(issued_at.to_string());
+        body["signature"] = json!(secret.chars().rev().take(43).collect::<String>());
+        body["token_format"] = json!("opaque");
+    }
+    json_response(200, Some(body), vec![])
 }
 
 /// Checks a JWT bearer assertion against the org's connected apps; returns the username.
@@ -226,8 +236,8 @@ fn verify_assertion(
     assertion: &str,
     audiences: &[String],
 ) -> Result<String, (&'static str, &'static str)> {
-    let header =
-        jsonwebtoken::decode_header(assertion).map_err(|_| ("invalid_grant", "invalid assertion"))?;
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| ("invalid_grant", "invalid assertion"))?;
     if header.alg != Algorithm::RS256 {
         return Err(("invalid_grant", "invalid assertion"));
     }
@@ -269,7 +279,9 @@ fn verify_assertion(
                     ErrorKind::ExpiredSignature => {
                         return Err(("invalid_grant", "expired assertion"));
                     }
-                    ErrorKind::InvalidAudience => return Err(("invalid_grant", "audience is invalid")),
+                    ErrorKind::InvalidAudience => {
+                        return Err(("invalid_grant", "audience is invalid"));
+                    }
                     _ => seen_issuer = true,
                 }
             }
@@ -331,7 +343,9 @@ async fn data(
         if inner.faults.in_outage() {
             return json_response(
                 503,
-                Some(json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}])),
+                Some(
+                    json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}]),
+                ),
                 vec![],
             );
         }
@@ -367,13 +381,18 @@ async fn data(
     let batch_size = headers
         .get("sforce-query-options")
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.split(',').find_map(|p| p.trim().strip_prefix("batchSize=")))
+        .and_then(|h| {
+            h.split(',')
+                .find_map(|p| p.trim().strip_prefix("batchSize="))
+        })
         .and_then(|n| n.parse().ok());
     let mut inner = shared.lock();
     let Some(username) = inner.tokens.get(&bearer).cloned() else {
         return json_response(
             401,
-            Some(json!([{"errorCode": "INVALID_SESSION_ID", "message": "Session expired or invalid"}])),
+            Some(
+                json!([{"errorCode": "INVALID_SESSION_ID", "message": "Session expired or invalid"}]),
+            ),
             vec![],
         );
     };
@@ -381,13 +400,21 @@ async fn data(
     if inner.org.api_used >= max {
         return json_response(
             403,
-            Some(json!([{"errorCode": "REQUEST_LIMIT_EXCEEDED", "message": "TotalRequests Limit exceeded."}])),
-            vec![("Sforce-Limit-Info", format!("api-usage={}/{max}", inner.org.api_used))],
+            Some(
+                json!([{"errorCode": "REQUEST_LIMIT_EXCEEDED", "message": "TotalRequests Limit exceeded."}]),
+            ),
+            vec![(
+                "Sforce-Limit-Info",
+                format!("api-usage={}/{max}", inner.org.api_used),
+            )],
         );
     }
     inner.org.api_used += 1;
     inner.api_calls += 1;
-    let limit_info = ("Sforce-Limit-Info", format!("api-usage={}/{max}", inner.org.api_used));
+    let limit_info = (
+        "Sforce-Limit-Info",
+        format!("api-usage={}/{max}", inner.org.api_used),
+    );
     let versioned = version
         .split_once('.')
         .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor)))
@@ -405,14 +432,18 @@ async fn data(
         Some(Injected::Unavailable) => {
             return json_response(
                 503,
-                Some(json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}])),
+                Some(
+                    json!([{"errorCode": "SERVER_UNAVAILABLE", "message": "Service temporarily unavailable"}]),
+                ),
                 vec![limit_info],
             );
         }
         Some(Injected::Internal) => {
             return json_response(
                 500,
-                Some(json!([{"errorCode": "UNKNOWN_EXCEPTION", "message": "An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-123456789)"}])),
+                Some(
+                    json!([{"errorCode": "UNKNOWN_EXCEPTION", "message": "An unexpected error occurred. Please include this ErrorId if you contact support: 1234567890-12345 (-123456789)"}]),
+                ),
                 vec![limit_info],
             );
         }
@@ -420,21 +451,21 @@ async fn data(
         Some(Injected::LockRow) => {
             return json_response(
                 400,
-                Some(json!([{"errorCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record or 1 records"}])),
+                Some(
+                    json!([{"errorCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record or 1 records"}]),
+                ),
                 vec![limit_info],
             );
         }
         None => {}
     }
-    let reply = inner.org.execute(
-        &username,
-        &version,
-        method.as_str(),
-        &rest,
-        uri.query(),
-        body.as_ref(),
-        meta,
-    );
+    let call = Call {
+        method: method.as_str(),
+        path: &rest,
+        query: uri.query(),
+        body: body.as_ref(),
+    };
+    let reply = inner.org.execute(&username, &version, call, meta);
     drop(inner);
     let mut headers = reply.headers;
     headers.push(limit_info);

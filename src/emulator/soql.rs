@@ -249,7 +249,10 @@ mod tests {
         assert_eq!(q.fields, vec!["Id", "Email"]);
         assert_eq!(q.sobject, "User");
         assert_eq!(q.conditions.len(), 3);
-        assert_eq!(q.conditions[0].values[0], Value::String("o'brien@x.example".into()));
+        assert_eq!(
+            q.conditions[0].values[0],
+            Value::String("o'brien@x.example".into())
+        );
         assert_eq!(q.conditions[2].op, Op::In);
         assert_eq!(q.limit, Some(1));
     }

@@ -95,8 +95,11 @@ fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
         // Salesforce also writes `+0000` offsets without a colon.
         let (head, offset) = text.split_at(text.len().checked_sub(5)?);
         if offset.starts_with(['+', '-']) && offset[1..].bytes().all(|b| b.is_ascii_digit()) {
-            OffsetDateTime::parse(&format!("{head}{}:{}", &offset[..3], &offset[3..]), &Rfc3339)
-                .ok()
+            OffsetDateTime::parse(
+                &format!("{head}{}:{}", &offset[..3], &offset[3..]),
+                &Rfc3339,
+            )
+            .ok()
         } else {
             None
         }
@@ -290,7 +293,10 @@ impl Store {
         if !ctx.org.object_access(ctx.user, &object.name).create {
             return Err(vec![err(
                 "INSUFFICIENT_ACCESS_OR_READONLY",
-                format!("insufficient access rights on object: cannot create {}", object.name),
+                format!(
+                    "insufficient access rights on object: cannot create {}",
+                    object.name
+                ),
                 &[],
             )]);
         }
@@ -331,7 +337,9 @@ impl Store {
         let mut record = record;
         let now = format_datetime(ctx.now);
         record.fields.insert("Id".into(), id.clone().into());
-        record.fields.insert("CreatedDate".into(), now.clone().into());
+        record
+            .fields
+            .insert("CreatedDate".into(), now.clone().into());
         record.fields.insert("LastModifiedDate".into(), now.into());
         record
             .fields
@@ -430,6 +438,17 @@ impl Store {
             if name == "attributes" {
                 continue;
             }
+            if let Some((system, _, _)) = super::org::SYSTEM_FIELDS
+                .iter()
+                .find(|(f, _, _)| f.eq_ignore_ascii_case(name))
+            {
+                errors.push(err(
+                    "INVALID_FIELD_FOR_INSERT_UPDATE",
+                    format!("Unable to create/update fields: {system}. Please check the security settings of this field and verify that it is read/write for your profile or permission set."),
+                    &[system],
+                ));
+                continue;
+            }
             let Some(field) = object
                 .fields
                 .iter()
@@ -448,8 +467,7 @@ impl Store {
             } else {
                 field.updateable
             };
-            if !writable
-                || ctx.org.field_access(ctx.user, &object.name, field) != FieldAccess::Edit
+            if !writable || ctx.org.field_access(ctx.user, &object.name, field) != FieldAccess::Edit
             {
                 errors.push(err(
                     "INVALID_FIELD_FOR_INSERT_UPDATE",
@@ -497,7 +515,11 @@ impl Store {
                     "Cannot deserialize instance of {} from {} value {} or request may be missing \
                      a required field",
                     field.field_type,
-                    if value.is_string() { "VALUE_STRING" } else { "VALUE" },
+                    if value.is_string() {
+                        "VALUE_STRING"
+                    } else {
+                        "VALUE"
+                    },
                     value
                 ),
                 &[],
@@ -532,7 +554,10 @@ impl Store {
                 if t == "picklist" && field.restricted && !field.picklist.contains(&text) {
                     return Err(err(
                         "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                        format!("{}: bad value for restricted picklist field: {text}", field.label),
+                        format!(
+                            "{}: bad value for restricted picklist field: {text}",
+                            field.label
+                        ),
                         &[name],
                     ));
                 }
@@ -561,10 +586,7 @@ impl Store {
                     .map_err(|_| parse_error()),
                 _ => Err(parse_error()),
             },
-            "boolean" => value
-                .as_bool()
-                .map(Value::Bool)
-                .ok_or_else(parse_error),
+            "boolean" => value.as_bool().map(Value::Bool).ok_or_else(parse_error),
             "reference" => {
                 let id = value.as_str().ok_or_else(parse_error)?;
                 let wrong_type = || {
@@ -623,7 +645,10 @@ impl Store {
         if object.name == "Event" {
             let start = record.fields.get("StartDateTime").and_then(Value::as_str);
             let end = record.fields.get("EndDateTime").and_then(Value::as_str);
-            let duration = record.fields.get("DurationInMinutes").filter(|v| !v.is_null());
+            let duration = record
+                .fields
+                .get("DurationInMinutes")
+                .filter(|v| !v.is_null());
             if start.is_some() && end.is_none() && duration.is_none() {
                 return Err(vec![err(
                     "REQUIRED_FIELD_MISSING",
@@ -631,10 +656,9 @@ impl Store {
                     &["EndDateTime"],
                 )]);
             }
-            if let (Some(start), Some(end)) = (
-                start.and_then(parse_datetime),
-                end.and_then(parse_datetime),
-            ) && end < start
+            if let (Some(start), Some(end)) =
+                (start.and_then(parse_datetime), end.and_then(parse_datetime))
+                && end < start
             {
                 return Err(vec![err(
                     "FIELD_INTEGRITY_EXCEPTION",
@@ -699,7 +723,9 @@ impl Store {
                     .unwrap_or(&key.1);
                 return Err(vec![err(
                     "DUPLICATE_VALUE",
-                    format!("duplicate value found: {field} duplicates value on record with id: {other}"),
+                    format!(
+                        "duplicate value found: {field} duplicates value on record with id: {other}"
+                    ),
                     &[],
                 )]);
             }

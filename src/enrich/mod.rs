@@ -42,6 +42,10 @@ pub struct LedgerEntry {
     pub record_ids: Vec<(String, String)>,
 }
 
+/// Per-key locks of in-progress user look-ups.
+type LookupLocks =
+    Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>>;
+
 /// The caches of DESIGN.md §8 that the pipeline reads.
 #[derive(Clone)]
 pub struct Caches {
@@ -54,7 +58,7 @@ pub struct Caches {
     /// One Salesforce lookup per host at a time: a burst of bookings for a new host would
     /// otherwise send one identical SOQL query per booking. A std Mutex, held only to clone
     /// the per-key lock out of the map.
-    lookups: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>>,
+    lookups: LookupLocks,
 }
 
 fn now_secs() -> u64 {
@@ -273,12 +277,18 @@ mod tests {
         caches.ledger_put("acme", "bk_1", &entry(3));
         caches.ledger_put("acme", "bk_1", &entry(2));
         assert_eq!(caches.ledger_get("acme", "bk_1").unwrap().version, 3);
-        caches.ledger.insert(key("acme", "bk_2"), &b"not json"[..]).unwrap();
+        caches
+            .ledger
+            .insert(key("acme", "bk_2"), &b"not json"[..])
+            .unwrap();
         assert_eq!(caches.ledger_get("acme", "bk_2"), None);
         caches.ledger_put("acme", "bk_2", &entry(1));
         assert_eq!(caches.ledger_get("acme", "bk_2").unwrap().version, 1);
         caches.user_put("acme", "gone@x.example", None);
-        assert_eq!(caches.user_get("acme", "gone@x.example").unwrap().user_id, None);
+        assert_eq!(
+            caches.user_get("acme", "gone@x.example").unwrap().user_id,
+            None
+        );
         drop(caches);
         let _ = std::fs::remove_dir_all(dir);
     }

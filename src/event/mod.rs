@@ -187,7 +187,9 @@ pub fn peek_tenant(body: &[u8]) -> Option<String> {
     struct Peek {
         tenantid: String,
     }
-    serde_json::from_slice::<Peek>(body).ok().map(|p| p.tenantid)
+    serde_json::from_slice::<Peek>(body)
+        .ok()
+        .map(|p| p.tenantid)
 }
 
 /// Decodes and validates one message body.
@@ -195,7 +197,10 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<BookingEvent, InvalidEven
     if body.len() > max_bytes {
         return Err(invalid(
             "$",
-            format!("body of {} bytes is over the {max_bytes}-byte limit", body.len()),
+            format!(
+                "body of {} bytes is over the {max_bytes}-byte limit",
+                body.len()
+            ),
         ));
     }
     let text = std::str::from_utf8(body).map_err(|e| invalid("$", format!("not UTF-8: {e}")))?;
@@ -245,10 +250,7 @@ fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
     let time = parse_time("time", &envelope.time)?;
     let booking = envelope.data;
     if booking.booking_id.trim().is_empty() || booking.booking_id.len() > 64 {
-        return Err(invalid(
-            "data.booking_id",
-            "must be 1 to 64 characters",
-        ));
+        return Err(invalid("data.booking_id", "must be 1 to 64 characters"));
     }
     if booking.version == 0 {
         return Err(invalid("data.version", "must be 1 or more"));
@@ -332,9 +334,18 @@ mod tests {
     fn every_bad_input_names_its_field() {
         assert_eq!(field_of(b"not json"), "$");
         assert_eq!(field_of(&[0xff, 0xfe, b'{']), "$");
-        assert_eq!(field_of(&mutate(|v| v["specversion"] = "0.3".into())), "specversion");
-        assert_eq!(field_of(&mutate(|v| v["type"] = "com.bookme.x".into())), "type");
-        assert_eq!(field_of(&mutate(|v| v["data"]["version"] = "two".into())), "data.version");
+        assert_eq!(
+            field_of(&mutate(|v| v["specversion"] = "0.3".into())),
+            "specversion"
+        );
+        assert_eq!(
+            field_of(&mutate(|v| v["type"] = "com.bookme.x".into())),
+            "type"
+        );
+        assert_eq!(
+            field_of(&mutate(|v| v["data"]["version"] = "two".into())),
+            "data.version"
+        );
         assert_eq!(
             field_of(&mutate(|v| {
                 v["data"].as_object_mut().unwrap().remove("title");
@@ -342,16 +353,23 @@ mod tests {
             "data"
         );
         assert_eq!(
-            field_of(&mutate(|v| v["data"]["ends_at"] = "2026-12-01T13:00:00Z".into())),
+            field_of(&mutate(
+                |v| v["data"]["ends_at"] = "2026-12-01T13:00:00Z".into()
+            )),
             "data.ends_at"
         );
         assert_eq!(
             field_of(&mutate(|v| v["data"]["attendees"] = serde_json::json!([]))),
             "data.attendees"
         );
-        assert_eq!(field_of(&mutate(|v| v["data"]["status"] = "cancelled".into())), "data.status");
         assert_eq!(
-            field_of(&mutate(|v| v["data"]["attendees"][0]["email"] = "nobody".into())),
+            field_of(&mutate(|v| v["data"]["status"] = "cancelled".into())),
+            "data.status"
+        );
+        assert_eq!(
+            field_of(&mutate(
+                |v| v["data"]["attendees"][0]["email"] = "nobody".into()
+            )),
             "data.attendees[0].email"
         );
         let big = mutate(|v| v["data"]["title"] = "x".repeat(DEFAULT_MAX_BODY_BYTES).into());
@@ -361,7 +379,10 @@ mod tests {
     #[test]
     fn a_json_bomb_is_rejected_not_a_crash() {
         let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        let bomb = BOOKED.replace("\"answers\": {", &format!("\"answers\": {{\"bomb\": {nested}, "));
+        let bomb = BOOKED.replace(
+            "\"answers\": {",
+            &format!("\"answers\": {{\"bomb\": {nested}, "),
+        );
         let error = decode(bomb.as_bytes(), 1 << 20).unwrap_err();
         assert!(error.reason.contains("recursion limit"), "{error}");
     }

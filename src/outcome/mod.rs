@@ -217,7 +217,11 @@ impl Settler {
         }
         set(&mut table, headers::LAST_FAILURE, &now);
         if header_str(Some(&original), headers::ROUTING_KEY).is_none() {
-            set(&mut table, headers::ROUTING_KEY, delivery.routing_key.as_str());
+            set(
+                &mut table,
+                headers::ROUTING_KEY,
+                delivery.routing_key.as_str(),
+            );
         }
         let mut properties = delivery.properties.clone().with_headers(table);
         if properties.content_type().is_none() {
@@ -226,7 +230,11 @@ impl Settler {
         properties
     }
 
-    async fn hand_back(delivery: &Delivery, target: &'static str, source: PublishError) -> SettleError {
+    async fn hand_back(
+        delivery: &Delivery,
+        target: &'static str,
+        source: PublishError,
+    ) -> SettleError {
         // Requeue so another attempt settles it; the delivery limit stops a loop.
         if let Err(error) = delivery
             .acker

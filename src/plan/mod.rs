@@ -154,53 +154,60 @@ impl CompiledMapping {
                 }
             };
             if record.external_id_field.trim().is_empty() {
-                problems.push(format!("tenant {t}, record {name}: external_id_field is empty"));
+                problems.push(format!(
+                    "tenant {t}, record {name}: external_id_field is empty"
+                ));
             }
-            let mut compile_value = |field: &str, value: &Value, env: &mut minijinja::Environment<'static>| {
-                let Value::String(text) = value else {
-                    return Some(FieldTemplate::Constant(value.clone()));
-                };
-                if !is_template(text) {
-                    for target in references(text) {
-                        let ok = known.iter().any(|(k, each)| {
-                            if *each {
-                                target
-                                    .strip_prefix(k.as_str())
-                                    .and_then(|rest| rest.strip_prefix('_'))
-                                    .is_some_and(|n| n.parse::<usize>().is_ok())
-                            } else {
-                                target == k
-                            }
-                        });
-                        if !ok {
-                            problems.push(format!(
+            let mut compile_value =
+                |field: &str, value: &Value, env: &mut minijinja::Environment<'static>| {
+                    let Value::String(text) = value else {
+                        return Some(FieldTemplate::Constant(value.clone()));
+                    };
+                    if !is_template(text) {
+                        for target in references(text) {
+                            let ok = known.iter().any(|(k, each)| {
+                                if *each {
+                                    target
+                                        .strip_prefix(k.as_str())
+                                        .and_then(|rest| rest.strip_prefix('_'))
+                                        .is_some_and(|n| n.parse::<usize>().is_ok())
+                                } else {
+                                    target == k
+                                }
+                            });
+                            if !ok {
+                                problems.push(format!(
                                 "tenant {t}, record {name}, field {field}: @{{{target}…}} refers \
                                  to no earlier record"
                             ));
+                            }
                         }
+                        return Some(FieldTemplate::Constant(value.clone()));
                     }
-                    return Some(FieldTemplate::Constant(value.clone()));
-                }
-                if let Some(expr) = single_expression(text) {
-                    return match env.compile_expression(expr) {
-                        Ok(_) => Some(FieldTemplate::Expression(expr.to_owned())),
+                    if let Some(expr) = single_expression(text) {
+                        return match env.compile_expression(expr) {
+                            Ok(_) => Some(FieldTemplate::Expression(expr.to_owned())),
+                            Err(e) => {
+                                problems
+                                    .push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                                None
+                            }
+                        };
+                    }
+                    let template_name = format!("{index}.{name}.{field}");
+                    match env.add_template_owned(template_name.clone(), text.clone()) {
+                        Ok(()) => Some(FieldTemplate::Template(template_name)),
                         Err(e) => {
                             problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
                             None
                         }
-                    };
-                }
-                let template_name = format!("{index}.{name}.{field}");
-                match env.add_template_owned(template_name.clone(), text.clone()) {
-                    Ok(()) => Some(FieldTemplate::Template(template_name)),
-                    Err(e) => {
-                        problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
-                        None
                     }
-                }
-            };
-            let external_id =
-                compile_value("external_id", &Value::String(record.external_id.clone()), &mut env);
+                };
+            let external_id = compile_value(
+                "external_id",
+                &Value::String(record.external_id.clone()),
+                &mut env,
+            );
             let mut fields = Vec::new();
             for (field, value) in &record.fields {
                 if let Some(template) = compile_value(field, value, &mut env) {
@@ -295,7 +302,13 @@ impl CompiledMapping {
         let mut nodes = Vec::new();
         for record in &self.records {
             let attendees: Vec<(usize, Option<&Attendee>)> = if record.per_attendee {
-                event.booking.attendees.iter().map(Some).enumerate().collect()
+                event
+                    .booking
+                    .attendees
+                    .iter()
+                    .map(Some)
+                    .enumerate()
+                    .collect()
             } else {
                 vec![(0, None)]
             };
@@ -428,20 +441,31 @@ mod tests {
         let ev = nodes[1].body.as_ref().unwrap();
         assert_eq!(ev["Subject"], "Cancelled: Intro call");
         assert_eq!(ev["OwnerId"], "005000000000002AAA");
-        assert!(ev["Description"].as_str().unwrap().contains("Customer asked to postpone"));
+        assert!(
+            ev["Description"]
+                .as_str()
+                .unwrap()
+                .contains("Customer asked to postpone")
+        );
     }
 
     #[test]
     fn compile_reports_every_problem() {
         let mut tenant = acme();
-        tenant.records[1].fields.insert("Subject".into(), "{{ booking.title ".into());
+        tenant.records[1]
+            .fields
+            .insert("Subject".into(), "{{ booking.title ".into());
         tenant.records[2]
             .fields
             .insert("BookMe__Lead_Id__c".into(), "@{nobody.id}".into());
         tenant.records[2].for_each = Some("hosts".into());
         let problems = CompiledMapping::compile(&tenant).unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:#?}");
-        assert!(problems.iter().any(|p| p.contains("record event, field Subject")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("record event, field Subject"))
+        );
         assert!(problems.iter().any(|p| p.contains("@{nobody…}")));
     }
 

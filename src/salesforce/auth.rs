@@ -73,8 +73,9 @@ pub fn jwt_assertion(
     audience: &str,
     private_key: &SecretString,
 ) -> Result<String, SalesforceError> {
-    let key = EncodingKey::from_rsa_pem(private_key.expose_secret().as_bytes())
-        .map_err(|_| SalesforceError::Refused("the JWT private key is not an RSA PEM key".into()))?;
+    let key = EncodingKey::from_rsa_pem(private_key.expose_secret().as_bytes()).map_err(|_| {
+        SalesforceError::Refused("the JWT private key is not an RSA PEM key".into())
+    })?;
     let exp = (SystemTime::now() + ASSERTION_LIFETIME)
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -121,15 +122,15 @@ pub async fn mint(
             ("client_secret", client_secret.expose_secret().to_owned()),
         ],
     };
-    let response = http
-        .post(&endpoint)
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| SalesforceError::Transport {
-            kind: "token",
-            message: e.without_url().to_string(),
-        })?;
+    let response =
+        http.post(&endpoint)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| SalesforceError::Transport {
+                kind: "token",
+                message: e.without_url().to_string(),
+            })?;
     let status = response.status().as_u16();
     let bytes = response
         .bytes()

@@ -178,7 +178,11 @@ impl SalesforceClient {
         let started = Instant::now();
         let result = self
             .tokens
-            .get(&self.http, &self.endpoint.login_url, &self.endpoint.credentials)
+            .get(
+                &self.http,
+                &self.endpoint.login_url,
+                &self.endpoint.credentials,
+            )
             .await;
         self.record_token(&result, started);
         let token = result?;
@@ -191,11 +195,7 @@ impl SalesforceClient {
         Ok(token)
     }
 
-    fn record_token(
-        &self,
-        result: &Result<Arc<AccessToken>, SalesforceError>,
-        started: Instant,
-    ) {
+    fn record_token(&self, result: &Result<Arc<AccessToken>, SalesforceError>, started: Instant) {
         let status = match result {
             Ok(_) => "200".to_owned(),
             Err(SalesforceError::Token { status, .. }) => status.to_string(),
@@ -253,12 +253,8 @@ impl SalesforceClient {
                 }
             };
             let status = response.status();
-            self.metrics.salesforce_request(
-                &self.endpoint.tenant,
-                kind,
-                status.as_str(),
-                elapsed,
-            );
+            self.metrics
+                .salesforce_request(&self.endpoint.tenant, kind, status.as_str(), elapsed);
             let headers = response.headers().clone();
             self.note_usage(&headers);
             let bytes = response
@@ -284,8 +280,7 @@ impl SalesforceClient {
                 token = refreshed?;
                 continue;
             }
-            if status.is_success() || status == StatusCode::NOT_MODIFIED || status.as_u16() == 300
-            {
+            if status.is_success() || status == StatusCode::NOT_MODIFIED || status.as_u16() == 300 {
                 return Ok((status, headers, bytes));
             }
             return Err(api_error(kind, status, &headers, &bytes));
@@ -511,7 +506,13 @@ mod tests {
     #[test]
     fn limit_info_parses() {
         let usage = ApiUsage::parse("api-usage=18/5000, api-bursts=1/750").unwrap();
-        assert_eq!(usage, ApiUsage { used: 18, max: 5000 });
+        assert_eq!(
+            usage,
+            ApiUsage {
+                used: 18,
+                max: 5000
+            }
+        );
         assert!((usage.ratio() - 0.0036).abs() < 1e-9);
         assert_eq!(ApiUsage::parse("per-app-api-usage=1/2"), None);
     }

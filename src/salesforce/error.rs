@@ -170,13 +170,22 @@ mod tests {
         let transient = Class::Transient { retry_after: None };
         let cases = [
             (err("UNABLE_TO_LOCK_ROW", "locked"), transient),
-            (err("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."), transient),
+            (
+                err("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."),
+                transient,
+            ),
             (err("SERVER_UNAVAILABLE", "down"), transient),
             (err("INVALID_FIELD", "No such column"), Class::Permanent),
             (err("REQUIRED_FIELD_MISSING", "LastName"), Class::Permanent),
             (err("STRING_TOO_LONG", "too long"), Class::Permanent),
-            (err("INSUFFICIENT_ACCESS_OR_READONLY", "no"), Class::Permanent),
-            (err("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Budget too low"), Class::Permanent),
+            (
+                err("INSUFFICIENT_ACCESS_OR_READONLY", "no"),
+                Class::Permanent,
+            ),
+            (
+                err("FIELD_CUSTOM_VALIDATION_EXCEPTION", "Budget too low"),
+                Class::Permanent,
+            ),
             (
                 err("FIELD_CUSTOM_VALIDATION_EXCEPTION", STALE_BOOKING_VERSION),
                 Class::Superseded,
@@ -199,6 +208,9 @@ mod tests {
             classify_http(403, &[err("REQUEST_LIMIT_EXCEEDED", "x")], wait),
             Class::Transient { retry_after: wait }
         );
-        assert_eq!(classify_http(404, &[err("NOT_FOUND", "x")], None), Class::Permanent);
+        assert_eq!(
+            classify_http(404, &[err("NOT_FOUND", "x")], None),
+            Class::Permanent
+        );
     }
 }

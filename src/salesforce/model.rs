@@ -117,7 +117,12 @@ impl SubrequestResult {
     pub fn created(&self) -> Option<bool> {
         match self.http_status_code {
             201 => Some(true),
-            200 | 204 => Some(self.body.get("created").and_then(Value::as_bool).unwrap_or(false)),
+            200 | 204 => Some(
+                self.body
+                    .get("created")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            ),
             _ => None,
         }
     }
@@ -316,7 +321,9 @@ pub struct SObjectDescribe {
 impl SObjectDescribe {
     /// The field with this API name (case-insensitive, as Salesforce matches names).
     pub fn field(&self, name: &str) -> Option<&FieldDescribe> {
-        self.fields.iter().find(|f| f.name.eq_ignore_ascii_case(name))
+        self.fields
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(name))
     }
 }
 

@@ -41,7 +41,11 @@ impl Readiness {
         if !self.tenants.load(Ordering::Relaxed) {
             reasons.push("tenants not loaded");
         }
-        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
     }
 }
 

@@ -66,7 +66,8 @@ pub fn redact(text: &str) -> String {
         digits.clear();
     };
     for c in out.chars() {
-        let in_number = c.is_ascii_digit() || (!digits.is_empty() && matches!(c, ' ' | '-' | '(' | ')'));
+        let in_number =
+            c.is_ascii_digit() || (!digits.is_empty() && matches!(c, ' ' | '-' | '(' | ')'));
         if in_number || (c == '+' && digits.is_empty()) {
             digits.push(c);
         } else {
@@ -85,7 +86,8 @@ mod tests {
     #[test]
     fn emails_and_phones_are_masked() {
         assert_eq!(mask_email("jane.doe@globex.example"), "j***@globex.example");
-        let text = redact("Email: invalid email address: jane.doe@globex.example, call +47 555 01234");
+        let text =
+            redact("Email: invalid email address: jane.doe@globex.example, call +47 555 01234");
         assert!(!text.contains("jane.doe"), "{text}");
         assert!(!text.contains("555"), "{text}");
         assert!(text.contains("[phone]"), "{text}");

@@ -52,7 +52,9 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
@@ -61,7 +63,9 @@ impl Metrics {
                 labels,
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let events_received = counter(
@@ -156,11 +160,9 @@ impl Metrics {
         registry
             .register(Box::new(amqp_connected.clone()))
             .expect("unique metric");
-        let amqp_reconnects = IntCounter::new(
-            "portals_crm_amqp_reconnects_total",
-            "Broker reconnections.",
-        )
-        .expect("valid metric");
+        let amqp_reconnects =
+            IntCounter::new("portals_crm_amqp_reconnects_total", "Broker reconnections.")
+                .expect("valid metric");
         registry
             .register(Box::new(amqp_reconnects.clone()))
             .expect("unique metric");
@@ -205,7 +207,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
-        if encoder.encode(&self.registry.gather(), &mut buffer).is_err() {
+        if encoder
+            .encode(&self.registry.gather(), &mut buffer)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()

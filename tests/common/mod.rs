@@ -135,14 +135,18 @@ impl TestEnv {
 
     /// Waits until `n` events have been settled.
     pub async fn wait_settled(&self, n: u64) {
-        wait_until(&format!("{n} settled events"), Duration::from_secs(30), || async {
-            let settled = self.settled();
-            if settled >= n {
-                Ok(())
-            } else {
-                Err(format!("{settled} settled: {:?}", self.outcomes()))
-            }
-        })
+        wait_until(
+            &format!("{n} settled events"),
+            Duration::from_secs(30),
+            || async {
+                let settled = self.settled();
+                if settled >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{settled} settled: {:?}", self.outcomes()))
+                }
+            },
+        )
         .await
     }
 
@@ -229,7 +233,10 @@ impl TestEnv {
         if let Some(service) = self.service.take() {
             service.shutdown().await;
         }
-        self.topology.delete(self.publisher.channel()).await.unwrap();
+        self.topology
+            .delete(self.publisher.channel())
+            .await
+            .unwrap();
         let _ = self.connection.close(200, "test done".into()).await;
         self.emulator.stop().await;
         let _ = std::fs::remove_dir_all(&self.cache_dir);
