@@ -76,7 +76,7 @@ impl TestEnv {
         .expect("emulator starts");
         let suffix = format!("test-{name}-{:x}", rand::random::<u32>());
         let text = std::fs::read_to_string("config/portals-crm.toml").unwrap();
-        let mut config = Config::from_toml(&text, std::iter::empty()).unwrap();
+        let mut config = Config::from_toml(&text, std::env::vars()).unwrap();
         config.amqp.exchange = format!("bookings.{suffix}");
         config.amqp.work_queue = format!("crm.sync.{suffix}");
         config.amqp.dead_letter_queue = format!("crm.dead.{suffix}");
