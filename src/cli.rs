@@ -38,6 +38,12 @@ pub enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Inspect, replay, purge or export dead letters.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Serve the Salesforce emulator.
     Emulator {
         /// Listen address.
@@ -50,6 +56,84 @@ pub enum Command {
         #[command(flatten)]
         faults: FaultArgs,
     },
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters (non-destructive).
+    List {
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter whole: headers and body.
+    Show {
+        /// Its id (first column of `dlq list`).
+        id: String,
+    },
+    /// Publish dead letters back to the work queue (attempts reset); each is removed only after
+    /// the broker confirmed its copy.
+    Replay {
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only show what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write dead letters to a file as JSON lines (non-destructive).
+    Export {
+        /// Output file.
+        file: PathBuf,
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+/// Filters shared by the `dlq` subcommands.
+#[derive(Debug, clap::Args)]
+pub struct FilterArgs {
+    /// Only this tenant.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only this reason code (e.g. salesforce_invalid_field).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only these ids (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl FilterArgs {
+    /// The equivalent filter.
+    pub fn filter(&self) -> crate::dlq::Filter {
+        crate::dlq::Filter {
+            tenant: self.tenant.clone(),
+            reason: self.reason.clone(),
+            ids: self.ids.clone(),
+            limit: self.limit,
+        }
+    }
 }
 
 /// Fault flags of `portals-crm emulator` (the same keys as `POST /__emulator/faults`).

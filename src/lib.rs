@@ -12,6 +12,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod emulator;
 pub mod enrich;
 pub mod event;

@@ -4,8 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use portals_crm::cli::{Cli, Command};
+use portals_crm::amqp::Topology;
+use portals_crm::cli::{Cli, Command, DlqAction};
 use portals_crm::config::{Config, TenantConfig};
+use portals_crm::dlq::{self, Dlq};
 use portals_crm::emulator::{self, OrgSpec};
 use portals_crm::{app, demo, telemetry};
 
@@ -51,6 +53,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("not every event was settled")
             }
         }
+        Command::Dlq { action } => {
+            let config = Config::load(&cli.config)?;
+            let topology = Topology::new(&config.amqp, &config.retry_tiers());
+            let dlq = Dlq::open(&config.amqp.url, topology).await?;
+            let result = run_dlq(&dlq, action).await;
+            dlq.close().await;
+            result
+        }
         Command::Emulator {
             listen,
             org,
@@ -78,6 +88,74 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             shutdown_signal().await;
             handle.stop().await;
+            Ok(())
+        }
+    }
+}
+
+async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
+    let print = |letters: &[dlq::DeadLetter], json: bool| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(letters)?);
+        } else {
+            println!("{}", dlq::table(letters));
+        }
+        Ok(())
+    };
+    match action {
+        DlqAction::List { filter, json } => print(&dlq.list(&filter.filter()).await?, json),
+        DlqAction::Show { id } => {
+            let filter = dlq::Filter {
+                ids: vec![id.clone()],
+                ..dlq::Filter::default()
+            };
+            let letter = dlq
+                .list(&filter)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or(dlq::DlqError::NotFound(id))?;
+            println!("{}", serde_json::to_string_pretty(&letter)?);
+            Ok(())
+        }
+        DlqAction::Replay {
+            filter,
+            dry_run,
+            json,
+        } => {
+            let letters = dlq.replay(&filter.filter(), dry_run).await?;
+            print(&letters, json)?;
+            eprintln!(
+                "{} {} dead letters",
+                if dry_run { "would replay" } else { "replayed" },
+                letters.len()
+            );
+            Ok(())
+        }
+        DlqAction::Purge { filter, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "purging cannot be undone: add --yes (try `dlq list` with the same filters first)"
+                );
+            }
+            let letters = dlq.purge(&filter.filter()).await?;
+            eprintln!("purged {} dead letters", letters.len());
+            Ok(())
+        }
+        DlqAction::Export { file, filter } => {
+            use std::io::Write as _;
+            let letters = dlq.list(&filter.filter()).await?;
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+            for letter in &letters {
+                serde_json::to_writer(&mut out, letter)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+            eprintln!(
+                "exported {} dead letters to {}",
+                letters.len(),
+                file.display()
+            );
             Ok(())
         }
     }
