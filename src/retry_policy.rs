@@ -37,9 +37,39 @@ impl Reconnect {
     }
 }
 
+/// A retry tier's delay with up to 20 % taken off at random, so that a burst of failures does
+/// not come back from a tier as the same burst. Never longer than the tier: the tier queue's
+/// own TTL is the upper bound anyway.
+pub fn jittered(delay: Duration) -> Duration {
+    let mut policy = backoff::ExponentialBackoff {
+        initial_interval: delay,
+        current_interval: delay,
+        randomization_factor: 0.2,
+        multiplier: 1.0,
+        max_interval: delay * 2,
+        max_elapsed_time: None,
+        ..backoff::ExponentialBackoff::default()
+    };
+    let drawn = policy.next_backoff().unwrap_or(delay);
+    if drawn > delay {
+        delay.saturating_sub(drawn - delay)
+    } else {
+        drawn
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_80_to_100_percent() {
+        let delay = Duration::from_secs(10);
+        for _ in 0..200 {
+            let d = jittered(delay);
+            assert!(d <= delay && d >= Duration::from_secs(8), "{d:?}");
+        }
+    }
 
     #[test]
     fn delays_grow_and_are_capped() {

@@ -268,7 +268,15 @@ impl Settler {
             };
             return self.dead_letter(delivery, info, &exhausted).await;
         };
-        let properties = self.annotated(delivery, info, &failure, attempt);
+        let tier_delay = self.topology.tiers[tier].delay;
+        let properties = self
+            .annotated(delivery, info, &failure, attempt)
+            .with_expiration(
+                crate::retry_policy::jittered(tier_delay)
+                    .as_millis()
+                    .to_string()
+                    .into(),
+            );
         let queue = &self.topology.tiers[tier].queue;
         if let Err(source) = self
             .publisher
