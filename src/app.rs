@@ -26,7 +26,7 @@ use crate::outcome::{Disposition, Failure, MessageInfo, Settled, Settler, header
 use crate::plan::CompiledMapping;
 use crate::retry_policy::Reconnect;
 use crate::salesforce::model::{ApiError, GraphResult};
-use crate::salesforce::{Class, SalesforceClient, SalesforceError};
+use crate::salesforce::{CircuitBreaker, Class, SalesforceClient, SalesforceError};
 use crate::telemetry::http::Readiness;
 use crate::telemetry::logging::redact;
 use crate::telemetry::metrics::Metrics;
@@ -59,6 +59,67 @@ pub struct Tenant {
     /// Its org's client.
     pub client: Arc<SalesforceClient>,
     batcher: Batcher,
+    breaker: CircuitBreaker,
+}
+
+impl Tenant {
+    /// Feeds the breaker with what a Salesforce call showed about the org.
+    fn observe(&self, failed: Option<&SalesforceError>) {
+        let limit_hit = failed
+            .and_then(SalesforceError::api_error)
+            .is_some_and(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED");
+        let over_share = self
+            .client
+            .api_usage()
+            .is_some_and(|u| u.ratio() > self.config.limits.api_quota_share);
+        if limit_hit || over_share {
+            self.breaker.trip();
+            return;
+        }
+        match failed {
+            Some(error) if org_unavailable(error) => self.breaker.record_failure(),
+            _ => self.breaker.record_success(),
+        }
+    }
+}
+
+/// True when the error says the org (not the record) is the problem.
+fn org_unavailable(error: &SalesforceError) -> bool {
+    match error {
+        SalesforceError::Transport { .. } | SalesforceError::Token { .. } => true,
+        SalesforceError::Api { status, .. } => *status >= 500 || *status == 401,
+        SalesforceError::Decode { .. } | SalesforceError::Refused(_) => false,
+    }
+}
+
+/// How the pipeline batches, pauses tenants and bounds bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineSettings {
+    /// Batch formation.
+    pub batch: BatchLimits,
+    /// Consecutive failed requests that open a tenant's circuit.
+    pub circuit_failures: u32,
+    /// First cool-down of an open circuit.
+    pub circuit_cooldown: Duration,
+    /// Bodies over this are dead-lettered unread.
+    pub max_body_bytes: usize,
+}
+
+impl PipelineSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            batch: BatchLimits {
+                max_graphs: config.batch.max_graphs,
+                max_nodes: config.batch.max_nodes,
+                linger: Duration::from_millis(config.batch.linger_ms),
+                max_in_flight: config.batch.max_in_flight,
+            },
+            circuit_failures: config.salesforce.circuit_failures,
+            circuit_cooldown: Duration::from_secs(config.salesforce.circuit_cooldown_secs),
+            max_body_bytes: config.worker.max_body_bytes,
+        }
+    }
 }
 
 /// Everything a message needs on its way through decode → enrich → plan → batch.
@@ -155,42 +216,48 @@ fn sobject_of(url: &str) -> &str {
 }
 
 impl Pipeline {
-    /// Builds the pipeline: one client and batcher per tenant.
+    /// Builds the pipeline: one client, batcher and circuit breaker per tenant.
     pub fn new(
         tenants: Vec<LoadedTenant>,
         caches: Caches,
         metrics: Arc<Metrics>,
-        limits: BatchLimits,
-        max_body_bytes: usize,
+        settings: &PipelineSettings,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Self {
         let tenants = tenants
             .into_iter()
-            .map(
-                |LoadedTenant {
-                     config,
-                     mapping,
-                     client,
-                 }| {
-                    let batcher = Batcher::spawn(client.clone(), limits, tracker, cancel.clone());
-                    (
-                        config.tenant.clone(),
-                        Arc::new(Tenant {
-                            config,
-                            mapping,
-                            client,
-                            batcher,
-                        }),
-                    )
-                },
-            )
+            .map(|loaded| {
+                let LoadedTenant {
+                    config,
+                    mapping,
+                    client,
+                } = loaded;
+                let batcher =
+                    Batcher::spawn(client.clone(), settings.batch, tracker, cancel.clone());
+                let gauge = metrics
+                    .circuit_open
+                    .with_label_values(&[config.tenant.as_str()]);
+                let breaker = CircuitBreaker::new(
+                    settings.circuit_failures,
+                    settings.circuit_cooldown,
+                    gauge,
+                );
+                let tenant = Tenant {
+                    config,
+                    mapping,
+                    client,
+                    batcher,
+                    breaker,
+                };
+                (tenant.config.tenant.clone(), Arc::new(tenant))
+            })
             .collect();
         Self {
             tenants,
             caches,
             metrics,
-            max_body_bytes,
+            max_body_bytes: settings.max_body_bytes,
         }
     }
 
@@ -267,9 +334,18 @@ impl Pipeline {
         {
             return Disposition::Superseded;
         }
+        if let Err(open) = tenant.breaker.allow() {
+            return Disposition::Retry {
+                failure: failure("circuit_open", open.to_string(), None),
+                retry_after: None,
+            };
+        }
         let enrichment = match enrich(event, &tenant.client, &self.caches).await {
             Ok(e) => e,
-            Err(error) => return error_disposition(&error),
+            Err(error) => {
+                tenant.observe(Some(&error));
+                return error_disposition(&error);
+            }
         };
         let nodes = match tenant.mapping.build_graph(event, &enrichment) {
             Ok(nodes) => nodes,
@@ -294,6 +370,11 @@ impl Pipeline {
                 };
             }
         };
+        match &outcome {
+            GraphOutcome::RequestFailed(error) => tenant.observe(Some(error)),
+            GraphOutcome::Answered(_) => tenant.observe(None),
+            GraphOutcome::Collapsed => {}
+        }
         match outcome {
             GraphOutcome::Collapsed => Disposition::Superseded,
             GraphOutcome::RequestFailed(error) => error_disposition(&error),
@@ -622,18 +703,11 @@ impl Service {
             addr: config.http.listen.clone(),
             source,
         })?;
-        let limits = BatchLimits {
-            max_graphs: config.batch.max_graphs,
-            max_nodes: config.batch.max_nodes,
-            linger: Duration::from_millis(config.batch.linger_ms),
-            max_in_flight: config.batch.max_in_flight,
-        };
         let pipeline = Arc::new(Pipeline::new(
             tenants,
             caches,
             metrics.clone(),
-            limits,
-            config.worker.max_body_bytes,
+            &PipelineSettings::from_config(config),
             &tracker,
             &batch_stop,
         ));

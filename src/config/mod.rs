@@ -127,6 +127,12 @@ pub struct SalesforceConfig {
     /// Timeout of every request.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Consecutive failed requests that pause a tenant (circuit breaker).
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    /// How long a paused tenant waits before a probe; doubles after a failed probe.
+    #[serde(default = "default_circuit_cooldown")]
+    pub circuit_cooldown_secs: u64,
 }
 
 /// The HTTP port.
@@ -213,6 +219,12 @@ fn default_in_flight() -> usize {
 fn default_timeout() -> u64 {
     30
 }
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_cooldown() -> u64 {
+    30
+}
 fn default_listen() -> String {
     "127.0.0.1:9898".into()
 }
@@ -259,6 +271,8 @@ impl Default for SalesforceConfig {
     fn default() -> Self {
         Self {
             timeout_secs: default_timeout(),
+            circuit_failures: default_circuit_failures(),
+            circuit_cooldown_secs: default_circuit_cooldown(),
         }
     }
 }
@@ -414,6 +428,11 @@ impl Config {
             problems.push(
                 "batch.max_in_flight: must be within 1..=25 (Salesforce's concurrency limit)"
                     .into(),
+            );
+        }
+        if self.salesforce.circuit_failures == 0 || self.salesforce.circuit_cooldown_secs == 0 {
+            problems.push(
+                "salesforce.circuit_failures and circuit_cooldown_secs: must be at least 1".into(),
             );
         }
         if self.salesforce.timeout_secs == 0 {

@@ -2,10 +2,12 @@
 //! every result into success / superseded / transient / permanent.
 
 pub mod auth;
+pub mod circuit;
 pub mod client;
 pub mod error;
 pub mod model;
 
 pub use auth::Credentials;
+pub use circuit::CircuitBreaker;
 pub use client::{ApiUsage, Described, OrgEndpoint, SalesforceClient};
 pub use error::{Class, SalesforceError};

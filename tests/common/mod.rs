@@ -67,6 +67,15 @@ impl TestEnv {
 
     /// As [`TestEnv::start`], letting the test adjust the config first.
     pub async fn start_with(name: &str, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_custom(name, adjust, |_| {}).await
+    }
+
+    /// As [`TestEnv::start_with`], also adjusting the tenants (already pointed at the emulator).
+    pub async fn start_custom(
+        name: &str,
+        adjust: impl FnOnce(&mut Config),
+        adjust_tenants: impl FnOnce(&mut [TenantConfig]),
+    ) -> Self {
         let emulator = emulator::start(
             "127.0.0.1:0".parse().unwrap(),
             OrgSpec::demo(),
@@ -89,6 +98,7 @@ impl TestEnv {
         for tenant in &mut tenants {
             tenant.org.login_url = emulator.base_url.clone();
         }
+        adjust_tenants(&mut tenants);
         let topology = Topology::new(&config.amqp, &config.retry_tiers());
         let connection = amqp::connect(&config.amqp.url, 30, "portals-crm test")
             .await

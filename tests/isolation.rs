@@ -1,0 +1,162 @@
+//! One tenant's org in an outage does not hold up another tenant: the broken tenant's circuit
+//! opens, its events wait in the retry tiers, and they flow once the org is back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, wait_until};
+use portals_crm::demo::booking_event;
+use portals_crm::emulator::{self, FaultSpec, OrgSpec};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+fn booking(tenant: &str, i: usize) -> Vec<u8> {
+    let now = OffsetDateTime::now_utc();
+    let attendee = json!({"email": format!("p{i}@{tenant}.example"), "first_name": "P", "last_name": format!("Person{i}"), "company": "C", "phone": null, "title": null});
+    let host = if tenant == "acme" {
+        "sara.rep@acme.example"
+    } else {
+        "olivia.host@demo.example"
+    };
+    serde_json::to_vec(&booking_event(
+        tenant,
+        &format!("bk_{tenant}_{i}"),
+        1,
+        "booked",
+        now + time::Duration::days(3),
+        host,
+        vec![attendee],
+        now,
+    ))
+    .unwrap()
+}
+
+fn written(env: &TestEnv, tenant: &str) -> u64 {
+    let text = env.service().metrics.render();
+    let needle = format!(
+        "portals_crm_events_settled_total{{outcome=\"written\",tenant=\"{tenant}\",type=\"booked\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_org_outage_pauses_only_its_tenant() {
+    let down = emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        OrgSpec::demo(),
+        &FaultSpec {
+            outage_seconds: Some(3600),
+            ..FaultSpec::default()
+        },
+    )
+    .await
+    .unwrap();
+    let down_url = down.base_url.clone();
+    let env = TestEnv::start_custom(
+        "isolation",
+        |c| {
+            c.retry.tiers_secs = vec![1, 2, 3, 4, 5, 6, 7, 8];
+            c.salesforce.circuit_failures = 2;
+            c.salesforce.circuit_cooldown_secs = 1;
+        },
+        |tenants| {
+            for t in tenants.iter_mut().filter(|t| t.tenant == "demo") {
+                t.org.login_url = down_url.clone();
+            }
+        },
+    )
+    .await;
+
+    for i in 0..20 {
+        env.publish("meeting.booked", &booking("demo", i)).await;
+    }
+    let started = Instant::now();
+    for i in 0..20 {
+        env.publish("meeting.booked", &booking("acme", i)).await;
+    }
+    // The bound: the healthy tenant's 20 bookings are all in its org within 5 s of publishing,
+    // while the other tenant's org answers nothing but 503.
+    wait_until(
+        "acme's bookings written",
+        Duration::from_secs(5),
+        || async {
+            match written(&env, "acme") {
+                20 => Ok(()),
+                n => Err(format!("{n} written: {:?}", env.outcomes())),
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "acme: 20 bookings written in {:?} during demo's outage",
+        started.elapsed()
+    );
+    assert_eq!(written(&env, "demo"), 0);
+    let metrics = env.service().metrics.render();
+    assert!(
+        metrics.contains("portals_crm_circuit_open{tenant=\"demo\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portals_crm_circuit_open{tenant=\"acme\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portals_crm_retries_total{tenant=\"demo\""),
+        "{metrics}"
+    );
+
+    let stats: Value = reqwest::get(format!("{}/__emulator/stats", down.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let calls: u64 = stats["requests"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(
+        calls < 20,
+        "the paused tenant's events did not each call its org: {stats}"
+    );
+
+    let cleared = reqwest::Client::new()
+        .delete(format!("{}/__emulator/faults", down.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleared.status(), 204);
+    wait_until(
+        "demo's bookings written after the outage",
+        Duration::from_secs(40),
+        || async {
+            match written(&env, "demo") {
+                20 => Ok(()),
+                n => Err(format!("{n} written: {:?}", env.outcomes())),
+            }
+        },
+    )
+    .await;
+    let records: Value = reqwest::get(format!("{}/__emulator/records/Event", down.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(records.as_array().unwrap().len(), 20);
+    assert!(
+        env.service()
+            .metrics
+            .render()
+            .contains("portals_crm_circuit_open{tenant=\"demo\"} 0")
+    );
+    env.finish().await;
+    down.stop().await;
+}
