@@ -173,13 +173,51 @@ pub async fn mint(
     })
 }
 
+/// How long a failed mint is answered from memory: callers queued behind a failing token
+/// endpoint get its error instead of each trying again (repeated failed logins can lock the
+/// integration user out).
+const FAILED_MINT_MEMORY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Slot {
+    token: Option<Arc<AccessToken>>,
+    failed: Option<(std::time::Instant, SalesforceError)>,
+}
+
+impl Slot {
+    fn recent_failure(&self) -> Option<SalesforceError> {
+        self.failed
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FAILED_MINT_MEMORY)
+            .map(|(_, error)| error.clone())
+    }
+
+    fn store(
+        &mut self,
+        result: Result<AccessToken, SalesforceError>,
+    ) -> Result<Arc<AccessToken>, SalesforceError> {
+        match result {
+            Ok(token) => {
+                let token = Arc::new(token);
+                self.token = Some(token.clone());
+                self.failed = None;
+                Ok(token)
+            }
+            Err(error) => {
+                self.failed = Some((std::time::Instant::now(), error.clone()));
+                Err(error)
+            }
+        }
+    }
+}
+
 /// One token per tenant, shared by every concurrent request.
 ///
 /// A tokio Mutex, because minting awaits the token endpoint while it is held: that is what
 /// makes concurrent 401s cause one refresh instead of one per request.
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    current: tokio::sync::Mutex<Option<Arc<AccessToken>>>,
+    current: tokio::sync::Mutex<Slot>,
 }
 
 impl TokenCache {
@@ -190,13 +228,15 @@ impl TokenCache {
         login_url: &str,
         credentials: &Credentials,
     ) -> Result<Arc<AccessToken>, SalesforceError> {
-        let mut current = self.current.lock().await;
-        if let Some(token) = current.as_ref() {
+        let mut slot = self.current.lock().await;
+        if let Some(token) = slot.token.as_ref() {
             return Ok(token.clone());
         }
-        let token = Arc::new(mint(http, login_url, credentials, 1).await?);
-        *current = Some(token.clone());
-        Ok(token)
+        if let Some(error) = slot.recent_failure() {
+            return Err(error);
+        }
+        let minted = mint(http, login_url, credentials, 1).await;
+        slot.store(minted)
     }
 
     /// Replaces `stale` with a fresh token, unless another request already did.
@@ -207,15 +247,17 @@ impl TokenCache {
         login_url: &str,
         credentials: &Credentials,
     ) -> Result<Arc<AccessToken>, SalesforceError> {
-        let mut current = self.current.lock().await;
-        if let Some(token) = current.as_ref()
+        let mut slot = self.current.lock().await;
+        if let Some(token) = slot.token.as_ref()
             && token.generation != stale.generation
         {
             return Ok(token.clone());
         }
-        let token = Arc::new(mint(http, login_url, credentials, stale.generation + 1).await?);
-        *current = Some(token.clone());
-        Ok(token)
+        if let Some(error) = slot.recent_failure() {
+            return Err(error);
+        }
+        let minted = mint(http, login_url, credentials, stale.generation + 1).await;
+        slot.store(minted)
     }
 }
 

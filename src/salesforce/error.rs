@@ -64,7 +64,7 @@ pub fn classify_http(status: u16, errors: &[ApiError], retry_after: Option<Durat
 }
 
 /// A failed Salesforce call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SalesforceError {
     /// The request did not complete (connect error, timeout, broken body).
     #[error("{kind} request to Salesforce failed: {message}")]
