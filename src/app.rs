@@ -335,9 +335,10 @@ impl Pipeline {
             return Disposition::Superseded;
         }
         if let Err(open) = tenant.breaker.allow() {
+            // Wait at least until the next probe: an earlier return would only spend an attempt.
             return Disposition::Retry {
                 failure: failure("circuit_open", open.to_string(), None),
-                retry_after: None,
+                retry_after: Some(open.retry_in),
             };
         }
         let enrichment = match enrich(event, &tenant.client, &self.caches).await {

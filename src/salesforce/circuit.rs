@@ -29,10 +29,15 @@ enum State {
     },
 }
 
-/// Why a request was not let through.
+/// Why a request was not let through, and when the next probe may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the circuit of this tenant is open (its org failed or its API quota share is used up)")]
-pub struct CircuitOpen;
+#[error(
+    "the circuit of this tenant is open (its org failed or its API quota share is used up); next probe in {retry_in:?}"
+)]
+pub struct CircuitOpen {
+    /// Time until the breaker lets a probe through.
+    pub retry_in: Duration,
+}
 
 /// The breaker of one tenant.
 #[derive(Debug)]
@@ -72,7 +77,19 @@ impl CircuitBreaker {
                 probe_started,
                 cooldown,
             } if now.duration_since(probe_started) >= cooldown => cooldown,
-            State::Open { .. } | State::HalfOpen { .. } => return Err(CircuitOpen),
+            State::Open { until, .. } => {
+                return Err(CircuitOpen {
+                    retry_in: until.saturating_duration_since(now),
+                });
+            }
+            State::HalfOpen {
+                probe_started,
+                cooldown,
+            } => {
+                return Err(CircuitOpen {
+                    retry_in: cooldown.saturating_sub(now.duration_since(probe_started)),
+                });
+            }
         };
         *state = State::HalfOpen {
             probe_started: now,
@@ -141,11 +158,11 @@ mod tests {
         b.record_failure();
         assert_eq!(b.allow(), Ok(()));
         b.record_failure();
-        assert_eq!(b.allow(), Err(CircuitOpen));
+        assert!(b.allow().is_err());
         assert_eq!(b.gauge.get(), 1);
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(b.allow(), Ok(()), "one probe");
-        assert_eq!(b.allow(), Err(CircuitOpen), "only one");
+        assert!(b.allow().is_err(), "only one");
         b.record_success();
         assert_eq!(b.allow(), Ok(()));
         assert_eq!(b.gauge.get(), 0);
@@ -159,7 +176,7 @@ mod tests {
         assert_eq!(b.allow(), Ok(()));
         b.record_failure();
         std::thread::sleep(Duration::from_millis(25));
-        assert_eq!(b.allow(), Err(CircuitOpen), "cool-down doubled to 40 ms");
+        assert!(b.allow().is_err(), "cool-down doubled to 40 ms");
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(b.allow(), Ok(()));
     }

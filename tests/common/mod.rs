@@ -119,6 +119,59 @@ impl TestEnv {
         }
     }
 
+    /// Stops the in-process service (its queues stay).
+    pub async fn stop_service(&mut self) {
+        if let Some(service) = self.service.take() {
+            service.shutdown().await;
+        }
+    }
+
+    /// Another in-process worker on the same queues, with its own cache and HTTP port.
+    pub async fn extra_worker(&self, n: usize) -> Service {
+        let mut config = self.config.clone();
+        config.cache.path = self.cache_dir.join(format!("worker-{n}"));
+        Service::start(&config, self.tenants.clone()).await.unwrap()
+    }
+
+    /// Environment variables that point the binary at this environment's queues.
+    pub fn binary_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "PORTALS_CRM_AMQP_EXCHANGE".into(),
+                self.topology.exchange.clone(),
+            ),
+            (
+                "PORTALS_CRM_AMQP_WORK_QUEUE".into(),
+                self.topology.work_queue.clone(),
+            ),
+            (
+                "PORTALS_CRM_AMQP_DEAD_LETTER_QUEUE".into(),
+                self.topology.dead_queue.clone(),
+            ),
+            (
+                "PORTALS_CRM_AMQP_RETRY_QUEUE_PREFIX".into(),
+                self.config.amqp.retry_queue_prefix.clone(),
+            ),
+            ("PORTALS_CRM_HTTP_LISTEN".into(), "127.0.0.1:0".into()),
+            (
+                "PORTALS_CRM_CACHE_PATH".into(),
+                self.cache_dir.join("binary").display().to_string(),
+            ),
+        ]
+    }
+
+    /// Tenant files pointing at this environment's emulator, for the binary.
+    pub fn write_tenant_files(&self) -> std::path::PathBuf {
+        let dir = self.cache_dir.join("tenants");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["acme", "demo"] {
+            let text = std::fs::read_to_string(format!("config/tenants/{name}.toml")).unwrap();
+            let text = text.replace("http://127.0.0.1:7800", &self.emulator.base_url);
+            std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+        }
+        dir
+    }
+
     pub fn service(&self) -> &Service {
         self.service.as_ref().expect("service running")
     }

@@ -1,0 +1,384 @@
+//! What ops and SREs rely on: metrics and probes, safe logs, graceful SIGTERM, several workers.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, wait_until};
+use portals_crm::demo::scenario;
+use serde_json::{Value, json};
+
+/// DESIGN.md §9: every metric with its label names.
+const DESIGN_METRICS: &[(&str, &[&str])] = &[
+    ("portals_crm_events_received_total", &["tenant", "type"]),
+    (
+        "portals_crm_events_settled_total",
+        &["tenant", "type", "outcome"],
+    ),
+    ("portals_crm_event_processing_seconds_bucket", &["tenant"]),
+    ("portals_crm_event_lag_seconds_bucket", &["tenant"]),
+    (
+        "portals_crm_salesforce_requests_total",
+        &["tenant", "kind", "status"],
+    ),
+    (
+        "portals_crm_salesforce_request_seconds_bucket",
+        &["tenant", "kind"],
+    ),
+    (
+        "portals_crm_salesforce_graphs_per_request_bucket",
+        &["tenant"],
+    ),
+    ("portals_crm_salesforce_api_usage_ratio", &["tenant"]),
+    ("portals_crm_retries_total", &["tenant", "tier"]),
+    ("portals_crm_dead_letters_total", &["tenant", "reason"]),
+    ("portals_crm_circuit_open", &["tenant"]),
+    ("portals_crm_inflight_events", &[]),
+    ("portals_crm_cache_requests_total", &["cache", "result"]),
+    ("portals_crm_amqp_connected", &[]),
+    ("portals_crm_amqp_reconnects_total", &[]),
+];
+
+fn label_names(line: &str) -> BTreeSet<String> {
+    let Some(start) = line.find('{') else {
+        return BTreeSet::new();
+    };
+    let end = line.find('}').unwrap();
+    line[start + 1..end]
+        .split(',')
+        .filter_map(|pair| pair.split_once('=').map(|(k, _)| k.to_owned()))
+        .filter(|k| k != "le")
+        .collect()
+}
+
+#[tokio::test]
+async fn every_design_and_dashboard_metric_is_exported_with_its_labels() {
+    let env = TestEnv::start_with("metrics", |c| {
+        c.retry.tiers_secs = vec![1, 2, 4];
+        c.salesforce.circuit_cooldown_secs = 1;
+    })
+    .await;
+    env.post_json(
+        "/__emulator/faults",
+        json!({"error_rate": 0.5, "errors": ["503"]}),
+    )
+    .await;
+    let messages = scenario(120, "metrics", 7);
+    for m in &messages[..40] {
+        env.publish(&m.routing_key, &m.body).await;
+    }
+    wait_until("a retry", Duration::from_secs(20), || async {
+        if env.outcomes().contains_key("retried") {
+            Ok(())
+        } else {
+            Err(format!("{:?}", env.outcomes()))
+        }
+    })
+    .await;
+    reqwest::Client::new()
+        .delete(format!("{}/__emulator/faults", env.emulator.base_url))
+        .send()
+        .await
+        .unwrap();
+    for m in &messages[40..] {
+        env.publish(&m.routing_key, &m.body).await;
+    }
+    let settled_target = messages.len() as u64;
+    wait_until(
+        "every event settled (retries come back)",
+        Duration::from_secs(40),
+        || async {
+            let done: u64 = env
+                .outcomes()
+                .iter()
+                .filter(|(k, _)| *k != "retried")
+                .map(|(_, v)| v)
+                .sum();
+            if done >= settled_target {
+                Ok(())
+            } else {
+                Err(format!("{:?}", env.outcomes()))
+            }
+        },
+    )
+    .await;
+
+    eprintln!("outcomes before scraping: {:?}", env.outcomes());
+    let base = format!("http://{}", env.service().http_addr);
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut exported: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap().to_owned();
+        exported.entry(name).or_default().extend(label_names(line));
+    }
+    for (name, labels) in DESIGN_METRICS {
+        let found = exported
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
+        let expected: BTreeSet<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        assert_eq!(found, &expected, "labels of {name}");
+    }
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string("deploy/grafana/dashboards/portals-crm.json").unwrap(),
+    )
+    .unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("portals_crm_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exported.contains_key(name),
+            "the dashboard queries {name}, which /metrics lacks"
+        );
+    }
+    let alerts = std::fs::read_to_string("deploy/prometheus/alerts.yml").unwrap();
+    for (i, _) in alerts.match_indices("portals_crm_") {
+        let name: String = alerts[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let histogram = format!("{name}_count");
+        assert!(
+            exported.contains_key(&name) || exported.contains_key(&histogram),
+            "an alert uses {name}, which /metrics lacks"
+        );
+    }
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_full_demo_run_logs_no_email_phone_token_or_key() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["--log-format", "json", "demo", "--events", "150"])
+        .env("RUST_LOG", "debug")
+        .env("PORTALS_CRM_HTTP_LISTEN", "127.0.0.1:0")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        logs.contains("salesforce write"),
+        "the audit records are in the logs"
+    );
+    let secret = std::fs::read_to_string("config/keys/demo-client-secret").unwrap();
+    let key = std::fs::read_to_string("config/keys/demo-jwt.key").unwrap();
+    let key_line = key.lines().nth(1).unwrap();
+    for forbidden in [
+        secret.trim(),
+        key_line,
+        "PRIVATE KEY",
+        "+47 555",
+        "Bearer 00D",
+        "access_token",
+    ] {
+        assert!(!logs.contains(forbidden), "logs contain {forbidden:?}");
+    }
+    for (i, _) in logs.match_indices('@') {
+        let before: String = logs[..i]
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect();
+        assert!(
+            before.ends_with("***"),
+            "an unmasked email in the logs near {:?}",
+            &logs[i.saturating_sub(40)..(i + 40).min(logs.len())]
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_in_time_and_loses_nothing() {
+    let mut env = TestEnv::start("sigterm").await;
+    env.stop_service().await;
+    let tenants = env.write_tenant_files();
+    let messages = scenario(1500, "sigterm", 11);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run"])
+        .envs(env.binary_env())
+        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
+        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "10")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for m in &messages {
+        env.publish(&m.routing_key, &m.body).await;
+    }
+    wait_until(
+        "the worker busy writing",
+        Duration::from_secs(20),
+        || async {
+            let n = env.records("Event").await.len();
+            if n >= 50 {
+                Ok(())
+            } else {
+                Err(format!("{n} events"))
+            }
+        },
+    )
+    .await;
+    let pid = child.id().unwrap() as i32;
+    let sent = Instant::now();
+    assert_eq!(unsafe_kill(pid), 0);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exited within the drain deadline plus margin")
+        .unwrap();
+    eprintln!("worker exited {status} {:?} after SIGTERM", sent.elapsed());
+    assert!(status.success());
+    // A fresh worker takes over what was handed back.
+    let env = {
+        let mut env = env;
+        env.service = Some(
+            portals_crm::app::Service::start(&env.config, env.tenants.clone())
+                .await
+                .unwrap(),
+        );
+        env
+    };
+    let expected = expected_bookings(&messages);
+    wait_until(
+        "every booking in the org",
+        Duration::from_secs(60),
+        || async {
+            let events = env.records("Event").await;
+            if events.len() >= expected.len() {
+                Ok(())
+            } else {
+                Err(format!("{} of {}", events.len(), expected.len()))
+            }
+        },
+    )
+    .await;
+    assert_org_matches(&env, &expected).await;
+    env.finish().await;
+}
+
+fn unsafe_kill(pid: i32) -> i32 {
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map(|s| if s.success() { 0 } else { 1 })
+        .unwrap_or(1)
+}
+
+/// Newest version of every valid booking in the stream (invalid ones are dead-lettered).
+fn expected_bookings(messages: &[portals_crm::demo::Message]) -> BTreeMap<String, u64> {
+    let mut newest = BTreeMap::new();
+    for m in messages {
+        let Ok(v) = serde_json::from_slice::<Value>(&m.body) else {
+            continue;
+        };
+        if portals_crm::event::decode(&m.body, 1 << 20).is_err() || v["tenantid"] == "nobody" {
+            continue;
+        }
+        if v["data"]["attendees"][0]["email"] == "broken@localhost" {
+            continue;
+        }
+        let id = v["data"]["booking_id"].as_str().unwrap().to_owned();
+        let version = v["data"]["version"].as_u64().unwrap();
+        let e = newest.entry(id).or_insert(version);
+        *e = (*e).max(version);
+    }
+    newest
+}
+
+async fn assert_org_matches(env: &TestEnv, expected: &BTreeMap<String, u64>) {
+    let events = env.records("Event").await;
+    let bookings = env.records("BookMe__Booking__c").await;
+    assert_eq!(
+        events.len(),
+        expected.len(),
+        "one Event per booking, none duplicated"
+    );
+    assert_eq!(bookings.len(), expected.len());
+    for b in &bookings {
+        let id = b["BookMe__Booking_Id__c"].as_str().unwrap();
+        assert_eq!(
+            b["BookMe__Version__c"].as_u64(),
+            Some(expected[id]),
+            "{id} at its newest version"
+        );
+    }
+}
+
+#[tokio::test]
+async fn three_workers_share_one_queue_and_write_every_booking_once() {
+    let env = TestEnv::start("three").await;
+    let second = env.extra_worker(2).await;
+    let third = env.extra_worker(3).await;
+    let messages = scenario(600, "three", 5);
+    for m in &messages {
+        env.publish(&m.routing_key, &m.body).await;
+    }
+    let expected = expected_bookings(&messages);
+    let total = messages.len() as u64;
+    let settled = || {
+        [env.service(), &second, &third]
+            .iter()
+            .map(|s| s.metrics.settled_by_outcome().values().sum::<u64>())
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "all settled across three workers",
+        Duration::from_secs(60),
+        || async {
+            let per = settled();
+            if per.iter().sum::<u64>() >= total {
+                Ok(())
+            } else {
+                Err(format!("{per:?}"))
+            }
+        },
+    )
+    .await;
+    let per = settled();
+    eprintln!("settled per worker: {per:?}");
+    assert!(
+        per.iter().all(|n| *n > 0),
+        "every worker took a share: {per:?}"
+    );
+    assert_org_matches(&env, &expected).await;
+    second.shutdown().await;
+    third.shutdown().await;
+    env.finish().await;
+}
