@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Validates deploy/: alert rules with promtool (from Debian's prometheus package, unpacked, not
+# installed), Kubernetes manifests against the API schemas (kubernetes-validate, PyPI), YAML
+# lint, the compose file's structure, and the Grafana dashboard's JSON.
+set -euo pipefail
+cd "$(dirname "$0")"
+tools=${PORTALS_CRM_TOOLS:-/tmp/portals-crm-tools}
+mkdir -p "$tools"
+
+promtool=$(command -v promtool || true)
+if [ -z "$promtool" ]; then
+  if [ ! -x "$tools/usr/bin/promtool" ]; then
+    (cd "$tools" && (apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }) \
+      && dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb)
+  fi
+  promtool="$tools/usr/bin/promtool"
+fi
+"$promtool" check rules prometheus/alerts.yml
+
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install -q kubernetes-validate yamllint
+fi
+"$tools/venv/bin/yamllint" -d '{extends: relaxed, rules: {line-length: disable}}' \
+  k8s prometheus compose grafana/provisioning
+"$tools/venv/bin/kubernetes-validate" --strict k8s/deployment.yaml k8s/configmap.yaml k8s/secret.example.yaml
+
+"$tools/venv/bin/python" - <<'PY'
+import json, yaml
+keda = list(yaml.safe_load_all(open("k8s/keda-scaledobject.yaml")))
+scaled = next(d for d in keda if d["kind"] == "ScaledObject")
+trigger = scaled["spec"]["triggers"][0]
+assert trigger["type"] == "rabbitmq" and trigger["metadata"]["protocol"] == "http", "KEDA must use protocol: http (counts unacked)"
+compose = yaml.safe_load(open("compose/docker-compose.yml"))
+services = compose["services"]
+for name in ["rabbitmq", "emulator", "worker-1", "worker-2", "prometheus", "grafana"]:
+    assert name in services, f"compose lacks {name}"
+for name, service in services.items():
+    assert "image" in service or "build" in service, f"{name}: image or build"
+    for dep in service.get("depends_on", {}):
+        assert dep in services, f"{name} depends on unknown {dep}"
+dashboard = json.load(open("grafana/dashboards/portals-crm.json"))
+assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+print(f"deploy/ ok: KEDA trigger, {len(services)} compose services, {len(dashboard['panels'])} dashboard panels")
+PY
