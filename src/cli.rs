@@ -52,6 +52,12 @@ pub enum Command {
         /// Org file (TOML or JSON); the built-in demo org when absent.
         #[arg(long)]
         org: Option<PathBuf>,
+        /// Serve https with a self-signed certificate, written into --tls-dir.
+        #[arg(long)]
+        tls: bool,
+        /// Where --tls writes emulator-cert.pem and emulator-key.pem.
+        #[arg(long, default_value = "target/emulator-tls")]
+        tls_dir: PathBuf,
         /// Faults to start with.
         #[command(flatten)]
         faults: FaultArgs,

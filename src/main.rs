@@ -64,6 +64,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Emulator {
             listen,
             org,
+            tls,
+            tls_dir,
             faults,
         } => {
             let org = match org {
@@ -74,10 +76,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => OrgSpec::demo(),
             };
-            let handle = emulator::start(listen, org, &faults.spec())
-                .await
-                .with_context(|| format!("starting the emulator on {listen}"))?;
+            let handle = if tls {
+                emulator::start_tls(listen, org, &faults.spec(), &tls_dir).await
+            } else {
+                emulator::start(listen, org, &faults.spec()).await
+            }
+            .with_context(|| format!("starting the emulator on {listen}"))?;
             println!("Salesforce emulator listening on {}", handle.base_url);
+            if let Some(certificate) = &handle.certificate {
+                println!(
+                    "  certificate: {} (trust it: curl --cacert, or a tenant's org.ca_cert_file)",
+                    certificate.display()
+                );
+            }
             println!(
                 "  token:   POST {}/services/oauth2/token (demo-client / demo-secret)",
                 handle.base_url

@@ -32,6 +32,10 @@ fn client_with(emulator: &EmulatorHandle, credentials: Credentials) -> Salesforc
             api_version: "66.0".into(),
             credentials,
             timeout: Duration::from_secs(10),
+            ca_certificate: emulator
+                .certificate
+                .as_ref()
+                .map(|p| std::fs::read(p).unwrap()),
         },
         Arc::new(Metrics::new()),
     )
@@ -904,6 +908,7 @@ async fn secrets_never_reach_errors_or_debug_output() {
                 api_version: "66.0".into(),
                 credentials: client_credentials("x"),
                 timeout: Duration::from_secs(1),
+                ca_certificate: None,
             },
             Arc::new(Metrics::new()),
         )
@@ -911,4 +916,50 @@ async fn secrets_never_reach_errors_or_debug_output() {
         "plain http to a non-loopback host is refused"
     );
     emulator.stop().await;
+}
+
+#[tokio::test]
+async fn tls_emulator_speaks_https_with_a_certificate_clients_can_trust() {
+    let dir = std::env::temp_dir().join(format!("portals-crm-tls-{:x}", rand::random::<u32>()));
+    let emulator = emulator::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        OrgSpec::demo(),
+        &FaultSpec::default(),
+        &dir,
+    )
+    .await
+    .unwrap();
+    assert!(emulator.base_url.starts_with("https://"));
+    let trusted = client(&emulator);
+    let Described::Fresh { describe, .. } = trusted.describe("Lead", None).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(describe.name, "Lead");
+    assert!(
+        trusted
+            .token()
+            .await
+            .unwrap()
+            .instance_url
+            .starts_with("https://")
+    );
+    let untrusting = SalesforceClient::new(
+        OrgEndpoint {
+            tenant: "t".into(),
+            login_url: emulator.base_url.clone(),
+            api_version: "66.0".into(),
+            credentials: client_credentials("demo-secret"),
+            timeout: Duration::from_secs(5),
+            ca_certificate: None,
+        },
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let error = untrusting.token().await.unwrap_err();
+    assert!(
+        matches!(error, SalesforceError::Transport { .. }),
+        "a self-signed certificate is not trusted by default: {error:?}"
+    );
+    emulator.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -37,6 +37,10 @@ pub struct OrgConfig {
     /// REST API version, e.g. `66.0`.
     #[serde(default = "default_api_version")]
     pub api_version: String,
+    /// An extra CA certificate (PEM file) to trust: a TLS-inspecting proxy, or the emulator
+    /// started with `--tls`.
+    #[serde(default)]
+    pub ca_cert_file: Option<PathBuf>,
 }
 
 fn default_api_version() -> String {
@@ -210,6 +214,20 @@ impl TenantConfig {
             api_version: self.org.api_version.clone(),
             credentials: self.credentials()?,
             timeout,
+            ca_certificate: self
+                .org
+                .ca_cert_file
+                .as_ref()
+                .map(|path| {
+                    std::fs::read(path).map_err(|e| {
+                        format!(
+                            "tenant {}: ca_cert_file {}: {e}",
+                            self.tenant,
+                            path.display()
+                        )
+                    })
+                })
+                .transpose()?,
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod soql;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -23,9 +24,12 @@ pub use org::OrgSpec;
 pub struct EmulatorHandle {
     /// The bound address (useful with port 0).
     pub addr: SocketAddr,
-    /// `http://addr`, the login and instance URL clients use.
+    /// `http://addr` (or `https://` with TLS), the login and instance URL clients use.
     pub base_url: String,
+    /// With TLS: the self-signed certificate (PEM) clients must trust.
+    pub certificate: Option<PathBuf>,
     cancel: CancellationToken,
+    tls: Option<axum_server::Handle<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,8 +37,57 @@ impl EmulatorHandle {
     /// Stops serving and waits for the server task to end.
     pub async fn stop(self) {
         self.cancel.cancel();
+        if let Some(handle) = &self.tls {
+            handle.shutdown();
+        }
         let _ = self.task.await;
     }
+}
+
+/// Binds `listen` and serves the emulator over https with a self-signed certificate for
+/// `localhost` and `127.0.0.1`, written (with its key) into `dir`; real Salesforce client
+/// libraries only speak https.
+pub async fn start_tls(
+    listen: SocketAddr,
+    org: OrgSpec,
+    faults: &FaultSpec,
+    dir: &Path,
+) -> std::io::Result<EmulatorHandle> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let shared = Arc::new(server::Shared::new(org, true));
+    shared.apply_faults(faults).map_err(invalid)?;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .map_err(|e| invalid(e.to_string()))?;
+    std::fs::create_dir_all(dir)?;
+    let certificate = dir.join("emulator-cert.pem");
+    let key = dir.join("emulator-key.pem");
+    std::fs::write(&certificate, certified.cert.pem())?;
+    std::fs::write(&key, certified.signing_key.serialize_pem())?;
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem(
+        certified.cert.pem().into_bytes(),
+        certified.signing_key.serialize_pem().into_bytes(),
+    )
+    .await?;
+    let listener = std::net::TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
+    let app = server::router(shared);
+    let task = tokio::spawn(async move {
+        if let Err(error) = server.serve(app.into_make_service()).await {
+            tracing::error!(%error, "emulator server stopped");
+        }
+    });
+    Ok(EmulatorHandle {
+        addr,
+        base_url: format!("https://{addr}"),
+        certificate: Some(certificate),
+        cancel: CancellationToken::new(),
+        tls: Some(handle),
+        task,
+    })
 }
 
 /// Binds `listen` and serves the emulator over `org` until stopped.
@@ -63,7 +116,9 @@ pub async fn start(
     Ok(EmulatorHandle {
         addr,
         base_url: format!("http://{addr}"),
+        certificate: None,
         cancel,
+        tls: None,
         task,
     })
 }

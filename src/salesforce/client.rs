@@ -79,6 +79,8 @@ pub struct OrgEndpoint {
     pub credentials: Credentials,
     /// Timeout of every request.
     pub timeout: Duration,
+    /// An extra CA certificate (PEM) to trust, e.g. the emulator's with `--tls`.
+    pub ca_certificate: Option<Vec<u8>>,
 }
 
 /// A Salesforce REST client for one org: token handling, every resource portals-crm uses,
@@ -138,7 +140,14 @@ impl SalesforceClient {
                 endpoint.login_url
             )));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &endpoint.ca_certificate {
+            let certificate = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                SalesforceError::Refused(format!("the CA certificate is not PEM: {e}"))
+            })?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let http = builder
             .timeout(endpoint.timeout)
             .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(32)
