@@ -593,8 +593,9 @@ async fn consume_once(
     cancel: &CancellationToken,
     backoff: &mut Reconnect,
 ) -> Result<(), lapin::Error> {
-    let connection =
-        amqp::connect(&settings.url, settings.heartbeat_secs, "portals-crm worker").await?;
+    // The queue in the name tells ops (and `rabbitmqctl list_connections`) which worker it is.
+    let name = format!("portals-crm worker {}", topology.work_queue);
+    let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name).await?;
     let publisher = Publisher::open(&connection).await?;
     topology.declare(publisher.channel()).await?;
     let channel = connection.create_channel().await?;

@@ -38,6 +38,13 @@ pub enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// The end-to-end load bench (build with --release): prints a table and writes
+    /// target/bench/pipeline.json.
+    Bench {
+        /// Small sizes, for a smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Inspect, replay, purge or export dead letters.
     Dlq {
         /// What to do.

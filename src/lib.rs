@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod app;
 pub mod batch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -53,6 +53,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("not every event was settled")
             }
         }
+        Command::Bench { quick } => {
+            let config = Config::load(&cli.config)?;
+            let sizes = if quick {
+                portals_crm::bench::BenchSizes {
+                    bare: 5_000,
+                    saturation: 3_000,
+                    latency_secs: 3,
+                    backlog: 10_000,
+                }
+            } else {
+                portals_crm::bench::BenchSizes::default()
+            };
+            let exe = std::env::current_exe().context("locating the portals-crm binary")?;
+            let report = portals_crm::bench::run(&config, &exe, sizes).await?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Dlq { action } => {
             let config = Config::load(&cli.config)?;
             let topology = Topology::new(&config.amqp, &config.retry_tiers());

@@ -190,13 +190,13 @@ fn default_delivery_limit() -> u32 {
     10
 }
 fn default_prefetch() -> u16 {
-    300
+    1000
 }
 fn default_tiers() -> Vec<u64> {
     vec![5, 30, 120, 600, 3600]
 }
 fn default_concurrency() -> usize {
-    256
+    1000
 }
 fn default_max_body() -> usize {
     crate::event::DEFAULT_MAX_BODY_BYTES
@@ -214,7 +214,7 @@ fn default_linger() -> u64 {
     20
 }
 fn default_in_flight() -> usize {
-    4
+    8
 }
 fn default_timeout() -> u64 {
     30

@@ -502,9 +502,17 @@ async fn records(State(shared): State<Arc<Shared>>, Path(sobject): Path<String>)
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let inner = shared.lock();
+    let records: BTreeMap<&str, usize> = inner
+        .org
+        .spec
+        .sobjects
+        .iter()
+        .map(|o| (o.name.as_str(), inner.org.store.count(&o.name)))
+        .collect();
     json_response(
         200,
         Some(json!({
+            "records": records,
             "api_calls": inner.api_calls,
             "api_usage": {"used": inner.org.api_used, "max": inner.org.spec.org.daily_api_limit},
             "requests": inner.requests,

@@ -1,6 +1,6 @@
 //! Stored records, 18-character ids, and every write rule the emulated org enforces.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -30,7 +30,10 @@ enum Undo {
 #[derive(Debug, Default)]
 pub struct Store {
     records: HashMap<String, Record>,
-    by_object: HashMap<String, Vec<String>>,
+    /// Creation order per sObject: O(log n) inserts and removals at any size.
+    by_object: HashMap<String, BTreeMap<u64, String>>,
+    /// The creation serial of every id ever stored, so an undone delete keeps its place.
+    serial_of: HashMap<String, u64>,
     unique_index: HashMap<(String, String, String), String>,
     next_serial: u64,
     journal: Vec<Undo>,
@@ -179,7 +182,9 @@ impl Store {
 
     fn allocate(&mut self, prefix: &str) -> String {
         self.next_serial += 1;
-        make_id(prefix, self.next_serial)
+        let id = make_id(prefix, self.next_serial);
+        self.serial_of.insert(id.clone(), self.next_serial);
+        id
     }
 
     /// The record with this id.
@@ -192,11 +197,16 @@ impl Store {
         self.records.get(&id)
     }
 
+    /// How many records an sObject has.
+    pub fn count(&self, sobject: &str) -> usize {
+        self.by_object.get(sobject).map_or(0, BTreeMap::len)
+    }
+
     /// Every record of an sObject, in creation order.
     pub fn all(&self, sobject: &str) -> Vec<&Record> {
         self.by_object
             .get(sobject)
-            .map(|ids| ids.iter().filter_map(|id| self.records.get(id)).collect())
+            .map(|ids| ids.values().filter_map(|id| self.records.get(id)).collect())
             .unwrap_or_default()
     }
 
@@ -221,10 +231,7 @@ impl Store {
         while self.journal.len() > mark {
             match self.journal.pop() {
                 Some(Undo::Created(id)) => self.remove_raw(&id, org),
-                Some(Undo::Replaced(id, old)) => {
-                    self.remove_raw(&id, org);
-                    self.insert_raw(id, old, org);
-                }
+                Some(Undo::Replaced(id, old)) => self.replace_raw(&id, old, org),
                 Some(Undo::Deleted(id, old)) => self.insert_raw(id, old, org),
                 None => break,
             }
@@ -260,26 +267,43 @@ impl Store {
         for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
             self.unique_index.insert(key, id.clone());
         }
-        let ids = self.by_object.entry(record.sobject.clone()).or_default();
-        if !ids.contains(&id) {
-            ids.push(id.clone());
-        }
+        let serial = self.serial_of.get(&id).copied().unwrap_or_default();
+        self.by_object
+            .entry(record.sobject.clone())
+            .or_default()
+            .insert(serial, id.clone());
         self.records.insert(id, record);
+    }
+
+    fn unindex(&mut self, id: &str, record: &Record, org: &OrgSpec) {
+        for key in Self::index_keys(record, org.sobject(&record.sobject)) {
+            if self.unique_index.get(&key).map(String::as_str) == Some(id) {
+                self.unique_index.remove(&key);
+            }
+        }
     }
 
     fn remove_raw(&mut self, id: &str, org: &OrgSpec) {
         if let Some(record) = self.records.remove(id) {
-            for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
-                if self.unique_index.get(&key).map(String::as_str) == Some(id) {
-                    self.unique_index.remove(&key);
-                }
-            }
-            if let Some(ids) = self.by_object.get_mut(&record.sobject)
-                && let Some(pos) = ids.iter().position(|x| x == id)
-            {
-                ids.remove(pos);
+            self.unindex(id, &record, org);
+            if let (Some(ids), Some(serial)) = (
+                self.by_object.get_mut(&record.sobject),
+                self.serial_of.get(id),
+            ) {
+                ids.remove(serial);
             }
         }
+    }
+
+    /// Swaps a record's fields in place (same id, same creation order), re-indexing its keys.
+    fn replace_raw(&mut self, id: &str, record: Record, org: &OrgSpec) {
+        if let Some(old) = self.records.remove(id) {
+            self.unindex(id, &old, org);
+        }
+        for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
+            self.unique_index.insert(key, id.to_owned());
+        }
+        self.records.insert(id.to_owned(), record);
     }
 
     /// Creates a record, enforcing object and field permissions, types, lengths, required
@@ -394,8 +418,7 @@ impl Store {
         record
             .fields
             .insert("LastModifiedById".into(), ctx.user_id.into());
-        self.remove_raw(id, ctx.org);
-        self.insert_raw(id.to_owned(), record, ctx.org);
+        self.replace_raw(id, record, ctx.org);
         self.journal.push(Undo::Replaced(id.to_owned(), old));
         Ok(())
     }

@@ -1,0 +1,222 @@
+//! Nothing lost, nothing twice: broker connection loss, racing workers, a fuzzed decoder.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{TestEnv, wait_until};
+use portals_crm::demo::booking_event;
+use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+fn version(tenant: &str, id: &str, v: u64) -> Vec<u8> {
+    let now = OffsetDateTime::now_utc();
+    let status = if v == 1 { "booked" } else { "rescheduled" };
+    let attendee = json!({"email": format!("{id}@race.example"), "first_name": "R", "last_name": "Racer", "company": "C", "phone": null, "title": null});
+    let starts = now + time::Duration::days(1 + v as i64);
+    serde_json::to_vec(&booking_event(
+        tenant,
+        id,
+        v,
+        status,
+        starts,
+        "sara.rep@acme.example",
+        vec![attendee],
+        now,
+    ))
+    .unwrap()
+}
+
+async fn versions_in_org(env: &TestEnv) -> BTreeMap<String, u64> {
+    env.records("BookMe__Booking__c")
+        .await
+        .iter()
+        .map(|b| {
+            (
+                b["BookMe__Booking_Id__c"].as_str().unwrap().to_owned(),
+                b["BookMe__Version__c"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_workers_racing_reschedules_end_at_the_newest_versions() {
+    let env = TestEnv::start("race").await;
+    let second = env.extra_worker(2).await;
+    let mut messages = Vec::new();
+    for b in 0..60 {
+        for v in 1..=5 {
+            messages.push(version("acme", &format!("bk_race_{b}"), v));
+        }
+    }
+    messages.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+    for body in &messages {
+        env.publish("meeting.rescheduled", body).await;
+    }
+    wait_until(
+        "the org at version 5 everywhere",
+        Duration::from_secs(60),
+        || async {
+            let versions = versions_in_org(&env).await;
+            if versions.len() == 60 && versions.values().all(|v| *v == 5) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} bookings, {} at v5",
+                    versions.len(),
+                    versions.values().filter(|v| **v == 5).count()
+                ))
+            }
+        },
+    )
+    .await;
+    let settled: u64 = [env.service(), &second]
+        .iter()
+        .map(|s| s.metrics.settled_by_outcome().values().sum::<u64>())
+        .sum();
+    wait_until("every message settled", Duration::from_secs(30), || async {
+        let n: u64 = [env.service(), &second]
+            .iter()
+            .map(|s| s.metrics.settled_by_outcome().values().sum::<u64>())
+            .sum();
+        if n >= messages.len() as u64 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
+    })
+    .await;
+    assert!(settled > 0);
+    assert_eq!(env.records("Event").await.len(), 60, "no duplicate Events");
+    assert_eq!(env.records("Lead").await.len(), 60, "no duplicate Leads");
+    second.shutdown().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn broker_connection_loss_reconnects_and_resumes() {
+    let env = TestEnv::start("brokerloss").await;
+    let bodies: Vec<Vec<u8>> = (0..400)
+        .map(|i| version("acme", &format!("bk_loss_{i}"), 1))
+        .collect();
+    for body in &bodies[..200] {
+        env.publish("meeting.booked", body).await;
+    }
+    env.wait_settled(50).await;
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let pid = text
+        .lines()
+        .find(|l| l.contains(&format!("portals-crm worker {}", env.topology.work_queue)))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the worker's connection in {text}"))
+        .to_owned();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args([
+            "close_connection",
+            &pid,
+            "chaos: broker closed the connection",
+        ])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    let base = format!("http://{}", env.service().http_addr);
+    wait_until("a reconnect", Duration::from_secs(30), || async {
+        let metrics = env.service().metrics.render();
+        if metrics.contains("portals_crm_amqp_reconnects_total 1") {
+            Ok(())
+        } else {
+            Err("no reconnect yet".into())
+        }
+    })
+    .await;
+    for body in &bodies[200..] {
+        env.publish("meeting.booked", body).await;
+    }
+    wait_until(
+        "every booking written once",
+        Duration::from_secs(60),
+        || async {
+            let n = env.records("Event").await.len();
+            if n == 400 {
+                Ok(())
+            } else {
+                Err(format!("{n} events"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        env.service()
+            .metrics
+            .render()
+            .contains("portals_crm_amqp_connected 1")
+    );
+    let outcomes = env.outcomes();
+    assert_eq!(outcomes.get("dead_lettered"), None, "{outcomes:?}");
+    env.finish().await;
+}
+
+/// Random mutations of the samples (bit flips, truncation, splices, duplicated spans) never
+/// panic the decoder, and every rejection names a field.
+#[test]
+fn decoder_survives_mutated_samples() {
+    let samples: Vec<Vec<u8>> = ["booked", "booked-group", "rescheduled", "cancelled"]
+        .iter()
+        .map(|n| std::fs::read(format!("tests/fixtures/events/{n}.json")).unwrap())
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut rejected = 0;
+    for round in 0..20_000 {
+        let mut body = samples[round % samples.len()].clone();
+        for _ in 0..rng.gen_range(1..4) {
+            match rng.gen_range(0..4) {
+                0 => {
+                    let i = rng.gen_range(0..body.len());
+                    body[i] ^= 1 << rng.gen_range(0..8);
+                }
+                1 => body.truncate(rng.gen_range(0..body.len())),
+                2 => {
+                    let i = rng.gen_range(0..=body.len());
+                    let other = &samples[rng.gen_range(0..samples.len())];
+                    let j = rng.gen_range(0..other.len());
+                    body.splice(i..i, other[j..(j + 20).min(other.len())].iter().copied());
+                }
+                _ => {
+                    if body.len() > 10 {
+                        let i = rng.gen_range(0..body.len() - 10);
+                        let span = body[i..i + 10].to_vec();
+                        body.splice(i..i, span);
+                    }
+                }
+            }
+            if body.is_empty() {
+                break;
+            }
+        }
+        if let Err(error) = decode(&body, DEFAULT_MAX_BODY_BYTES) {
+            rejected += 1;
+            assert!(
+                !error.field.is_empty() && !error.reason.is_empty(),
+                "{error:?}"
+            );
+        }
+    }
+    assert!(rejected > 10_000, "most mutations are invalid ({rejected})");
+    let _: Value = serde_json::from_slice(&samples[0]).unwrap();
+}
