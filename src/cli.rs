@@ -45,6 +45,19 @@ pub enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Check tenants end to end before go-live: sign-in, API access, permissions of the mapping,
+    /// external ids, the version guard, quota headroom. Exits non-zero on any miss.
+    Doctor {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Validate mappings, list fields, preview the graph of an event.
+    Mapping {
+        /// What to do.
+        #[command(subcommand)]
+        action: MappingAction,
+    },
     /// Inspect, replay, purge or export dead letters.
     Dlq {
         /// What to do.
@@ -68,6 +81,38 @@ pub enum Command {
         /// Faults to start with.
         #[command(flatten)]
         faults: FaultArgs,
+    },
+}
+
+/// `mapping` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MappingAction {
+    /// Validate mappings against each sObject's describe as the integration user sees it.
+    Validate {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The fields of an sObject the integration user may use (what the Management UI offers).
+    Fields {
+        /// Tenant whose org and integration user to ask.
+        #[arg(long)]
+        tenant: String,
+        /// The sObject.
+        #[arg(long)]
+        sobject: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Composite Graph an event would become (nothing is written).
+    Preview {
+        /// Tenant whose mapping to use.
+        #[arg(long)]
+        tenant: String,
+        /// A CloudEvents JSON file.
+        #[arg(long)]
+        event: PathBuf,
     },
 }
 

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod doctor;
 pub mod emulator;
 pub mod enrich;
 pub mod event;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use portals_crm::amqp::Topology;
-use portals_crm::cli::{Cli, Command, DlqAction};
+use portals_crm::cli::{Cli, Command, DlqAction, MappingAction};
 use portals_crm::config::{Config, TenantConfig};
 use portals_crm::dlq::{self, Dlq};
 use portals_crm::emulator::{self, OrgSpec};
@@ -70,6 +70,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
+        Command::Doctor { tenant } => {
+            let config = Config::load(&cli.config)?;
+            let (tenants, caches) = tenants_for_cli(&config, tenant.as_deref())?;
+            let mut all_ok = true;
+            for loaded in &tenants {
+                let report =
+                    portals_crm::doctor::check_tenant(&loaded.config, &loaded.client, &caches)
+                        .await;
+                println!("{report}");
+                all_ok &= report.ok();
+            }
+            if all_ok {
+                Ok(())
+            } else {
+                anyhow::bail!("doctor found things to fix")
+            }
+        }
+        Command::Mapping { action } => {
+            let config = Config::load(&cli.config)?;
+            run_mapping(&config, action).await
+        }
         Command::Dlq { action } => {
             let config = Config::load(&cli.config)?;
             let topology = Topology::new(&config.amqp, &config.retry_tiers());
@@ -116,6 +137,95 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             shutdown_signal().await;
             handle.stop().await;
+            Ok(())
+        }
+    }
+}
+
+/// Loads (and compiles) the selected tenants, with a cache of the process's own.
+fn tenants_for_cli(
+    config: &Config,
+    only: Option<&str>,
+) -> anyhow::Result<(Vec<app::LoadedTenant>, portals_crm::enrich::Caches)> {
+    let mut tenants = TenantConfig::load_dir(&config.tenants.dir)
+        .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
+    if let Some(only) = only {
+        tenants.retain(|t| t.tenant == only);
+        anyhow::ensure!(
+            !tenants.is_empty(),
+            "no tenant {only} in {}",
+            config.tenants.dir.display()
+        );
+    }
+    let metrics = std::sync::Arc::new(portals_crm::telemetry::metrics::Metrics::new());
+    let timeout = std::time::Duration::from_secs(config.salesforce.timeout_secs);
+    let loaded = app::load_tenants(tenants, timeout, &metrics)
+        .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
+    Ok((loaded, portals_crm::enrich::Caches::temporary(metrics)?))
+}
+
+async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<()> {
+    match action {
+        MappingAction::Validate { tenant } => {
+            let (tenants, caches) = tenants_for_cli(config, tenant.as_deref())?;
+            let mut problems = 0;
+            for loaded in &tenants {
+                let mut describes = std::collections::HashMap::new();
+                for record in &loaded.config.records {
+                    if let Some(describe) = caches.describe(&loaded.client, &record.sobject).await?
+                    {
+                        describes.insert(record.sobject.clone(), describe);
+                    }
+                }
+                let found = portals_crm::plan::validate::validate(&loaded.config, &describes);
+                if found.is_empty() {
+                    println!(
+                        "tenant {}: mapping valid against the org",
+                        loaded.config.tenant
+                    );
+                }
+                for problem in &found {
+                    println!("{problem}");
+                }
+                problems += found.len();
+            }
+            anyhow::ensure!(problems == 0, "{problems} mapping problems");
+            Ok(())
+        }
+        MappingAction::Fields {
+            tenant,
+            sobject,
+            json,
+        } => {
+            let (tenants, caches) = tenants_for_cli(config, Some(&tenant))?;
+            let describe = caches
+                .describe(&tenants[0].client, &sobject)
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the integration user of {tenant} cannot see {sobject}")
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&describe.fields)?);
+            } else {
+                println!("{}", portals_crm::plan::validate::fields_table(&describe));
+            }
+            Ok(())
+        }
+        MappingAction::Preview { tenant, event } => {
+            let (tenants, caches) = tenants_for_cli(config, Some(&tenant))?;
+            let loaded = &tenants[0];
+            let body =
+                std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
+            let decoded = portals_crm::event::decode(&body, config.worker.max_body_bytes)?;
+            let enrichment = portals_crm::enrich::enrich(&decoded, &loaded.client, &caches).await?;
+            let nodes = loaded.mapping.build_graph(&decoded, &enrichment)?;
+            let request = portals_crm::salesforce::model::GraphRequest {
+                graphs: vec![portals_crm::salesforce::model::Graph {
+                    graph_id: "g0".into(),
+                    composite_request: nodes,
+                }],
+            };
+            println!("{}", serde_json::to_string_pretty(&request)?);
             Ok(())
         }
     }

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::BookingEvent;
 use crate::plan::Enrichment;
-use crate::salesforce::{SalesforceClient, SalesforceError};
+use crate::salesforce::model::SObjectDescribe;
+use crate::salesforce::{Described, SalesforceClient, SalesforceError};
 use crate::telemetry::metrics::Metrics;
 
 /// The sled database could not be opened.
@@ -24,6 +25,13 @@ pub struct CacheError {
     pub path: String,
     /// sled's error.
     pub message: String,
+}
+
+/// A cached describe and the `Last-Modified` to revalidate it with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DescribeEntry {
+    describe: SObjectDescribe,
+    last_modified: Option<String>,
 }
 
 /// A cached host → User Id answer; `user_id: None` is a negative entry.
@@ -51,6 +59,7 @@ type LookupLocks =
 pub struct Caches {
     users: sled::Tree,
     ledger: sled::Tree,
+    describes: sled::Tree,
     db: sled::Db,
     user_ttl: Duration,
     negative_ttl: Duration,
@@ -90,15 +99,83 @@ impl Caches {
             .flush_every_ms(Some(500))
             .open()
             .map_err(fail)?;
+        Self::from_db(db, user_ttl, negative_ttl, metrics).map_err(fail)
+    }
+
+    /// A cache that lives only as long as the process (one-off commands such as `doctor`, which
+    /// must not contend for the service's database lock).
+    pub fn temporary(metrics: Arc<Metrics>) -> Result<Self, CacheError> {
+        let fail = |e: sled::Error| CacheError {
+            path: "(temporary)".into(),
+            message: e.to_string(),
+        };
+        let db = sled::Config::new().temporary(true).open().map_err(fail)?;
+        Self::from_db(
+            db,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            metrics,
+        )
+        .map_err(fail)
+    }
+
+    fn from_db(
+        db: sled::Db,
+        user_ttl: Duration,
+        negative_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, sled::Error> {
         Ok(Self {
-            users: db.open_tree("users").map_err(fail)?,
-            ledger: db.open_tree("ledger").map_err(fail)?,
+            users: db.open_tree("users")?,
+            ledger: db.open_tree("ledger")?,
+            describes: db.open_tree("describe")?,
             db,
             user_ttl,
             negative_ttl,
             metrics,
             lookups: Arc::default(),
         })
+    }
+
+    /// The describe of `sobject` as the integration user sees it, `None` when the user cannot
+    /// see the object. A cached copy is revalidated with `If-Modified-Since` (a 304 keeps it).
+    pub async fn describe(
+        &self,
+        client: &SalesforceClient,
+        sobject: &str,
+    ) -> Result<Option<SObjectDescribe>, SalesforceError> {
+        let k = key(client.tenant(), sobject);
+        let cached: Option<DescribeEntry> = self
+            .describes
+            .get(&k)
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        self.metrics.cache("describe", cached.is_some());
+        let since = cached.as_ref().and_then(|c| c.last_modified.as_deref());
+        match client.describe(sobject, since).await {
+            Ok(Described::NotModified) => Ok(cached.map(|c| c.describe)),
+            Ok(Described::Fresh {
+                describe,
+                last_modified,
+            }) => {
+                let entry = DescribeEntry {
+                    describe: *describe,
+                    last_modified,
+                };
+                if let Ok(bytes) = serde_json::to_vec(&entry)
+                    && let Err(error) = self.describes.insert(&k, bytes)
+                {
+                    tracing::warn!(%error, "describe cache update failed");
+                }
+                Ok(Some(entry.describe))
+            }
+            Err(SalesforceError::Api { status: 404, .. }) => {
+                let _ = self.describes.remove(&k);
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Writes pending changes to disk (on shutdown).

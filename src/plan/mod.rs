@@ -5,6 +5,8 @@
 //! enrichment) and can reach nothing outside it. Undefined names are errors, so a typo in a
 //! mapping fails at compile or render time instead of writing an empty field.
 
+pub mod validate;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 

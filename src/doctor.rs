@@ -1,0 +1,284 @@
+//! `portals-crm doctor`: checks a tenant end to end before go-live — sign-in, API access, object
+//! and field permissions of the mapping, external ids, the version guard, quota headroom — and
+//! says, for each miss, what the Salesforce admin must do.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::TenantConfig;
+use crate::enrich::Caches;
+use crate::plan::validate::validate;
+use crate::salesforce::client::encode_segment;
+use crate::salesforce::model::{Graph, GraphRequest, Subrequest};
+use crate::salesforce::{SalesforceClient, SalesforceError};
+
+/// One line of the checklist.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// What to do when it failed.
+    pub fix: Option<String>,
+}
+
+fn pass(name: impl Into<String>, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok: true,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        ok: false,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// The checklist of one tenant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Tenant.
+    pub tenant: String,
+    /// Every check, in order.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// True when every check passed.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "tenant {}", self.tenant)?;
+        for check in &self.checks {
+            let mark = if check.ok { "ok  " } else { "MISS" };
+            writeln!(f, "  [{mark}] {}: {}", check.name, check.detail)?;
+            if let Some(fix) = &check.fix {
+                writeln!(f, "         fix: {fix}")?;
+            }
+        }
+        let misses = self.checks.iter().filter(|c| !c.ok).count();
+        write!(f, "  {} checks, {misses} to fix", self.checks.len())
+    }
+}
+
+fn token_fix(error: &SalesforceError) -> String {
+    match error {
+        SalesforceError::Token { error, .. } if error == "invalid_client" || error == "invalid_client_id" => {
+            "check the connected app's consumer key (and secret) in the tenant's auth settings".into()
+        }
+        SalesforceError::Token { description, .. } if description.contains("approved") => {
+            "pre-authorize the integration user for the connected app (Manage Connected Apps → Profiles/Permission Sets)".into()
+        }
+        SalesforceError::Token { .. } => {
+            "check the username, the certificate uploaded to the connected app, and that the user is active".into()
+        }
+        SalesforceError::Refused(_) => "fix the tenant's auth settings (key file or env var)".into(),
+        _ => "check the login URL and that the org is reachable from here".into(),
+    }
+}
+
+/// The version guard, probed without writing anything: one graph upserts a probe booking at
+/// version 2, then at version 1, then writes a field that does not exist. The graph always
+/// rolls back; which node fails tells whether the validation rule is active.
+async fn version_guard(client: &SalesforceClient) -> Check {
+    let name = "version guard (BookMe_Version_Must_Not_Decrease)";
+    let url = format!(
+        "{}/sobjects/BookMe__Booking__c/BookMe__Booking_Id__c/{}",
+        client.data_path(),
+        encode_segment("portals-crm-doctor-probe")
+    );
+    let node = |reference: &str, body: serde_json::Value| Subrequest {
+        method: "PATCH".into(),
+        url: url.clone(),
+        reference_id: reference.into(),
+        body: Some(body),
+    };
+    let request = GraphRequest {
+        graphs: vec![Graph {
+            graph_id: "doctor".into(),
+            composite_request: vec![
+                node(
+                    "newer",
+                    json!({"Name": "doctor probe", "BookMe__Version__c": 2}),
+                ),
+                node("older", json!({"BookMe__Version__c": 1})),
+                node("rollback", json!({"PortalsCrmDoctorNoSuchField__c": 1})),
+            ],
+        }],
+    };
+    match client.composite_graph(&request).await {
+        Ok(response) => {
+            let error = response.graphs.first().and_then(|g| g.root_error());
+            match error {
+                Some(e) if e.message.contains("STALE_BOOKING_VERSION") => pass(
+                    name,
+                    "an older version is rejected (probe rolled back, nothing written)",
+                ),
+                Some(e) if e.error_code == "INVALID_FIELD" => fail(
+                    name,
+                    "an older version was accepted: the rule is missing or inactive (probe rolled back)",
+                    "deploy deploy/salesforce (validation rule BookMe_Version_Must_Not_Decrease) and activate it",
+                ),
+                Some(e) => fail(
+                    name,
+                    format!("the probe failed with {}: {}", e.error_code, e.message),
+                    "fix the BookMe Booking object's permissions (see the checks above), then run doctor again",
+                ),
+                None => fail(
+                    name,
+                    "the probe was not rolled back as expected",
+                    "check the BookMe Booking object in Setup",
+                ),
+            }
+        }
+        Err(error) => fail(name, error.to_string(), "fix the checks above first"),
+    }
+}
+
+/// Runs every check for one tenant.
+pub async fn check_tenant(
+    tenant: &TenantConfig,
+    client: &SalesforceClient,
+    caches: &Caches,
+) -> Report {
+    let mut checks = Vec::new();
+    match client.token().await {
+        Ok(token) => checks.push(pass(
+            "sign-in",
+            format!("token for the integration user (User Id {})", token.user_id),
+        )),
+        Err(error) => {
+            checks.push(fail("sign-in", error.to_string(), token_fix(&error)));
+            return Report {
+                tenant: tenant.tenant.clone(),
+                checks,
+            };
+        }
+    }
+    let global = match client.describe_global().await {
+        Ok(global) => {
+            checks.push(pass(
+                "API access",
+                format!("{} objects visible", global.sobjects.len()),
+            ));
+            global
+        }
+        Err(error) => {
+            checks.push(fail(
+                "API access",
+                error.to_string(),
+                "enable \"API Enabled\" for the integration user (permission set or profile)",
+            ));
+            return Report {
+                tenant: tenant.tenant.clone(),
+                checks,
+            };
+        }
+    };
+    let mut describes = HashMap::new();
+    let mut objects: Vec<&str> = tenant.records.iter().map(|r| r.sobject.as_str()).collect();
+    objects.dedup();
+    for object in objects {
+        let entry = global.sobjects.iter().find(|o| o.name == object);
+        let name = format!("object {object}");
+        match entry {
+            Some(o) if o.createable && o.updateable => {
+                checks.push(pass(name, "read, create and edit"));
+            }
+            Some(_) => checks.push(fail(
+                name,
+                "visible but not both creatable and editable",
+                format!("grant Create and Edit on {object} to the integration user's permission set"),
+            )),
+            None => checks.push(fail(
+                name,
+                "not visible to the integration user",
+                format!("install deploy/salesforce if {object} is a BookMe object, and grant Read, Create, Edit on it"),
+            )),
+        }
+        match caches.describe(client, object).await {
+            Ok(Some(describe)) => {
+                describes.insert(object.to_owned(), describe);
+            }
+            Ok(None) => {}
+            Err(error) => checks.push(fail(
+                format!("describe {object}"),
+                error.to_string(),
+                "retry; if it persists, check the org's status",
+            )),
+        }
+    }
+    let problems = validate(tenant, &describes);
+    if problems.is_empty() {
+        let fields: usize = tenant.records.iter().map(|r| r.fields.len()).sum();
+        checks.push(pass(
+            "mapping",
+            format!(
+                "{fields} mapped fields writable, external ids present, required fields mapped"
+            ),
+        ));
+    }
+    for problem in problems {
+        checks.push(fail(
+            format!("mapping {}.{}", problem.record, problem.target),
+            problem.problem,
+            problem.fix,
+        ));
+    }
+    if describes.contains_key("BookMe__Booking__c") {
+        checks.push(version_guard(client).await);
+    }
+    match client.limits().await {
+        Ok(limits) => match limits.get("DailyApiRequests") {
+            Some(daily) if daily.max > 0 => {
+                let used = (daily.max - daily.remaining) as f64 / daily.max as f64;
+                let share = tenant.limits.api_quota_share;
+                let detail = format!(
+                    "{} of {} daily API requests left; portals-crm may use up to {:.0} %",
+                    daily.remaining,
+                    daily.max,
+                    share * 100.0
+                );
+                if used < share {
+                    checks.push(pass("API quota headroom", detail));
+                } else {
+                    checks.push(fail(
+                        "API quota headroom",
+                        detail,
+                        "raise limits.api_quota_share, reduce other integrations' usage, or buy API add-ons",
+                    ));
+                }
+            }
+            _ => checks.push(fail(
+                "API quota headroom",
+                "no DailyApiRequests in /limits",
+                "grant \"View Setup and Configuration\" so the integration user can read /limits",
+            )),
+        },
+        Err(error) => checks.push(fail(
+            "API quota headroom",
+            error.to_string(),
+            "grant \"View Setup and Configuration\" so the integration user can read /limits",
+        )),
+    }
+    Report {
+        tenant: tenant.tenant.clone(),
+        checks,
+    }
+}

@@ -1,0 +1,269 @@
+//! Mappings validated against the org as the integration user sees it, and `doctor`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portals_crm::app::{LoadedTenant, load_tenants};
+use portals_crm::config::{AuthConfig, TenantConfig};
+use portals_crm::doctor::check_tenant;
+use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
+use portals_crm::enrich::Caches;
+use portals_crm::plan::validate::{MappingProblem, validate};
+use portals_crm::telemetry::metrics::Metrics;
+use serde_json::json;
+
+fn acme(emulator: &EmulatorHandle) -> TenantConfig {
+    let mut tenant = TenantConfig::load(Path::new("config/tenants/acme.toml")).unwrap();
+    tenant.org.login_url = emulator.base_url.clone();
+    tenant
+}
+
+fn as_limited_user(mut tenant: TenantConfig) -> TenantConfig {
+    if let AuthConfig::JwtBearer { username, .. } = &mut tenant.auth {
+        *username = "limited@bookme-demo.example".into();
+    }
+    tenant
+}
+
+fn load(tenant: TenantConfig) -> (LoadedTenant, Caches, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let loaded = load_tenants(vec![tenant], Duration::from_secs(10), &metrics)
+        .unwrap()
+        .remove(0);
+    (loaded, Caches::temporary(metrics.clone()).unwrap(), metrics)
+}
+
+async fn problems(tenant: TenantConfig) -> Vec<MappingProblem> {
+    let (loaded, caches, _) = load(tenant);
+    let mut describes = HashMap::new();
+    for record in &loaded.config.records {
+        if let Some(d) = caches
+            .describe(&loaded.client, &record.sobject)
+            .await
+            .unwrap()
+        {
+            describes.insert(record.sobject.clone(), d);
+        }
+    }
+    validate(&loaded.config, &describes)
+}
+
+fn has(problems: &[MappingProblem], target: &str, fix_contains: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.target == target && p.fix.contains(fix_contains))
+}
+
+async fn start(org: OrgSpec) -> EmulatorHandle {
+    emulator::start("127.0.0.1:0".parse().unwrap(), org, &FaultSpec::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_shipped_mapping_is_valid_and_least_privilege_gaps_are_named_with_their_fix() {
+    let emulator = start(OrgSpec::demo()).await;
+    assert_eq!(problems(acme(&emulator)).await, vec![]);
+    let found = problems(as_limited_user(acme(&emulator))).await;
+    let printed: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert!(
+        has(&found, "Lead.Phone", "grant Edit on Lead.Phone"),
+        "{printed:#?}"
+    );
+    assert!(
+        has(&found, "Event.Location", "grant Edit on Event.Location"),
+        "{printed:#?}"
+    );
+    let description = found
+        .iter()
+        .find(|p| p.target == "Event.Description")
+        .unwrap();
+    assert!(description.problem.contains("read-only"), "{description}");
+    assert!(
+        has(&found, "BookMe__Booking__c.BookMe__Portal__c", "grant Edit"),
+        "{printed:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .all(|p| p.tenant == "acme" && !p.record.is_empty())
+    );
+    emulator.stop().await;
+}
+
+#[tokio::test]
+async fn mapping_mistakes_are_all_reported_at_once() {
+    let emulator = start(OrgSpec::demo()).await;
+    let mut tenant = acme(&emulator);
+    tenant.records[0].fields.remove("LastName");
+    tenant.records[0]
+        .fields
+        .insert("Status".into(), json!("Bogus"));
+    tenant.records[0]
+        .fields
+        .insert("Title".into(), json!("x".repeat(200)));
+    tenant.records[1].external_id_field = "Subject".into();
+    tenant.records[2]
+        .fields
+        .insert("BookMe__Lead_Id__c".into(), json!("@{event.id}"));
+    let found = problems(tenant).await;
+    let printed: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert!(
+        has(&found, "Lead.LastName", "map Lead.LastName"),
+        "{printed:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.target == "Lead.Status" && p.problem.contains("picklist")),
+        "{printed:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.target == "Lead.Title" && p.problem.contains("holds 128")),
+        "{printed:#?}"
+    );
+    assert!(has(&found, "Event.Subject", "External ID"), "{printed:#?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.target == "BookMe__Booking__c.BookMe__Lead_Id__c"
+                && p.problem.contains("refers to a Event")),
+        "{printed:#?}"
+    );
+    assert_eq!(found.len(), 5, "{printed:#?}");
+    emulator.stop().await;
+}
+
+#[tokio::test]
+async fn describes_are_cached_and_revalidated() {
+    let emulator = start(OrgSpec::demo()).await;
+    let (loaded, caches, metrics) = load(acme(&emulator));
+    let first = caches
+        .describe(&loaded.client, "Lead")
+        .await
+        .unwrap()
+        .unwrap();
+    let second = caches
+        .describe(&loaded.client, "Lead")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, second);
+    let text = metrics.render();
+    assert!(
+        text.contains("portals_crm_cache_requests_total{cache=\"describe\",result=\"hit\"} 1"),
+        "{text}"
+    );
+    let stats: serde_json::Value = reqwest::get(format!("{}/__emulator/stats", emulator.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["requests"]["describe"], 2, "the second one was a 304");
+    assert!(
+        caches
+            .describe(&loaded.client, "EventRelation")
+            .await
+            .unwrap()
+            .is_none(),
+        "invisible object"
+    );
+    emulator.stop().await;
+}
+
+#[tokio::test]
+async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
+    let emulator = start(OrgSpec::demo()).await;
+    let (loaded, caches, _) = load(acme(&emulator));
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    assert!(report.ok(), "{report}");
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name.starts_with("version guard") && c.ok)
+    );
+    assert!(
+        emulator_records(&emulator, "BookMe__Booking__c").await == 0,
+        "the probe wrote nothing"
+    );
+
+    let (limited, caches, _) = load(as_limited_user(acme(&emulator)));
+    let report = check_tenant(&limited.config, &limited.client, &caches).await;
+    assert!(!report.ok());
+    let text = report.to_string();
+    assert!(
+        text.contains("[MISS] mapping lead.Lead.Phone")
+            && text.contains("fix: grant Edit on Lead.Phone"),
+        "{text}"
+    );
+    emulator.stop().await;
+
+    let mut org = OrgSpec::demo();
+    org.validation_rules.clear();
+    let emulator = start(org).await;
+    let (loaded, caches, _) = load(acme(&emulator));
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    let guard = report
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("version guard"))
+        .unwrap();
+    assert!(
+        !guard.ok
+            && guard
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("BookMe_Version_Must_Not_Decrease"),
+        "{report}"
+    );
+    assert!(
+        emulator_records(&emulator, "BookMe__Booking__c").await == 0,
+        "the probe rolled back"
+    );
+
+    let mut wrong = acme(&emulator);
+    let secret_file = std::env::temp_dir().join(format!(
+        "portals-crm-wrong-secret-{:x}",
+        rand::random::<u32>()
+    ));
+    std::fs::write(&secret_file, "not-the-secret").unwrap();
+    wrong.auth = AuthConfig::ClientCredentials {
+        client_id: "demo-client".into(),
+        client_secret_file: Some(secret_file.clone()),
+        client_secret_env: None,
+    };
+    let (loaded, caches, _) = load(wrong);
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    assert!(!report.ok() && report.checks.len() == 1, "{report}");
+    assert!(
+        report.checks[0]
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("consumer key"),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("not-the-secret"));
+    let _ = std::fs::remove_file(secret_file);
+    emulator.stop().await;
+}
+
+async fn emulator_records(emulator: &EmulatorHandle, sobject: &str) -> usize {
+    let rows: serde_json::Value = reqwest::get(format!(
+        "{}/__emulator/records/{sobject}",
+        emulator.base_url
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    rows.as_array().unwrap().len()
+}
