@@ -220,3 +220,67 @@ fn decoder_survives_mutated_samples() {
     assert!(rejected > 10_000, "most mutations are invalid ({rejected})");
     let _: Value = serde_json::from_slice(&samples[0]).unwrap();
 }
+
+/// The poison-message fuse: a message that keeps coming back (a worker crashing on it) is
+/// dead-lettered by the broker after the work queue's delivery limit, and `dlq` shows it.
+#[tokio::test]
+async fn the_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    use portals_crm::dlq::{Dlq, Filter};
+    let mut env = TestEnv::start_with("fuse", |c| c.amqp.delivery_limit = 2).await;
+    env.stop_service().await;
+    env.publish("meeting.booked", &version("acme", "bk_poison", 1))
+        .await;
+    let channel = env.publisher.channel();
+    let mut deliveries = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match channel
+            .basic_get(
+                env.topology.work_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                deliveries += 1;
+                message
+                    .delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await
+                    .unwrap();
+            }
+            None if deliveries > 0 => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert_eq!(deliveries, 3, "delivered up to the limit, then no more");
+    let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
+        .await
+        .unwrap();
+    let letters = wait_until(
+        "the broker's dead letter",
+        Duration::from_secs(10),
+        || async {
+            let letters = dlq.list(&Filter::default()).await.unwrap();
+            if letters.len() == 1 {
+                Ok(letters)
+            } else {
+                Err(format!("{letters:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(letters[0].reason, "delivery_limit");
+    assert!(
+        letters[0].id.starts_with("body-"),
+        "no event id header: the id is the body hash"
+    );
+    dlq.close().await;
+    env.finish().await;
+}

@@ -82,7 +82,8 @@ fn key(tenant: &str, id: &str) -> Vec<u8> {
 }
 
 impl Caches {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`. A corrupt or older-format database holds only
+    /// caches, so it is moved aside and rebuilt rather than stopping the service.
     pub fn open(
         path: &Path,
         user_ttl: Duration,
@@ -93,12 +94,32 @@ impl Caches {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(16 * 1024 * 1024)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(fail)?;
+        let open = || {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(16 * 1024 * 1024)
+                .flush_every_ms(Some(500))
+                .open()
+        };
+        let db = match open() {
+            Ok(db) => db,
+            Err(error @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_))) => {
+                let aside = path.with_extension(format!(
+                    "corrupt-{}",
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default()
+                ));
+                tracing::warn!(%error, moved_to = %aside.display(), "cache database unreadable; rebuilding it");
+                std::fs::rename(path, &aside).map_err(|e| CacheError {
+                    path: path.display().to_string(),
+                    message: format!("unreadable ({error}) and cannot be moved aside: {e}"),
+                })?;
+                open().map_err(fail)?
+            }
+            Err(error) => return Err(fail(error)),
+        };
         Self::from_db(db, user_ttl, negative_ttl, metrics).map_err(fail)
     }
 
@@ -330,6 +351,50 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_corrupt_database_is_rebuilt() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-corrupt-{}", std::process::id()));
+        let open = || {
+            Caches::open(
+                &dir,
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                Arc::new(Metrics::new()),
+            )
+        };
+        drop(open().unwrap());
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::write(&path, b"\x00garbage, not sled\xff").unwrap();
+            }
+        }
+        let caches = open().expect("rebuilt, not fatal");
+        caches.ledger_put(
+            "acme",
+            "bk_1",
+            &LedgerEntry {
+                version: 1,
+                record_ids: vec![],
+            },
+        );
+        assert_eq!(caches.ledger_get("acme", "bk_1").unwrap().version, 1);
+        drop(caches);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut moved_aside = 0;
+        for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!(
+                "portals-crm-corrupt-{}.corrupt-",
+                std::process::id()
+            )) {
+                moved_aside += 1;
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        assert_eq!(moved_aside, 1, "the unreadable database was moved aside");
+    }
 
     #[test]
     fn soql_quoting_escapes_quotes_and_backslashes() {

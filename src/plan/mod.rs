@@ -94,6 +94,64 @@ struct Context<'a> {
     integration_user_id: &'a str,
 }
 
+/// Filters the mapping language adds to minijinja's builtins (`lower`, `upper`, `default`,
+/// `replace`, …) and minijinja-contrib's (`truncate`, …).
+mod filters {
+    use minijinja::{Error, ErrorKind};
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    /// `"+47 555 01234"` → `"+4755501234"`: digits, with the leading `+` kept.
+    pub fn phone(value: Option<String>) -> Option<String> {
+        let value = value?;
+        let digits: String = value.chars().filter(char::is_ascii_digit).collect();
+        if digits.is_empty() {
+            return None;
+        }
+        Some(if value.trim_start().starts_with('+') {
+            format!("+{digits}")
+        } else {
+            digits
+        })
+    }
+
+    fn parse(value: &str) -> Result<OffsetDateTime, Error> {
+        OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{value:?} is not a timestamp: {e}"),
+            )
+        })
+    }
+
+    fn format(at: OffsetDateTime, pattern: &str) -> Result<String, Error> {
+        let description = time::format_description::parse_borrowed::<2>(pattern).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("bad format {pattern:?}: {e}"),
+            )
+        })?;
+        at.format(&description)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+    }
+
+    /// A timestamp in UTC, formatted (default `[year]-[month]-[day] [hour]:[minute] UTC`).
+    pub fn datetime(value: String, pattern: Option<String>) -> Result<String, Error> {
+        let at = parse(&value)?.to_offset(time::UtcOffset::UTC);
+        format(
+            at,
+            pattern
+                .as_deref()
+                .unwrap_or("[year]-[month]-[day] [hour]:[minute] UTC"),
+        )
+    }
+
+    /// The calendar date of a timestamp, in its own offset (`[year]-[month]-[day]`).
+    pub fn date(value: String) -> Result<String, Error> {
+        format(parse(&value)?, "[year]-[month]-[day]")
+    }
+}
+
 fn valid_reference(name: &str) -> bool {
     name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -127,6 +185,10 @@ impl CompiledMapping {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_filter("phone", filters::phone);
+        env.add_filter("datetime", filters::datetime);
+        env.add_filter("date", filters::date);
         let mut problems = Vec::new();
         let mut records = Vec::new();
         let mut known: Vec<(String, bool)> = Vec::new();
@@ -448,6 +510,28 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("Customer asked to postpone")
+        );
+    }
+
+    #[test]
+    fn filters_normalise_phones_and_format_dates() {
+        let mut tenant = acme();
+        tenant.records[0]
+            .fields
+            .insert("Phone".into(), "{{ attendee.phone | phone }}".into());
+        tenant.records[1].fields.insert(
+            "Description".into(),
+            "{{ booking.starts_at | date }} / {{ booking.starts_at | datetime }} / {{ booking.title | upper | truncate(length=8) }} / {{ booking.answers.budget | default('n/a') }}".into(),
+        );
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let nodes = mapping
+            .build_graph(&event("booked-group"), &Enrichment::default())
+            .unwrap();
+        assert_eq!(nodes[0].body.as_ref().unwrap()["Phone"], Value::Null);
+        assert_eq!(nodes[1].body.as_ref().unwrap()["Phone"], "+33400000000");
+        assert_eq!(
+            nodes[2].body.as_ref().unwrap()["Description"],
+            "2026-12-03 / 2026-12-03 12:00 UTC / DÉMO... / n/a"
         );
     }
 
