@@ -24,9 +24,11 @@ use crate::enrich::{Caches, LedgerEntry, enrich};
 use crate::event::{self, BookingEvent};
 use crate::outcome::{Disposition, Failure, MessageInfo, Settled, Settler, headers};
 use crate::plan::CompiledMapping;
+use crate::plan::validate::{MappingProblem, validate};
 use crate::retry_policy::Reconnect;
 use crate::salesforce::model::{ApiError, GraphResult};
 use crate::salesforce::{CircuitBreaker, Class, SalesforceClient, SalesforceError};
+use crate::telemetry::admin::AdminAccess;
 use crate::telemetry::http::Readiness;
 use crate::telemetry::logging::redact;
 use crate::telemetry::metrics::Metrics;
@@ -124,10 +126,15 @@ impl PipelineSettings {
 
 /// Everything a message needs on its way through decode → enrich → plan → batch.
 pub struct Pipeline {
-    tenants: HashMap<String, Arc<Tenant>>,
+    /// Swapped whole by a reload. A std RwLock: held only to clone an `Arc`, never across an
+    /// await; a message keeps the tenant it started with until it settles.
+    tenants: std::sync::RwLock<HashMap<String, Arc<Tenant>>>,
     caches: Caches,
     metrics: Arc<Metrics>,
-    max_body_bytes: usize,
+    settings: PipelineSettings,
+    timeout: Duration,
+    tracker: TaskTracker,
+    batch_stop: CancellationToken,
 }
 
 /// A tenant file, compiled, with its org's client.
@@ -221,11 +228,27 @@ impl Pipeline {
         tenants: Vec<LoadedTenant>,
         caches: Caches,
         metrics: Arc<Metrics>,
-        settings: &PipelineSettings,
+        settings: PipelineSettings,
+        timeout: Duration,
         tracker: &TaskTracker,
-        cancel: &CancellationToken,
+        batch_stop: &CancellationToken,
     ) -> Self {
-        let tenants = tenants
+        let pipeline = Self {
+            tenants: std::sync::RwLock::default(),
+            caches,
+            metrics,
+            settings,
+            timeout,
+            tracker: tracker.clone(),
+            batch_stop: batch_stop.clone(),
+        };
+        let built = pipeline.build(tenants);
+        *pipeline.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        pipeline
+    }
+
+    fn build(&self, tenants: Vec<LoadedTenant>) -> HashMap<String, Arc<Tenant>> {
+        tenants
             .into_iter()
             .map(|loaded| {
                 let LoadedTenant {
@@ -233,14 +256,19 @@ impl Pipeline {
                     mapping,
                     client,
                 } = loaded;
-                let batcher =
-                    Batcher::spawn(client.clone(), settings.batch, tracker, cancel.clone());
-                let gauge = metrics
+                let batcher = Batcher::spawn(
+                    client.clone(),
+                    self.settings.batch,
+                    &self.tracker,
+                    self.batch_stop.clone(),
+                );
+                let gauge = self
+                    .metrics
                     .circuit_open
                     .with_label_values(&[config.tenant.as_str()]);
                 let breaker = CircuitBreaker::new(
-                    settings.circuit_failures,
-                    settings.circuit_cooldown,
+                    self.settings.circuit_failures,
+                    self.settings.circuit_cooldown,
                     gauge,
                 );
                 let tenant = Tenant {
@@ -252,18 +280,76 @@ impl Pipeline {
                 };
                 (tenant.config.tenant.clone(), Arc::new(tenant))
             })
-            .collect();
-        Self {
-            tenants,
-            caches,
-            metrics,
-            max_body_bytes: settings.max_body_bytes,
-        }
+            .collect()
     }
 
-    /// The configured tenants.
-    pub fn tenants(&self) -> impl Iterator<Item = &Arc<Tenant>> {
-        self.tenants.values()
+    /// The tenant with this id.
+    pub fn tenant(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every configured tenant, sorted by id.
+    pub fn tenants(&self) -> Vec<Arc<Tenant>> {
+        let mut all: Vec<Arc<Tenant>> = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.config.tenant.cmp(&b.config.tenant));
+        all
+    }
+
+    /// The caches (the admin API reads describes from them).
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
+    /// Problems of `tenant`'s mapping against its org, as the integration user sees it. `Err`
+    /// when the org could not be asked (the mapping is then neither accepted nor refused).
+    pub async fn check_against_org(
+        &self,
+        config: &TenantConfig,
+        client: &SalesforceClient,
+    ) -> Result<Vec<MappingProblem>, SalesforceError> {
+        let mut describes = HashMap::new();
+        for record in &config.records {
+            if let Some(describe) = self.caches.describe(client, &record.sobject).await? {
+                describes.insert(record.sobject.clone(), describe);
+            }
+        }
+        Ok(validate(config, &describes))
+    }
+
+    /// Replaces every tenant at once with `configs`, after compiling each mapping and checking
+    /// it against its org. Any problem rejects the whole change and the running tenants stay.
+    /// An org that cannot be reached does not block a reload (its mapping is checked when the
+    /// org answers: a write error dead-letters with the field).
+    pub async fn reload(&self, configs: Vec<TenantConfig>) -> Result<Vec<String>, Vec<String>> {
+        let loaded = load_tenants(configs, self.timeout, &self.metrics)?;
+        let mut problems = Vec::new();
+        for tenant in &loaded {
+            match self.check_against_org(&tenant.config, &tenant.client).await {
+                Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
+                Err(error) => tracing::warn!(
+                    tenant = %tenant.config.tenant,
+                    %error,
+                    "mapping not checked against the org (unreachable); loading it anyway"
+                ),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let names: Vec<String> = loaded.iter().map(|t| t.config.tenant.clone()).collect();
+        let built = self.build(loaded);
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        Ok(names)
     }
 
     /// Flushes the caches (shutdown).
@@ -273,13 +359,13 @@ impl Pipeline {
 
     fn tenant_label(&self, tenant: Option<&str>) -> String {
         match tenant {
-            Some(t) if self.tenants.contains_key(t) => t.to_owned(),
+            Some(t) if self.tenant(t).is_some() => t.to_owned(),
             _ => "unknown".to_owned(),
         }
     }
 
     async fn process(&self, body: &[u8]) -> Processed {
-        let event = match event::decode(body, self.max_body_bytes) {
+        let event = match event::decode(body, self.settings.max_body_bytes) {
             Ok(event) => event,
             Err(invalid) => {
                 let tenant = self.tenant_label(event::peek_tenant(body).as_deref());
@@ -312,13 +398,13 @@ impl Pipeline {
             booking_id: Some(event.booking.booking_id.clone()),
             event_id: Some(event.id.clone()),
         };
-        let disposition = match self.tenants.get(&event.tenant) {
+        let disposition = match self.tenant(&event.tenant) {
             None => Disposition::DeadLetter(failure(
                 "unknown_tenant",
                 format!("tenant {:?} is not configured", event.tenant),
                 None,
             )),
-            Some(tenant) => self.write(tenant, &event).await,
+            Some(tenant) => self.write(&tenant, &event).await,
         };
         Processed {
             info,
@@ -524,6 +610,103 @@ impl Pipeline {
     }
 }
 
+/// Reloads the tenant files into a running pipeline: one reload at a time, from the admin API,
+/// SIGHUP, or the directory watcher.
+#[derive(Clone)]
+pub struct Reloader {
+    pipeline: Arc<Pipeline>,
+    dir: std::path::PathBuf,
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Reloader {
+    /// A reloader of `dir` into `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>, dir: std::path::PathBuf) -> Self {
+        Self {
+            pipeline,
+            dir,
+            one_at_a_time: Arc::default(),
+        }
+    }
+
+    /// Loads, compiles and checks every tenant file, and swaps them in — or keeps the running
+    /// tenants and returns every problem.
+    pub async fn reload(&self) -> Result<Vec<String>, Vec<String>> {
+        let _one = self.one_at_a_time.lock().await;
+        let configs = TenantConfig::load_dir(&self.dir)?;
+        let result = self.pipeline.reload(configs).await;
+        match &result {
+            Ok(names) => tracing::info!(tenants = ?names, "tenants reloaded"),
+            Err(problems) => {
+                for problem in problems {
+                    tracing::error!(%problem, "tenant change rejected; the running mapping stays");
+                }
+            }
+        }
+        result
+    }
+
+    /// What the directory holds now: names, sizes and modification times of the tenant files.
+    fn fingerprint(&self) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            .map(|e| {
+                let meta = e.metadata().ok();
+                (
+                    e.path(),
+                    meta.as_ref().map_or(0, std::fs::Metadata::len),
+                    meta.and_then(|m| m.modified().ok()),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Reloads whenever the tenant files change, until `cancel`.
+    pub async fn watch(self, every: Duration, cancel: CancellationToken) {
+        let mut seen = self.fingerprint();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = cancel.cancelled() => return,
+            }
+            let now = self.fingerprint();
+            if now != seen {
+                seen = now;
+                // A rejected change is logged by `reload`; it is retried when the files change again.
+                let _ = self.reload().await;
+            }
+        }
+    }
+}
+
+/// Checks every tenant's mapping against its org once, in the background, and logs what a
+/// Salesforce admin would have to fix; a start never waits for (or fails on) an org.
+async fn check_tenants_against_orgs(pipeline: Arc<Pipeline>) {
+    for tenant in pipeline.tenants() {
+        match pipeline
+            .check_against_org(&tenant.config, &tenant.client)
+            .await
+        {
+            Ok(problems) if problems.is_empty() => {
+                tracing::info!(tenant = %tenant.config.tenant, "mapping valid against the org");
+            }
+            Ok(problems) => {
+                for problem in problems {
+                    tracing::error!(%problem, "mapping problem: writes will be dead-lettered until it is fixed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(tenant = %tenant.config.tenant, %error, "mapping not checked: org unreachable")
+            }
+        }
+    }
+}
+
 /// Worker settings taken from [`Config`].
 #[derive(Clone)]
 pub struct WorkerSettings {
@@ -666,6 +849,8 @@ pub struct Service {
     pub pipeline: Arc<Pipeline>,
     /// Its metrics.
     pub metrics: Arc<Metrics>,
+    /// Reloads the tenant files (SIGHUP, the admin API).
+    pub reloader: Reloader,
     cancel: CancellationToken,
     batch_stop: CancellationToken,
     consumer: tokio::task::JoinHandle<()>,
@@ -690,13 +875,43 @@ impl Service {
         // Batchers stop only after the consumer has drained: in-flight messages still need them.
         let batch_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let pipeline = Arc::new(Pipeline::new(
+            tenants,
+            caches,
+            metrics.clone(),
+            PipelineSettings::from_config(config),
+            timeout,
+            &tracker,
+            &batch_stop,
+        ));
+        readiness.set_tenants(true);
+        let reloader = Reloader::new(pipeline.clone(), config.tenants.dir.clone());
+        let listen: SocketAddr = config.http.listen.parse().map_err(|_| BuildError::Listen {
+            addr: config.http.listen.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an address"),
+        })?;
+        let token = config
+            .http
+            .admin_token_env
+            .as_ref()
+            .and_then(|name| std::env::var(name).ok())
+            .or_else(|| {
+                let path = config.http.admin_token_file.as_ref()?;
+                std::fs::read_to_string(path).ok()
+            })
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        let access = match (token, listen.ip().is_loopback()) {
+            (Some(token), _) => AdminAccess::Token(Arc::new(secrecy::SecretString::from(token))),
+            (None, true) => AdminAccess::Local,
+            (None, false) => AdminAccess::Disabled,
+        };
+        let admin = crate::telemetry::admin::router(pipeline.clone(), reloader.clone(), access);
         let http_addr = crate::telemetry::http::serve(
-            config.http.listen.parse().map_err(|_| BuildError::Listen {
-                addr: config.http.listen.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an address"),
-            })?,
+            listen,
             metrics.clone(),
             readiness.clone(),
+            admin,
             cancel.clone(),
             &tracker,
         )
@@ -705,15 +920,13 @@ impl Service {
             addr: config.http.listen.clone(),
             source,
         })?;
-        let pipeline = Arc::new(Pipeline::new(
-            tenants,
-            caches,
-            metrics.clone(),
-            &PipelineSettings::from_config(config),
-            &tracker,
-            &batch_stop,
-        ));
-        readiness.set_tenants(true);
+        tracker.spawn(check_tenants_against_orgs(pipeline.clone()));
+        if config.tenants.watch_secs > 0 {
+            tracker.spawn(reloader.clone().watch(
+                Duration::from_secs(config.tenants.watch_secs),
+                cancel.clone(),
+            ));
+        }
         let topology = Arc::new(Topology::new(&config.amqp, &config.retry_tiers()));
         let settings = WorkerSettings {
             url: config.amqp.url.clone(),
@@ -734,6 +947,7 @@ impl Service {
             http_addr,
             pipeline,
             metrics,
+            reloader,
             cancel,
             batch_stop,
             consumer,

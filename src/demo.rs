@@ -362,6 +362,8 @@ pub async fn run(
     config.amqp.retry_queue_prefix = format!("{}.{suffix}", config.amqp.retry_queue_prefix);
     let cache_dir = std::env::temp_dir().join(format!("portals-crm-{suffix}"));
     config.cache.path = cache_dir.clone();
+    // The demo's tenants point at its in-process emulator, not at what the files say.
+    config.tenants.watch_secs = 0;
     let mut tenants = TenantConfig::load_dir(&config.tenants.dir).map_err(DemoError::Tenants)?;
     for tenant in &mut tenants {
         tenant.org.login_url = emulator.base_url.clone();

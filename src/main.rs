@@ -35,7 +35,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
             let service = app::Service::start(&config, tenants).await?;
             tracing::info!(http = %service.http_addr, "portals-crm running");
+            let reloader = service.reloader.clone();
+            let hangups = tokio::spawn(async move {
+                let Ok(mut hangup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return;
+                };
+                while hangup.recv().await.is_some() {
+                    // The outcome is logged by the reloader.
+                    let _ = reloader.reload().await;
+                }
+            });
             shutdown_signal().await;
+            hangups.abort();
             tracing::info!("shutting down");
             service.shutdown().await;
             Ok(())

@@ -139,9 +139,15 @@ pub struct SalesforceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Listen address of /metrics, /healthz, /readyz.
+    /// Listen address of /metrics, /healthz, /readyz and the admin API.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Environment variable holding the admin API's bearer token (required off loopback).
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
+    /// Or a file holding it.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// The sled cache.
@@ -166,6 +172,9 @@ pub struct TenantsConfig {
     /// Directory of `<tenant>.toml` files.
     #[serde(default = "default_tenants_dir")]
     pub dir: PathBuf,
+    /// How often to look for changed tenant files (0: only on SIGHUP or the admin API).
+    #[serde(default = "default_watch")]
+    pub watch_secs: u64,
 }
 
 fn default_heartbeat() -> u16 {
@@ -237,6 +246,9 @@ fn default_user_ttl() -> u64 {
 fn default_negative_ttl() -> u64 {
     300
 }
+fn default_watch() -> u64 {
+    5
+}
 fn default_tenants_dir() -> PathBuf {
     "config/tenants".into()
 }
@@ -280,6 +292,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            admin_token_env: None,
+            admin_token_file: None,
         }
     }
 }
@@ -296,6 +310,7 @@ impl Default for TenantsConfig {
     fn default() -> Self {
         Self {
             dir: default_tenants_dir(),
+            watch_secs: default_watch(),
         }
     }
 }

@@ -536,6 +536,23 @@ mod tests {
     }
 
     #[test]
+    fn when_conditions_select_records_per_event() {
+        let mut tenant = acme();
+        tenant.records[1].when = Some("booking.status != 'cancelled'".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let refs = |name: &str| -> Vec<String> {
+            mapping
+                .build_graph(&event(name), &Enrichment::default())
+                .unwrap()
+                .iter()
+                .map(|n| n.reference_id.clone())
+                .collect()
+        };
+        assert_eq!(refs("booked"), ["lead_0", "event", "booking"]);
+        assert_eq!(refs("cancelled"), ["lead_0", "booking"]);
+    }
+
+    #[test]
     fn compile_reports_every_problem() {
         let mut tenant = acme();
         tenant.records[1]

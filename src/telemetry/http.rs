@@ -76,11 +76,12 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `listen` and serves until `cancel`; returns the bound address.
+/// Binds `listen` and serves until `cancel`, with `admin` merged in; returns the bound address.
 pub async fn serve(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    admin: Router,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> std::io::Result<SocketAddr> {
@@ -90,7 +91,8 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { metrics, readiness });
+        .with_state(HttpState { metrics, readiness })
+        .merge(admin);
     tracker.spawn(async move {
         if let Err(error) = axum::serve(listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())

@@ -93,6 +93,7 @@ impl TestEnv {
         config.http.listen = "127.0.0.1:0".into();
         let cache_dir = std::env::temp_dir().join(format!("portals-crm-{suffix}"));
         config.cache.path = cache_dir.clone();
+        config.tenants.watch_secs = 0;
         adjust(&mut config);
         let mut tenants = TenantConfig::load_dir(std::path::Path::new("config/tenants")).unwrap();
         for tenant in &mut tenants {

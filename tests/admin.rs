@@ -1,0 +1,191 @@
+//! Hot reload and the admin API: an invalid change is rejected and the running mapping stays; a
+//! valid one is swapped in; the admin API serves tenants, fields and validation, and needs a
+//! token off loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, sample, wait_until};
+use serde_json::Value;
+
+fn rewrite(dir: &std::path::Path, from: &str, to: &str) {
+    let path = dir.join("acme.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from} in acme.toml");
+    std::fs::write(&path, text.replace(from, to)).unwrap();
+}
+
+#[tokio::test]
+async fn tenant_changes_are_validated_and_swapped_atomically() {
+    let mut env = TestEnv::start("reload").await;
+    let dir = env.write_tenant_files();
+    env.stop_service().await;
+    env.config.tenants.dir = dir.clone();
+    env.config.tenants.watch_secs = 1;
+    env.service = Some(
+        portals_crm::app::Service::start(&env.config, env.tenants.clone())
+            .await
+            .unwrap(),
+    );
+    let base = format!("http://{}", env.service().http_addr);
+    let http = reqwest::Client::new();
+
+    let tenants: Value = http
+        .get(format!("{base}/admin/tenants"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tenants.as_array().unwrap().len(), 2);
+    let fields: Value = http
+        .get(format!("{base}/admin/tenants/acme/sobjects/Lead/fields"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        fields
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "Phone" && f["updateable"] == true)
+    );
+
+    let proposed = std::fs::read_to_string(dir.join("acme.toml"))
+        .unwrap()
+        .replace("LeadSource = \"BookMe\"", "Bogus__c = \"x\"");
+    let verdict: Value = http
+        .post(format!("{base}/admin/tenants/acme/validate"))
+        .body(proposed)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(verdict["valid"], false);
+    assert!(
+        verdict["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("Lead.Bogus__c"),
+        "{verdict}"
+    );
+
+    // An invalid change on disk: the watcher rejects it, the running mapping keeps writing.
+    rewrite(&dir, "LeadSource = \"BookMe\"", "Bogus__c = \"x\"");
+    let rejected = http
+        .post(format!("{base}/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rejected.status(), 422);
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    assert_eq!(env.records("Lead").await[0]["LeadSource"], "BookMe");
+
+    // A valid change: picked up by the watcher.
+    rewrite(
+        &dir,
+        "Bogus__c = \"x\"",
+        "LeadSource = \"Partner Referral\"",
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reloaded: Value = http
+        .post(format!("{base}/admin/reload"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        reloaded["reloaded"].as_array().unwrap().len(),
+        2,
+        "{reloaded}"
+    );
+    env.publish("meeting.booked", &sample("booked-group")).await;
+    env.wait_settled(2).await;
+    wait_until(
+        "the new mapping in use",
+        Duration::from_secs(10),
+        || async {
+            let leads = env.records("Lead").await;
+            let marie = leads
+                .iter()
+                .find(|l| l["BookMe__Lead_Key__c"] == "acme:marie.curie@initech.example");
+            match marie {
+                Some(l) if l["LeadSource"] == "Partner Referral" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn off_loopback_the_admin_api_needs_a_token() {
+    let token_file = std::env::temp_dir().join(format!(
+        "portals-crm-admin-token-{:x}",
+        rand::random::<u32>()
+    ));
+    std::fs::write(&token_file, "s3cret-admin-token\n").unwrap();
+    let env = TestEnv::start_with("admintoken", |c| {
+        c.http.listen = "0.0.0.0:0".into();
+        c.http.admin_token_file = Some(token_file.clone());
+    })
+    .await;
+    let base = format!("http://127.0.0.1:{}", env.service().http_addr.port());
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{base}/admin/tenants"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let wrong = http
+        .get(format!("{base}/admin/tenants"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let ok = http
+        .get(format!("{base}/admin/tenants"))
+        .bearer_auth("s3cret-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "metrics stay open"
+    );
+    env.finish().await;
+
+    let env = TestEnv::start_with("admintokenless", |c| c.http.listen = "0.0.0.0:0".into()).await;
+    let base = format!("http://127.0.0.1:{}", env.service().http_addr.port());
+    assert_eq!(
+        http.get(format!("{base}/admin/tenants"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    env.finish().await;
+    let _ = std::fs::remove_file(token_file);
+}
