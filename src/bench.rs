@@ -374,13 +374,16 @@ impl Stage {
     }
 }
 
-/// Saturation: publish `n` bookings, start a worker, time until all are in the org.
+/// Saturation: publish `n` bookings, start `workers` worker processes on the queue, time until
+/// all bookings are in the org.
+#[allow(clippy::too_many_arguments)]
 async fn saturation(
     config: &Config,
     channel: &Channel,
     exe: &Path,
     run: &str,
     n: usize,
+    workers: usize,
     faults: FaultSpec,
     http: &reqwest::Client,
 ) -> Result<(f64, f64), BenchError> {
@@ -391,17 +394,60 @@ async fn saturation(
         .as_u64()
         .unwrap_or(0);
     let started = Instant::now();
-    let worker = Worker::spawn(exe, &stage.env)?;
+    let mut running = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let mut env = stage.env.clone();
+        env.push((
+            "PORTALS_CRM_CACHE_PATH".into(),
+            stage.dir.join(format!("cache-{w}")).display().to_string(),
+        ));
+        running.push(Worker::spawn(exe, &env)?);
+    }
     let waited = wait_for_events(http, &stage.emulator, n as u64, Duration::from_secs(600)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let calls = stats(http, &stage.emulator).await["api_calls"]
         .as_u64()
         .unwrap_or(0)
         - before;
-    worker.stop().await;
+    for worker in running {
+        worker.stop().await;
+    }
     stage.finish(channel).await;
     waited?;
     Ok((n as f64 / elapsed, calls as f64 / n as f64))
+}
+
+/// Sustained bookings/s with 1, 2 and 3 worker processes on one queue (zero-latency emulator).
+pub async fn scaling(
+    config: &Config,
+    exe: &Path,
+    n: usize,
+) -> Result<Vec<(usize, f64)>, BenchError> {
+    let run = format!("{:x}", rand::random::<u32>());
+    let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let http = reqwest::Client::new();
+    let mut rates = Vec::new();
+    for workers in 1..=3 {
+        eprintln!("{workers} worker(s), {n} bookings");
+        let (rate, _) = saturation(
+            config,
+            &channel,
+            exe,
+            &format!("{run}-w{workers}"),
+            n,
+            workers,
+            FaultSpec::default(),
+            &http,
+        )
+        .await?;
+        rates.push((workers, rate.round()));
+    }
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok(rates)
 }
 
 /// Fixed rate: 200 bookings/s; latency = Event.CreatedDate − publish time.
@@ -553,6 +599,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         exe,
         &format!("{run}-sat"),
         sizes.saturation,
+        1,
         FaultSpec::default(),
         &http,
     )
@@ -571,6 +618,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         exe,
         &format!("{run}-slow"),
         sizes.saturation,
+        1,
         slow,
         &http,
     )

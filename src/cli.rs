@@ -44,6 +44,9 @@ pub enum Command {
         /// Small sizes, for a smoke run.
         #[arg(long)]
         quick: bool,
+        /// Instead: throughput with 1, 2 and 3 workers on one queue.
+        #[arg(long)]
+        scaling: bool,
     },
     /// Check tenants end to end before go-live: sign-in, API access, permissions of the mapping,
     /// external ids, the version guard, quota headroom. Exits non-zero on any miss.

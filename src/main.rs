@@ -66,8 +66,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("not every event was settled")
             }
         }
-        Command::Bench { quick } => {
+        Command::Bench { quick, scaling } => {
             let config = Config::load(&cli.config)?;
+            if scaling {
+                let exe = std::env::current_exe().context("locating the portals-crm binary")?;
+                let n = if quick { 3_000 } else { 30_000 };
+                println!("| workers | bookings/s |\n|---|---|");
+                for (workers, rate) in portals_crm::bench::scaling(&config, &exe, n).await? {
+                    println!("| {workers} | {rate:.0} |");
+                }
+                return Ok(());
+            }
             let sizes = if quick {
                 portals_crm::bench::BenchSizes {
                     bare: 5_000,
