@@ -417,11 +417,13 @@ async fn saturation(
     Ok((n as f64 / elapsed, calls as f64 / n as f64))
 }
 
-/// Sustained bookings/s with 1, 2 and 3 worker processes on one queue (zero-latency emulator).
+/// Sustained bookings/s with 1, 2 and 3 worker processes on one queue, the emulator answering
+/// after `latency_ms`.
 pub async fn scaling(
     config: &Config,
     exe: &Path,
     n: usize,
+    latency_ms: u64,
 ) -> Result<Vec<(usize, f64)>, BenchError> {
     let run = format!("{:x}", rand::random::<u32>());
     let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
@@ -440,7 +442,10 @@ pub async fn scaling(
             &format!("{run}-w{workers}"),
             n,
             workers,
-            FaultSpec::default(),
+            FaultSpec {
+                latency_ms: Some(latency_ms),
+                ..FaultSpec::default()
+            },
             &http,
         )
         .await?;

@@ -47,6 +47,9 @@ pub enum Command {
         /// Instead: throughput with 1, 2 and 3 workers on one queue.
         #[arg(long)]
         scaling: bool,
+        /// With --scaling: the emulator's latency per request.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
     /// Check tenants end to end before go-live: sign-in, API access, permissions of the mapping,
     /// external ids, the version guard, quota headroom. Exits non-zero on any miss.

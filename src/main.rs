@@ -66,13 +66,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("not every event was settled")
             }
         }
-        Command::Bench { quick, scaling } => {
+        Command::Bench {
+            quick,
+            scaling,
+            latency_ms,
+        } => {
             let config = Config::load(&cli.config)?;
             if scaling {
                 let exe = std::env::current_exe().context("locating the portals-crm binary")?;
                 let n = if quick { 3_000 } else { 30_000 };
                 println!("| workers | bookings/s |\n|---|---|");
-                for (workers, rate) in portals_crm::bench::scaling(&config, &exe, n).await? {
+                for (workers, rate) in
+                    portals_crm::bench::scaling(&config, &exe, n, latency_ms).await?
+                {
                     println!("| {workers} | {rate:.0} |");
                 }
                 return Ok(());

@@ -76,6 +76,42 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     let listed: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(listed.len(), 2);
 
+    let export = std::env::temp_dir().join(format!(
+        "portals-crm-dlq-export-{:x}.jsonl",
+        rand::random::<u32>()
+    ));
+    let exported = std::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["dlq", "export", export.to_str().unwrap()])
+        .env("PORTALS_CRM_AMQP_EXCHANGE", &env.topology.exchange)
+        .env("PORTALS_CRM_AMQP_WORK_QUEUE", &env.topology.work_queue)
+        .env(
+            "PORTALS_CRM_AMQP_DEAD_LETTER_QUEUE",
+            &env.topology.dead_queue,
+        )
+        .env(
+            "PORTALS_CRM_AMQP_RETRY_QUEUE_PREFIX",
+            &env.config.amqp.retry_queue_prefix,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let lines: Vec<Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one JSON line per dead letter");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "invalid_event" && l["body"] == "not an event")
+    );
+    let _ = std::fs::remove_file(export);
+
     let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
         .await
         .unwrap();

@@ -160,3 +160,39 @@ async fn an_org_outage_pauses_only_its_tenant() {
     env.finish().await;
     down.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_over_its_quota_share_is_paused() {
+    let env = TestEnv::start_with("quota", |c| {
+        c.retry.tiers_secs = vec![30];
+        c.salesforce.circuit_cooldown_secs = 30;
+    })
+    .await;
+    // 60 % of the daily requests already used; acme may use 50 %.
+    env.post_json("/__emulator/faults", json!({"api_quota_remaining": 40_000}))
+        .await;
+    env.publish("meeting.booked", &booking("acme", 0)).await;
+    env.wait_settled(1).await;
+    let calls_before: Value = env.get_json("/__emulator/stats").await;
+    for i in 1..=10 {
+        env.publish("meeting.booked", &booking("acme", i)).await;
+    }
+    env.wait_settled(11).await;
+    assert_eq!(written(&env, "acme"), 1, "{:?}", env.outcomes());
+    assert_eq!(env.outcomes().get("retried"), Some(&10));
+    let metrics = env.service().metrics.render();
+    assert!(
+        metrics.contains("portals_crm_circuit_open{tenant=\"acme\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portals_crm_salesforce_api_usage_ratio{tenant=\"acme\"} 0.6"),
+        "{metrics}"
+    );
+    let calls_after: Value = env.get_json("/__emulator/stats").await;
+    assert_eq!(
+        calls_before["api_calls"], calls_after["api_calls"],
+        "paused: no calls to the org"
+    );
+    env.finish().await;
+}

@@ -26,6 +26,11 @@ async fn samples_become_exact_records_and_follow_reschedule_then_cancel() {
 
     env.publish("meeting.booked", &sample("booked")).await;
     env.wait_settled(1).await;
+    let stats = env.get_json("/__emulator/stats").await;
+    assert_eq!(
+        stats["requests"]["graph"], 1,
+        "a lone booking on an idle queue: one request, at once"
+    );
     let leads = env.records("Lead").await;
     assert_eq!(leads.len(), 1);
     let lead = &leads[0];

@@ -284,3 +284,86 @@ async fn the_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
     dlq.close().await;
     env.finish().await;
 }
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0
+}
+
+/// 10 MB bodies, JSON bombs and invalid UTF-8 are dead-lettered and the worker's memory comes
+/// back to where it was: nothing of them is kept.
+#[tokio::test]
+async fn a_flood_of_bad_input_leaves_the_worker_memory_flat() {
+    let mut env = TestEnv::start("memory").await;
+    env.stop_service().await;
+    let tenants = env.write_tenant_files();
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .arg("run")
+        .envs(env.binary_env())
+        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = worker.id().unwrap();
+    env.publish("meeting.booked", &version("acme", "bk_warm", 1))
+        .await;
+    wait_until("the worker warmed up", Duration::from_secs(20), || async {
+        if env.records("Event").await.len() == 1 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    let huge = vec![b'x'; 10 * 1024 * 1024];
+    let sample = String::from_utf8(common::sample("booked")).unwrap();
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bomb = sample
+        .replace(
+            "\"answers\": {",
+            &format!("\"answers\": {{\"bomb\": {nested}, "),
+        )
+        .into_bytes();
+    let round = |n: usize| {
+        let env = &env;
+        let (huge, bomb) = (&huge, &bomb);
+        async move {
+            for _ in 0..n {
+                env.publish("meeting.booked", huge).await;
+                env.publish("meeting.booked", bomb).await;
+                env.publish("meeting.booked", &[0xff, 0xfe, 0xfd]).await;
+            }
+            let dead = env.wait_dead_letters(3 * n).await;
+            assert!(dead.iter().all(|d| d.reason == "invalid_event"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let idle = rss_mb(pid);
+    // Two rounds grow buffers and the allocator's pools to their working size …
+    round(10).await;
+    round(10).await;
+    let warmed = rss_mb(pid);
+    // … after which more bad input must not grow memory: nothing of it is kept (keeping even
+    // one 10 MB body per round would add 20 MB).
+    round(10).await;
+    round(10).await;
+    let after = rss_mb(pid);
+    eprintln!(
+        "worker RSS: {idle:.1} MB idle, {warmed:.1} MB after 60 bad messages, {after:.1} MB after 60 more (800 MB of 10 MB bodies in all)"
+    );
+    assert!(
+        after < warmed + 24.0,
+        "memory flat: {warmed:.1} MB → {after:.1} MB"
+    );
+    worker.start_kill().unwrap();
+    let _ = worker.wait().await;
+    env.finish().await;
+}

@@ -963,3 +963,160 @@ async fn tls_emulator_speaks_https_with_a_certificate_clients_can_trust() {
     emulator.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn records_by_id_by_external_id_and_several_matches() {
+    let mut org = OrgSpec::demo();
+    // A non-unique External ID (as Activity fields are): two records may share a value.
+    let contact = org
+        .sobjects
+        .iter_mut()
+        .find(|o| o.name == "Contact")
+        .unwrap();
+    contact.fields.push(portals_crm::emulator::org::FieldSpec {
+        name: "Legacy_Id__c".into(),
+        label: "Legacy Id".into(),
+        field_type: "string".into(),
+        length: 40,
+        nillable: true,
+        createable: true,
+        updateable: true,
+        defaulted_on_create: false,
+        external_id: true,
+        unique: false,
+        custom: true,
+        reference_to: vec![],
+        picklist: vec![],
+        restricted: false,
+    });
+    let set = org
+        .permission_sets
+        .iter_mut()
+        .find(|p| p.name == "BookMe_Integration_User")
+        .unwrap();
+    set.objects.insert("Contact".into(), "CRUD".into());
+    set.fields
+        .insert("Contact.Legacy_Id__c".into(), "edit".into());
+    let emulator = start(org).await;
+    let client = client(&emulator);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = raw(
+            &emulator,
+            &client,
+            reqwest::Method::POST,
+            &format!("{V}/sobjects/Contact"),
+            Some(json!({"LastName": "Twin", "Legacy_Id__c": "L1"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let (status, body) = raw(
+        &emulator,
+        &client,
+        reqwest::Method::PATCH,
+        &format!("{V}/sobjects/Contact/Legacy_Id__c/L1"),
+        Some(json!({"LastName": "Which"})),
+    )
+    .await;
+    assert_eq!(status, 300, "several matches: nothing written");
+    assert_eq!(body.as_array().unwrap().len(), 2);
+    let error = client
+        .upsert(
+            "Contact",
+            "Legacy_Id__c",
+            "L1",
+            &json!({"LastName": "Which"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SalesforceError::Api { status: 300, .. }),
+        "{error:?}"
+    );
+
+    let path = format!("{V}/sobjects/Contact/{}", ids[0]);
+    let (status, record) = raw(&emulator, &client, reqwest::Method::GET, &path, None).await;
+    assert_eq!((status, record["LastName"].as_str()), (200, Some("Twin")));
+    assert_eq!(record["attributes"]["type"], "Contact");
+    let (status, _) = raw(
+        &emulator,
+        &client,
+        reqwest::Method::PATCH,
+        &path,
+        Some(json!({"LastName": "Renamed"})),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, record) = raw(&emulator, &client, reqwest::Method::GET, &path, None).await;
+    assert_eq!(record["LastName"], "Renamed");
+    let (status, _) = raw(&emulator, &client, reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(status, 204);
+    let (status, body) = raw(&emulator, &client, reqwest::Method::GET, &path, None).await;
+    assert_eq!(
+        (status, body[0]["errorCode"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+
+    client
+        .upsert(
+            "Lead",
+            "BookMe__Lead_Key__c",
+            "t:keep@x.example",
+            &json!({"LastName": "K", "Company": "C"}),
+        )
+        .await
+        .unwrap();
+    let lead_path = format!("{V}/sobjects/Lead/BookMe__Lead_Key__c/t:keep@x.example");
+    let (status, lead) = raw(&emulator, &client, reqwest::Method::GET, &lead_path, None).await;
+    assert_eq!((status, lead["LastName"].as_str()), (200, Some("K")));
+    let (status, body) = raw(
+        &emulator,
+        &client,
+        reqwest::Method::DELETE,
+        &lead_path,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body[0]["errorCode"].as_str()),
+        (400, Some("INSUFFICIENT_ACCESS_OR_READONLY")),
+        "no Delete on Lead"
+    );
+    client.upsert("Event", "BookMe__Booking_Id__c", "bk_del", &json!({"StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z"})).await.unwrap();
+    let event_path = format!("{V}/sobjects/Event/BookMe__Booking_Id__c/bk_del");
+    assert_eq!(
+        raw(
+            &emulator,
+            &client,
+            reqwest::Method::DELETE,
+            &event_path,
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        raw(&emulator, &client, reqwest::Method::GET, &event_path, None)
+            .await
+            .0,
+        404
+    );
+
+    reqwest::Client::new()
+        .post(format!("{}/__emulator/faults", emulator.base_url))
+        .json(&json!({"error_rate": 1.0, "errors": ["500"]}))
+        .send()
+        .await
+        .unwrap();
+    let error = client.limits().await.unwrap_err();
+    assert!(
+        matches!(&error, SalesforceError::Api { status: 500, .. }),
+        "{error:?}"
+    );
+    assert_eq!(api_error(&error).error_code, "UNKNOWN_EXCEPTION");
+    assert!(matches!(error.class(), Class::Transient { .. }));
+    emulator.stop().await;
+}

@@ -34,7 +34,9 @@ pub struct Store {
     by_object: HashMap<String, BTreeMap<u64, String>>,
     /// The creation serial of every id ever stored, so an undone delete keeps its place.
     serial_of: HashMap<String, u64>,
-    unique_index: HashMap<(String, String, String), String>,
+    /// (sObject, field, lower-cased value) → records, for external id and unique fields. A
+    /// non-unique external id can match several records (an upsert then answers 300).
+    key_index: HashMap<(String, String, String), Vec<String>>,
     next_serial: u64,
     journal: Vec<Undo>,
 }
@@ -218,7 +220,7 @@ impl Store {
             field.to_ascii_lowercase(),
             value.to_lowercase(),
         );
-        self.unique_index.get(&key).cloned().into_iter().collect()
+        self.key_index.get(&key).cloned().unwrap_or_default()
     }
 
     /// Starts a transaction; pass the mark to [`Store::rollback`] to undo what follows.
@@ -243,7 +245,11 @@ impl Store {
         self.journal.clear();
     }
 
-    fn index_keys(record: &Record, object: Option<&SObjectSpec>) -> Vec<(String, String, String)> {
+    /// The index keys of a record, each with whether its field is unique.
+    fn index_keys(
+        record: &Record,
+        object: Option<&SObjectSpec>,
+    ) -> Vec<((String, String, String), bool)> {
         let Some(object) = object else {
             return vec![];
         };
@@ -258,15 +264,16 @@ impl Store {
                     Value::Number(n) => n.to_string(),
                     _ => return None,
                 };
-                Some((object.name.clone(), f.name.to_ascii_lowercase(), text))
+                Some((
+                    (object.name.clone(), f.name.to_ascii_lowercase(), text),
+                    f.unique,
+                ))
             })
             .collect()
     }
 
     fn insert_raw(&mut self, id: String, record: Record, org: &OrgSpec) {
-        for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
-            self.unique_index.insert(key, id.clone());
-        }
+        self.index(&id, &record, org);
         let serial = self.serial_of.get(&id).copied().unwrap_or_default();
         self.by_object
             .entry(record.sobject.clone())
@@ -275,10 +282,22 @@ impl Store {
         self.records.insert(id, record);
     }
 
+    fn index(&mut self, id: &str, record: &Record, org: &OrgSpec) {
+        for (key, _) in Self::index_keys(record, org.sobject(&record.sobject)) {
+            let ids = self.key_index.entry(key).or_default();
+            if !ids.iter().any(|x| x == id) {
+                ids.push(id.to_owned());
+            }
+        }
+    }
+
     fn unindex(&mut self, id: &str, record: &Record, org: &OrgSpec) {
-        for key in Self::index_keys(record, org.sobject(&record.sobject)) {
-            if self.unique_index.get(&key).map(String::as_str) == Some(id) {
-                self.unique_index.remove(&key);
+        for (key, _) in Self::index_keys(record, org.sobject(&record.sobject)) {
+            if let Some(ids) = self.key_index.get_mut(&key) {
+                ids.retain(|x| x != id);
+                if ids.is_empty() {
+                    self.key_index.remove(&key);
+                }
             }
         }
     }
@@ -300,9 +319,7 @@ impl Store {
         if let Some(old) = self.records.remove(id) {
             self.unindex(id, &old, org);
         }
-        for key in Self::index_keys(&record, org.sobject(&record.sobject)) {
-            self.unique_index.insert(key, id.to_owned());
-        }
+        self.index(id, &record, org);
         self.records.insert(id.to_owned(), record);
     }
 
@@ -734,9 +751,14 @@ impl Store {
         record: &Record,
         own_id: Option<&str>,
     ) -> Result<(), Vec<ApiError>> {
-        for key in Self::index_keys(record, Some(object)) {
-            if let Some(other) = self.unique_index.get(&key)
-                && Some(other.as_str()) != own_id
+        for (key, unique) in Self::index_keys(record, Some(object)) {
+            if !unique {
+                continue;
+            }
+            if let Some(other) = self
+                .key_index
+                .get(&key)
+                .and_then(|ids| ids.iter().find(|x| Some(x.as_str()) != own_id))
             {
                 let field = object
                     .fields
