@@ -25,12 +25,12 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::amqp::{self, Topology};
 use crate::config::Config;
-use crate::demo::booking_event;
+use crate::demo::simple_booking;
 use crate::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
 
 /// How big each measurement is.
@@ -99,27 +99,6 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-fn booking(run: &str, i: usize, tenant: &str) -> Vec<u8> {
-    let now = OffsetDateTime::now_utc();
-    let attendee = json!({"email": format!("a{i}@{run}.example"), "first_name": "A", "last_name": format!("Attendee{i}"), "company": "Bench", "phone": null, "title": null});
-    let host = if tenant == "acme" {
-        "sara.rep@acme.example"
-    } else {
-        "olivia.host@demo.example"
-    };
-    serde_json::to_vec(&booking_event(
-        tenant,
-        &format!("bk_{run}_{i}"),
-        1,
-        "booked",
-        now + time::Duration::days(3),
-        host,
-        vec![attendee],
-        now,
-    ))
-    .unwrap_or_default()
-}
-
 /// Publishes with confirms, a window of messages in flight at a time.
 async fn publish_all(
     channel: &Channel,
@@ -177,7 +156,7 @@ async fn bare_consume_ack(
             args,
         )
         .await?;
-    let body = booking(run, 0, "acme");
+    let body = simple_booking(run, 0, "acme");
     publish_all(channel, "", &queue, std::iter::repeat_n(body, n)).await?;
     let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench bare consumer").await?;
     let consumer_channel = connection.create_channel().await?;
@@ -388,7 +367,7 @@ async fn saturation(
     http: &reqwest::Client,
 ) -> Result<(f64, f64), BenchError> {
     let stage = Stage::start(config, channel, run, faults).await?;
-    let bodies = (0..n).map(|i| booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
+    let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
     let before = stats(http, &stage.emulator).await["api_calls"]
         .as_u64()
@@ -426,11 +405,7 @@ pub async fn scaling(
     latency_ms: u64,
 ) -> Result<Vec<(usize, f64)>, BenchError> {
     let run = format!("{:x}", rand::random::<u32>());
-    let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let (connection, channel) = open_channel(config).await?;
     let http = reqwest::Client::new();
     let mut rates = Vec::new();
     for workers in 1..=3 {
@@ -471,7 +446,7 @@ async fn latency(
         channel,
         &stage.topology.exchange,
         "meeting.booked",
-        std::iter::once(booking(run, 999_999, "acme")),
+        std::iter::once(simple_booking(run, 999_999, "acme")),
     )
     .await?;
     wait_for_events(http, &stage.emulator, 1, Duration::from_secs(30)).await?;
@@ -489,7 +464,7 @@ async fn latency(
                 stage.topology.exchange.as_str().into(),
                 "meeting.booked".into(),
                 BasicPublishOptions::default(),
-                &booking(run, i, "acme"),
+                &simple_booking(run, i, "acme"),
                 properties,
             )
             .await?;
@@ -548,7 +523,7 @@ async fn backlog_rss(
     http: &reqwest::Client,
 ) -> Result<f64, BenchError> {
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
-    let bodies = (0..n).map(|i| booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
+    let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
     let worker = Worker::spawn(exe, &stage.env)?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -583,14 +558,20 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {memory} RAM")
 }
 
-/// Runs every measurement; `exe` is the portals-crm binary the workers run.
-pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Report, BenchError> {
-    let run = format!("{:x}", rand::random::<u32>());
+/// A connection and a channel in confirm mode for the bench's own publishing.
+async fn open_channel(config: &Config) -> Result<(lapin::Connection, Channel), BenchError> {
     let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    Ok((connection, channel))
+}
+
+/// Runs every measurement; `exe` is the portals-crm binary the workers run.
+pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Report, BenchError> {
+    let run = format!("{:x}", rand::random::<u32>());
+    let (connection, channel) = open_channel(config).await?;
     let http = reqwest::Client::new();
     eprintln!("1/6 bare lapin consume + ack, {} messages", sizes.bare);
     let bare = bare_consume_ack(config, &channel, &run, sizes.bare).await?;

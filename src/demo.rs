@@ -85,6 +85,29 @@ pub fn booking_event(
     })
 }
 
+/// A one-attendee booking `bk_{run}_{i}` at version 1, hosted by a user the demo org has: the
+/// unit of the load bench and of tests that need many distinct bookings.
+pub fn simple_booking(run: &str, i: usize, tenant: &str) -> Vec<u8> {
+    let now = OffsetDateTime::now_utc();
+    let attendee = json!({"email": format!("a{i}@{run}.example"), "first_name": "A", "last_name": format!("Attendee{i}"), "company": "Bench", "phone": null, "title": null});
+    let host = if tenant == "acme" {
+        "sara.rep@acme.example"
+    } else {
+        "olivia.host@demo.example"
+    };
+    serde_json::to_vec(&booking_event(
+        tenant,
+        &format!("bk_{run}_{i}"),
+        1,
+        "booked",
+        now + time::Duration::days(3),
+        host,
+        vec![attendee],
+        now,
+    ))
+    .unwrap_or_default()
+}
+
 /// A realistic stream of about `events` messages for the `acme` and `demo` tenants: single and
 /// group bookings, reschedules, cancellations, duplicates, a few out of order, a few malformed.
 pub fn scenario(events: usize, run_id: &str, seed: u64) -> Vec<Message> {

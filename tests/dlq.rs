@@ -56,16 +56,7 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
             "--reason",
             "salesforce_invalid_field",
         ])
-        .env("PORTALS_CRM_AMQP_EXCHANGE", &env.topology.exchange)
-        .env("PORTALS_CRM_AMQP_WORK_QUEUE", &env.topology.work_queue)
-        .env(
-            "PORTALS_CRM_AMQP_DEAD_LETTER_QUEUE",
-            &env.topology.dead_queue,
-        )
-        .env(
-            "PORTALS_CRM_AMQP_RETRY_QUEUE_PREFIX",
-            &env.config.amqp.retry_queue_prefix,
-        )
+        .envs(env.binary_env())
         .output()
         .unwrap();
     assert!(
@@ -82,16 +73,7 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     ));
     let exported = std::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
         .args(["dlq", "export", export.to_str().unwrap()])
-        .env("PORTALS_CRM_AMQP_EXCHANGE", &env.topology.exchange)
-        .env("PORTALS_CRM_AMQP_WORK_QUEUE", &env.topology.work_queue)
-        .env(
-            "PORTALS_CRM_AMQP_DEAD_LETTER_QUEUE",
-            &env.topology.dead_queue,
-        )
-        .env(
-            "PORTALS_CRM_AMQP_RETRY_QUEUE_PREFIX",
-            &env.config.amqp.retry_queue_prefix,
-        )
+        .envs(env.binary_env())
         .output()
         .unwrap();
     assert!(

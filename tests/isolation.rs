@@ -6,30 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestEnv, wait_until};
-use portals_crm::demo::booking_event;
+use portals_crm::demo::simple_booking;
 use portals_crm::emulator::{self, FaultSpec, OrgSpec};
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 
 fn booking(tenant: &str, i: usize) -> Vec<u8> {
-    let now = OffsetDateTime::now_utc();
-    let attendee = json!({"email": format!("p{i}@{tenant}.example"), "first_name": "P", "last_name": format!("Person{i}"), "company": "C", "phone": null, "title": null});
-    let host = if tenant == "acme" {
-        "sara.rep@acme.example"
-    } else {
-        "olivia.host@demo.example"
-    };
-    serde_json::to_vec(&booking_event(
-        tenant,
-        &format!("bk_{tenant}_{i}"),
-        1,
-        "booked",
-        now + time::Duration::days(3),
-        host,
-        vec![attendee],
-        now,
-    ))
-    .unwrap()
+    simple_booking(tenant, i, tenant)
 }
 
 fn written(env: &TestEnv, tenant: &str) -> u64 {
