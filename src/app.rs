@@ -26,7 +26,7 @@ use crate::outcome::{Disposition, Failure, MessageInfo, Settled, Settler, header
 use crate::plan::CompiledMapping;
 use crate::plan::validate::{MappingProblem, validate};
 use crate::retry_policy::Reconnect;
-use crate::salesforce::model::{ApiError, GraphResult};
+use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
 use crate::salesforce::{CircuitBreaker, Class, SalesforceClient, SalesforceError};
 use crate::telemetry::admin::AdminAccess;
 use crate::telemetry::http::Readiness;
@@ -213,6 +213,25 @@ fn disposition_for(class: Class, error: Option<ApiError>, message: String) -> Di
 
 fn error_disposition(error: &SalesforceError) -> Disposition {
     disposition_for(error.class(), error.api_error().cloned(), error.to_string())
+}
+
+fn shutting_down(stopped: &crate::batch::BatcherStopped) -> Disposition {
+    Disposition::Retry {
+        failure: failure("shutting_down", stopped.to_string(), None),
+        retry_after: None,
+    }
+}
+
+/// True when a graph failed only because a record it deletes does not exist (any more).
+fn already_deleted(result: &GraphResult, deletes: &[Subrequest]) -> bool {
+    !result.is_successful
+        && result.graph_response.composite_response.iter().any(|node| {
+            deletes.iter().any(|d| d.reference_id == node.reference_id)
+                && node.http_status_code == 404
+        })
+        && result
+            .root_error()
+            .is_some_and(|e| e.error_code == "NOT_FOUND")
 }
 
 fn sobject_of(url: &str) -> &str {
@@ -444,19 +463,35 @@ impl Pipeline {
             .iter()
             .map(|n| (n.reference_id.clone(), sobject_of(&n.url).to_owned()))
             .collect();
-        let outcome = match tenant
+        let deletes: Vec<Subrequest> = nodes
+            .iter()
+            .filter(|n| n.method == "DELETE")
+            .cloned()
+            .collect();
+        let mut outcome = match tenant
             .batcher
-            .submit(&booking.booking_id, booking.version, nodes)
+            .submit(&booking.booking_id, booking.version, nodes.clone())
             .await
         {
             Ok(outcome) => outcome,
-            Err(stopped) => {
-                return Disposition::Retry {
-                    failure: failure("shutting_down", stopped.to_string(), None),
-                    retry_after: None,
-                };
-            }
+            Err(stopped) => return shutting_down(&stopped),
         };
+        if let GraphOutcome::Answered(result) = &outcome
+            && already_deleted(result, &deletes)
+        {
+            // A replay: what the mapping deletes is gone already, which rolled the graph back.
+            // Write the rest without the deletes.
+            let rest: Vec<Subrequest> =
+                nodes.into_iter().filter(|n| n.method != "DELETE").collect();
+            outcome = match tenant
+                .batcher
+                .submit(&booking.booking_id, booking.version, rest)
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(stopped) => return shutting_down(&stopped),
+            };
+        }
         match &outcome {
             GraphOutcome::RequestFailed(error) => tenant.observe(Some(error)),
             GraphOutcome::Answered(_) => tenant.observe(None),
@@ -684,9 +719,22 @@ impl Reloader {
     }
 }
 
-/// Checks every tenant's mapping against its org once, in the background, and logs what a
-/// Salesforce admin would have to fix; a start never waits for (or fails on) an org.
-async fn check_tenants_against_orgs(pipeline: Arc<Pipeline>) {
+/// Checks every tenant's mapping against its org at start and then every `every` (describes
+/// revalidated with If-Modified-Since, so mostly 304s), and logs what a Salesforce admin would
+/// have to fix — a permission revoked in the org shows up here before writes fail. A start
+/// never waits for (or fails on) an org.
+async fn watch_orgs(pipeline: Arc<Pipeline>, every: Option<Duration>, cancel: CancellationToken) {
+    loop {
+        check_tenants_against_orgs(&pipeline).await;
+        let Some(every) = every else { return };
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn check_tenants_against_orgs(pipeline: &Pipeline) {
     for tenant in pipeline.tenants() {
         match pipeline
             .check_against_org(&tenant.config, &tenant.client)
@@ -920,7 +968,12 @@ impl Service {
             addr: config.http.listen.clone(),
             source,
         })?;
-        tracker.spawn(check_tenants_against_orgs(pipeline.clone()));
+        let refresh = config.cache.describe_refresh_secs;
+        tracker.spawn(watch_orgs(
+            pipeline.clone(),
+            (refresh > 0).then(|| Duration::from_secs(refresh)),
+            cancel.clone(),
+        ));
         if config.tenants.watch_secs > 0 {
             tracker.spawn(reloader.clone().watch(
                 Duration::from_secs(config.tenants.watch_secs),

@@ -189,3 +189,22 @@ async fn off_loopback_the_admin_api_needs_a_token() {
     env.finish().await;
     let _ = std::fs::remove_file(token_file);
 }
+
+#[tokio::test]
+async fn describes_are_revalidated_on_a_schedule() {
+    let env = TestEnv::start_with("refresh", |c| c.cache.describe_refresh_secs = 1).await;
+    // Two tenants × three mapped objects per round: two rounds within a few seconds.
+    wait_until(
+        "two rounds of describe revalidation",
+        Duration::from_secs(10),
+        || async {
+            let stats = env.get_json("/__emulator/stats").await;
+            match stats["requests"]["describe"].as_u64() {
+                Some(n) if n >= 12 => Ok(()),
+                other => Err(format!("{other:?} describe requests")),
+            }
+        },
+    )
+    .await;
+    env.finish().await;
+}

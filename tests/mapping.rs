@@ -139,6 +139,29 @@ async fn mapping_mistakes_are_all_reported_at_once() {
 }
 
 #[tokio::test]
+async fn a_delete_mapping_needs_the_delete_permission() {
+    let emulator = start(OrgSpec::demo()).await;
+    let with_delete = |tenant: TenantConfig| {
+        let mut tenant = tenant;
+        let mut delete = tenant.records[1].clone();
+        delete.reference = "event_gone".into();
+        delete.action = portals_crm::config::Action::Delete;
+        delete.fields.clear();
+        delete.when = Some("booking.status == 'cancelled'".into());
+        tenant.records.push(delete);
+        tenant
+    };
+    assert_eq!(
+        problems(with_delete(acme(&emulator))).await,
+        vec![],
+        "the integration user may delete Events"
+    );
+    let found = problems(with_delete(as_limited_user(acme(&emulator)))).await;
+    assert!(has(&found, "Event", "grant Delete on Event"), "{found:#?}");
+    emulator.stop().await;
+}
+
+#[tokio::test]
 async fn describes_are_cached_and_revalidated() {
     let emulator = start(OrgSpec::demo()).await;
     let (loaded, caches, metrics) = load(acme(&emulator));

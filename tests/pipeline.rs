@@ -197,3 +197,60 @@ async fn salesforce_version_guard_holds_when_the_cache_is_lost() {
     assert_eq!(before, after, "the stale graph rolled back every node");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_mapping_can_delete_the_event_on_cancel_and_replays_stay_idempotent() {
+    let mut env = TestEnv::start_custom(
+        "delete",
+        |_| {},
+        |tenants| {
+            let acme = tenants.iter_mut().find(|t| t.tenant == "acme").unwrap();
+            acme.records[1].when = Some("booking.status != 'cancelled'".into());
+            let mut delete = acme.records[1].clone();
+            delete.reference = "event_gone".into();
+            delete.action = portals_crm::config::Action::Delete;
+            delete.fields.clear();
+            delete.when = Some("booking.status == 'cancelled'".into());
+            acme.records.insert(2, delete);
+            acme.records[3].fields.insert(
+                "BookMe__Event_Id__c".into(),
+                "{% if booking.status != 'cancelled' %}@{event.id}{% endif %}".into(),
+            );
+        },
+    )
+    .await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.publish("meeting.cancelled", &sample("cancelled")).await;
+    env.wait_settled(2).await;
+    assert!(
+        env.records("Event").await.is_empty(),
+        "the cancellation deleted the Event"
+    );
+    let bookings = env.records("BookMe__Booking__c").await;
+    assert_eq!(bookings[0]["BookMe__Status__c"], "cancelled");
+    assert_eq!(bookings[0]["BookMe__Version__c"], 3);
+
+    // The same cancellation again, by a worker that lost its cache: the Event is already gone,
+    // which must not dead-letter the booking.
+    let first = env.service.take().unwrap();
+    first.shutdown().await;
+    let _ = std::fs::remove_dir_all(&env.config.cache.path);
+    env.service = Some(
+        portals_crm::app::Service::start(&env.config, env.tenants.clone())
+            .await
+            .unwrap(),
+    );
+    env.publish("meeting.cancelled", &sample("cancelled")).await;
+    env.wait_settled(1).await;
+    assert_eq!(
+        env.outcomes().get("written"),
+        Some(&1),
+        "{:?}",
+        env.outcomes()
+    );
+    assert!(env.records("Event").await.is_empty());
+    assert_eq!(env.records("BookMe__Booking__c").await.len(), 1);
+    env.finish().await;
+}

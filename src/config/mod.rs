@@ -10,7 +10,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-pub use tenant::{AuthConfig, RecordMapping, TenantConfig};
+pub use tenant::{Action, AuthConfig, RecordMapping, TenantConfig};
 
 /// Every problem found in a configuration, one per line.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +163,9 @@ pub struct CacheConfig {
     /// How long "no such user" stays cached.
     #[serde(default = "default_negative_ttl")]
     pub negative_ttl_secs: u64,
+    /// How often describes are revalidated and mappings re-checked against the orgs (0: off).
+    #[serde(default = "default_describe_refresh")]
+    pub describe_refresh_secs: u64,
 }
 
 /// Where tenant files live.
@@ -249,6 +252,9 @@ fn default_negative_ttl() -> u64 {
 fn default_watch() -> u64 {
     5
 }
+fn default_describe_refresh() -> u64 {
+    900
+}
 fn default_tenants_dir() -> PathBuf {
     "config/tenants".into()
 }
@@ -303,6 +309,7 @@ impl Default for CacheConfig {
             path: default_cache_path(),
             user_ttl_secs: default_user_ttl(),
             negative_ttl_secs: default_negative_ttl(),
+            describe_refresh_secs: default_describe_refresh(),
         }
     }
 }

@@ -94,6 +94,17 @@ impl Default for LimitsConfig {
     }
 }
 
+/// What a mapping record does with its Salesforce record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Create or update by external id.
+    #[default]
+    Upsert,
+    /// Delete by external id (e.g. the Event when a booking is cancelled, with `when`).
+    Delete,
+}
+
 /// One record to write. String field values are minijinja templates over the event; other
 /// TOML values are constants.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +121,9 @@ pub struct RecordMapping {
     /// An expression; the record is written only when it is true.
     #[serde(default)]
     pub when: Option<String>,
+    /// Upsert (default) or delete the record.
+    #[serde(default)]
+    pub action: Action,
     /// External id field of the upsert.
     pub external_id_field: String,
     /// Template of the external id value.

@@ -10,7 +10,7 @@ pub mod validate;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::TenantConfig;
+use crate::config::{Action, TenantConfig};
 use crate::event::{Attendee, Booking, BookingEvent};
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::Subrequest;
@@ -50,6 +50,7 @@ enum FieldTemplate {
 struct CompiledRecord {
     reference: String,
     sobject: String,
+    delete: bool,
     per_attendee: bool,
     when: Option<String>,
     external_id_field: String,
@@ -278,6 +279,11 @@ impl CompiledMapping {
                     fields.push((field.clone(), template));
                 }
             }
+            if record.action == Action::Delete && !record.fields.is_empty() {
+                problems.push(format!(
+                    "tenant {t}, record {name}: a delete record takes no fields"
+                ));
+            }
             if let Some(when) = &record.when
                 && let Err(e) = env.compile_expression(when)
             {
@@ -288,6 +294,7 @@ impl CompiledMapping {
                 records.push(CompiledRecord {
                     reference: name.clone(),
                     sobject: record.sobject.clone(),
+                    delete: record.action == Action::Delete,
                     per_attendee,
                     when: record.when.clone(),
                     external_id_field: record.external_id_field.clone(),
@@ -353,12 +360,14 @@ impl CompiledMapping {
         }
     }
 
-    /// Renders the graph nodes for one booking, in mapping order.
+    /// Renders the graph nodes for one booking: upserts in mapping order, then deletes — after
+    /// the version-guarded booking record, so a stale snapshot deletes nothing.
     pub fn build_graph(
         &self,
         event: &BookingEvent,
         enrichment: &Enrichment,
     ) -> Result<Vec<Subrequest>, PlanError> {
+        let mut deletes = Vec::new();
         let time = event
             .time
             .format(&time::format_description::well_known::Rfc3339)
@@ -418,29 +427,40 @@ impl CompiledMapping {
                         message: "renders empty".into(),
                     });
                 }
-                let mut body = Map::new();
-                for (field, template) in &record.fields {
-                    body.insert(field.clone(), self.render(record, field, template, &ctx)?);
-                }
                 let reference = if record.per_attendee {
                     format!("{}_{index}", record.reference)
                 } else {
                     record.reference.clone()
                 };
+                let url = format!(
+                    "/services/data/v{}/sobjects/{}/{}/{}",
+                    self.api_version,
+                    record.sobject,
+                    record.external_id_field,
+                    encode_segment(&key)
+                );
+                if record.delete {
+                    deletes.push(Subrequest {
+                        method: "DELETE".into(),
+                        url,
+                        reference_id: reference,
+                        body: None,
+                    });
+                    continue;
+                }
+                let mut body = Map::new();
+                for (field, template) in &record.fields {
+                    body.insert(field.clone(), self.render(record, field, template, &ctx)?);
+                }
                 nodes.push(Subrequest {
                     method: "PATCH".into(),
-                    url: format!(
-                        "/services/data/v{}/sobjects/{}/{}/{}",
-                        self.api_version,
-                        record.sobject,
-                        record.external_id_field,
-                        encode_segment(&key)
-                    ),
+                    url,
                     reference_id: reference,
                     body: Some(Value::Object(body)),
                 });
             }
         }
+        nodes.extend(deletes);
         Ok(nodes)
     }
 }
@@ -550,6 +570,47 @@ mod tests {
         };
         assert_eq!(refs("booked"), ["lead_0", "event", "booking"]);
         assert_eq!(refs("cancelled"), ["lead_0", "booking"]);
+    }
+
+    #[test]
+    fn deletes_come_after_the_guarded_upserts() {
+        let mut tenant = acme();
+        tenant.records[1].when = Some("booking.status != 'cancelled'".into());
+        let mut delete = tenant.records[1].clone();
+        delete.reference = "event_gone".into();
+        delete.action = Action::Delete;
+        delete.fields.clear();
+        delete.when = Some("booking.status == 'cancelled'".into());
+        tenant.records.insert(2, delete);
+        tenant.records[3].fields.insert(
+            "BookMe__Event_Id__c".into(),
+            "{% if booking.status != 'cancelled' %}@{event.id}{% endif %}".into(),
+        );
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let nodes = mapping
+            .build_graph(&event("cancelled"), &Enrichment::default())
+            .unwrap();
+        let shape: Vec<(&str, &str)> = nodes
+            .iter()
+            .map(|n| (n.reference_id.as_str(), n.method.as_str()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("lead_0", "PATCH"),
+                ("booking", "PATCH"),
+                ("event_gone", "DELETE")
+            ]
+        );
+        assert!(nodes[2].body.is_none());
+        assert!(
+            nodes[2]
+                .url
+                .ends_with("/sobjects/Event/BookMe__Booking_Id__c/bk_7Q2M9")
+        );
+        let mut bad = tenant.clone();
+        bad.records[2].fields.insert("Subject".into(), "x".into());
+        assert!(CompiledMapping::compile(&bad).unwrap_err()[0].contains("takes no fields"));
     }
 
     #[test]

@@ -172,6 +172,29 @@ pub fn validate(
                 ),
             ));
         }
+        if record.action == crate::config::Action::Delete {
+            if !describe.deletable {
+                problems.push(problem(
+                    object.to_owned(),
+                    "the mapping deletes these records; the integration user lacks Delete".into(),
+                    format!("grant Delete on {object} to the integration user's permission set"),
+                ));
+            }
+            if describe
+                .field(&record.external_id_field)
+                .is_none_or(|f| !f.external_id)
+            {
+                problems.push(problem(
+                    format!("{object}.{}", record.external_id_field),
+                    "is not a visible External ID field, so it cannot key a delete".into(),
+                    format!(
+                        "mark {object}.{} as External ID and grant Read on it",
+                        record.external_id_field
+                    ),
+                ));
+            }
+            continue;
+        }
         match describe.field(&record.external_id_field) {
             None => problems.push(problem(
                 format!("{object}.{}", record.external_id_field),
