@@ -1120,3 +1120,33 @@ async fn records_by_id_by_external_id_and_several_matches() {
     assert!(matches!(error.class(), Class::Transient { .. }));
     emulator.stop().await;
 }
+
+#[tokio::test]
+async fn only_real_token_requests_are_counted() {
+    let emulator = start(OrgSpec::demo()).await;
+    let metrics = Arc::new(Metrics::new());
+    let client = SalesforceClient::new(
+        OrgEndpoint {
+            tenant: "test".into(),
+            login_url: emulator.base_url.clone(),
+            api_version: "66.0".into(),
+            credentials: client_credentials("demo-secret"),
+            timeout: Duration::from_secs(10),
+            ca_certificate: None,
+        },
+        metrics.clone(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        client.limits().await.unwrap();
+    }
+    let text = metrics.render();
+    assert!(
+        text.contains(
+            "portals_crm_salesforce_requests_total{kind=\"token\",status=\"200\",tenant=\"test\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("portals_crm_salesforce_requests_total{kind=\"limits\",status=\"200\",tenant=\"test\"} 3"), "{text}");
+    emulator.stop().await;
+}

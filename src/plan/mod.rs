@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::config::{Action, TenantConfig};
-use crate::event::{Attendee, Booking, BookingEvent};
+use crate::event::{Attendee, BookingEvent};
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::Subrequest;
 
@@ -40,7 +40,8 @@ pub struct PlanError {
 enum FieldTemplate {
     /// A TOML constant, or a string without template syntax (including `@{ref.id}`).
     Constant(Value),
-    /// A template made of one `{{ expression }}`: keeps the expression's type.
+    /// A template made of one `{{ expression }}`: keeps the expression's type. Compiled once as
+    /// the template named here, which renders the value as JSON.
     Expression(String),
     /// Any other template: renders to a string.
     Template(String),
@@ -82,17 +83,6 @@ struct EventContext<'a> {
     event_type: &'a str,
     time: String,
     source: &'a str,
-}
-
-#[derive(Serialize)]
-struct Context<'a> {
-    tenant: &'a str,
-    event: EventContext<'a>,
-    booking: &'a Booking,
-    attendee: Option<&'a Attendee>,
-    attendee_index: usize,
-    host_user_id: Option<&'a str>,
-    integration_user_id: &'a str,
 }
 
 /// Filters the mapping language adds to minijinja's builtins (`lower`, `upper`, `default`,
@@ -147,10 +137,28 @@ mod filters {
         )
     }
 
+    /// A single-expression field's value as JSON, keeping its type; an undefined value is an
+    /// error (unlike `tojson`, which would turn a typo into null).
+    pub fn typed(value: minijinja::Value) -> Result<String, Error> {
+        if value.is_undefined() {
+            return Err(Error::new(
+                ErrorKind::UndefinedError,
+                "the expression is undefined for this event",
+            ));
+        }
+        serde_json::to_string(&value)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+    }
+
     /// The calendar date of a timestamp, in its own offset (`[year]-[month]-[day]`).
     pub fn date(value: String) -> Result<String, Error> {
         format(parse(&value)?, "[year]-[month]-[day]")
     }
+}
+
+/// A serializable value as a template value.
+fn to_value<T: Serialize>(value: &T) -> minijinja::Value {
+    minijinja::Value::from(minijinja::value::Serde(value))
 }
 
 fn valid_reference(name: &str) -> bool {
@@ -190,6 +198,7 @@ impl CompiledMapping {
         env.add_filter("phone", filters::phone);
         env.add_filter("datetime", filters::datetime);
         env.add_filter("date", filters::date);
+        env.add_filter("portals_crm_typed", filters::typed);
         let mut problems = Vec::new();
         let mut records = Vec::new();
         let mut known: Vec<(String, bool)> = Vec::new();
@@ -249,9 +258,17 @@ impl CompiledMapping {
                         }
                         return Some(FieldTemplate::Constant(value.clone()));
                     }
+                    let template_name = format!("{index}.{name}.{field}");
                     if let Some(expr) = single_expression(text) {
-                        return match env.compile_expression(expr) {
-                            Ok(_) => Some(FieldTemplate::Expression(expr.to_owned())),
+                        if let Err(e) = env.compile_expression(expr) {
+                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            return None;
+                        }
+                        return match env.add_template_owned(
+                            template_name.clone(),
+                            format!("{{{{ ({expr}) | portals_crm_typed }}}}"),
+                        ) {
+                            Ok(()) => Some(FieldTemplate::Expression(template_name)),
                             Err(e) => {
                                 problems
                                     .push(format!("tenant {t}, record {name}, field {field}: {e}"));
@@ -259,7 +276,6 @@ impl CompiledMapping {
                             }
                         };
                     }
-                    let template_name = format!("{index}.{name}.{field}");
                     match env.add_template_owned(template_name.clone(), text.clone()) {
                         Ok(()) => Some(FieldTemplate::Template(template_name)),
                         Err(e) => {
@@ -329,23 +345,14 @@ impl CompiledMapping {
         };
         match template {
             FieldTemplate::Constant(value) => Ok(value.clone()),
-            FieldTemplate::Expression(expr) => {
-                let value = self
+            FieldTemplate::Expression(name) => {
+                // Strict undefined behaviour makes an unknown name an error here, not a null.
+                let json = self
                     .env
-                    .compile_expression(expr)
-                    .and_then(|e| e.eval(ctx))
+                    .get_template(name)
+                    .and_then(|t| t.render(ctx))
                     .map_err(fail)?;
-                if value.is_undefined() {
-                    return Err(PlanError {
-                        record: record.reference.clone(),
-                        field: field.to_owned(),
-                        message: format!("{expr} is undefined for this event"),
-                    });
-                }
-                if value.is_none() {
-                    return Ok(Value::Null);
-                }
-                serde_json::to_value(&value).map_err(|e| PlanError {
+                serde_json::from_str(&json).map_err(|e| PlanError {
                     record: record.reference.clone(),
                     field: field.to_owned(),
                     message: e.to_string(),
@@ -372,6 +379,14 @@ impl CompiledMapping {
             .time
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
+        // Everything but the attendee is the same for every record: convert it once.
+        let event_value = to_value(&EventContext {
+            id: &event.id,
+            event_type: event.kind.cloudevents_type(),
+            time,
+            source: &event.source,
+        });
+        let booking_value = to_value(&event.booking);
         let mut nodes = Vec::new();
         for record in &self.records {
             let attendees: Vec<(usize, Option<&Attendee>)> = if record.per_attendee {
@@ -386,21 +401,15 @@ impl CompiledMapping {
                 vec![(0, None)]
             };
             for (index, attendee) in attendees {
-                let context = Context {
-                    tenant: &self.tenant,
-                    event: EventContext {
-                        id: &event.id,
-                        event_type: event.kind.cloudevents_type(),
-                        time: time.clone(),
-                        source: &event.source,
-                    },
-                    booking: &event.booking,
-                    attendee,
-                    attendee_index: index,
-                    host_user_id: enrichment.host_user_id.as_deref(),
-                    integration_user_id: &enrichment.integration_user_id,
+                let ctx = minijinja::context! {
+                    tenant => &self.tenant,
+                    event => event_value.clone(),
+                    booking => booking_value.clone(),
+                    attendee => attendee.map(to_value),
+                    attendee_index => index,
+                    host_user_id => enrichment.host_user_id.as_deref(),
+                    integration_user_id => &enrichment.integration_user_id,
                 };
-                let ctx = minijinja::Value::from(minijinja::value::Serde(&context));
                 if let Some(when) = &record.when {
                     let keep = self
                         .env

@@ -211,6 +211,24 @@ impl Slot {
     }
 }
 
+/// A token from the cache, and whether getting it went to the token endpoint (the only case
+/// that counts as a request).
+pub struct Fetched {
+    /// The token, or why there is none.
+    pub token: Result<Arc<AccessToken>, SalesforceError>,
+    /// The token endpoint was called.
+    pub minted: bool,
+}
+
+impl Fetched {
+    fn cached(token: Result<Arc<AccessToken>, SalesforceError>) -> Self {
+        Self {
+            token,
+            minted: false,
+        }
+    }
+}
+
 /// One token per tenant, shared by every concurrent request.
 ///
 /// A tokio Mutex, because minting awaits the token endpoint while it is held: that is what
@@ -227,16 +245,19 @@ impl TokenCache {
         http: &reqwest::Client,
         login_url: &str,
         credentials: &Credentials,
-    ) -> Result<Arc<AccessToken>, SalesforceError> {
+    ) -> Fetched {
         let mut slot = self.current.lock().await;
         if let Some(token) = slot.token.as_ref() {
-            return Ok(token.clone());
+            return Fetched::cached(Ok(token.clone()));
         }
         if let Some(error) = slot.recent_failure() {
-            return Err(error);
+            return Fetched::cached(Err(error));
         }
         let minted = mint(http, login_url, credentials, 1).await;
-        slot.store(minted)
+        Fetched {
+            token: slot.store(minted),
+            minted: true,
+        }
     }
 
     /// Replaces `stale` with a fresh token, unless another request already did.
@@ -246,18 +267,21 @@ impl TokenCache {
         http: &reqwest::Client,
         login_url: &str,
         credentials: &Credentials,
-    ) -> Result<Arc<AccessToken>, SalesforceError> {
+    ) -> Fetched {
         let mut slot = self.current.lock().await;
         if let Some(token) = slot.token.as_ref()
             && token.generation != stale.generation
         {
-            return Ok(token.clone());
+            return Fetched::cached(Ok(token.clone()));
         }
         if let Some(error) = slot.recent_failure() {
-            return Err(error);
+            return Fetched::cached(Err(error));
         }
         let minted = mint(http, login_url, credentials, stale.generation + 1).await;
-        slot.store(minted)
+        Fetched {
+            token: slot.store(minted),
+            minted: true,
+        }
     }
 }
 

@@ -185,7 +185,7 @@ impl SalesforceClient {
     /// The current token, minted when there is none.
     pub async fn token(&self) -> Result<Arc<AccessToken>, SalesforceError> {
         let started = Instant::now();
-        let result = self
+        let fetched = self
             .tokens
             .get(
                 &self.http,
@@ -193,8 +193,10 @@ impl SalesforceClient {
                 &self.endpoint.credentials,
             )
             .await;
-        self.record_token(&result, started);
-        let token = result?;
+        if fetched.minted {
+            self.record_token(&fetched.token, started);
+        }
+        let token = fetched.token?;
         if !is_allowed_url(&token.instance_url) {
             return Err(SalesforceError::Refused(format!(
                 "instance URL {} must use https",
@@ -285,8 +287,10 @@ impl SalesforceClient {
                         &self.endpoint.credentials,
                     )
                     .await;
-                self.record_token(&refreshed, started);
-                token = refreshed?;
+                if refreshed.minted {
+                    self.record_token(&refreshed.token, started);
+                }
+                token = refreshed.token?;
                 continue;
             }
             if status.is_success() || status == StatusCode::NOT_MODIFIED || status.as_u16() == 300 {
