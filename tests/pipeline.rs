@@ -178,14 +178,7 @@ async fn salesforce_version_guard_holds_when_the_cache_is_lost() {
     // A second worker with an empty cache: only Salesforce's validation rule can stop the stale
     // snapshot, and the graph must roll back whole (the Event node comes before the guard).
     let mut env = env;
-    let first = env.service.take().unwrap();
-    first.shutdown().await;
-    let _ = std::fs::remove_dir_all(&env.config.cache.path);
-    env.service = Some(
-        portals_crm::app::Service::start(&env.config, env.tenants.clone())
-            .await
-            .unwrap(),
-    );
+    env.restart_service_without_cache().await;
     env.publish("meeting.rescheduled", &sample("rescheduled"))
         .await;
     env.wait_settled(1).await;
@@ -234,14 +227,7 @@ async fn a_mapping_can_delete_the_event_on_cancel_and_replays_stay_idempotent() 
 
     // The same cancellation again, by a worker that lost its cache: the Event is already gone,
     // which must not dead-letter the booking.
-    let first = env.service.take().unwrap();
-    first.shutdown().await;
-    let _ = std::fs::remove_dir_all(&env.config.cache.path);
-    env.service = Some(
-        portals_crm::app::Service::start(&env.config, env.tenants.clone())
-            .await
-            .unwrap(),
-    );
+    env.restart_service_without_cache().await;
     env.publish("meeting.cancelled", &sample("cancelled")).await;
     env.wait_settled(1).await;
     assert_eq!(

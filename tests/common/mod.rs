@@ -127,6 +127,18 @@ impl TestEnv {
         }
     }
 
+    /// A new worker in place of the running one, its sled cache deleted (so only Salesforce
+    /// knows what was written).
+    pub async fn restart_service_without_cache(&mut self) {
+        self.stop_service().await;
+        let _ = std::fs::remove_dir_all(&self.config.cache.path);
+        self.service = Some(
+            Service::start(&self.config, self.tenants.clone())
+                .await
+                .unwrap(),
+        );
+    }
+
     /// Another in-process worker on the same queues, with its own cache and HTTP port.
     pub async fn extra_worker(&self, n: usize) -> Service {
         let mut config = self.config.clone();
