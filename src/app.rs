@@ -913,12 +913,7 @@ impl Service {
         let readiness = Arc::new(Readiness::default());
         let timeout = Duration::from_secs(config.salesforce.timeout_secs);
         let tenants = load_tenants(tenants, timeout, &metrics).map_err(BuildError::Tenants)?;
-        let caches = Caches::open(
-            &config.cache.path,
-            Duration::from_secs(config.cache.user_ttl_secs),
-            Duration::from_secs(config.cache.negative_ttl_secs),
-            metrics.clone(),
-        )?;
+        let caches = Caches::open(&config.cache, metrics.clone())?;
         let cancel = CancellationToken::new();
         // Batchers stop only after the consumer has drained: in-flight messages still need them.
         let batch_stop = CancellationToken::new();

@@ -11,6 +11,25 @@ use portals_crm::dlq::{self, Dlq};
 use portals_crm::emulator::{self, OrgSpec};
 use portals_crm::{app, demo, telemetry};
 
+/// jemalloc instead of glibc's allocator: the pipeline allocates many small, short-lived JSON
+/// values per booking; with glibc a third of the CPU went to malloc/free (README, Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A C string pointer jemalloc reads before `main`.
+#[repr(transparent)]
+pub struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points to a 'static, immutable C string literal.
+unsafe impl Sync for MallocConf {}
+
+/// jemalloc's options: one arena (tokio's few threads barely contend for it, and each extra
+/// arena holds pages of its own) and freed pages handed back within a second, so the resident
+/// set follows what is in flight. `_RJEM_MALLOC_CONF` in the environment overrides it.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static MALLOC_CONF: MallocConf =
+    MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     let terminate = async {

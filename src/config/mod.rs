@@ -166,6 +166,10 @@ pub struct CacheConfig {
     /// How often describes are revalidated and mappings re-checked against the orgs (0: off).
     #[serde(default = "default_describe_refresh")]
     pub describe_refresh_secs: u64,
+    /// Memory for sled's page cache, in MiB. The ledger grows by one entry per booking, on
+    /// disk; this caps what of it stays in memory (sled's footprint is about twice this).
+    #[serde(default = "default_cache_memory")]
+    pub memory_mb: u64,
 }
 
 /// Where tenant files live.
@@ -202,13 +206,13 @@ fn default_delivery_limit() -> u32 {
     10
 }
 fn default_prefetch() -> u16 {
-    1000
+    1500
 }
 fn default_tiers() -> Vec<u64> {
     vec![5, 30, 120, 600, 3600]
 }
 fn default_concurrency() -> usize {
-    1000
+    1500
 }
 fn default_max_body() -> usize {
     crate::event::DEFAULT_MAX_BODY_BYTES
@@ -254,6 +258,9 @@ fn default_watch() -> u64 {
 }
 fn default_describe_refresh() -> u64 {
     900
+}
+fn default_cache_memory() -> u64 {
+    4
 }
 fn default_tenants_dir() -> PathBuf {
     "config/tenants".into()
@@ -310,6 +317,7 @@ impl Default for CacheConfig {
             user_ttl_secs: default_user_ttl(),
             negative_ttl_secs: default_negative_ttl(),
             describe_refresh_secs: default_describe_refresh(),
+            memory_mb: default_cache_memory(),
         }
     }
 }

@@ -5,12 +5,12 @@
 //! deleting the directory loses nothing but warm-up, and an entry that does not decode is
 //! treated as a miss and overwritten.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::CacheConfig;
 use crate::event::BookingEvent;
 use crate::plan::Enrichment;
 use crate::salesforce::model::SObjectDescribe;
@@ -82,14 +82,12 @@ fn key(tenant: &str, id: &str) -> Vec<u8> {
 }
 
 impl Caches {
-    /// Opens (or creates) the database at `path`. A corrupt or older-format database holds only
-    /// caches, so it is moved aside and rebuilt rather than stopping the service.
-    pub fn open(
-        path: &Path,
-        user_ttl: Duration,
-        negative_ttl: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, CacheError> {
+    /// Opens (or creates) the database at `config.path`. A corrupt or older-format database
+    /// holds only caches, so it is moved aside and rebuilt rather than stopping the service.
+    pub fn open(config: &CacheConfig, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
+        let path = config.path.as_path();
+        let user_ttl = Duration::from_secs(config.user_ttl_secs);
+        let negative_ttl = Duration::from_secs(config.negative_ttl_secs);
         let fail = |e: sled::Error| CacheError {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -97,7 +95,7 @@ impl Caches {
         let open = || {
             sled::Config::new()
                 .path(path)
-                .cache_capacity(16 * 1024 * 1024)
+                .cache_capacity(4 * 1024 * 1024)
                 .flush_every_ms(Some(500))
                 .open()
         };
@@ -352,17 +350,19 @@ impl Caches {
 mod tests {
     use super::*;
 
+    fn test_config(dir: &std::path::Path) -> CacheConfig {
+        CacheConfig {
+            path: dir.to_path_buf(),
+            user_ttl_secs: 60,
+            negative_ttl_secs: 5,
+            ..CacheConfig::default()
+        }
+    }
+
     #[test]
     fn a_corrupt_database_is_rebuilt() {
         let dir = std::env::temp_dir().join(format!("portals-crm-corrupt-{}", std::process::id()));
-        let open = || {
-            Caches::open(
-                &dir,
-                Duration::from_secs(60),
-                Duration::from_secs(5),
-                Arc::new(Metrics::new()),
-            )
-        };
+        let open = || Caches::open(&test_config(&dir), Arc::new(Metrics::new()));
         drop(open().unwrap());
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -405,13 +405,7 @@ mod tests {
     #[test]
     fn ledger_never_goes_backwards_and_corrupt_entries_are_misses() {
         let dir = std::env::temp_dir().join(format!("portals-crm-ledger-{}", std::process::id()));
-        let caches = Caches::open(
-            &dir,
-            Duration::from_secs(60),
-            Duration::from_secs(5),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let caches = Caches::open(&test_config(&dir), Arc::new(Metrics::new())).unwrap();
         let entry = |version| LedgerEntry {
             version,
             record_ids: vec![],
