@@ -12,7 +12,8 @@ use portals_crm::emulator::{self, OrgSpec};
 use portals_crm::{app, demo, telemetry};
 
 /// jemalloc instead of glibc's allocator: the pipeline allocates many small, short-lived JSON
-/// values per booking; with glibc a third of the CPU went to malloc/free (README, Performance).
+/// values per booking; with glibc, malloc/free took about half of the emulator's CPU (README,
+/// Performance).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
