@@ -156,19 +156,19 @@ pub fn load_tenants(
     let mut problems = Vec::new();
     let mut built = Vec::new();
     for tenant in tenants {
-        let mapping = CompiledMapping::compile(&tenant).map_err(|p| problems.extend(p));
-        let client = tenant
-            .endpoint(timeout)
-            .and_then(|e| SalesforceClient::new(e, metrics.clone()).map_err(|e| e.to_string()))
-            .map_err(|e| problems.push(format!("tenant {}: {e}", tenant.tenant)));
-        if let (Ok(mapping), Ok(client)) = (mapping, client) {
-            built.push(LoadedTenant {
-                config: tenant,
-                mapping,
-                client: Arc::new(client),
-            });
+        match load_tenant(tenant, timeout, metrics) {
+            Ok(loaded) => built.push(loaded),
+            Err(found) => problems.extend(found),
         }
     }
+    all_or_problems(built, problems)
+}
+
+/// The tenants, unless there were problems (or no tenant at all).
+fn all_or_problems(
+    built: Vec<LoadedTenant>,
+    mut problems: Vec<String>,
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
     if built.is_empty() && problems.is_empty() {
         problems.push("no tenant files found".into());
     }
@@ -177,6 +177,83 @@ pub fn load_tenants(
     } else {
         Err(problems)
     }
+}
+
+/// Compiles one tenant's mapping and builds its org client.
+fn load_tenant(
+    tenant: TenantConfig,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<LoadedTenant, Vec<String>> {
+    let mut problems = Vec::new();
+    let mapping = CompiledMapping::compile(&tenant).map_err(|p| problems.extend(p));
+    let client = tenant
+        .endpoint(timeout)
+        .and_then(|e| SalesforceClient::new(e, metrics.clone()).map_err(|e| e.to_string()))
+        .map_err(|e| problems.push(format!("tenant {}: {e}", tenant.tenant)));
+    match (mapping, client) {
+        (Ok(mapping), Ok(client)) => Ok(LoadedTenant {
+            config: tenant,
+            mapping,
+            client: Arc::new(client),
+        }),
+        _ => Err(problems),
+    }
+}
+
+/// Loads the tenant directory at start-up. A file that does not load or compile is replaced by
+/// its last good copy from the cache, so one broken edit does not keep every tenant down across
+/// a restart; the problem is logged as an error and `portals_crm_tenant_file_rejected` is set.
+/// A broken file with no good copy fails the start, with every problem listed.
+pub fn load_dir_with_fallback(
+    dir: &std::path::Path,
+    caches: &Caches,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
+    let files = TenantConfig::load_each(dir).map_err(|e| vec![e])?;
+    let mut built = Vec::new();
+    let mut problems = Vec::new();
+    for (file, loaded) in files {
+        let current = loaded
+            .map_err(|e| vec![e])
+            .and_then(|tenant| load_tenant(tenant, timeout, metrics));
+        match current {
+            Ok(tenant) => built.push(tenant),
+            Err(found) => match last_good(&file, caches, timeout, metrics) {
+                Some(tenant) => {
+                    for problem in &found {
+                        tracing::error!(
+                            tenant = %tenant.config.tenant,
+                            %problem,
+                            "tenant file rejected; running its last good copy from the cache"
+                        );
+                    }
+                    metrics
+                        .tenant_file_rejected
+                        .with_label_values(&[tenant.config.tenant.as_str()])
+                        .set(1);
+                    built.push(tenant);
+                }
+                None => problems.extend(found),
+            },
+        }
+    }
+    all_or_problems(built, problems)
+}
+
+/// The last good copy of tenant file `file`, loaded, if the cache has one that still loads.
+fn last_good(
+    file: &str,
+    caches: &Caches,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Option<LoadedTenant> {
+    let source = caches.tenant_get(file)?;
+    let mut config = TenantConfig::parse(source, &format!("{file} (last good copy)")).ok()?;
+    // Already kept: starting from it must not count as a fresh good copy.
+    config.source = None;
+    load_tenant(config, timeout, metrics).ok()
 }
 
 /// The result of processing one message, before it is settled.
@@ -275,6 +352,13 @@ impl Pipeline {
                     mapping,
                     client,
                 } = loaded;
+                if let Some(source) = &config.source {
+                    self.caches.tenant_put(source);
+                    self.metrics
+                        .tenant_file_rejected
+                        .with_label_values(&[config.tenant.as_str()])
+                        .set(0);
+                }
                 let batcher = Batcher::spawn(
                     client.clone(),
                     self.settings.batch,
@@ -910,10 +994,31 @@ impl Service {
     /// tenant directory (the demo points them at its in-process emulator).
     pub async fn start(config: &Config, tenants: Vec<TenantConfig>) -> Result<Self, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let readiness = Arc::new(Readiness::default());
         let timeout = Duration::from_secs(config.salesforce.timeout_secs);
         let tenants = load_tenants(tenants, timeout, &metrics).map_err(BuildError::Tenants)?;
         let caches = Caches::open(&config.cache, metrics.clone())?;
+        Self::start_loaded(config, tenants, caches, metrics).await
+    }
+
+    /// Starts from the tenant directory of `config`; a broken tenant file falls back to its
+    /// last good copy (see [`load_dir_with_fallback`]).
+    pub async fn start_from_dir(config: &Config) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_secs(config.salesforce.timeout_secs);
+        let caches = Caches::open(&config.cache, metrics.clone())?;
+        let tenants = load_dir_with_fallback(&config.tenants.dir, &caches, timeout, &metrics)
+            .map_err(BuildError::Tenants)?;
+        Self::start_loaded(config, tenants, caches, metrics).await
+    }
+
+    async fn start_loaded(
+        config: &Config,
+        tenants: Vec<LoadedTenant>,
+        caches: Caches,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let readiness = Arc::new(Readiness::default());
+        let timeout = Duration::from_secs(config.salesforce.timeout_secs);
         let cancel = CancellationToken::new();
         // Batchers stop only after the consumer has drained: in-flight messages still need them.
         let batch_stop = CancellationToken::new();

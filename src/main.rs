@@ -51,9 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let config = Config::load(&cli.config)?;
-            let tenants = TenantConfig::load_dir(&config.tenants.dir)
-                .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
-            let service = app::Service::start(&config, tenants).await?;
+            let service = app::Service::start_from_dir(&config).await?;
             tracing::info!(http = %service.http_addr, "portals-crm running");
             let reloader = service.reloader.clone();
             let hangups = tokio::spawn(async move {

@@ -5,7 +5,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, wait_until};
+use common::{TestEnv, sample, wait_until};
+use portals_crm::app::Service;
 use portals_crm::demo::scenario;
 use serde_json::{Value, json};
 
@@ -380,5 +381,51 @@ async fn three_workers_share_one_queue_and_write_every_booking_once() {
     assert_org_matches(&env, &expected).await;
     second.shutdown().await;
     third.shutdown().await;
+    env.finish().await;
+}
+
+/// A broken edit of a tenant file does not keep that tenant down across a restart: the worker
+/// runs the file's last good copy from its cache and flags it; with no good copy, start-up fails
+/// and names the file.
+#[tokio::test]
+async fn a_restart_with_a_broken_tenant_file_runs_its_last_good_copy() {
+    let mut env = TestEnv::start("lastgood").await;
+    env.stop_service().await;
+    let mut config = env.config.clone();
+    config.tenants.dir = env.write_tenant_files();
+    config.cache.path = config.cache.path.join("from-dir");
+    let first = Service::start_from_dir(&config).await.unwrap();
+    first.shutdown().await;
+
+    std::fs::write(
+        config.tenants.dir.join("acme.toml"),
+        "[org\nlogin_url = \"https://acme.example\"\n",
+    )
+    .unwrap();
+    env.service = Some(
+        Service::start_from_dir(&config)
+            .await
+            .expect("starts on the last good copy of acme.toml"),
+    );
+    let metrics = env.service().metrics.render();
+    assert!(
+        metrics.contains("portals_crm_tenant_file_rejected{tenant=\"acme\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("portals_crm_tenant_file_rejected{tenant=\"demo\"} 0"));
+    assert!(
+        metrics.contains("portals_crm_cache_requests_total{cache=\"mapping\",result=\"hit\"} 1")
+    );
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    assert_eq!(env.outcomes(), BTreeMap::from([("written".to_owned(), 1)]));
+    assert_eq!(env.records("Event").await.len(), 1);
+
+    let mut fresh = config.clone();
+    fresh.cache.path = env.config.cache.path.join("no-copy");
+    let Err(error) = Service::start_from_dir(&fresh).await else {
+        panic!("started with a broken tenant file and nothing to fall back on");
+    };
+    assert!(error.to_string().contains("acme.toml"), "{error}");
     env.finish().await;
 }

@@ -26,6 +26,22 @@ pub struct TenantConfig {
     pub limits: LimitsConfig,
     /// The records to write for one booking, in order.
     pub records: Vec<RecordMapping>,
+    /// The file this came from, for the last-known-good copy (none when built in code).
+    #[serde(skip)]
+    pub source: Option<TenantSource>,
+}
+
+/// One tenant file of a directory: its stem, and the tenant or why it did not load.
+pub type LoadedFile = (String, Result<TenantConfig, String>);
+
+/// A tenant file as read: its name (without `.toml`) and its text. The text holds secrets by
+/// reference only, so it may be kept in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSource {
+    /// File stem: the tenant id unless the file sets `tenant`.
+    pub file: String,
+    /// The TOML text.
+    pub text: String,
 }
 
 /// Where the org is.
@@ -151,31 +167,53 @@ impl TenantConfig {
     /// Loads one tenant file; the tenant id defaults to the file stem.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        Self::parse(TenantSource { file, text }, &path.display().to_string())
+    }
+
+    /// Parses a tenant file's text; `origin` names it in errors.
+    pub fn parse(source: TenantSource, origin: &str) -> Result<Self, String> {
         let mut tenant: TenantConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str(&source.text).map_err(|e| format!("{origin}: {e}"))?;
         if tenant.tenant.is_empty() {
-            tenant.tenant = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_owned();
+            tenant.tenant = source.file.clone();
         }
+        tenant.source = Some(source);
         Ok(tenant)
     }
 
-    /// Loads every `*.toml` in `dir`, reporting every broken file.
-    pub fn load_dir(dir: &Path) -> Result<Vec<Self>, Vec<String>> {
+    /// Every `*.toml` in `dir`, sorted, each with its file stem and what loading it gave.
+    pub fn load_each(dir: &Path) -> Result<Vec<LoadedFile>, String> {
         let entries = std::fs::read_dir(dir)
-            .map_err(|e| vec![format!("tenants directory {}: {e}", dir.display())])?;
+            .map_err(|e| format!("tenants directory {}: {e}", dir.display()))?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "toml"))
             .collect();
         paths.sort();
+        Ok(paths
+            .into_iter()
+            .map(|path| {
+                let file = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                (file, Self::load(&path))
+            })
+            .collect())
+    }
+
+    /// Loads every `*.toml` in `dir`, reporting every broken file.
+    pub fn load_dir(dir: &Path) -> Result<Vec<Self>, Vec<String>> {
         let mut tenants = Vec::new();
         let mut problems = Vec::new();
-        for path in paths {
-            match Self::load(&path) {
+        for (_, loaded) in Self::load_each(dir).map_err(|e| vec![e])? {
+            match loaded {
                 Ok(t) => tenants.push(t),
                 Err(e) => problems.push(e),
             }

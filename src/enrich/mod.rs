@@ -1,16 +1,18 @@
 //! Enrich: what the plan needs besides the event — the host's Salesforce User Id and the last
-//! version already applied — from caches held in sled, filled from Salesforce on a miss.
+//! version already applied — from caches held in sled, filled from Salesforce on a miss; and the
+//! last good copy of each tenant file.
 //!
 //! sled stays behind [`Caches`]: nothing else in the crate names it. Every entry is a cache;
-//! deleting the directory loses nothing but warm-up, and an entry that does not decode is
-//! treated as a miss and overwritten.
+//! deleting the directory loses nothing but warm-up (and the fallback for a tenant file broken
+//! before the next start), and an entry that does not decode is treated as a miss and
+//! overwritten.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, TenantSource};
 use crate::event::BookingEvent;
 use crate::plan::Enrichment;
 use crate::salesforce::model::SObjectDescribe;
@@ -50,6 +52,13 @@ pub struct LedgerEntry {
     pub record_ids: Vec<(String, String)>,
 }
 
+/// A tenant file that worked, kept so a restart survives a broken edit of it.
+#[derive(Debug, Serialize, Deserialize)]
+struct TenantEntry {
+    text: String,
+    stored_at: u64,
+}
+
 /// Per-key locks of in-progress user look-ups.
 type LookupLocks =
     Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>>;
@@ -60,6 +69,7 @@ pub struct Caches {
     users: sled::Tree,
     ledger: sled::Tree,
     describes: sled::Tree,
+    tenants: sled::Tree,
     db: sled::Db,
     user_ttl: Duration,
     negative_ttl: Duration,
@@ -148,11 +158,41 @@ impl Caches {
             users: db.open_tree("users")?,
             ledger: db.open_tree("ledger")?,
             describes: db.open_tree("describe")?,
+            tenants: db.open_tree("tenants")?,
             db,
             user_ttl,
             negative_ttl,
             metrics,
             lookups: Arc::default(),
+        })
+    }
+
+    /// Keeps `source` as the last tenant file of its name that loaded, compiled and started.
+    pub fn tenant_put(&self, source: &TenantSource) {
+        let entry = TenantEntry {
+            text: source.text.clone(),
+            stored_at: now_secs(),
+        };
+        let Ok(bytes) = serde_json::to_vec(&entry) else {
+            return;
+        };
+        if let Err(error) = self.tenants.insert(source.file.as_bytes(), bytes) {
+            tracing::warn!(%error, "tenant cache update failed");
+        }
+    }
+
+    /// The last good tenant file named `file`, if one was kept.
+    pub fn tenant_get(&self, file: &str) -> Option<TenantSource> {
+        let entry = self
+            .tenants
+            .get(file.as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<TenantEntry>(&bytes).ok());
+        self.metrics.cache("mapping", entry.is_some());
+        entry.map(|e| TenantSource {
+            file: file.to_owned(),
+            text: e.text,
         })
     }
 

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// `portals_crm_circuit_open{tenant}`
     pub circuit_open: IntGaugeVec,
+    /// `portals_crm_tenant_file_rejected{tenant}`
+    pub tenant_file_rejected: IntGaugeVec,
     /// `portals_crm_inflight_events`
     pub inflight: IntGauge,
     /// `portals_crm_cache_requests_total{cache,result}`
@@ -139,6 +141,17 @@ impl Metrics {
         registry
             .register(Box::new(circuit_open.clone()))
             .expect("unique metric");
+        let tenant_file_rejected = IntGaugeVec::new(
+            Opts::new(
+                "portals_crm_tenant_file_rejected",
+                "1 while a tenant runs on its last good file from the cache because its file was rejected at start-up.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tenant_file_rejected.clone()))
+            .expect("unique metric");
         let inflight = IntGauge::new(
             "portals_crm_inflight_events",
             "Events received and not yet settled.",
@@ -179,6 +192,7 @@ impl Metrics {
             retries,
             dead_letters,
             circuit_open,
+            tenant_file_rejected,
             inflight,
             cache_requests,
             amqp_connected,
