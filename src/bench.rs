@@ -79,7 +79,9 @@ pub struct Report {
     pub cold_start_ms: f64,
     /// 100 ms run: from spawning the worker to its first booking in the org.
     pub cold_start_100ms_ms: f64,
-    /// Machine and sizes, for the README.
+    /// Bookings waiting in the memory run.
+    pub backlog: usize,
+    /// The machine, for the README.
     pub machine: String,
 }
 
@@ -399,6 +401,15 @@ impl Stage {
     }
 }
 
+/// What every measurement runs against: the config, the bench's publishing channel, the
+/// portals-crm binary the workers run, and an HTTP client for the emulator and the workers.
+struct Bench<'a> {
+    config: &'a Config,
+    channel: &'a Channel,
+    exe: &'a Path,
+    http: &'a reqwest::Client,
+}
+
 /// What a saturation run measured.
 struct Saturation {
     /// Sustained bookings/s: from the first booking in the org to the last, so the workers'
@@ -412,17 +423,19 @@ struct Saturation {
 
 /// Saturation: publish `n` bookings, start `workers` worker processes on the queue, time until
 /// all bookings are in the org.
-#[allow(clippy::too_many_arguments)]
 async fn saturation(
-    config: &Config,
-    channel: &Channel,
-    exe: &Path,
+    bench: &Bench<'_>,
     run: &str,
     n: usize,
     workers: usize,
     faults: FaultSpec,
-    http: &reqwest::Client,
 ) -> Result<Saturation, BenchError> {
+    let Bench {
+        config,
+        channel,
+        exe,
+        http,
+    } = *bench;
     let stage = Stage::start(config, channel, run, faults).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
@@ -486,13 +499,17 @@ pub async fn scaling(
     let run = format!("{:x}", rand::random::<u32>());
     let (connection, channel) = open_channel(config).await?;
     let http = reqwest::Client::new();
+    let bench = Bench {
+        config,
+        channel: &channel,
+        exe,
+        http: &http,
+    };
     let mut rates = Vec::new();
     for workers in 1..=3 {
         eprintln!("{workers} worker(s), {n} bookings");
         let measured = saturation(
-            config,
-            &channel,
-            exe,
+            &bench,
             &format!("{run}-w{workers}"),
             n,
             workers,
@@ -500,7 +517,6 @@ pub async fn scaling(
                 latency_ms: Some(latency_ms),
                 ..FaultSpec::default()
             },
-            &http,
         )
         .await?;
         eprintln!(
@@ -514,14 +530,13 @@ pub async fn scaling(
 }
 
 /// Fixed rate: 200 bookings/s; latency = Event.CreatedDate − publish time.
-async fn latency(
-    config: &Config,
-    channel: &Channel,
-    exe: &Path,
-    run: &str,
-    secs: u64,
-    http: &reqwest::Client,
-) -> Result<(f64, f64), BenchError> {
+async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), BenchError> {
+    let Bench {
+        config,
+        channel,
+        exe,
+        http,
+    } = *bench;
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let worker = Worker::spawn(exe, &stage.env)?;
     // Let the worker connect and warm its token and user caches before the clock starts.
@@ -597,14 +612,13 @@ async fn latency(
 }
 
 /// Memory: publish the backlog first, then let a worker chew on it and read its peak RSS.
-async fn backlog_rss(
-    config: &Config,
-    channel: &Channel,
-    exe: &Path,
-    run: &str,
-    n: usize,
-    http: &reqwest::Client,
-) -> Result<f64, BenchError> {
+async fn backlog_rss(bench: &Bench<'_>, run: &str, n: usize) -> Result<f64, BenchError> {
+    let Bench {
+        config,
+        channel,
+        exe,
+        http,
+    } = *bench;
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
@@ -656,6 +670,12 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
     let run = format!("{:x}", rand::random::<u32>());
     let (connection, channel) = open_channel(config).await?;
     let http = reqwest::Client::new();
+    let bench = Bench {
+        config,
+        channel: &channel,
+        exe,
+        http: &http,
+    };
     eprintln!("1/6 bare lapin consume + ack, {} messages", sizes.bare);
     let bare = bare_consume_ack(config, &channel, &run, sizes.bare).await?;
     eprintln!(
@@ -663,14 +683,11 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         sizes.saturation
     );
     let fast = saturation(
-        config,
-        &channel,
-        exe,
+        &bench,
         &format!("{run}-sat"),
         sizes.saturation,
         1,
         FaultSpec::default(),
-        &http,
     )
     .await?;
     eprintln!(
@@ -686,14 +703,11 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         ..FaultSpec::default()
     };
     let slow = saturation(
-        config,
-        &channel,
-        exe,
+        &bench,
         &format!("{run}-slow"),
         sizes.saturation,
         1,
         latency_100ms,
-        &http,
     )
     .await?;
     eprintln!(
@@ -702,25 +716,9 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
     );
     eprintln!("4/6 (API calls per booking come from run 2)");
     eprintln!("5/6 latency at 200 bookings/s for {} s", sizes.latency_secs);
-    let (p50, p99) = latency(
-        config,
-        &channel,
-        exe,
-        &format!("{run}-lat"),
-        sizes.latency_secs,
-        &http,
-    )
-    .await?;
+    let (p50, p99) = latency(&bench, &format!("{run}-lat"), sizes.latency_secs).await?;
     eprintln!("6/6 peak RSS with a backlog of {} bookings", sizes.backlog);
-    let rss = backlog_rss(
-        config,
-        &channel,
-        exe,
-        &format!("{run}-rss"),
-        sizes.backlog,
-        &http,
-    )
-    .await?;
+    let rss = backlog_rss(&bench, &format!("{run}-rss"), sizes.backlog).await?;
     let _ = connection.close(200, "bench done".into()).await;
     let report = Report {
         bare_consume_ack_per_s: bare.round(),
@@ -732,6 +730,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         peak_rss_mb: (rss * 10.0).round() / 10.0,
         cold_start_ms: fast.cold_start_ms.round(),
         cold_start_100ms_ms: slow.cold_start_ms.round(),
+        backlog: sizes.backlog,
         machine: machine(),
     };
     std::fs::create_dir_all("target/bench")?;
@@ -774,8 +773,8 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "| worker peak RSS, 200,000 bookings waiting | {:.1} MB | ≤ 100 MB |",
-            self.peak_rss_mb
+            "| worker peak RSS, {} bookings waiting | {:.1} MB | ≤ 100 MB |",
+            self.backlog, self.peak_rss_mb
         )?;
         writeln!(
             f,
