@@ -430,12 +430,7 @@ async fn saturation(
     workers: usize,
     faults: FaultSpec,
 ) -> Result<Saturation, BenchError> {
-    let Bench {
-        config,
-        channel,
-        exe,
-        http,
-    } = *bench;
+    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
     let stage = Stage::start(config, channel, run, faults).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
@@ -531,12 +526,7 @@ pub async fn scaling(
 
 /// Fixed rate: 200 bookings/s; latency = Event.CreatedDate − publish time.
 async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), BenchError> {
-    let Bench {
-        config,
-        channel,
-        exe,
-        http,
-    } = *bench;
+    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let worker = Worker::spawn(exe, &stage.env)?;
     // Let the worker connect and warm its token and user caches before the clock starts.
@@ -613,12 +603,7 @@ async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), 
 
 /// Memory: publish the backlog first, then let a worker chew on it and read its peak RSS.
 async fn backlog_rss(bench: &Bench<'_>, run: &str, n: usize) -> Result<f64, BenchError> {
-    let Bench {
-        config,
-        channel,
-        exe,
-        http,
-    } = *bench;
+    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
