@@ -12,12 +12,16 @@ use common::TestEnv;
 use portals_crm::demo::scenario;
 use serde_json::{Value, json};
 
+/// Short retry tiers, so retried bookings come back within the test. The environment declares
+/// (and at the end deletes) the same tier queues as the worker.
+const TIERS_SECS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+
 fn spawn_worker(env: &TestEnv, tenants: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
         .arg("run")
         .envs(env.binary_env())
         .env("PORTALS_CRM_TENANTS_DIR", tenants)
-        .env("PORTALS_CRM_RETRY_TIERS_SECS", "[1, 2, 4, 8, 16, 32]")
+        .env("PORTALS_CRM_RETRY_TIERS_SECS", format!("{TIERS_SECS:?}"))
         .env("PORTALS_CRM_SALESFORCE_CIRCUIT_COOLDOWN_SECS", "2")
         .env("PORTALS_CRM_WORKER_DRAIN_SECS", "5")
         .env("RUST_LOG", "warn")
@@ -50,7 +54,7 @@ fn close_worker_connection(env: &TestEnv) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_lost_nothing_twice_under_chaos() {
-    let mut env = TestEnv::start("chaos").await;
+    let mut env = TestEnv::start_with("chaos", |c| c.retry.tiers_secs = TIERS_SECS.to_vec()).await;
     env.stop_service().await;
     let tenants = env.write_tenant_files();
     let messages = scenario(7_800, "chaos", 99);
