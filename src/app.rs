@@ -818,6 +818,36 @@ async fn watch_orgs(pipeline: Arc<Pipeline>, every: Option<Duration>, cancel: Ca
     }
 }
 
+/// Removes ledger entries older than `ttl`, one bounded slice a minute, so the ledger on disk
+/// stops growing with every booking ever written and a large one never costs a long pause.
+async fn expire_ledger(caches: Caches, ttl: Duration, cancel: CancellationToken) {
+    const SLICE: usize = 50_000;
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            () = cancel.cancelled() => return,
+        }
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(ttl)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let slice = caches.clone();
+        let from = cursor.take();
+        let Ok((removed, next)) = tokio::task::spawn_blocking(move || {
+            slice.ledger_expire(cutoff, from.as_deref(), SLICE)
+        })
+        .await
+        else {
+            return;
+        };
+        if removed > 0 {
+            tracing::info!(removed, "expired ledger entries");
+        }
+        cursor = next;
+    }
+}
+
 async fn check_tenants_against_orgs(pipeline: &Pipeline) {
     for tenant in pipeline.tenants() {
         match pipeline
@@ -1068,6 +1098,13 @@ impl Service {
             addr: config.http.listen.clone(),
             source,
         })?;
+        if config.cache.ledger_ttl_days > 0 {
+            tracker.spawn(expire_ledger(
+                pipeline.caches().clone(),
+                Duration::from_secs(config.cache.ledger_ttl_days * 86_400),
+                cancel.clone(),
+            ));
+        }
         let refresh = config.cache.describe_refresh_secs;
         tracker.spawn(watch_orgs(
             pipeline.clone(),

@@ -170,6 +170,10 @@ pub struct CacheConfig {
     /// disk; this caps what of it stays in memory (sled's footprint is about twice this).
     #[serde(default = "default_cache_memory")]
     pub memory_mb: u64,
+    /// Ledger entries older than this many days are removed (0: kept forever). Without its
+    /// entry a booking is still safe: the org's version guard rejects older versions.
+    #[serde(default = "default_ledger_ttl")]
+    pub ledger_ttl_days: u64,
 }
 
 /// Where tenant files live.
@@ -262,6 +266,9 @@ fn default_describe_refresh() -> u64 {
 fn default_cache_memory() -> u64 {
     4
 }
+fn default_ledger_ttl() -> u64 {
+    90
+}
 fn default_tenants_dir() -> PathBuf {
     "config/tenants".into()
 }
@@ -318,6 +325,7 @@ impl Default for CacheConfig {
             negative_ttl_secs: default_negative_ttl(),
             describe_refresh_secs: default_describe_refresh(),
             memory_mb: default_cache_memory(),
+            ledger_ttl_days: default_ledger_ttl(),
         }
     }
 }

@@ -52,6 +52,21 @@ pub struct LedgerEntry {
     pub record_ids: Vec<(String, String)>,
 }
 
+/// A ledger entry as stored: with when it was written, for expiry.
+#[derive(Serialize)]
+struct Stamped<'a> {
+    #[serde(flatten)]
+    entry: &'a LedgerEntry,
+    written_at: u64,
+}
+
+/// The expiry stamp of a stored ledger entry (0 when it has none).
+#[derive(Deserialize)]
+struct Stamp {
+    #[serde(default)]
+    written_at: u64,
+}
+
 /// A tenant file that worked, kept so a restart survives a broken edit of it.
 #[derive(Debug, Serialize, Deserialize)]
 struct TenantEntry {
@@ -259,7 +274,11 @@ impl Caches {
     /// Records a written version, never lowering what is there.
     pub fn ledger_put(&self, tenant: &str, booking_id: &str, entry: &LedgerEntry) {
         let k = key(tenant, booking_id);
-        let Ok(bytes) = serde_json::to_vec(entry) else {
+        let stamped = Stamped {
+            entry,
+            written_at: now_secs(),
+        };
+        let Ok(bytes) = serde_json::to_vec(&stamped) else {
             return;
         };
         let result = self.ledger.fetch_and_update(&k, |old| {
@@ -275,6 +294,39 @@ impl Caches {
         if let Err(error) = result {
             tracing::warn!(%error, "ledger update failed");
         }
+    }
+
+    /// Removes ledger entries written before `cutoff` (Unix seconds), looking at no more than
+    /// `limit` entries from `from` on, so a large ledger is expired a slice at a time. Returns
+    /// how many were removed and where the next slice starts (`None`: the end was reached).
+    pub fn ledger_expire(
+        &self,
+        cutoff: u64,
+        from: Option<&[u8]>,
+        limit: usize,
+    ) -> (usize, Option<Vec<u8>>) {
+        let entries = match from {
+            Some(start) => self.ledger.range(start.to_vec()..),
+            None => self.ledger.iter(),
+        };
+        let mut removed = 0;
+        for (seen, item) in entries.enumerate() {
+            let Ok((k, v)) = item else { break };
+            if seen == limit {
+                return (removed, Some(k.to_vec()));
+            }
+            let written_at = serde_json::from_slice::<Stamp>(&v).map_or(0, |s| s.written_at);
+            // Only if unchanged since read: a version written meanwhile stays.
+            if written_at < cutoff
+                && self
+                    .ledger
+                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)
+                    .is_ok_and(|swapped| swapped.is_ok())
+            {
+                removed += 1;
+            }
+        }
+        (removed, None)
     }
 
     fn user_get(&self, tenant: &str, email: &str) -> Option<UserEntry> {
@@ -434,6 +486,35 @@ mod tests {
             }
         }
         assert_eq!(moved_aside, 1, "the unreadable database was moved aside");
+    }
+
+    #[test]
+    fn ledger_entries_expire_a_slice_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-expire-{}", std::process::id()));
+        let caches = Caches::open(&test_config(&dir), Arc::new(Metrics::new())).unwrap();
+        let entry = LedgerEntry {
+            version: 1,
+            record_ids: vec![("lead".into(), "00Q000000000001AAA".into())],
+        };
+        for id in ["bk_1", "bk_2", "bk_3"] {
+            caches.ledger_put("acme", id, &entry);
+        }
+        assert_eq!(
+            caches.ledger_expire(0, None, 10),
+            (0, None),
+            "nothing is older"
+        );
+        assert_eq!(caches.ledger_get("acme", "bk_2"), Some(entry.clone()));
+        let tomorrow = now_secs() + 86_400;
+        let (removed, next) = caches.ledger_expire(tomorrow, None, 2);
+        assert_eq!(removed, 2);
+        let next = next.expect("one entry left to look at");
+        assert_eq!(caches.ledger_expire(tomorrow, Some(&next), 2), (1, None));
+        for id in ["bk_1", "bk_2", "bk_3"] {
+            assert_eq!(caches.ledger_get("acme", id), None);
+        }
+        drop(caches);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
