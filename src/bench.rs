@@ -401,13 +401,38 @@ impl Stage {
     }
 }
 
-/// What every measurement runs against: the config, the bench's publishing channel, the
-/// portals-crm binary the workers run, and an HTTP client for the emulator and the workers.
+/// What every measurement runs against: the config, the portals-crm binary the workers run, a
+/// connection and confirm-mode channel for the bench's own publishing, an HTTP client for the
+/// emulator and the workers, and this run's id (in every queue name, so runs never collide).
 struct Bench<'a> {
     config: &'a Config,
-    channel: &'a Channel,
     exe: &'a Path,
-    http: &'a reqwest::Client,
+    connection: lapin::Connection,
+    channel: Channel,
+    http: reqwest::Client,
+    run: String,
+}
+
+impl<'a> Bench<'a> {
+    async fn open(config: &'a Config, exe: &'a Path) -> Result<Self, BenchError> {
+        let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            config,
+            exe,
+            connection,
+            channel,
+            http: reqwest::Client::new(),
+            run: format!("{:x}", rand::random::<u32>()),
+        })
+    }
+
+    async fn close(self) {
+        let _ = self.connection.close(200, "bench done".into()).await;
+    }
 }
 
 /// What a saturation run measured.
@@ -430,7 +455,7 @@ async fn saturation(
     workers: usize,
     faults: FaultSpec,
 ) -> Result<Saturation, BenchError> {
-    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
+    let (config, channel, exe, http) = (bench.config, &bench.channel, bench.exe, &bench.http);
     let stage = Stage::start(config, channel, run, faults).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
@@ -491,15 +516,8 @@ pub async fn scaling(
     n: usize,
     latency_ms: u64,
 ) -> Result<Vec<(usize, f64)>, BenchError> {
-    let run = format!("{:x}", rand::random::<u32>());
-    let (connection, channel) = open_channel(config).await?;
-    let http = reqwest::Client::new();
-    let bench = Bench {
-        config,
-        channel: &channel,
-        exe,
-        http: &http,
-    };
+    let bench = Bench::open(config, exe).await?;
+    let run = &bench.run;
     let mut rates = Vec::new();
     for workers in 1..=3 {
         eprintln!("{workers} worker(s), {n} bookings");
@@ -520,13 +538,13 @@ pub async fn scaling(
         );
         rates.push((workers, measured.rate.round()));
     }
-    let _ = connection.close(200, "bench done".into()).await;
+    bench.close().await;
     Ok(rates)
 }
 
 /// Fixed rate: 200 bookings/s; latency = Event.CreatedDate − publish time.
 async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), BenchError> {
-    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
+    let (config, channel, exe, http) = (bench.config, &bench.channel, bench.exe, &bench.http);
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let worker = Worker::spawn(exe, &stage.env)?;
     // Let the worker connect and warm its token and user caches before the clock starts.
@@ -603,7 +621,7 @@ async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), 
 
 /// Memory: publish the backlog first, then let a worker chew on it and read its peak RSS.
 async fn backlog_rss(bench: &Bench<'_>, run: &str, n: usize) -> Result<f64, BenchError> {
-    let (config, channel, exe, http) = (bench.config, bench.channel, bench.exe, bench.http);
+    let (config, channel, exe, http) = (bench.config, &bench.channel, bench.exe, &bench.http);
     let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
     let bodies = (0..n).map(|i| simple_booking(run, i, if i % 2 == 0 { "acme" } else { "demo" }));
     publish_all(channel, &stage.topology.exchange, "meeting.booked", bodies).await?;
@@ -640,29 +658,12 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {memory} RAM")
 }
 
-/// A connection and a channel in confirm mode for the bench's own publishing.
-async fn open_channel(config: &Config) -> Result<(lapin::Connection, Channel), BenchError> {
-    let connection = amqp::connect(&config.amqp.url, 30, "portals-crm bench").await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok((connection, channel))
-}
-
 /// Runs every measurement; `exe` is the portals-crm binary the workers run.
 pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Report, BenchError> {
-    let run = format!("{:x}", rand::random::<u32>());
-    let (connection, channel) = open_channel(config).await?;
-    let http = reqwest::Client::new();
-    let bench = Bench {
-        config,
-        channel: &channel,
-        exe,
-        http: &http,
-    };
+    let bench = Bench::open(config, exe).await?;
+    let run = &bench.run;
     eprintln!("1/6 bare lapin consume + ack, {} messages", sizes.bare);
-    let bare = bare_consume_ack(config, &channel, &run, sizes.bare).await?;
+    let bare = bare_consume_ack(config, &bench.channel, run, sizes.bare).await?;
     eprintln!(
         "2/6 saturation, {} bookings, zero-latency emulator",
         sizes.saturation
@@ -704,7 +705,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
     let (p50, p99) = latency(&bench, &format!("{run}-lat"), sizes.latency_secs).await?;
     eprintln!("6/6 peak RSS with a backlog of {} bookings", sizes.backlog);
     let rss = backlog_rss(&bench, &format!("{run}-rss"), sizes.backlog).await?;
-    let _ = connection.close(200, "bench done".into()).await;
+    bench.close().await;
     let report = Report {
         bare_consume_ack_per_s: bare.round(),
         bookings_per_s: fast.rate.round(),

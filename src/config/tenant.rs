@@ -163,16 +163,25 @@ fn read_secret(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<Sec
     }
 }
 
+/// A tenant file's name without `.toml`.
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 impl TenantConfig {
     /// Loads one tenant file; the tenant id defaults to the file stem.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        Self::parse(TenantSource { file, text }, &path.display().to_string())
+        Self::parse(
+            TenantSource {
+                file: file_stem(path),
+                text,
+            },
+            &path.display().to_string(),
+        )
     }
 
     /// Parses a tenant file's text; `origin` names it in errors.
@@ -197,14 +206,7 @@ impl TenantConfig {
         paths.sort();
         Ok(paths
             .into_iter()
-            .map(|path| {
-                let file = path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-                    .to_owned();
-                (file, Self::load(&path))
-            })
+            .map(|path| (file_stem(&path), Self::load(&path)))
             .collect())
     }
 
