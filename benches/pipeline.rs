@@ -5,8 +5,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use portals_crm::config::TenantConfig;
+use portals_crm::enrich::Enrichment;
 use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
-use portals_crm::plan::{CompiledMapping, Enrichment};
+use portals_crm::plan::CompiledMapping;
 use portals_crm::salesforce::error::classify_api_error;
 use portals_crm::salesforce::model::{ApiError, GraphResponse};
 

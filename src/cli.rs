@@ -1,10 +1,13 @@
-//! The command line: `run`, `demo`, `emulator`.
+//! The command line: `run`, `doctor`, `mapping`, `dlq`; with the `dev-tools` feature also
+//! `demo`, `bench` and `emulator`.
 
+#[cfg(feature = "dev-tools")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "dev-tools")]
 use crate::emulator::FaultSpec;
 use crate::telemetry::logging::LogFormat;
 
@@ -28,6 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the service: consume booking events and write them to Salesforce.
     Run,
+    #[cfg(feature = "dev-tools")]
     /// Start the emulator in-process, publish sample bookings through the local broker,
     /// process them, print a summary.
     Demo {
@@ -38,6 +42,7 @@ pub enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    #[cfg(feature = "dev-tools")]
     /// The end-to-end load bench (build with --release): prints a table and writes
     /// target/bench/pipeline.json.
     Bench {
@@ -70,6 +75,7 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    #[cfg(feature = "dev-tools")]
     /// Serve the Salesforce emulator.
     Emulator {
         /// Listen address.
@@ -200,6 +206,7 @@ impl FilterArgs {
     }
 }
 
+#[cfg(feature = "dev-tools")]
 /// Fault flags of `portals-crm emulator` (the same keys as `POST /__emulator/faults`).
 #[derive(Debug, clap::Args)]
 pub struct FaultArgs {
@@ -223,6 +230,7 @@ pub struct FaultArgs {
     pub outage_seconds: Option<u64>,
 }
 
+#[cfg(feature = "dev-tools")]
 impl FaultArgs {
     /// The equivalent fault spec.
     pub fn spec(&self) -> FaultSpec {

@@ -15,9 +15,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::amqp::{self, Publisher, Topology};
-use crate::app::{BuildError, Service};
 use crate::config::{Config, TenantConfig};
 use crate::emulator::{self, FaultSpec, OrgSpec};
+use crate::service::{BuildError, Service};
 
 /// One message to publish.
 #[derive(Debug, Clone)]

@@ -10,12 +10,12 @@ use std::fmt::Write as _;
 
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::amqp::{self, PublishError, Publisher, Topology, header_int, header_str};
-use crate::outcome::headers;
+use crate::amqp::{self, PublishError, Publisher, Topology};
+use crate::outcome::dead_letter::{self, DeadLetterHeaders};
 
 /// Which dead letters a command applies to.
 #[derive(Debug, Clone, Default)]
@@ -97,23 +97,26 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 fn describe(message: &BasicGetMessage) -> DeadLetter {
-    let table = message.delivery.properties.headers().as_ref();
-    let h = |name: &str| header_str(table, name);
-    let id = h(headers::EVENT_ID)
+    let headers = DeadLetterHeaders::read(message.delivery.properties.headers().as_ref());
+    let id = headers
+        .event_id
         .unwrap_or_else(|| format!("body-{:016x}", fnv1a(&message.delivery.data)));
     DeadLetter {
         id,
-        tenant: h(headers::TENANT).unwrap_or_else(|| "unknown".into()),
-        reason: h(headers::REASON).unwrap_or_else(|| "delivery_limit".into()),
-        message: h(headers::MESSAGE)
+        tenant: headers.tenant.unwrap_or_else(|| "unknown".into()),
+        reason: headers
+            .reason
+            .unwrap_or_else(|| crate::outcome::Reason::DeliveryLimit.label()),
+        message: headers
+            .message
             .unwrap_or_else(|| "dead-lettered by the broker (delivery limit reached)".into()),
-        salesforce_error: h(headers::SF_ERROR_CODE),
-        salesforce_fields: h(headers::SF_FIELDS).filter(|f| !f.is_empty()),
-        booking_id: h(headers::BOOKING_ID),
-        attempts: header_int(table, headers::ATTEMPT).unwrap_or(0),
-        first_failure: h(headers::FIRST_FAILURE),
-        last_failure: h(headers::LAST_FAILURE),
-        routing_key: h(headers::ROUTING_KEY),
+        salesforce_error: headers.salesforce_error,
+        salesforce_fields: headers.salesforce_fields,
+        booking_id: headers.booking_id,
+        attempts: headers.attempts,
+        first_failure: headers.first_failure,
+        last_failure: headers.last_failure,
+        routing_key: headers.routing_key,
         body: String::from_utf8_lossy(&message.delivery.data).into_owned(),
     }
 }
@@ -207,13 +210,7 @@ impl Dlq {
         let mut replayed = Vec::new();
         for (message, letter) in chosen {
             let delivery = &message.delivery;
-            let mut table = FieldTable::default();
-            if let Some(key) = &letter.routing_key {
-                table.insert(
-                    headers::ROUTING_KEY.into(),
-                    AMQPValue::LongString(key.as_str().into()),
-                );
-            }
+            let table = dead_letter::replay(letter.routing_key.as_deref());
             let mut properties = BasicProperties::default().with_headers(table);
             if let Some(content_type) = delivery.properties.content_type() {
                 properties = properties.with_content_type(content_type.clone());

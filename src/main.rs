@@ -8,8 +8,11 @@ use portals_crm::amqp::Topology;
 use portals_crm::cli::{Cli, Command, DlqAction, MappingAction};
 use portals_crm::config::{Config, TenantConfig};
 use portals_crm::dlq::{self, Dlq};
+#[cfg(feature = "dev-tools")]
 use portals_crm::emulator::{self, OrgSpec};
-use portals_crm::{app, demo, telemetry};
+use portals_crm::service::Service;
+use portals_crm::telemetry;
+use portals_crm::tenants::{self, LoadedTenant};
 
 /// jemalloc instead of glibc's allocator: the pipeline allocates many small, short-lived JSON
 /// values per booking; with glibc, malloc/free took about half of the emulator's CPU (README,
@@ -51,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let config = Config::load(&cli.config)?;
-            let service = app::Service::start_from_dir(&config).await?;
+            let service = Service::start_from_dir(&config).await?;
             tracing::info!(http = %service.http_addr, "portals-crm running");
             let reloader = service.reloader.clone();
             let hangups = tokio::spawn(async move {
@@ -71,12 +74,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             service.shutdown().await;
             Ok(())
         }
+        #[cfg(feature = "dev-tools")]
         Command::Demo {
             events,
             keep_running,
         } => {
             let config = Config::load(&cli.config)?;
-            let summary = demo::run(&config, events, keep_running, shutdown_signal()).await?;
+            let summary =
+                portals_crm::demo::run(&config, events, keep_running, shutdown_signal()).await?;
             println!("{summary}");
             if summary.all_settled() {
                 Ok(())
@@ -84,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("not every event was settled")
             }
         }
+        #[cfg(feature = "dev-tools")]
         Command::Bench {
             quick,
             scaling,
@@ -145,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dlq.close().await;
             result
         }
+        #[cfg(feature = "dev-tools")]
         Command::Emulator {
             listen,
             org,
@@ -192,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn tenants_for_cli(
     config: &Config,
     only: Option<&str>,
-) -> anyhow::Result<(Vec<app::LoadedTenant>, portals_crm::enrich::Caches)> {
+) -> anyhow::Result<(Vec<LoadedTenant>, portals_crm::enrich::Caches)> {
     let mut tenants = TenantConfig::load_dir(&config.tenants.dir)
         .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
     if let Some(only) = only {
@@ -205,7 +212,7 @@ fn tenants_for_cli(
     }
     let metrics = std::sync::Arc::new(portals_crm::telemetry::metrics::Metrics::new());
     let timeout = std::time::Duration::from_secs(config.salesforce.timeout_secs);
-    let loaded = app::load_tenants(tenants, timeout, &metrics)
+    let loaded = tenants::load_tenants(tenants, timeout, &metrics)
         .map_err(|p| anyhow::anyhow!("tenants:\n  - {}", p.join("\n  - ")))?;
     Ok((loaded, portals_crm::enrich::Caches::temporary(metrics)?))
 }
@@ -216,14 +223,8 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
             let (tenants, caches) = tenants_for_cli(config, tenant.as_deref())?;
             let mut problems = 0;
             for loaded in &tenants {
-                let mut describes = std::collections::HashMap::new();
-                for record in &loaded.config.records {
-                    if let Some(describe) = caches.describe(&loaded.client, &record.sobject).await?
-                    {
-                        describes.insert(record.sobject.clone(), describe);
-                    }
-                }
-                let found = portals_crm::plan::validate::validate(&loaded.config, &describes);
+                let found =
+                    tenants::check_against_org(&caches, &loaded.config, &loaded.client).await?;
                 if found.is_empty() {
                     println!(
                         "tenant {}: mapping valid against the org",

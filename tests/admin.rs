@@ -24,7 +24,7 @@ async fn tenant_changes_are_validated_and_swapped_atomically() {
     env.config.tenants.dir = dir.clone();
     env.config.tenants.watch_secs = 1;
     env.service = Some(
-        portals_crm::app::Service::start(&env.config, env.tenants.clone())
+        portals_crm::service::Service::start(&env.config, env.tenants.clone())
             .await
             .unwrap(),
     );

@@ -5,13 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use portals_crm::app::{LoadedTenant, load_tenants};
 use portals_crm::config::{AuthConfig, TenantConfig};
 use portals_crm::doctor::check_tenant;
 use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
 use portals_crm::enrich::Caches;
 use portals_crm::plan::validate::{MappingProblem, validate};
 use portals_crm::telemetry::metrics::Metrics;
+use portals_crm::tenants::{LoadedTenant, load_tenants};
 use serde_json::json;
 
 fn acme(emulator: &EmulatorHandle) -> TenantConfig {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{TestEnv, sample, wait_until};
-use portals_crm::app::Service;
 use portals_crm::demo::scenario;
+use portals_crm::service::Service;
 use serde_json::{Value, json};
 
 /// DESIGN.md §9: every metric with its label names.
@@ -270,7 +270,7 @@ async fn sigterm_under_load_drains_in_time_and_loses_nothing() {
     let env = {
         let mut env = env;
         env.service = Some(
-            portals_crm::app::Service::start(&env.config, env.tenants.clone())
+            portals_crm::service::Service::start(&env.config, env.tenants.clone())
                 .await
                 .unwrap(),
         );

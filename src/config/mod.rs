@@ -391,11 +391,31 @@ fn overlay_env(
 }
 
 impl Config {
-    /// Loads `path`, overlays the process environment, validates.
+    /// Loads `path`, overlays the process environment, validates, and resolves the relative
+    /// paths it names (tenants directory, cache, admin token file) against the directory of
+    /// `path` (see [`Config::resolve_paths`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
-        Self::from_toml(&text, std::env::vars())
+        let mut config = Self::from_toml(&text, std::env::vars())?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Makes the relative paths of the configuration relative to `base`, the directory of the
+    /// file that names them, as Prometheus and most services do: `portals-crm run --config
+    /// /etc/portals-crm/portals-crm.toml` finds its tenants from any working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        resolve(&mut self.cache.path);
+        resolve(&mut self.tenants.dir);
+        if let Some(path) = &mut self.http.admin_token_file {
+            resolve(path);
+        }
     }
 
     /// Parses TOML text with the given environment overlay, then validates.

@@ -3,12 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use secrecy::SecretString;
 use serde::Deserialize;
-
-use crate::salesforce::{Credentials, OrgEndpoint};
 
 /// One tenant.
 #[derive(Debug, Clone, Deserialize)]
@@ -149,20 +145,6 @@ pub struct RecordMapping {
     pub fields: BTreeMap<String, serde_json::Value>,
 }
 
-fn read_secret(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<SecretString, String> {
-    match (file, env) {
-        (Some(path), None) => std::fs::read_to_string(path)
-            .map(|s| SecretString::from(s.trim().to_owned()))
-            .map_err(|e| format!("{what}: cannot read {}: {e}", path.display())),
-        (None, Some(name)) => std::env::var(name)
-            .map(SecretString::from)
-            .map_err(|_| format!("{what}: environment variable {name} is not set")),
-        _ => Err(format!(
-            "{what}: give exactly one of a _file or an _env reference"
-        )),
-    }
-}
-
 /// A tenant file's name without `.toml`.
 fn file_stem(path: &Path) -> String {
     path.file_stem()
@@ -172,16 +154,44 @@ fn file_stem(path: &Path) -> String {
 }
 
 impl TenantConfig {
-    /// Loads one tenant file; the tenant id defaults to the file stem.
+    /// Loads one tenant file; the tenant id defaults to the file stem, and its relative paths
+    /// resolve against the file's directory (see [`TenantConfig::resolve_paths`]).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(
+        let mut tenant = Self::parse(
             TenantSource {
                 file: file_stem(path),
                 text,
             },
             &path.display().to_string(),
-        )
+        )?;
+        tenant.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(tenant)
+    }
+
+    /// Makes the file's relative paths (private key, client secret, CA certificate) relative
+    /// to `base`, the directory of the file that names them, as Prometheus does with its rule
+    /// files: the service then finds them whatever its working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        match &mut self.auth {
+            AuthConfig::JwtBearer {
+                private_key_file: Some(path),
+                ..
+            }
+            | AuthConfig::ClientCredentials {
+                client_secret_file: Some(path),
+                ..
+            } => resolve(path),
+            AuthConfig::JwtBearer { .. } | AuthConfig::ClientCredentials { .. } => {}
+        }
+        if let Some(path) = &mut self.org.ca_cert_file {
+            resolve(path);
+        }
     }
 
     /// Parses a tenant file's text; `origin` names it in errors.
@@ -225,63 +235,5 @@ impl TenantConfig {
         } else {
             Err(problems)
         }
-    }
-
-    /// Resolves the credentials references into secrets.
-    pub fn credentials(&self) -> Result<Credentials, String> {
-        let what = format!("tenant {}: auth", self.tenant);
-        Ok(match &self.auth {
-            AuthConfig::JwtBearer {
-                consumer_key,
-                username,
-                private_key_file,
-                private_key_env,
-            } => Credentials::JwtBearer {
-                consumer_key: consumer_key.clone(),
-                username: username.clone(),
-                private_key: read_secret(
-                    private_key_file.as_deref(),
-                    private_key_env.as_deref(),
-                    &what,
-                )?,
-            },
-            AuthConfig::ClientCredentials {
-                client_id,
-                client_secret_file,
-                client_secret_env,
-            } => Credentials::ClientCredentials {
-                client_id: client_id.clone(),
-                client_secret: read_secret(
-                    client_secret_file.as_deref(),
-                    client_secret_env.as_deref(),
-                    &what,
-                )?,
-            },
-        })
-    }
-
-    /// The client endpoint of this tenant's org.
-    pub fn endpoint(&self, timeout: Duration) -> Result<OrgEndpoint, String> {
-        Ok(OrgEndpoint {
-            tenant: self.tenant.clone(),
-            login_url: self.org.login_url.trim_end_matches('/').to_owned(),
-            api_version: self.org.api_version.clone(),
-            credentials: self.credentials()?,
-            timeout,
-            ca_certificate: self
-                .org
-                .ca_cert_file
-                .as_ref()
-                .map(|path| {
-                    std::fs::read(path).map_err(|e| {
-                        format!(
-                            "tenant {}: ca_cert_file {}: {e}",
-                            self.tenant,
-                            path.display()
-                        )
-                    })
-                })
-                .transpose()?,
-        })
     }
 }

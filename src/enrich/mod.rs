@@ -14,10 +14,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CacheConfig, TenantSource};
 use crate::event::BookingEvent;
-use crate::plan::Enrichment;
 use crate::salesforce::model::SObjectDescribe;
 use crate::salesforce::{Described, SalesforceClient, SalesforceError};
 use crate::telemetry::metrics::Metrics;
+
+/// What enrichment adds to the event for the templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Enrichment {
+    /// The host's Salesforce User Id, when a user has the host's email.
+    pub host_user_id: Option<String>,
+    /// The integration user's User Id (the fallback owner).
+    pub integration_user_id: String,
+}
 
 /// The sled database could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +114,16 @@ fn key(tenant: &str, id: &str) -> Vec<u8> {
     format!("{tenant}/{id}").into_bytes()
 }
 
+/// sled's settings for `config`: its page cache is `memory_mb` MiB (the resident set is about
+/// twice that), and writes are flushed every 500 ms (losing the last half second of a cache
+/// costs a look-up, never a booking).
+fn sled_config(config: &CacheConfig) -> sled::Config {
+    sled::Config::new()
+        .path(&config.path)
+        .cache_capacity(config.memory_mb * 1024 * 1024)
+        .flush_every_ms(Some(500))
+}
+
 impl Caches {
     /// Opens (or creates) the database at `config.path`. A corrupt or older-format database
     /// holds only caches, so it is moved aside and rebuilt rather than stopping the service.
@@ -117,13 +135,7 @@ impl Caches {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let open = || {
-            sled::Config::new()
-                .path(path)
-                .cache_capacity(4 * 1024 * 1024)
-                .flush_every_ms(Some(500))
-                .open()
-        };
+        let open = || sled_config(config).open();
         let db = match open() {
             Ok(db) => db,
             Err(error @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_))) => {
@@ -438,9 +450,53 @@ impl Caches {
     }
 }
 
+/// Removes ledger entries older than `ttl`, one bounded slice a minute, until `cancel`, so the
+/// ledger on disk stops growing with every booking ever written and a large one never costs a
+/// long pause.
+pub async fn expire_ledger(
+    caches: Caches,
+    ttl: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    const SLICE: usize = 50_000;
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            () = cancel.cancelled() => return,
+        }
+        let cutoff = SystemTime::now()
+            .checked_sub(ttl)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let slice = caches.clone();
+        let from = cursor.take();
+        let Ok((removed, next)) = tokio::task::spawn_blocking(move || {
+            slice.ledger_expire(cutoff, from.as_deref(), SLICE)
+        })
+        .await
+        else {
+            return;
+        };
+        if removed > 0 {
+            tracing::info!(removed, "expired ledger entries");
+        }
+        cursor = next;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_page_cache_is_sized_by_memory_mb() {
+        let config = CacheConfig {
+            memory_mb: 7,
+            ..CacheConfig::default()
+        };
+        assert_eq!(sled_config(&config).cache_capacity, 7 * 1024 * 1024);
+    }
 
     fn test_config(dir: &std::path::Path) -> CacheConfig {
         CacheConfig {

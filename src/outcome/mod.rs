@@ -1,74 +1,26 @@
-//! Outcome: the only code that acks, schedules a retry or dead-letters a message. A message is
-//! acked only after its outcome is durable: Salesforce committed it, or the retry or
-//! dead-letter copy was confirmed by the broker *and* routed to a queue.
+//! Outcome: what happens to a processed message ([`decide`]: one exhaustive match), why
+//! ([`Reason`]: the bounded reason codes), and the only code that acks, schedules a retry or
+//! dead-letters a message ([`Settler`]). A message is acked only after its outcome is durable:
+//! Salesforce committed it, or the retry or dead-letter copy was confirmed by the broker *and*
+//! routed to a queue.
+
+pub mod dead_letter;
+pub mod decide;
+pub mod reason;
+
+pub use decide::{Cause, Disposition, decide};
+pub use reason::Reason;
 
 use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::amqp::{PublishError, Publisher, Topology, header_int, header_str};
-use crate::salesforce::model::ApiError;
-
-/// Headers portals-crm writes on retried and dead-lettered copies.
-pub mod headers {
-    /// Attempts so far (our own count: `x-delivery-count` resets on every dead-letter cycle).
-    pub const ATTEMPT: &str = "x-portals-attempt";
-    /// Reason code of the last failure.
-    pub const REASON: &str = "x-portals-reason";
-    /// Human-readable message of the last failure.
-    pub const MESSAGE: &str = "x-portals-message";
-    /// Salesforce error code, when Salesforce refused.
-    pub const SF_ERROR_CODE: &str = "x-portals-sf-error-code";
-    /// Salesforce error fields, comma-separated.
-    pub const SF_FIELDS: &str = "x-portals-sf-fields";
-    /// Tenant of the event.
-    pub const TENANT: &str = "x-portals-tenant";
-    /// Booking id.
-    pub const BOOKING_ID: &str = "x-portals-booking-id";
-    /// CloudEvents id.
-    pub const EVENT_ID: &str = "x-portals-event-id";
-    /// First failure, RFC 3339.
-    pub const FIRST_FAILURE: &str = "x-portals-first-failure";
-    /// Last failure, RFC 3339.
-    pub const LAST_FAILURE: &str = "x-portals-last-failure";
-    /// Routing key the booking platform used.
-    pub const ROUTING_KEY: &str = "x-portals-routing-key";
-}
-
-/// Why a message failed; `code` is a bounded label for metrics and alerts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// `invalid_event`, `unknown_tenant`, `mapping_error`, `salesforce_<code>`,
-    /// `salesforce_unavailable`, `retries_exhausted`.
-    pub code: String,
-    /// What happened, for people.
-    pub message: String,
-    /// Salesforce's error, when it refused.
-    pub salesforce: Option<ApiError>,
-}
-
-/// What should happen to a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    /// Salesforce committed it: ack.
-    Written,
-    /// Older than what is applied (or a newer version in the same batch): ack and count.
-    Superseded,
-    /// Transient failure: next retry tier, no sooner than `retry_after`.
-    Retry {
-        /// The failure.
-        failure: Failure,
-        /// Salesforce's `Retry-After`.
-        retry_after: Option<Duration>,
-    },
-    /// Permanent failure: dead letter.
-    DeadLetter(Failure),
-}
+use crate::amqp::{PublishError, Publisher, Topology};
+use crate::pipeline::MessageInfo;
 
 /// Where a message ended up (the `outcome` metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +35,10 @@ pub enum Settled {
         tier: usize,
     },
     /// Published to the dead letters, then acked.
-    DeadLettered,
+    DeadLettered {
+        /// Why (`retries_exhausted` when a retry found no tier left).
+        reason: Reason,
+    },
 }
 
 impl Settled {
@@ -93,20 +48,9 @@ impl Settled {
             Self::Written => "written",
             Self::Superseded => "superseded",
             Self::Retried { .. } => "retried",
-            Self::DeadLettered => "dead_lettered",
+            Self::DeadLettered { .. } => "dead_lettered",
         }
     }
-}
-
-/// Identity of the message for dead-letter headers.
-#[derive(Debug, Clone, Default)]
-pub struct MessageInfo {
-    /// Tenant, or `unknown`.
-    pub tenant: String,
-    /// Booking id, when the event decoded.
-    pub booking_id: Option<String>,
-    /// Event id, when the event decoded.
-    pub event_id: Option<String>,
 }
 
 /// A message could not be settled; it was handed back to the queue (or will be redelivered when
@@ -130,10 +74,6 @@ fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default()
-}
-
-fn set(table: &mut FieldTable, name: &str, value: &str) {
-    table.insert(name.into(), AMQPValue::LongString(value.into()));
 }
 
 /// Settles deliveries: the topology says where retries and dead letters go.
@@ -168,16 +108,15 @@ impl Settler {
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 Ok(Settled::Superseded)
             }
-            Disposition::Retry {
-                failure,
-                retry_after,
-            } => self.retry(delivery, info, failure, retry_after).await,
-            Disposition::DeadLetter(failure) => self.dead_letter(delivery, info, &failure).await,
+            Disposition::Retry { cause, retry_after } => {
+                self.retry(delivery, info, cause, retry_after).await
+            }
+            Disposition::DeadLetter(cause) => self.dead_letter(delivery, info, &cause).await,
         }
     }
 
     fn attempts_so_far(delivery: &Delivery) -> i64 {
-        header_int(delivery.properties.headers().as_ref(), headers::ATTEMPT).unwrap_or(0)
+        dead_letter::attempts(delivery.properties.headers().as_ref())
     }
 
     /// The tier for this attempt: the attempt's own tier, or a later one when Salesforce asked
@@ -192,37 +131,18 @@ impl Settler {
         &self,
         delivery: &Delivery,
         info: &MessageInfo,
-        failure: &Failure,
+        cause: &Cause,
         attempts: i64,
     ) -> BasicProperties {
         let original = delivery.properties.headers().clone().unwrap_or_default();
-        let mut table = original.clone();
-        let now = now_rfc3339();
-        table.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(attempts));
-        set(&mut table, headers::REASON, &failure.code);
-        set(&mut table, headers::MESSAGE, &failure.message);
-        set(&mut table, headers::TENANT, &info.tenant);
-        if let Some(id) = &info.booking_id {
-            set(&mut table, headers::BOOKING_ID, id);
-        }
-        if let Some(id) = &info.event_id {
-            set(&mut table, headers::EVENT_ID, id);
-        }
-        if let Some(error) = &failure.salesforce {
-            set(&mut table, headers::SF_ERROR_CODE, &error.error_code);
-            set(&mut table, headers::SF_FIELDS, &error.fields.join(","));
-        }
-        if header_str(Some(&original), headers::FIRST_FAILURE).is_none() {
-            set(&mut table, headers::FIRST_FAILURE, &now);
-        }
-        set(&mut table, headers::LAST_FAILURE, &now);
-        if header_str(Some(&original), headers::ROUTING_KEY).is_none() {
-            set(
-                &mut table,
-                headers::ROUTING_KEY,
-                delivery.routing_key.as_str(),
-            );
-        }
+        let table = dead_letter::annotate(
+            &original,
+            info,
+            cause,
+            attempts,
+            delivery.routing_key.as_str(),
+            &now_rfc3339(),
+        );
         let mut properties = delivery.properties.clone().with_headers(table);
         if properties.content_type().is_none() {
             properties = properties.with_content_type("application/cloudevents+json".into());
@@ -253,24 +173,24 @@ impl Settler {
         &self,
         delivery: &Delivery,
         info: &MessageInfo,
-        failure: Failure,
+        cause: Cause,
         retry_after: Option<Duration>,
     ) -> Result<Settled, SettleError> {
         let attempt = Self::attempts_so_far(delivery) + 1;
         let Some(tier) = self.pick_tier(attempt as usize, retry_after) else {
-            let exhausted = Failure {
-                code: "retries_exhausted".into(),
+            let exhausted = Cause {
+                reason: Reason::RetriesExhausted,
                 message: format!(
                     "gave up after {} attempts; last failure {}: {}",
-                    attempt, failure.code, failure.message
+                    attempt, cause.reason, cause.message
                 ),
-                salesforce: failure.salesforce,
+                salesforce: cause.salesforce,
             };
             return self.dead_letter(delivery, info, &exhausted).await;
         };
         let tier_delay = self.topology.tiers[tier].delay;
         let properties = self
-            .annotated(delivery, info, &failure, attempt)
+            .annotated(delivery, info, &cause, attempt)
             .with_expiration(
                 crate::retry_policy::jittered(tier_delay)
                     .as_millis()
@@ -293,10 +213,10 @@ impl Settler {
         &self,
         delivery: &Delivery,
         info: &MessageInfo,
-        failure: &Failure,
+        cause: &Cause,
     ) -> Result<Settled, SettleError> {
         let attempts = Self::attempts_so_far(delivery) + 1;
-        let properties = self.annotated(delivery, info, failure, attempts);
+        let properties = self.annotated(delivery, info, cause, attempts);
         if let Err(source) = self
             .publisher
             .publish("", &self.topology.dead_queue, &delivery.data, properties)
@@ -305,6 +225,8 @@ impl Settler {
             return Err(Self::hand_back(delivery, "dead-letter", source).await);
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
-        Ok(Settled::DeadLettered)
+        Ok(Settled::DeadLettered {
+            reason: cause.reason,
+        })
     }
 }

@@ -11,18 +11,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::config::{Action, TenantConfig};
+use crate::enrich::Enrichment;
 use crate::event::{Attendee, BookingEvent};
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::Subrequest;
-
-/// What enrichment adds to the event for the templates.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Enrichment {
-    /// The host's Salesforce User Id, when a user has the host's email.
-    pub host_user_id: Option<String>,
-    /// The integration user's User Id (the fallback owner).
-    pub integration_user_id: String,
-}
 
 /// A mapping that cannot render for this event; dead-lettered as `mapping_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod circuit;
 pub mod client;
+pub mod endpoint;
 pub mod error;
 pub mod model;
 

@@ -1,6 +1,6 @@
-//! Metrics, logging (with redaction) and the HTTP surface for /metrics and the probes.
+//! Metrics, logging (with redaction) and the HTTP surface for /metrics and the probes. It
+//! observes the pipeline and depends on none of it.
 
-pub mod admin;
 pub mod http;
 pub mod logging;
 pub mod metrics;

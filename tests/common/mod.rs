@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use portals_crm::amqp::{self, Publisher, Topology, header_str};
-use portals_crm::app::Service;
 use portals_crm::config::{Config, TenantConfig};
 use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
+use portals_crm::service::Service;
 use serde_json::Value;
 
 /// The sample events, as shipped in `tests/fixtures/events`.
@@ -180,6 +180,9 @@ impl TestEnv {
         for name in ["acme", "demo"] {
             let text = std::fs::read_to_string(format!("config/tenants/{name}.toml")).unwrap();
             let text = text.replace("http://127.0.0.1:7800", &self.emulator.base_url);
+            // Key paths are relative to the tenant file; these copies live elsewhere.
+            let keys = std::fs::canonicalize("config/keys").unwrap();
+            let text = text.replace("\"../keys/", &format!("\"{}/", keys.display()));
             std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
         }
         dir

@@ -1,4 +1,4 @@
-//! The admin API on the service port — what the Management UI uses: tenants, the fields of an
+//! The admin API on the service port, above the pipeline: what the Management UI uses: tenants, the fields of an
 //! sObject as the integration user may use them, validation of a proposed mapping, reload.
 //!
 //! Bound to loopback it is open to local callers; bound elsewhere it requires
@@ -14,10 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
-use crate::app::{Pipeline, Reloader};
 use crate::config::TenantConfig;
 use crate::plan::CompiledMapping;
+use crate::tenants::{Registry, Reloader, check_against_org};
 
 /// Who may call the admin API.
 #[derive(Clone)]
@@ -32,7 +33,7 @@ pub enum AdminAccess {
 
 #[derive(Clone)]
 struct AdminState {
-    pipeline: Arc<Pipeline>,
+    tenants: Arc<Registry>,
     reloader: Reloader,
     access: AdminAccess,
 }
@@ -51,7 +52,8 @@ fn denial(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            if given.is_some_and(|g| g.as_bytes() == token.expose_secret().as_bytes()) {
+            // Constant time: how long a refusal takes must not tell how much of a guess was right.
+            if given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose_secret().as_bytes()))) {
                 None
             } else {
                 Some((StatusCode::UNAUTHORIZED, "bearer token required\n").into_response())
@@ -60,13 +62,13 @@ fn denial(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn tenants(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+async fn list_tenants(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     if let Some(denied) = denial(&state, &headers) {
         return denied;
     }
     let list: Vec<_> = state
-        .pipeline
-        .tenants()
+        .tenants
+        .all()
         .iter()
         .map(|t| {
             json!({
@@ -89,10 +91,10 @@ async fn fields(
     if let Some(denied) = denial(&state, &headers) {
         return denied;
     }
-    let Some(t) = state.pipeline.tenant(&tenant) else {
+    let Some(t) = state.tenants.get(&tenant) else {
         return (StatusCode::NOT_FOUND, format!("no tenant {tenant}\n")).into_response();
     };
-    match state.pipeline.caches().describe(&t.client, &sobject).await {
+    match state.tenants.caches().describe(&t.client, &sobject).await {
         Ok(Some(describe)) => axum::Json(describe.fields).into_response(),
         Ok(None) => (
             StatusCode::NOT_FOUND,
@@ -113,7 +115,7 @@ async fn validate(
     if let Some(denied) = denial(&state, &headers) {
         return denied;
     }
-    let Some(current) = state.pipeline.tenant(&tenant) else {
+    let Some(current) = state.tenants.get(&tenant) else {
         return (StatusCode::NOT_FOUND, format!("no tenant {tenant}\n")).into_response();
     };
     let mut proposed: TenantConfig = match toml::from_str(&body) {
@@ -127,11 +129,7 @@ async fn validate(
     let mut problems: Vec<String> = CompiledMapping::compile(&proposed)
         .err()
         .unwrap_or_default();
-    match state
-        .pipeline
-        .check_against_org(&proposed, &current.client)
-        .await
-    {
+    match check_against_org(state.tenants.caches(), &proposed, &current.client).await {
         Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
         Err(error) => {
             return (
@@ -159,9 +157,9 @@ async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response
 }
 
 /// The admin routes.
-pub fn router(pipeline: Arc<Pipeline>, reloader: Reloader, access: AdminAccess) -> Router {
+pub fn router(tenants: Arc<Registry>, reloader: Reloader, access: AdminAccess) -> Router {
     Router::new()
-        .route("/admin/tenants", get(tenants))
+        .route("/admin/tenants", get(list_tenants))
         .route(
             "/admin/tenants/{tenant}/sobjects/{sobject}/fields",
             get(fields),
@@ -169,7 +167,7 @@ pub fn router(pipeline: Arc<Pipeline>, reloader: Reloader, access: AdminAccess) 
         .route("/admin/tenants/{tenant}/validate", post(validate))
         .route("/admin/reload", post(reload))
         .with_state(AdminState {
-            pipeline,
+            tenants,
             reloader,
             access,
         })

@@ -1,0 +1,176 @@
+//! Why a message was not written: one bounded set of reason codes, shared by the dead-letter
+//! headers (`x-portals-reason`), the `reason` label of `portals_crm_dead_letters_total`, the
+//! alert rules and README's reason table. Strings exist only at those edges: [`Reason::label`]
+//! renders one, [`Reason::parse`] reads one back from a dead letter.
+
+use std::fmt;
+
+/// Salesforce error codes that get a reason of their own (`salesforce_<code>` in lower case).
+/// Salesforce's list of `StatusCode` values runs to several hundred and grows with each release;
+/// a code outside this list is reported as `salesforce_other` (the code itself still travels in
+/// `x-portals-sf-error-code` and in the message), so a label set stays bounded for Prometheus.
+/// Source: the codes the fact sheet (`salesforce-api.md` §6) classifies, and the ones the
+/// emulator reproduces.
+const SALESFORCE_CODES: &[&str] = &[
+    "API_CURRENTLY_DISABLED",
+    "API_DISABLED_FOR_ORG",
+    "CANNOT_INSERT_UPDATE_ACTIVATE_ENTITY",
+    "DUPLICATE_VALUE",
+    "DUPLICATES_DETECTED",
+    "ENTITY_IS_DELETED",
+    "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+    "FIELD_INTEGRITY_EXCEPTION",
+    "INSUFFICIENT_ACCESS",
+    "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
+    "INSUFFICIENT_ACCESS_OR_READONLY",
+    "INVALID_CROSS_REFERENCE_KEY",
+    "INVALID_EMAIL_ADDRESS",
+    "INVALID_FIELD",
+    "INVALID_FIELD_FOR_INSERT_UPDATE",
+    "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+    "INVALID_SESSION_ID",
+    "INVALID_TYPE",
+    "JSON_PARSER_ERROR",
+    "MALFORMED_ID",
+    "NOT_FOUND",
+    "NUMBER_OUTSIDE_VALID_RANGE",
+    "PROCESSING_HALTED",
+    "QUERY_TIMEOUT",
+    "REQUEST_LIMIT_EXCEEDED",
+    "REQUIRED_FIELD_MISSING",
+    "SERVER_UNAVAILABLE",
+    "STORAGE_LIMIT_EXCEEDED",
+    "STRING_TOO_LONG",
+    "UNABLE_TO_LOCK_ROW",
+    "UNKNOWN_EXCEPTION",
+];
+
+/// A Salesforce error code from the bounded list above, or `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SalesforceCode {
+    /// One of the listed codes (upper case, as Salesforce writes it).
+    Known(&'static str),
+    /// Any other code.
+    Other,
+}
+
+impl SalesforceCode {
+    /// The bounded code for Salesforce's `errorCode`.
+    pub fn of(error_code: &str) -> Self {
+        SALESFORCE_CODES
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(error_code))
+            .map_or(Self::Other, |known| Self::Known(known))
+    }
+}
+
+/// Why a message was retried or dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The body is not a valid booking event (`invalid_event`).
+    InvalidEvent,
+    /// The event's tenant is not configured (`unknown_tenant`).
+    UnknownTenant,
+    /// The tenant's mapping cannot render this event (`mapping_error`).
+    MappingError,
+    /// The tenant's org is paused by its circuit breaker (`circuit_open`).
+    CircuitOpen,
+    /// The worker stopped before the booking was sent (`shutting_down`).
+    ShuttingDown,
+    /// The org could not be reached or answered without an error code (`salesforce_unavailable`).
+    SalesforceUnavailable,
+    /// Salesforce refused with this error code (`salesforce_<code>`).
+    Salesforce(SalesforceCode),
+    /// Every retry tier was used (`retries_exhausted`).
+    RetriesExhausted,
+    /// The broker dead-lettered the message itself at the queue's delivery limit
+    /// (`delivery_limit`; no portals-crm header on it).
+    DeliveryLimit,
+}
+
+impl Reason {
+    /// The reason for Salesforce's `errorCode`.
+    pub fn salesforce(error_code: &str) -> Self {
+        Self::Salesforce(SalesforceCode::of(error_code))
+    }
+
+    /// The label: a header value and metric label.
+    pub fn label(self) -> String {
+        match self {
+            Self::InvalidEvent => "invalid_event".into(),
+            Self::UnknownTenant => "unknown_tenant".into(),
+            Self::MappingError => "mapping_error".into(),
+            Self::CircuitOpen => "circuit_open".into(),
+            Self::ShuttingDown => "shutting_down".into(),
+            Self::SalesforceUnavailable => "salesforce_unavailable".into(),
+            Self::Salesforce(SalesforceCode::Known(code)) => {
+                format!("salesforce_{}", code.to_ascii_lowercase())
+            }
+            Self::Salesforce(SalesforceCode::Other) => "salesforce_other".into(),
+            Self::RetriesExhausted => "retries_exhausted".into(),
+            Self::DeliveryLimit => "delivery_limit".into(),
+        }
+    }
+
+    /// Every label, for README's table and the tests.
+    pub fn all() -> Vec<Self> {
+        let mut all = vec![
+            Self::InvalidEvent,
+            Self::UnknownTenant,
+            Self::MappingError,
+            Self::CircuitOpen,
+            Self::ShuttingDown,
+            Self::SalesforceUnavailable,
+            Self::RetriesExhausted,
+            Self::DeliveryLimit,
+            Self::Salesforce(SalesforceCode::Other),
+        ];
+        all.extend(
+            SALESFORCE_CODES
+                .iter()
+                .map(|c| Self::Salesforce(SalesforceCode::Known(c))),
+        );
+        all
+    }
+
+    /// The reason a label names, if it is one of ours.
+    pub fn parse(label: &str) -> Option<Self> {
+        Self::all().into_iter().find(|r| r.label() == label)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_and_are_unique() {
+        let all = Reason::all();
+        let mut labels: Vec<String> = all.iter().map(|r| r.label()).collect();
+        for reason in &all {
+            assert_eq!(Reason::parse(&reason.label()), Some(*reason));
+        }
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), all.len());
+    }
+
+    #[test]
+    fn unknown_salesforce_codes_share_one_label() {
+        assert_eq!(
+            Reason::salesforce("INVALID_FIELD").label(),
+            "salesforce_invalid_field"
+        );
+        assert_eq!(
+            Reason::salesforce("SOMETHING_NEW_IN_WINTER_27").label(),
+            "salesforce_other"
+        );
+        assert_eq!(Reason::parse("no_such_reason"), None);
+    }
+}

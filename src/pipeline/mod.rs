@@ -1,0 +1,286 @@
+//! The pipeline of one message: decode → enrich → plan → batch and send → what happened.
+//! It holds no broker types: it takes a body and answers a [`Processed`], which the consumer
+//! hands to [`crate::outcome`] to decide and settle. That is what lets the tests drive it
+//! against the emulator without a broker.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::batch::{BatcherStopped, GraphOutcome};
+use crate::enrich::{LedgerEntry, enrich};
+use crate::event::{self, BookingEvent, InvalidEvent};
+use crate::plan::PlanError;
+use crate::salesforce::SalesforceError;
+use crate::salesforce::circuit::CircuitOpen;
+use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
+use crate::telemetry::metrics::Metrics;
+use crate::tenants::{Registry, Tenant};
+
+/// Who a message is about, for logs and dead-letter headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageInfo {
+    /// Tenant, or `unknown` when the event did not decode or its tenant is not configured
+    /// (so metric labels stay bounded).
+    pub tenant: String,
+    /// Booking id, when the event decoded.
+    pub booking_id: Option<String>,
+    /// CloudEvents id, when the event decoded.
+    pub event_id: Option<String>,
+}
+
+/// What processing a message came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Salesforce committed the booking's graph.
+    Written,
+    /// The ledger holds this version or a newer one: nothing to write.
+    AlreadyApplied,
+    /// A newer version of the booking was in the same batch and was sent instead.
+    Collapsed,
+    /// It was not written; [`crate::outcome::decide`] says what happens next.
+    Failed(Failure),
+}
+
+/// Every way a message can fail to be written. Each variant's fate is decided in one place,
+/// [`crate::outcome::decide`].
+#[derive(Debug)]
+pub enum Failure {
+    /// Not a valid booking event.
+    InvalidEvent(InvalidEvent),
+    /// The event's tenant is not configured.
+    UnknownTenant(String),
+    /// The tenant is paused by its circuit breaker.
+    CircuitOpen(CircuitOpen),
+    /// The tenant's mapping cannot render this event.
+    Mapping(PlanError),
+    /// A Salesforce request failed as a whole (enrichment look-ups, or the batch request).
+    Salesforce(Arc<SalesforceError>),
+    /// Salesforce rolled the booking's graph back; `cause` is the first node with a real error.
+    Rejected {
+        /// The error that rolled the graph back, when Salesforce named one.
+        cause: Option<ApiError>,
+    },
+    /// The worker is stopping and its batcher no longer sends.
+    ShuttingDown(BatcherStopped),
+}
+
+/// The result of processing one message, before it is settled.
+#[derive(Debug)]
+pub struct Processed {
+    /// Who it is about.
+    pub info: MessageInfo,
+    /// The `type` metric label: the event kind, or `invalid`.
+    pub type_label: &'static str,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Everything a message needs on its way through decode → enrich → plan → batch.
+pub struct Pipeline {
+    tenants: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+}
+
+/// True when a graph failed only because a record it deletes does not exist (any more).
+fn already_deleted(result: &GraphResult, deletes: &[Subrequest]) -> bool {
+    !result.is_successful
+        && result.graph_response.composite_response.iter().any(|node| {
+            deletes.iter().any(|d| d.reference_id == node.reference_id)
+                && node.http_status_code == 404
+        })
+        && result
+            .root_error()
+            .is_some_and(|e| e.error_code == "NOT_FOUND")
+}
+
+fn sobject_of(url: &str) -> &str {
+    url.split("/sobjects/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("?")
+}
+
+impl Pipeline {
+    /// A pipeline over the tenants of `tenants`; bodies over `max_body_bytes` are refused unread.
+    pub fn new(tenants: Arc<Registry>, metrics: Arc<Metrics>, max_body_bytes: usize) -> Self {
+        Self {
+            tenants,
+            metrics,
+            max_body_bytes,
+        }
+    }
+
+    /// The tenants it writes for.
+    pub fn tenants(&self) -> &Arc<Registry> {
+        &self.tenants
+    }
+
+    fn tenant_label(&self, tenant: Option<&str>) -> String {
+        match tenant {
+            Some(t) if self.tenants.get(t).is_some() => t.to_owned(),
+            _ => "unknown".to_owned(),
+        }
+    }
+
+    /// Processes one message body; never fails, never panics: every failure is an [`Outcome`].
+    pub async fn process(&self, body: &[u8]) -> Processed {
+        let event = match event::decode(body, self.max_body_bytes) {
+            Ok(event) => event,
+            Err(invalid) => {
+                let tenant = self.tenant_label(event::peek_tenant(body).as_deref());
+                self.metrics
+                    .events_received
+                    .with_label_values(&[tenant.as_str(), "invalid"])
+                    .inc();
+                return Processed {
+                    info: MessageInfo {
+                        tenant,
+                        ..MessageInfo::default()
+                    },
+                    type_label: "invalid",
+                    outcome: Outcome::Failed(Failure::InvalidEvent(invalid)),
+                };
+            }
+        };
+        let tenant_label = self.tenant_label(Some(&event.tenant));
+        let type_label = event.kind.as_str();
+        self.metrics
+            .events_received
+            .with_label_values(&[tenant_label.as_str(), type_label])
+            .inc();
+        let info = MessageInfo {
+            tenant: tenant_label,
+            booking_id: Some(event.booking.booking_id.clone()),
+            event_id: Some(event.id.clone()),
+        };
+        let outcome = match self.tenants.get(&event.tenant) {
+            None => Outcome::Failed(Failure::UnknownTenant(event.tenant.clone())),
+            Some(tenant) => self.write(&tenant, &event).await,
+        };
+        Processed {
+            info,
+            type_label,
+            outcome,
+        }
+    }
+
+    async fn write(&self, tenant: &Tenant, event: &BookingEvent) -> Outcome {
+        let booking = &event.booking;
+        let caches = self.tenants.caches();
+        if let Some(applied) = caches.ledger_get(&event.tenant, &booking.booking_id)
+            && applied.version >= booking.version
+        {
+            return Outcome::AlreadyApplied;
+        }
+        if let Err(open) = tenant.breaker.allow() {
+            return Outcome::Failed(Failure::CircuitOpen(open));
+        }
+        let enrichment = match enrich(event, &tenant.client, caches).await {
+            Ok(e) => e,
+            Err(error) => {
+                tenant.observe(Some(&error));
+                return Outcome::Failed(Failure::Salesforce(Arc::new(error)));
+            }
+        };
+        let nodes = match tenant.mapping.build_graph(event, &enrichment) {
+            Ok(nodes) => nodes,
+            Err(error) => return Outcome::Failed(Failure::Mapping(error)),
+        };
+        let sobjects: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (n.reference_id.clone(), sobject_of(&n.url).to_owned()))
+            .collect();
+        let deletes: Vec<Subrequest> = nodes
+            .iter()
+            .filter(|n| n.method == "DELETE")
+            .cloned()
+            .collect();
+        let mut outcome = match tenant
+            .batcher
+            .submit(&booking.booking_id, booking.version, nodes.clone())
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
+        };
+        if let GraphOutcome::Answered(result) = &outcome
+            && already_deleted(result, &deletes)
+        {
+            // A replay: what the mapping deletes is gone already, which rolled the graph back.
+            // Write the rest without the deletes.
+            let rest: Vec<Subrequest> =
+                nodes.into_iter().filter(|n| n.method != "DELETE").collect();
+            outcome = match tenant
+                .batcher
+                .submit(&booking.booking_id, booking.version, rest)
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
+            };
+        }
+        match &outcome {
+            GraphOutcome::RequestFailed(error) => tenant.observe(Some(error)),
+            GraphOutcome::Answered(_) => tenant.observe(None),
+            GraphOutcome::Collapsed => {}
+        }
+        match outcome {
+            GraphOutcome::Collapsed => Outcome::Collapsed,
+            GraphOutcome::RequestFailed(error) => Outcome::Failed(Failure::Salesforce(error)),
+            GraphOutcome::Answered(result) if result.is_successful => {
+                self.record_write(event, &result, &sobjects);
+                Outcome::Written
+            }
+            GraphOutcome::Answered(result) => Outcome::Failed(Failure::Rejected {
+                cause: result.root_error(),
+            }),
+        }
+    }
+
+    /// The audit record of each record written, the ledger entry, and the event's lag.
+    fn record_write(
+        &self,
+        event: &BookingEvent,
+        result: &GraphResult,
+        sobjects: &[(String, String)],
+    ) {
+        let booking = &event.booking;
+        let mut record_ids = Vec::new();
+        for node in &result.graph_response.composite_response {
+            let Some(id) = node.record_id() else { continue };
+            let sobject = sobjects
+                .iter()
+                .find(|(r, _)| *r == node.reference_id)
+                .map(|(_, s)| s.as_str())
+                .unwrap_or("?");
+            tracing::info!(
+                target: "portals_crm::audit",
+                tenant = %event.tenant,
+                booking_id = %booking.booking_id,
+                version = booking.version,
+                sobject,
+                record_id = id,
+                created = node.created().unwrap_or(false),
+                "salesforce write"
+            );
+            record_ids.push((node.reference_id.clone(), id.to_owned()));
+        }
+        self.tenants.caches().ledger_put(
+            &event.tenant,
+            &booking.booking_id,
+            &LedgerEntry {
+                version: booking.version,
+                record_ids,
+            },
+        );
+        let lag = (OffsetDateTime::now_utc() - event.time)
+            .as_seconds_f64()
+            .max(0.0);
+        self.metrics
+            .lag_seconds
+            .with_label_values(&[event.tenant.as_str()])
+            .observe(lag);
+    }
+}

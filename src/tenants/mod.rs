@@ -1,0 +1,354 @@
+//! Tenants: each tenant file loaded and compiled into a running [`Tenant`] (its org client,
+//! batcher and circuit breaker), the [`Registry`] the pipeline looks them up in, the start-up
+//! fallback to a file's last good copy, reloads ([`reload`]) and the periodic check of every
+//! mapping against its org ([`org_check`]).
+
+pub mod org_check;
+pub mod reload;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batch::{BatchLimits, Batcher};
+use crate::config::{Config, TenantConfig};
+use crate::enrich::Caches;
+use crate::plan::CompiledMapping;
+use crate::salesforce::{CircuitBreaker, OrgEndpoint, SalesforceClient, SalesforceError};
+use crate::telemetry::metrics::Metrics;
+
+pub use org_check::check_against_org;
+pub use reload::Reloader;
+
+/// One configured tenant, ready to process events.
+pub struct Tenant {
+    /// Its configuration.
+    pub config: TenantConfig,
+    /// Its compiled mapping.
+    pub mapping: CompiledMapping,
+    /// Its org's client.
+    pub client: Arc<SalesforceClient>,
+    /// Collects its graphs into Composite Graph requests.
+    pub batcher: Batcher,
+    /// Pauses it while its org fails or its API quota share is used up.
+    pub breaker: CircuitBreaker,
+}
+
+impl Tenant {
+    /// Feeds the breaker with what a Salesforce call showed about the org: a request limit hit
+    /// or the quota share used up trips it at once; an org-level failure counts toward opening.
+    pub fn observe(&self, failed: Option<&SalesforceError>) {
+        let limit_hit = failed
+            .and_then(SalesforceError::api_error)
+            .is_some_and(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED");
+        let over_share = self
+            .client
+            .api_usage()
+            .is_some_and(|u| u.ratio() > self.config.limits.api_quota_share);
+        if limit_hit || over_share {
+            self.breaker.trip();
+            return;
+        }
+        match failed {
+            Some(error) if org_unavailable(error) => self.breaker.record_failure(),
+            _ => self.breaker.record_success(),
+        }
+    }
+}
+
+/// True when the error says the org (not the record) is the problem.
+fn org_unavailable(error: &SalesforceError) -> bool {
+    match error {
+        SalesforceError::Transport { .. } | SalesforceError::Token { .. } => true,
+        SalesforceError::Api { status, .. } => *status >= 500 || *status == 401,
+        SalesforceError::Decode { .. } | SalesforceError::Refused(_) => false,
+    }
+}
+
+/// How every tenant's batcher and breaker are built.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantSettings {
+    /// Batch formation.
+    pub batch: BatchLimits,
+    /// Consecutive failed requests that open a tenant's circuit.
+    pub circuit_failures: u32,
+    /// First cool-down of an open circuit.
+    pub circuit_cooldown: Duration,
+    /// Timeout of one Salesforce request.
+    pub timeout: Duration,
+}
+
+impl TenantSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            batch: BatchLimits {
+                max_graphs: config.batch.max_graphs,
+                max_nodes: config.batch.max_nodes,
+                linger: Duration::from_millis(config.batch.linger_ms),
+                max_in_flight: config.batch.max_in_flight,
+            },
+            circuit_failures: config.salesforce.circuit_failures,
+            circuit_cooldown: Duration::from_secs(config.salesforce.circuit_cooldown_secs),
+            timeout: Duration::from_secs(config.salesforce.timeout_secs),
+        }
+    }
+}
+
+/// A tenant file, compiled, with its org's client.
+pub struct LoadedTenant {
+    /// The file.
+    pub config: TenantConfig,
+    /// Its compiled mapping.
+    pub mapping: CompiledMapping,
+    /// Its org's client.
+    pub client: Arc<SalesforceClient>,
+}
+
+/// Compiles every tenant file and builds its client; reports every problem at once.
+pub fn load_tenants(
+    tenants: Vec<TenantConfig>,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut built = Vec::new();
+    for tenant in tenants {
+        match load_tenant(tenant, timeout, metrics) {
+            Ok(loaded) => built.push(loaded),
+            Err(found) => problems.extend(found),
+        }
+    }
+    all_or_problems(built, problems)
+}
+
+/// The tenants, unless there were problems (or no tenant at all).
+fn all_or_problems(
+    built: Vec<LoadedTenant>,
+    mut problems: Vec<String>,
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
+    if built.is_empty() && problems.is_empty() {
+        problems.push("no tenant files found".into());
+    }
+    if problems.is_empty() {
+        Ok(built)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Compiles one tenant's mapping and builds its org client.
+fn load_tenant(
+    tenant: TenantConfig,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<LoadedTenant, Vec<String>> {
+    let mut problems = Vec::new();
+    let mapping = CompiledMapping::compile(&tenant).map_err(|p| problems.extend(p));
+    let client = OrgEndpoint::for_tenant(&tenant, timeout)
+        .and_then(|e| SalesforceClient::new(e, metrics.clone()).map_err(|e| e.to_string()))
+        .map_err(|e| problems.push(format!("tenant {}: {e}", tenant.tenant)));
+    match (mapping, client) {
+        (Ok(mapping), Ok(client)) => Ok(LoadedTenant {
+            config: tenant,
+            mapping,
+            client: Arc::new(client),
+        }),
+        _ => Err(problems),
+    }
+}
+
+/// Loads the tenant directory at start-up. A file that does not load or compile is replaced by
+/// its last good copy from the cache, so one broken edit does not keep every tenant down across
+/// a restart; the problem is logged as an error and `portals_crm_tenant_file_rejected` is set.
+/// A broken file with no good copy fails the start, with every problem listed.
+pub fn load_dir_with_fallback(
+    dir: &Path,
+    caches: &Caches,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<LoadedTenant>, Vec<String>> {
+    let files = TenantConfig::load_each(dir).map_err(|e| vec![e])?;
+    let mut built = Vec::new();
+    let mut problems = Vec::new();
+    for (file, loaded) in files {
+        let current = loaded
+            .map_err(|e| vec![e])
+            .and_then(|tenant| load_tenant(tenant, timeout, metrics));
+        match current {
+            Ok(tenant) => built.push(tenant),
+            Err(found) => match last_good(dir, &file, caches, timeout, metrics) {
+                Some(tenant) => {
+                    for problem in &found {
+                        tracing::error!(
+                            tenant = %tenant.config.tenant,
+                            %problem,
+                            "tenant file rejected; running its last good copy from the cache"
+                        );
+                    }
+                    metrics
+                        .tenant_file_rejected
+                        .with_label_values(&[tenant.config.tenant.as_str()])
+                        .set(1);
+                    built.push(tenant);
+                }
+                None => problems.extend(found),
+            },
+        }
+    }
+    all_or_problems(built, problems)
+}
+
+/// The last good copy of tenant file `file` of `dir`, loaded, if the cache has one that still
+/// loads. Its relative paths resolve against `dir`, as the file's own would.
+fn last_good(
+    dir: &Path,
+    file: &str,
+    caches: &Caches,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Option<LoadedTenant> {
+    let source = caches.tenant_get(file)?;
+    let mut config = TenantConfig::parse(source, &format!("{file} (last good copy)")).ok()?;
+    config.resolve_paths(dir);
+    // Already kept: starting from it must not count as a fresh good copy.
+    config.source = None;
+    load_tenant(config, timeout, metrics).ok()
+}
+
+/// The running tenants, swapped whole by a reload.
+pub struct Registry {
+    /// A std RwLock: held only to clone an `Arc`, never across an await; a message keeps the
+    /// tenant it started with until it settles.
+    tenants: std::sync::RwLock<HashMap<String, Arc<Tenant>>>,
+    caches: Caches,
+    metrics: Arc<Metrics>,
+    settings: TenantSettings,
+    tracker: TaskTracker,
+    batch_stop: CancellationToken,
+}
+
+impl Registry {
+    /// Builds one batcher and circuit breaker per tenant. Batchers are spawned on `tracker` and
+    /// stop at `batch_stop`.
+    pub fn new(
+        tenants: Vec<LoadedTenant>,
+        caches: Caches,
+        metrics: Arc<Metrics>,
+        settings: TenantSettings,
+        tracker: &TaskTracker,
+        batch_stop: &CancellationToken,
+    ) -> Self {
+        let registry = Self {
+            tenants: std::sync::RwLock::default(),
+            caches,
+            metrics,
+            settings,
+            tracker: tracker.clone(),
+            batch_stop: batch_stop.clone(),
+        };
+        let built = registry.build(tenants);
+        *registry.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        registry
+    }
+
+    fn build(&self, tenants: Vec<LoadedTenant>) -> HashMap<String, Arc<Tenant>> {
+        tenants
+            .into_iter()
+            .map(|loaded| {
+                let LoadedTenant {
+                    config,
+                    mapping,
+                    client,
+                } = loaded;
+                if let Some(source) = &config.source {
+                    self.caches.tenant_put(source);
+                    self.metrics
+                        .tenant_file_rejected
+                        .with_label_values(&[config.tenant.as_str()])
+                        .set(0);
+                }
+                let batcher = Batcher::spawn(
+                    client.clone(),
+                    self.settings.batch,
+                    &self.tracker,
+                    self.batch_stop.clone(),
+                );
+                let gauge = self
+                    .metrics
+                    .circuit_open
+                    .with_label_values(&[config.tenant.as_str()]);
+                let breaker = CircuitBreaker::new(
+                    self.settings.circuit_failures,
+                    self.settings.circuit_cooldown,
+                    gauge,
+                );
+                let tenant = Tenant {
+                    config,
+                    mapping,
+                    client,
+                    batcher,
+                    breaker,
+                };
+                (tenant.config.tenant.clone(), Arc::new(tenant))
+            })
+            .collect()
+    }
+
+    /// The tenant with this id.
+    pub fn get(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every configured tenant, sorted by id.
+    pub fn all(&self) -> Vec<Arc<Tenant>> {
+        let mut all: Vec<Arc<Tenant>> = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.config.tenant.cmp(&b.config.tenant));
+        all
+    }
+
+    /// The caches (describes, users, ledger, tenant copies).
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
+    /// Replaces every tenant at once with `configs`, after compiling each mapping and checking
+    /// it against its org. Any problem rejects the whole change and the running tenants stay.
+    /// An org that cannot be reached does not block a reload (its mapping is checked when the
+    /// org answers: a write error dead-letters with the field).
+    pub async fn replace(&self, configs: Vec<TenantConfig>) -> Result<Vec<String>, Vec<String>> {
+        let loaded = load_tenants(configs, self.settings.timeout, &self.metrics)?;
+        let mut problems = Vec::new();
+        for tenant in &loaded {
+            match check_against_org(&self.caches, &tenant.config, &tenant.client).await {
+                Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
+                Err(error) => tracing::warn!(
+                    tenant = %tenant.config.tenant,
+                    %error,
+                    "mapping not checked against the org (unreachable); loading it anyway"
+                ),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let names: Vec<String> = loaded.iter().map(|t| t.config.tenant.clone()).collect();
+        let built = self.build(loaded);
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        Ok(names)
+    }
+}
