@@ -39,6 +39,12 @@ for name, service in services.items():
     assert "image" in service or "build" in service, f"{name}: image or build"
     for dep in service.get("depends_on", {}):
         assert dep in services, f"{name} depends on unknown {dep}"
+assert services["emulator"]["build"].get("target") == "dev", "the emulator runs the Dockerfile's dev target"
+for name in ["worker-1", "worker-2"]:
+    assert services[name]["build"].get("target") in (None, "service"), f"{name} runs the service image"
+dockerfile = open("Dockerfile").read()
+assert "--no-default-features" in dockerfile.split("AS build\n", 1)[1].split("FROM", 1)[0], "the service build leaves out dev-tools"
+assert dockerfile.rstrip().split("FROM")[-1].strip().startswith("base AS service"), "the default target is the service"
 dashboard = json.load(open("grafana/dashboards/portals-crm.json"))
 assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
 print(f"deploy/ ok: KEDA trigger, {len(services)} compose services, {len(dashboard['panels'])} dashboard panels")

@@ -41,6 +41,13 @@ pub enum Command {
         /// Leave the service and emulator running afterwards (Ctrl-C stops them).
         #[arg(long)]
         keep_running: bool,
+        /// Log to the terminal; without it the log goes to --log-file and the terminal shows
+        /// progress and the summary.
+        #[arg(long)]
+        verbose: bool,
+        /// Where the log goes without --verbose.
+        #[arg(long, default_value = "data/demo.log")]
+        log_file: PathBuf,
     },
     #[cfg(feature = "dev-tools")]
     /// The end-to-end load bench (build with --release): prints a table and writes

@@ -78,11 +78,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             events,
             keep_running,
+            verbose,
+            log_file,
         } => {
             let config = Config::load(&cli.config)?;
             let summary =
                 portals_crm::demo::run(&config, events, keep_running, shutdown_signal()).await?;
             println!("{summary}");
+            if !verbose {
+                println!("log:                 {}", log_file.display());
+            }
             if summary.all_settled() {
                 Ok(())
             } else {
@@ -349,7 +354,19 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::logging::init(cli.log_format);
+    let log_file = match &cli.command {
+        #[cfg(feature = "dev-tools")]
+        Command::Demo {
+            verbose: false,
+            log_file,
+            ..
+        } => Some(log_file.clone()),
+        _ => None,
+    };
+    if let Err(error) = telemetry::logging::init(cli.log_format, log_file.as_deref()) {
+        eprintln!("error: cannot open the log file: {error}");
+        return ExitCode::FAILURE;
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -294,6 +294,165 @@ async fn sigterm_under_load_drains_in_time_and_loses_nothing() {
     env.finish().await;
 }
 
+/// Issue 11: a slow org (every data request answered after 20 s) must not hold a shutdown
+/// beyond the drain deadline plus the stop grace: in-flight messages are handed back with the
+/// connection, the start-up mapping check and the permit wait are cancelled.
+#[tokio::test]
+async fn sigterm_with_a_slow_org_exits_within_the_drain_deadline() {
+    let mut env = TestEnv::start("sigterm-slow").await;
+    env.stop_service().await;
+    let tenants = env.write_tenant_files();
+    assert_eq!(
+        env.post_json("/__emulator/faults", json!({"latency_ms": 20_000}))
+            .await,
+        reqwest::StatusCode::OK
+    );
+    let run = "sigterm-slow";
+    for i in 0..40 {
+        let body = portals_crm::demo::simple_booking(run, i, "acme");
+        env.publish("meeting.booked", &body).await;
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run"])
+        .envs(env.binary_env())
+        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
+        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The worker has taken the bookings and waits on the org.
+    wait_until(
+        "the bookings taken by the worker",
+        Duration::from_secs(20),
+        || async {
+            let depth = queue_ready(&env.topology.work_queue);
+            if depth == Some(0) {
+                Ok(())
+            } else {
+                Err(format!("{depth:?} ready"))
+            }
+        },
+    )
+    .await;
+    let sent = Instant::now();
+    assert_eq!(unsafe_kill(child.id().unwrap() as i32), 0);
+    let bound = Duration::from_secs(1) + portals_crm::service::STOP_GRACE + Duration::from_secs(5);
+    let status = tokio::time::timeout(bound, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("not exited {bound:?} after SIGTERM with a 20 s org"))
+        .unwrap();
+    eprintln!("worker exited {status} {:?} after SIGTERM", sent.elapsed());
+    assert!(status.success());
+    env.post_json("/__emulator/faults", json!({})).await;
+    env.finish().await;
+}
+
+/// Issue 12 E: after a graceful stop under load, no booking that Salesforce committed comes
+/// back. A restarted worker on the same cache would count such a redelivery as superseded (its
+/// ledger holds the version), so with a stream of distinct bookings it must count none.
+#[tokio::test]
+async fn sigterm_under_load_leaves_nothing_committed_unacked() {
+    let mut env = TestEnv::start("sigterm-acks").await;
+    env.stop_service().await;
+    let tenants = env.write_tenant_files();
+    let run = "sigterm-acks";
+    let total = 3_000;
+    // A backlog first and an org answering in 100 ms, so the stop comes while it drains.
+    env.post_json("/__emulator/faults", json!({"latency_ms": 100}))
+        .await;
+    for i in 0..total {
+        let tenant = if i % 2 == 0 { "acme" } else { "demo" };
+        let body = portals_crm::demo::simple_booking(run, i, tenant);
+        env.publish("meeting.booked", &body).await;
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run"])
+        .envs(env.binary_env())
+        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
+        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "20")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the worker busy writing",
+        Duration::from_secs(30),
+        || async {
+            let n = events_in_org(&env).await;
+            if n >= 150 {
+                Ok(())
+            } else {
+                Err(format!("{n} events"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(unsafe_kill(child.id().unwrap() as i32), 0);
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .expect("exited")
+        .unwrap();
+    assert!(status.success());
+    let committed = events_in_org(&env).await;
+    assert!(
+        committed < total,
+        "the stop came after the backlog was written"
+    );
+    let mut config = env.config.clone();
+    config.cache.path = env
+        .binary_env()
+        .into_iter()
+        .find(|(k, _)| k == "PORTALS_CRM_CACHE_PATH")
+        .map(|(_, v)| v.into())
+        .unwrap();
+    let restarted = Service::start(&config, env.tenants.clone()).await.unwrap();
+    wait_until(
+        "every booking in the org",
+        Duration::from_secs(90),
+        || async {
+            let n = events_in_org(&env).await;
+            if n >= total {
+                Ok(())
+            } else {
+                Err(format!("{n} of {total}"))
+            }
+        },
+    )
+    .await;
+    let outcomes = restarted.metrics.settled_by_outcome();
+    eprintln!("{committed} committed before SIGTERM; after the restart: {outcomes:?}");
+    assert_eq!(
+        outcomes.get("superseded").copied().unwrap_or(0),
+        0,
+        "committed bookings were redelivered: {outcomes:?}"
+    );
+    restarted.shutdown().await;
+    env.finish().await;
+}
+
+/// Events in the emulated org (its stats: cheaper than listing them).
+async fn events_in_org(env: &TestEnv) -> usize {
+    env.get_json("/__emulator/stats").await["records"]["Event"]
+        .as_u64()
+        .unwrap_or(0) as usize
+}
+
+/// Messages ready on `queue`, from `rabbitmqctl`.
+fn queue_ready(queue: &str) -> Option<u64> {
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages_ready"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+}
+
 fn unsafe_kill(pid: i32) -> i32 {
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])

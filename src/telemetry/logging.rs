@@ -1,7 +1,10 @@
 //! Logging: JSON in production, pretty for people; PII masked before it reaches a log line.
 
+use std::path::Path;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -12,13 +15,29 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber, writing to stderr, or to the file `to` (created or
+/// appended) when given — the demo keeps its terminal for the progress bar and the summary.
+/// The level comes from `RUST_LOG` (default `info`).
+pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<()> {
+    let writer = match to {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
-        .with_writer(std::io::stderr);
+        .with_ansi(to.is_none())
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -27,6 +46,7 @@ pub fn init(format: LogFormat) {
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+    Ok(())
 }
 
 /// `jane.doe@globex.example` → `j***@globex.example`.
