@@ -38,6 +38,12 @@ struct AdminState {
     access: AdminAccess,
 }
 
+/// Whether the bearer token `given` is `token`, compared in constant time: how long a refusal
+/// takes must not tell how much of a guess was right.
+fn token_matches(given: Option<&str>, token: &SecretString) -> bool {
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose_secret().as_bytes())))
+}
+
 /// The refusal for a caller who may not use the admin API, if any.
 fn denial(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
     match &state.access {
@@ -52,8 +58,7 @@ fn denial(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            // Constant time: how long a refusal takes must not tell how much of a guess was right.
-            if given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose_secret().as_bytes()))) {
+            if token_matches(given, token) {
                 None
             } else {
                 Some((StatusCode::UNAUTHORIZED, "bearer token required\n").into_response())
@@ -171,4 +176,19 @@ pub fn router(tenants: Arc<Registry>, reloader: Reloader, access: AdminAccess) -
             reloader,
             access,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        let token = SecretString::from("s3cret-token");
+        assert!(token_matches(Some("s3cret-token"), &token));
+        for wrong in ["s3cret-toke", "s3cret-token2", "S3CRET-TOKEN", ""] {
+            assert!(!token_matches(Some(wrong), &token), "{wrong:?}");
+        }
+        assert!(!token_matches(None, &token));
+    }
 }

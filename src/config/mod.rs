@@ -523,6 +523,40 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("portals-crm.toml");
+        std::fs::write(&file, SHIPPED).unwrap();
+        let config = Config::load(&file).unwrap();
+        assert_eq!(config.cache.path, dir.join("../data/portals-crm.sled"));
+        assert_eq!(config.tenants.dir, dir.join("tenants"));
+        let mut absolute = Config::from_toml(SHIPPED, std::iter::empty()).unwrap();
+        absolute.tenants.dir = "/etc/portals-crm/tenants".into();
+        absolute.resolve_paths(&dir);
+        assert_eq!(
+            absolute.tenants.dir,
+            Path::new("/etc/portals-crm/tenants"),
+            "absolute paths stay"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tenant_key_files_resolve_against_the_tenant_file() {
+        let tenant = TenantConfig::load(Path::new("config/tenants/demo.toml")).unwrap();
+        let AuthConfig::ClientCredentials {
+            client_secret_file: Some(path),
+            ..
+        } = &tenant.auth
+        else {
+            panic!("the demo tenant signs in with client credentials from a file")
+        };
+        assert_eq!(path, Path::new("config/tenants/../keys/demo-client-secret"));
+        assert!(path.exists());
+    }
+
     const SHIPPED: &str = include_str!("../../config/portals-crm.toml");
 
     #[test]

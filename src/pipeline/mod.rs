@@ -284,3 +284,143 @@ impl Pipeline {
             .observe(lag);
     }
 }
+
+/// The pipeline against the emulator over HTTP, without a broker: each outcome from a body.
+#[cfg(all(test, feature = "dev-tools"))]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::batch::BatchLimits;
+    use crate::config::TenantConfig;
+    use crate::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
+    use crate::enrich::Caches;
+    use crate::tenants::{self, TenantSettings};
+
+    struct Fixture {
+        pipeline: Pipeline,
+        emulator: EmulatorHandle,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    }
+
+    async fn fixture() -> Fixture {
+        let emulator = emulator::start(
+            "127.0.0.1:0".parse().expect("an address"),
+            OrgSpec::demo(),
+            &FaultSpec::default(),
+        )
+        .await
+        .expect("the emulator starts");
+        let mut tenant = TenantConfig::load(Path::new("config/tenants/acme.toml"))
+            .expect("the shipped tenant file loads");
+        tenant.org.login_url = emulator.base_url.clone();
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_secs(10);
+        let loaded = tenants::load_tenants(vec![tenant], timeout, &metrics)
+            .expect("the shipped tenant compiles");
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let settings = TenantSettings {
+            batch: BatchLimits {
+                max_graphs: 75,
+                max_nodes: 500,
+                linger: Duration::from_millis(5),
+                max_in_flight: 2,
+            },
+            circuit_failures: 3,
+            circuit_cooldown: Duration::from_secs(30),
+            timeout,
+        };
+        let caches = Caches::temporary(metrics.clone()).expect("a temporary cache");
+        let registry = Registry::new(loaded, caches, metrics.clone(), settings, &tracker, &stop);
+        Fixture {
+            pipeline: Pipeline::new(Arc::new(registry), metrics, 256 * 1024),
+            emulator,
+            tracker,
+            stop,
+        }
+    }
+
+    impl Fixture {
+        async fn finish(self) {
+            self.stop.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            self.emulator.stop().await;
+        }
+    }
+
+    fn sample(name: &str) -> Vec<u8> {
+        std::fs::read(format!("tests/fixtures/events/{name}.json")).expect("a sample event")
+    }
+
+    #[tokio::test]
+    async fn a_booking_is_written_once_then_already_applied() {
+        let f = fixture().await;
+        let first = f.pipeline.process(&sample("booked")).await;
+        assert!(matches!(first.outcome, Outcome::Written), "{first:?}");
+        assert_eq!(
+            first.info,
+            MessageInfo {
+                tenant: "acme".into(),
+                booking_id: Some("bk_7Q2M9".into()),
+                event_id: Some("evt_01JD6Q7M1V3S6".into()),
+            }
+        );
+        assert_eq!(first.type_label, "booked");
+        let again = f.pipeline.process(&sample("booked")).await;
+        assert!(
+            matches!(again.outcome, Outcome::AlreadyApplied),
+            "{again:?}"
+        );
+        let newer = f.pipeline.process(&sample("rescheduled")).await;
+        assert!(matches!(newer.outcome, Outcome::Written), "{newer:?}");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn bad_input_and_unknown_tenants_fail_without_a_call() {
+        let f = fixture().await;
+        let invalid = f.pipeline.process(b"{not json").await;
+        assert!(
+            matches!(invalid.outcome, Outcome::Failed(Failure::InvalidEvent(_))),
+            "{invalid:?}"
+        );
+        assert_eq!(
+            (invalid.info.tenant.as_str(), invalid.type_label),
+            ("unknown", "invalid")
+        );
+        let body = String::from_utf8(sample("booked"))
+            .expect("UTF-8")
+            .replace("\"tenantid\": \"acme\"", "\"tenantid\": \"initech\"");
+        let stranger = f.pipeline.process(body.as_bytes()).await;
+        assert!(
+            matches!(&stranger.outcome, Outcome::Failed(Failure::UnknownTenant(t)) if t == "initech"),
+            "{stranger:?}"
+        );
+        assert_eq!(stranger.info.tenant, "unknown");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_graph_names_its_cause() {
+        let f = fixture().await;
+        // Company is 255 characters at most on Lead: the graph rolls back with STRING_TOO_LONG.
+        let body = String::from_utf8(sample("booked"))
+            .expect("UTF-8")
+            .replace("\"Globex\"", &format!("\"{}\"", "G".repeat(300)));
+        let refused = f.pipeline.process(body.as_bytes()).await;
+        match refused.outcome {
+            Outcome::Failed(Failure::Rejected { cause: Some(error) }) => {
+                assert_eq!(error.error_code, "STRING_TOO_LONG");
+            }
+            other => panic!("expected a rejected graph, got {other:?}"),
+        }
+        f.finish().await;
+    }
+}

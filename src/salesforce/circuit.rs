@@ -8,7 +8,11 @@
 //! | half-open | the cool-down passed | one probe per cool-down; its result closes or re-opens (with a doubled cool-down, capped) |
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's at run time, and pausable in tests, which then advance it
+// instead of sleeping through cool-downs.
+use tokio::time::Instant;
 
 use prometheus::IntGauge;
 
@@ -151,8 +155,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn opens_after_the_threshold_and_probes_after_the_cooldown() {
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_and_probes_after_the_cooldown() {
         let b = breaker(30);
         b.record_failure();
         b.record_failure();
@@ -160,7 +164,9 @@ mod tests {
         b.record_failure();
         assert!(b.allow().is_err());
         assert_eq!(b.gauge.get(), 1);
-        std::thread::sleep(Duration::from_millis(40));
+        tokio::time::advance(Duration::from_millis(29)).await;
+        assert!(b.allow().is_err(), "still cooling down");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(b.allow(), Ok(()), "one probe");
         assert!(b.allow().is_err(), "only one");
         b.record_success();
@@ -168,16 +174,16 @@ mod tests {
         assert_eq!(b.gauge.get(), 0);
     }
 
-    #[test]
-    fn a_failed_probe_reopens_for_longer() {
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_longer() {
         let b = breaker(20);
         b.trip();
-        std::thread::sleep(Duration::from_millis(25));
+        tokio::time::advance(Duration::from_millis(20)).await;
         assert_eq!(b.allow(), Ok(()));
         b.record_failure();
-        std::thread::sleep(Duration::from_millis(25));
+        tokio::time::advance(Duration::from_millis(39)).await;
         assert!(b.allow().is_err(), "cool-down doubled to 40 ms");
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(b.allow(), Ok(()));
     }
 
