@@ -90,7 +90,6 @@ struct EventContext<'a> {
 mod filters {
     use minijinja::{Error, ErrorKind};
     use time::OffsetDateTime;
-    use time::format_description::well_known::Rfc3339;
 
     /// `"+47 555 01234"` → `"+4755501234"`: digits, with the leading `+` kept.
     pub fn phone(value: Option<String>) -> Option<String> {
@@ -106,13 +105,10 @@ mod filters {
         })
     }
 
+    /// The decoder's reader, so a template accepts the same RFC 3339 spellings as an event.
     fn parse(value: &str) -> Result<OffsetDateTime, Error> {
-        OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidOperation,
-                format!("{value:?} is not a timestamp: {e}"),
-            )
-        })
+        crate::event::timestamp::parse(value)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
     }
 
     fn format(at: OffsetDateTime, pattern: &str) -> Result<String, Error> {
@@ -150,9 +146,13 @@ mod filters {
             .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
     }
 
-    /// The calendar date of a timestamp, in its own offset (`[year]-[month]-[day]`).
+    /// The calendar date of a timestamp in UTC (`[year]-[month]-[day]`), like every date the
+    /// product writes.
     pub fn date(value: String) -> Result<String, Error> {
-        format(parse(&value)?, "[year]-[month]-[day]")
+        format(
+            parse(&value)?.to_offset(time::UtcOffset::UTC),
+            "[year]-[month]-[day]",
+        )
     }
 }
 
@@ -375,10 +375,7 @@ impl CompiledMapping {
         enrichment: &Enrichment,
     ) -> Result<Vec<Subrequest>, PlanError> {
         let mut deletes = Vec::new();
-        let time = event
-            .time
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let time = crate::event::timestamp::canonical(event.time);
         // Everything but the attendee is the same for every record: convert it once.
         let event_value = to_value(&EventContext {
             id: &event.id,
