@@ -517,6 +517,27 @@ mod tests {
     }
 
     #[test]
+    fn templates_see_every_datetime_in_the_canonical_form() {
+        let text = include_str!("../../tests/fixtures/events/booked.json")
+            .replace("2026-11-20T10:15:00Z", "2026-11-20 11:15:00.5+01:00")
+            .replace("2026-12-01T14:00:00Z", "2026-12-01t15:00:00+01:00")
+            .replace("2026-12-01T14:30:00Z", "2026-12-01 14:30:00.123456z");
+        let event = decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap();
+        let mut tenant = acme();
+        tenant.records[1]
+            .fields
+            .insert("Description".into(), "{{ event.time }}".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let nodes = mapping.build_graph(&event, &Enrichment::default()).unwrap();
+        let ev = nodes[1].body.as_ref().unwrap();
+        assert_eq!(ev["StartDateTime"], "2026-12-01T14:00:00.000Z");
+        assert_eq!(ev["EndDateTime"], "2026-12-01T14:30:00.123Z");
+        assert_eq!(ev["Description"], "2026-11-20T10:15:00.500Z");
+        let booking = nodes[2].body.as_ref().unwrap();
+        assert_eq!(booking["BookMe__Starts_At__c"], "2026-12-01T14:00:00.000Z");
+    }
+
+    #[test]
     fn cancellation_prefixes_the_subject() {
         let mapping = CompiledMapping::compile(&acme()).unwrap();
         let nodes = mapping
