@@ -53,14 +53,22 @@ pub fn parse(value: &str) -> Result<OffsetDateTime, NotRfc3339> {
             ));
         }
     }
-    OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
+    let at = OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
         let time_part = &value[value.len().min(11)..];
         if !time_part.contains(['Z', 'z', '+', '-']) {
             fail("it has no UTC offset (Z or ±HH:MM), so it names no instant".into())
         } else {
             fail(e.to_string())
         }
-    })
+    })?;
+    // `0000-01-01T00:30:00+01:00` and `9999-12-31T23:30:00-01:00` are RFC 3339, but their UTC
+    // instant has no four-digit year, so no canonical form.
+    match at.checked_to_offset(UtcOffset::UTC) {
+        Some(utc) if (0..=9999).contains(&utc.year()) => Ok(at),
+        _ => Err(fail(
+            "in UTC it falls outside the years 0000 to 9999".into(),
+        )),
+    }
 }
 
 /// The instant at the canonical form's precision: the fraction cut (not rounded) to
@@ -77,7 +85,7 @@ pub fn canonical(at: OffsetDateTime) -> String {
     to_millis(at)
         .to_offset(UtcOffset::UTC)
         .format(CANONICAL)
-        .expect("a four-digit year formats; RFC 3339 has no other")
+        .expect("a year in 0000..=9999 formats; `parse` admits no other")
 }
 
 /// [`parse`] then [`canonical`].
@@ -143,6 +151,8 @@ mod tests {
             ("2026-02-30T14:00:00Z", "not an RFC 3339"),
             ("20261201T140000Z", "separated by"),
             ("", "needs a date, a time"),
+            ("0000-01-01T00:30:00+01:00", "outside the years"),
+            ("9999-12-31T23:30:00-01:00", "outside the years"),
         ] {
             let error = parse(value).unwrap_err().to_string();
             assert!(error.contains(says), "{value:?}: {error}");
