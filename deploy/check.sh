@@ -16,6 +16,7 @@ if [ -z "$promtool" ]; then
   promtool="$tools/usr/bin/promtool"
 fi
 "$promtool" check rules prometheus/alerts.yml
+"$promtool" test rules prometheus/alerts.test.yml
 
 if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$tools/venv"

@@ -11,10 +11,12 @@ use std::fmt::Write as _;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicQosOptions};
 
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::amqp::{self, PublishError, Publisher, Topology};
+use crate::amqp::{self, PublishError, Publisher, Topology, header_str};
+use crate::outcome::Reason;
 use crate::outcome::dead_letter::{self, DeadLetterHeaders};
 
 /// Which dead letters a command applies to.
@@ -41,11 +43,12 @@ impl Filter {
 /// One dead letter as ops see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
-    /// Stable id: the event id, else a hash of the body.
+    /// Stable id: the event id (from our header, else from the body), else a hash of the body.
     pub id: String,
-    /// Tenant (`unknown` when not configured or not decodable).
+    /// Tenant: from our header, else the body's `tenantid`; `unknown` when neither has one.
     pub tenant: String,
-    /// Reason code.
+    /// Reason code: ours, or `delivery_limit` / `broker_<x-death reason>` when the broker
+    /// dead-lettered it, or `unknown`.
     pub reason: String,
     /// Human-readable message.
     pub message: String,
@@ -53,7 +56,7 @@ pub struct DeadLetter {
     pub salesforce_error: Option<String>,
     /// Salesforce error fields.
     pub salesforce_fields: Option<String>,
-    /// Booking id.
+    /// Booking id: from our header, else the body's `data.booking_id`.
     pub booking_id: Option<String>,
     /// Attempts made.
     pub attempts: i64,
@@ -96,29 +99,170 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn describe(message: &BasicGetMessage) -> DeadLetter {
-    let headers = DeadLetterHeaders::read(message.delivery.properties.headers().as_ref());
+/// What the broker wrote when it dead-lettered a message itself: the `x-death` entry of the work
+/// queue (<https://www.rabbitmq.com/docs/dlx#effects>: one entry per `{queue, reason}`, with
+/// `queue`, `reason`, `count`, `time`, `exchange`, `routing-keys`). portals-crm publishes its own
+/// dead letters and the retry tiers dead-letter into the work queue, not here, so an entry for
+/// the work queue means the broker moved the message, e.g. past the quorum queue's
+/// `x-delivery-limit` (reason `delivery_limit`, <https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BrokerDeath {
+    /// `delivery_limit`, `rejected`, `expired` or `maxlen`.
+    reason: String,
+    /// The queue it left.
+    queue: String,
+    /// When, RFC 3339.
+    time: Option<String>,
+    /// The routing key the booking platform published with.
+    routing_key: Option<String>,
+}
+
+fn table_str(table: &FieldTable, name: &str) -> Option<String> {
+    header_str(Some(table), name)
+}
+
+fn broker_death(headers: Option<&FieldTable>, work_queue: &str) -> Option<BrokerDeath> {
+    let Some(AMQPValue::FieldArray(deaths)) = headers?.inner().get("x-death") else {
+        return None;
+    };
+    deaths.as_slice().iter().find_map(|death| {
+        let AMQPValue::FieldTable(death) = death else {
+            return None;
+        };
+        let queue = table_str(death, "queue")?;
+        if queue != work_queue {
+            return None;
+        }
+        let time = match death.inner().get("time") {
+            Some(AMQPValue::Timestamp(seconds)) => i64::try_from(*seconds)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .map(crate::event::timestamp::canonical),
+            _ => None,
+        };
+        let routing_key = match death.inner().get("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => keys.as_slice().iter().find_map(|k| match k {
+                AMQPValue::LongString(k) => Some(k.to_string()),
+                AMQPValue::ShortString(k) => Some(k.as_str().to_owned()),
+                _ => None,
+            }),
+            _ => None,
+        };
+        Some(BrokerDeath {
+            reason: table_str(death, "reason")?,
+            queue,
+            time,
+            routing_key,
+        })
+    })
+}
+
+impl BrokerDeath {
+    /// The reason: `delivery_limit`, else `broker_<reason>`.
+    fn code(&self) -> Reason {
+        match self.reason.as_str() {
+            "delivery_limit" => Reason::DeliveryLimit,
+            "rejected" => Reason::BrokerRejected,
+            "expired" => Reason::BrokerExpired,
+            "maxlen" => Reason::BrokerMaxlen,
+            _ => Reason::BrokerOther,
+        }
+    }
+
+    /// The cause in words. `limit` is the configured delivery limit, which the work queue was
+    /// declared with (a different one fails the declaration). A quorum queue dead-letters a
+    /// message once it has been returned more than `limit` times: on RabbitMQ 3.10 it is
+    /// delivered `limit + 1` times, the last `x-delivery-count` being `limit`, and the dead
+    /// letter carries no count of its own (rabbitmq-notes §1); from 4.3 on, a `basic.nack` does
+    /// not count, so there may have been more deliveries.
+    fn cause(&self, limit: u32) -> String {
+        let queue = &self.queue;
+        match self.reason.as_str() {
+            "delivery_limit" => format!(
+                "the broker dead-lettered it after at least {} deliveries from {queue} (its \
+                 delivery limit is {limit}); on RabbitMQ before 4.3 every return counts, a worker \
+                 restart or a lost connection included, so the booking itself may be fine: \
+                 replay it",
+                u64::from(limit) + 1
+            ),
+            "rejected" => format!(
+                "the broker dead-lettered it: a consumer of {queue} rejected it without requeue"
+            ),
+            "expired" => format!("the broker dead-lettered it: its TTL ran out in {queue}"),
+            "maxlen" => {
+                format!("the broker dead-lettered it: {queue} was over its length limit")
+            }
+            other => format!("the broker dead-lettered it from {queue} ({other})"),
+        }
+    }
+}
+
+/// `id`, `tenantid` and `data.booking_id` read from a body, each when it is a non-empty string;
+/// for messages without our headers (the broker dead-lettered them before portals-crm did).
+fn ids_from_body(body: &[u8]) -> [Option<String>; 3] {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return [None, None, None];
+    };
+    let text = |v: &serde_json::Value| {
+        v.as_str()
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_owned)
+    };
+    [
+        text(&value["id"]),
+        text(&value["tenantid"]),
+        text(&value["data"]["booking_id"]),
+    ]
+}
+
+/// A dead letter from its headers and body: our `x-portals-*` headers, else the body's ids;
+/// the broker's cause when the work queue's `x-death` entry says the broker dead-lettered it.
+fn describe(table: Option<&FieldTable>, body: &[u8], topology: &Topology) -> DeadLetter {
+    let headers = DeadLetterHeaders::read(table);
+    let [body_id, body_tenant, body_booking] = ids_from_body(body);
     let id = headers
         .event_id
-        .unwrap_or_else(|| format!("body-{:016x}", fnv1a(&message.delivery.data)));
-    DeadLetter {
+        .or(body_id)
+        .unwrap_or_else(|| format!("body-{:016x}", fnv1a(body)));
+    let mut letter = DeadLetter {
         id,
-        tenant: headers.tenant.unwrap_or_else(|| "unknown".into()),
-        reason: headers
-            .reason
-            .unwrap_or_else(|| crate::outcome::Reason::DeliveryLimit.label()),
-        message: headers
-            .message
-            .unwrap_or_else(|| "dead-lettered by the broker (delivery limit reached)".into()),
+        tenant: headers
+            .tenant
+            .or(body_tenant)
+            .unwrap_or_else(|| "unknown".into()),
+        reason: headers.reason.unwrap_or_default(),
+        message: headers.message.unwrap_or_default(),
         salesforce_error: headers.salesforce_error,
         salesforce_fields: headers.salesforce_fields,
-        booking_id: headers.booking_id,
+        booking_id: headers.booking_id.or(body_booking),
         attempts: headers.attempts,
         first_failure: headers.first_failure,
         last_failure: headers.last_failure,
         routing_key: headers.routing_key,
-        body: String::from_utf8_lossy(&message.delivery.data).into_owned(),
+        body: String::from_utf8_lossy(body).into_owned(),
+    };
+    // Our headers on a message the broker dead-lettered are from an earlier retry: the broker's
+    // cause comes first, the failure portals-crm saw before it is kept in the message.
+    if let Some(death) = broker_death(table, &topology.work_queue) {
+        let cause = death.cause(topology.delivery_limit);
+        letter.message = if letter.reason.is_empty() {
+            cause
+        } else {
+            format!(
+                "{cause}; the failure before it: {}: {}",
+                letter.reason, letter.message
+            )
+        };
+        letter.reason = death.code().label();
+        letter.last_failure = death.time.or(letter.last_failure);
+        letter.routing_key = letter.routing_key.or(death.routing_key);
+    } else if letter.reason.is_empty() {
+        letter.reason = Reason::Unrecognised.label();
+        letter.message = "no x-portals-reason header and no x-death entry of the work queue: \
+                          not dead-lettered by portals-crm or by the broker from this work queue"
+            .into();
     }
+    letter
 }
 
 /// A session on the dead-letter queue.
@@ -168,7 +312,11 @@ impl Dlq {
             )
             .await?
         {
-            let letter = describe(&message);
+            let letter = describe(
+                message.delivery.properties.headers().as_ref(),
+                &message.delivery.data,
+                &self.topology,
+            );
             if filter.matches(&letter) && filter.limit.is_none_or(|n| chosen.len() < n) {
                 chosen.push((message, letter));
             }
@@ -287,6 +435,131 @@ pub fn table(letters: &[DeadLetter]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    const BOOKED: &[u8] = include_bytes!("../tests/fixtures/events/booked.json");
+
+    fn topology() -> Topology {
+        let config = crate::config::Config::from_toml(
+            include_str!("../config/portals-crm.toml"),
+            std::iter::empty(),
+        )
+        .unwrap();
+        Topology::new(&config.amqp, &config.retry_tiers())
+    }
+
+    fn text(value: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(value))
+    }
+
+    /// An `x-death` entry as RabbitMQ writes it.
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        let mut entry = FieldTable::default();
+        entry.insert("queue".into(), text(queue));
+        entry.insert("reason".into(), text(reason));
+        entry.insert("count".into(), AMQPValue::LongLongInt(1));
+        entry.insert("time".into(), AMQPValue::Timestamp(1_795_000_000));
+        entry.insert("exchange".into(), text("bookings"));
+        entry.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![text("meeting.booked")])),
+        );
+        AMQPValue::FieldTable(entry)
+    }
+
+    fn with_deaths(mut table: FieldTable, deaths: Vec<AMQPValue>) -> FieldTable {
+        table.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(deaths)),
+        );
+        table
+    }
+
+    #[test]
+    fn a_broker_dead_letter_is_named_from_its_body_and_its_cause_given_in_words() {
+        let topology = topology();
+        let table = with_deaths(
+            FieldTable::default(),
+            vec![death(&topology.work_queue, "delivery_limit")],
+        );
+        let letter = describe(Some(&table), BOOKED, &topology);
+        assert_eq!(letter.id, "evt_01JD6Q7M1V3S6");
+        assert_eq!(letter.tenant, "acme");
+        assert_eq!(letter.booking_id.as_deref(), Some("bk_7Q2M9"));
+        assert_eq!(letter.reason, "delivery_limit");
+        assert!(
+            letter.message.starts_with(&format!(
+                "the broker dead-lettered it after at least {} deliveries",
+                topology.delivery_limit + 1
+            )),
+            "{}",
+            letter.message
+        );
+        assert!(
+            letter.message.contains("worker restart"),
+            "{}",
+            letter.message
+        );
+        assert_eq!(letter.routing_key.as_deref(), Some("meeting.booked"));
+        assert_eq!(
+            letter.last_failure.as_deref(),
+            Some("2026-11-18T11:06:40.000Z")
+        );
+    }
+
+    #[test]
+    fn the_broker_cause_comes_first_and_keeps_the_failure_before_it() {
+        let topology = topology();
+        let mut ours = FieldTable::default();
+        for (name, value) in [
+            (dead_letter::REASON, "salesforce_unavailable"),
+            (dead_letter::MESSAGE, "503 from the org"),
+            (dead_letter::TENANT, "acme"),
+            (dead_letter::EVENT_ID, "evt_from_header"),
+        ] {
+            ours.insert(name.into(), text(value));
+        }
+        let tier = &topology.tiers[0].queue;
+        let table = with_deaths(
+            ours.clone(),
+            vec![
+                death(&topology.work_queue, "delivery_limit"),
+                death(tier, "expired"),
+            ],
+        );
+        let letter = describe(Some(&table), BOOKED, &topology);
+        assert_eq!(letter.id, "evt_from_header");
+        assert_eq!(letter.reason, "delivery_limit");
+        assert!(
+            letter.message.contains(&format!(
+                "(its delivery limit is {})",
+                topology.delivery_limit
+            )),
+            "{}",
+            letter.message
+        );
+        assert!(
+            letter
+                .message
+                .ends_with("the failure before it: salesforce_unavailable: 503 from the org"),
+            "{}",
+            letter.message
+        );
+
+        // Our own dead letter of a message that went through a retry tier: ours, untouched.
+        let table = with_deaths(ours, vec![death(tier, "expired")]);
+        let letter = describe(Some(&table), BOOKED, &topology);
+        assert_eq!(letter.reason, "salesforce_unavailable");
+        assert_eq!(letter.message, "503 from the org");
+    }
+
+    #[test]
+    fn a_body_with_no_ids_and_no_headers_is_named_by_its_hash() {
+        let letter = describe(None, b"not json", &topology());
+        assert_eq!(letter.id, format!("body-{:016x}", fnv1a(b"not json")));
+        assert_eq!(letter.tenant, "unknown");
+        assert_eq!(letter.reason, "unknown");
+    }
 
     #[test]
     fn fnv_is_stable() {

@@ -168,3 +168,93 @@ async fn salesforce_rejects_the_data() {
     )
     .await;
 }
+
+/// What producers send that the CloudEvents and RFC 3339 specs allow (issue 12, A): each is
+/// written, not dead-lettered.
+async fn written(name: &str, body: Vec<u8>) -> TestEnv {
+    let env = TestEnv::start(name).await;
+    env.publish("meeting.booked", &body).await;
+    env.wait_settled(1).await;
+    assert_eq!(
+        env.outcomes().get("written"),
+        Some(&1),
+        "{:?}",
+        env.outcomes()
+    );
+    assert!(env.drain_dead_letters().await.is_empty());
+    env
+}
+
+#[tokio::test]
+async fn datacontenttype_with_parameters_is_json() {
+    let env = written(
+        "ctype",
+        with(|v| v["datacontenttype"] = json!("application/json; charset=utf-8")),
+    )
+    .await;
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_field_the_contract_does_not_know_is_ignored_and_counted() {
+    let env = written(
+        "unknownfield",
+        with(|v| v["data"]["attendees"][0]["locale"] = json!("nb-NO")),
+    )
+    .await;
+    let leads = env.records("Lead").await;
+    assert_eq!(leads.len(), 1);
+    assert_eq!(leads[0]["Email"], "jane.doe@globex.example");
+    let metrics = env.service().metrics.render();
+    assert!(
+        metrics.contains(
+            "portals_crm_event_unknown_fields_total{field=\"data.attendees[].locale\"} 1"
+        ),
+        "{metrics}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn every_rfc3339_spelling_reaches_salesforce_as_one_instant() {
+    let env = written(
+        "datetimes",
+        with(|v| {
+            v["data"]["starts_at"] = json!("2026-12-01 14:00:00Z");
+            v["data"]["ends_at"] = json!("2026-12-01t15:30:00.250+01:00");
+        }),
+    )
+    .await;
+    let events = env.records("Event").await;
+    assert_eq!(events[0]["StartDateTime"], "2026-12-01T14:00:00.000+0000");
+    assert_eq!(events[0]["EndDateTime"], "2026-12-01T14:30:00.250+0000");
+    let bookings = env.records("BookMe__Booking__c").await;
+    assert_eq!(
+        bookings[0]["BookMe__Starts_At__c"],
+        "2026-12-01T14:00:00.000+0000"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_datetime_without_an_offset_names_its_field() {
+    dead_lettered(
+        "nooffset",
+        with(|v| v["data"]["starts_at"] = json!("2026-12-01T14:00:00")),
+        "invalid_event",
+        "data.starts_at: not an RFC 3339 date-time",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn datacontenttype_that_is_not_json_names_its_field() {
+    dead_lettered(
+        "ctypexml",
+        with(|v| v["datacontenttype"] = json!("application/xml")),
+        "invalid_event",
+        "datacontenttype",
+    )
+    .await;
+}

@@ -150,3 +150,99 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     dlq.close().await;
     env.finish().await;
 }
+
+/// A booking the broker dead-letters itself: the quorum work queue's delivery limit, reached by
+/// returns alone (a worker that takes the message and goes away without settling it, as a
+/// restart does). `dlq list` names it from its body and gives the cause; replay writes it.
+#[tokio::test]
+async fn a_broker_dead_letter_is_listed_with_its_ids_and_cause_and_replays() {
+    use lapin::options::BasicGetOptions;
+    let limit = 2;
+    let mut env = TestEnv::start_with("dlqlimit", |c| c.amqp.delivery_limit = limit).await;
+    env.stop_service().await;
+    env.publish("meeting.booked", &sample("booked")).await;
+
+    // Each "worker" takes the message and disappears with it: its channel closes unsettled.
+    let connection = portals_crm::amqp::connect(&env.config.amqp.url, 30, "dlq test")
+        .await
+        .unwrap();
+    let mut returns = 0;
+    loop {
+        let channel = connection.create_channel().await.unwrap();
+        let got = channel
+            .basic_get(
+                env.topology.work_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "worker gone".into()).await;
+        if got.is_none() {
+            break;
+        }
+        returns += 1;
+        assert!(returns <= limit + 1, "the broker never dead-lettered it");
+    }
+    let _ = connection.close(200, "done".into()).await;
+    assert_eq!(
+        returns,
+        limit + 1,
+        "delivered limit + 1 times, then dead-lettered"
+    );
+
+    let listed = common::wait_until(
+        "the broker's dead letter",
+        std::time::Duration::from_secs(10),
+        || async {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+                .args(["dlq", "list", "--json"])
+                .envs(env.binary_env())
+                .env("PORTALS_CRM_AMQP_DELIVERY_LIMIT", limit.to_string())
+                .output()
+                .unwrap();
+            let listed: Vec<Value> = serde_json::from_slice(&output.stdout)
+                .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&output.stderr)))?;
+            if listed.is_empty() {
+                Err("no dead letter yet".into())
+            } else {
+                Ok(listed)
+            }
+        },
+    )
+    .await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let letter = &listed[0];
+    assert_eq!(letter["id"], "evt_01JD6Q7M1V3S6");
+    assert_eq!(letter["tenant"], "acme");
+    assert_eq!(letter["booking_id"], "bk_7Q2M9");
+    assert_eq!(letter["reason"], "delivery_limit");
+    assert_eq!(letter["routing_key"], "meeting.booked");
+    let message = letter["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the broker dead-lettered it after at least 3 deliveries"),
+        "{message}"
+    );
+    assert!(message.contains("worker restart"), "{message}");
+
+    // Nothing was wrong with the booking: replayed, it is written.
+    env.restart_service_without_cache().await;
+    let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
+        .await
+        .unwrap();
+    let replayed = dlq
+        .replay(
+            &Filter {
+                reason: Some("delivery_limit".into()),
+                ..Filter::default()
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 1);
+    dlq.close().await;
+    env.wait_settled(1).await;
+    assert_eq!(env.outcomes().get("written"), Some(&1));
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.finish().await;
+}

@@ -277,9 +277,17 @@ async fn the_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
     )
     .await;
     assert_eq!(letters[0].reason, "delivery_limit");
+    // No x-portals-* headers: the ids come from the body, the cause from the broker's x-death.
+    let body: serde_json::Value = serde_json::from_str(&letters[0].body).unwrap();
+    assert_eq!(letters[0].id, body["id"].as_str().unwrap());
+    assert_eq!(letters[0].tenant, "acme");
+    assert_eq!(letters[0].booking_id.as_deref(), Some("bk_poison"));
     assert!(
-        letters[0].id.starts_with("body-"),
-        "no event id header: the id is the body hash"
+        letters[0]
+            .message
+            .starts_with("the broker dead-lettered it after at least 3 deliveries"),
+        "{}",
+        letters[0].message
     );
     dlq.close().await;
     env.finish().await;

@@ -95,7 +95,14 @@ pub fn format_datetime(at: OffsetDateTime) -> String {
     )
 }
 
+/// A dateTime as Salesforce reads it: ISO 8601 `yyyy-MM-ddTHH:mm:ss[.SSS]` with `Z` or an
+/// offset (<https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_valid_date_formats.htm>).
+/// `time`'s RFC 3339 reader takes any character between date and time; Salesforce takes only
+/// `T` and answers anything else (`2026-12-01 14:00:00Z`) with `JSON_PARSER_ERROR`.
 fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
+    if text.as_bytes().get(10) != Some(&b'T') {
+        return None;
+    }
     OffsetDateTime::parse(text, &Rfc3339).ok().or_else(|| {
         // Salesforce also writes `+0000` offsets without a colon.
         let (head, offset) = text.split_at(text.len().checked_sub(5)?);
@@ -801,6 +808,7 @@ mod tests {
         assert_eq!(format_datetime(at), "2026-12-03T12:00:00.000+0000");
         assert!(parse_datetime("2026-12-03T12:00:00.000+0000").is_some());
         assert!(parse_datetime("tomorrow").is_none());
+        assert!(parse_datetime("2026-12-03 12:00:00Z").is_none(), "space");
     }
 
     #[test]

@@ -1,11 +1,20 @@
 //! The event contract (DESIGN.md §3): a structured-mode CloudEvents 1.0 envelope carrying a full
-//! booking snapshot. Decoding is strict and every error names the field it is about, because
-//! that text ends up in a dead letter someone has to act on.
+//! booking snapshot (<https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md>,
+//! JSON format: <https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/formats/json-format.md>).
+//!
+//! A tolerant reader: what the product needs is checked and every error names the field it is
+//! about, because that text ends up in a dead letter someone has to act on; what it does not
+//! know is ignored and counted ([`unknown_fields`]); spellings the standards allow are read and
+//! normalised (media types: [`media_type`], timestamps: [`timestamp`]). README's "event
+//! contract" table lists what is accepted, normalised and rejected.
+
+pub mod media_type;
+pub mod timestamp;
+pub mod unknown_fields;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 /// Default cap on a message body; a booking snapshot is a few KiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
@@ -55,7 +64,6 @@ impl EventKind {
 
 /// The portal a booking came through.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Portal {
     /// Portal id.
     pub id: String,
@@ -65,7 +73,6 @@ pub struct Portal {
 
 /// The host (a sales rep) of the meeting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Host {
     /// Email, matched against Salesforce users.
     pub email: String,
@@ -75,7 +82,6 @@ pub struct Host {
 
 /// One attendee.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Attendee {
     /// Email (the Lead's identity).
     pub email: String,
@@ -93,7 +99,6 @@ pub struct Attendee {
 
 /// The booking snapshot in `data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Booking {
     /// Stable booking id.
     pub booking_id: String,
@@ -103,9 +108,10 @@ pub struct Booking {
     pub status: String,
     /// Meeting title.
     pub title: String,
-    /// Start, RFC 3339.
+    /// Start: any RFC 3339 spelling on the way in, the canonical `YYYY-MM-DDTHH:MM:SS.sssZ`
+    /// once decoded ([`timestamp`]).
     pub starts_at: String,
-    /// End, RFC 3339, after the start.
+    /// End, after the start; as `starts_at`.
     pub ends_at: String,
     /// IANA time zone of the host.
     pub timezone: String,
@@ -124,7 +130,9 @@ pub struct Booking {
     pub cancel_reason: Option<String>,
 }
 
-/// The CloudEvents envelope as it arrives.
+/// The CloudEvents envelope as it arrives. A `null` optional attribute is the same as an absent
+/// one (JSON format §2.2). Any other member is an extension attribute the product does not use:
+/// ignored and counted.
 #[derive(Debug, Clone, Deserialize)]
 struct Envelope {
     specversion: String,
@@ -132,8 +140,14 @@ struct Envelope {
     source: String,
     #[serde(rename = "type")]
     event_type: String,
+    /// Optional in CloudEvents, required by this contract: the lag metric and `event.time` in
+    /// the mappings are measured from it.
     time: String,
     subject: Option<String>,
+    /// Unused, but a context attribute of the spec: read as a string, so it is not counted as
+    /// unknown.
+    #[serde(default)]
+    dataschema: Option<String>,
     tenantid: String,
     datacontenttype: Option<String>,
     data: Booking,
@@ -151,6 +165,10 @@ pub struct BookingEvent {
     /// CloudEvents `time`: when the booking changed.
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
+    /// Fields the contract does not know, ignored: normalised paths
+    /// ([`unknown_fields::normalise`]), each once.
+    #[serde(skip)]
+    pub unknown_fields: Vec<String>,
     /// CloudEvents `subject`.
     pub subject: Option<String>,
     /// The tenant (`tenantid` extension attribute).
@@ -177,8 +195,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidEvent 
 }
 
 fn parse_time(field: &str, value: &str) -> Result<OffsetDateTime, InvalidEvent> {
-    OffsetDateTime::parse(value, &Rfc3339)
-        .map_err(|_| invalid(field, format!("not an RFC 3339 timestamp: {value:?}")))
+    timestamp::parse(value).map_err(|e| invalid(field, e.to_string()))
 }
 
 /// The tenant id of a body that may not decode, for metrics and dead-letter headers.
@@ -204,7 +221,15 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<BookingEvent, InvalidEven
         ));
     }
     let text = std::str::from_utf8(body).map_err(|e| invalid("$", format!("not UTF-8: {e}")))?;
-    let deserializer = &mut serde_json::Deserializer::from_str(text);
+    let mut unknown = Vec::new();
+    let mut collect = |path: serde_ignored::Path<'_>| {
+        let field = unknown_fields::normalise(&path);
+        if !unknown.contains(&field) {
+            unknown.push(field);
+        }
+    };
+    let json = &mut serde_json::Deserializer::from_str(text);
+    let deserializer = serde_ignored::Deserializer::new(json, &mut collect);
     let envelope: Envelope = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path == "?" || path.is_empty() {
@@ -214,10 +239,10 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<BookingEvent, InvalidEven
         };
         invalid(field, e.into_inner().to_string())
     })?;
-    validate(envelope)
+    validate(envelope, unknown)
 }
 
-fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
+fn validate(envelope: Envelope, unknown_fields: Vec<String>) -> Result<BookingEvent, InvalidEvent> {
     if envelope.specversion != "1.0" {
         return Err(invalid(
             "specversion",
@@ -230,25 +255,25 @@ fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
             format!("unknown event type {:?}", envelope.event_type),
         )
     })?;
-    if let Some(content_type) = &envelope.datacontenttype
-        && content_type != "application/json"
-    {
-        return Err(invalid(
-            "datacontenttype",
-            format!("must be application/json, got {content_type:?}"),
-        ));
+    // Absent means JSON in the JSON format (§3.1); `data` is decoded as JSON whatever it says,
+    // so anything that is not JSON is refused rather than misread.
+    if let Some(content_type) = &envelope.datacontenttype {
+        media_type::require_json(content_type)
+            .map_err(|e| invalid("datacontenttype", e.to_string()))?;
     }
     for (field, value) in [
-        ("id", &envelope.id),
-        ("source", &envelope.source),
-        ("tenantid", &envelope.tenantid),
+        ("id", Some(&envelope.id)),
+        ("source", Some(&envelope.source)),
+        ("tenantid", Some(&envelope.tenantid)),
+        ("subject", envelope.subject.as_ref()),
+        ("dataschema", envelope.dataschema.as_ref()),
     ] {
-        if value.trim().is_empty() {
+        if value.is_some_and(|v| v.trim().is_empty()) {
             return Err(invalid(field, "must not be empty"));
         }
     }
     let time = parse_time("time", &envelope.time)?;
-    let booking = envelope.data;
+    let mut booking = envelope.data;
     if booking.booking_id.trim().is_empty() || booking.booking_id.len() > 64 {
         return Err(invalid("data.booking_id", "must be 1 to 64 characters"));
     }
@@ -265,11 +290,14 @@ fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
             ),
         ));
     }
-    let starts = parse_time("data.starts_at", &booking.starts_at)?;
-    let ends = parse_time("data.ends_at", &booking.ends_at)?;
+    let starts = timestamp::to_millis(parse_time("data.starts_at", &booking.starts_at)?);
+    let ends = timestamp::to_millis(parse_time("data.ends_at", &booking.ends_at)?);
     if ends <= starts {
         return Err(invalid("data.ends_at", "must be after data.starts_at"));
     }
+    // Whatever RFC 3339 spelling came in, the mappings and Salesforce see one form.
+    booking.starts_at = timestamp::canonical(starts);
+    booking.ends_at = timestamp::canonical(ends);
     if booking.attendees.is_empty() {
         return Err(invalid("data.attendees", "must list at least one attendee"));
     }
@@ -295,6 +323,7 @@ fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
         source: envelope.source,
         kind,
         time,
+        unknown_fields,
         subject: envelope.subject,
         tenant: envelope.tenantid,
         booking,
@@ -304,6 +333,7 @@ fn validate(envelope: Envelope) -> Result<BookingEvent, InvalidEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const BOOKED: &str = include_str!("../../tests/fixtures/events/booked.json");
 
@@ -385,6 +415,165 @@ mod tests {
         );
         let error = decode(bomb.as_bytes(), 1 << 20).unwrap_err();
         assert!(error.reason.contains("recursion limit"), "{error}");
+    }
+
+    fn decoded(body: &[u8]) -> BookingEvent {
+        decode(body, DEFAULT_MAX_BODY_BYTES).unwrap()
+    }
+
+    #[test]
+    fn datacontenttype_is_a_media_type() {
+        for content_type in [
+            json!("application/json; charset=utf-8"),
+            json!("Application/JSON"),
+            json!("application/vnd.bookme.booking+json"),
+            Value::Null,
+        ] {
+            let body = mutate(|v| v["datacontenttype"] = content_type.clone());
+            assert_eq!(
+                decoded(&body).booking.booking_id,
+                "bk_7Q2M9",
+                "{content_type}"
+            );
+        }
+        let error = decode(
+            &mutate(|v| v["datacontenttype"] = json!("application/xml")),
+            DEFAULT_MAX_BODY_BYTES,
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "datacontenttype");
+        assert!(error.reason.contains("not JSON"), "{error}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_reported_once_with_normalised_paths() {
+        let body = mutate(|v| {
+            v["data"]["attendees"][0]["locale"] = json!("nb-NO");
+            v["data"]["attendees"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"email": "b@x.example", "last_name": "B", "locale": "sv-SE"}));
+            v["data"]["portal"]["region"] = json!({"code": "eu", "nested": [1, 2]});
+            v["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+            v["data"]["recording"] = json!(null);
+        });
+        let event = decoded(&body);
+        // Each name once, though two attendees carry `locale`.
+        let mut found = event.unknown_fields.clone();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "data.attendees[].locale",
+                "data.portal.region",
+                "data.recording",
+                "traceparent"
+            ]
+        );
+        assert_eq!(event.booking.attendees.len(), 2);
+        assert!(decoded(BOOKED.as_bytes()).unknown_fields.is_empty());
+    }
+
+    /// Property: an unknown member added to any object of the sample changes nothing but the
+    /// reported unknown fields.
+    #[test]
+    fn an_unknown_member_anywhere_changes_nothing_else() {
+        fn objects(value: &Value, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+            match value {
+                Value::Object(map) => {
+                    out.push(path.clone());
+                    for (key, child) in map {
+                        let mut child_path = path.clone();
+                        child_path.push(key.clone());
+                        objects(child, child_path, out);
+                    }
+                }
+                Value::Array(items) => {
+                    for (i, child) in items.iter().enumerate() {
+                        let mut child_path = path.clone();
+                        child_path.push(i.to_string());
+                        objects(child, child_path, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let original: Value = serde_json::from_str(BOOKED).unwrap();
+        let expected = decoded(BOOKED.as_bytes());
+        let mut paths = Vec::new();
+        objects(&original, Vec::new(), &mut paths);
+        for path in paths {
+            if path.first().is_some_and(|p| p == "data")
+                && path.get(1).is_some_and(|p| p == "answers")
+            {
+                continue; // free-form by contract: every key is known
+            }
+            for extra in [
+                json!("x"),
+                json!(7),
+                json!(null),
+                json!({"a": [1]}),
+                json!([true]),
+            ] {
+                let mut value = original.clone();
+                let mut target = &mut value;
+                for key in &path {
+                    target = match target {
+                        Value::Array(items) => &mut items[key.parse::<usize>().unwrap()],
+                        other => &mut other[key.as_str()],
+                    };
+                }
+                target["zz_new_field"] = extra.clone();
+                let event = decoded(&serde_json::to_vec(&value).unwrap());
+                assert_eq!(event.booking, expected.booking, "{path:?}");
+                assert_eq!(event.unknown_fields.len(), 1, "{path:?}");
+                assert!(
+                    event.unknown_fields[0].ends_with("zz_new_field"),
+                    "{path:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_needed_field_missing_or_ill_typed_still_names_it() {
+        let body = mutate(|v| {
+            v["data"]["attendees"][0]["locale"] = json!("nb-NO");
+            v["data"]["attendees"][0]["last_name"] = json!(42);
+        });
+        assert_eq!(field_of(&body), "data.attendees[0].last_name");
+        assert_eq!(field_of(&mutate(|v| v["time"] = Value::Null)), "time");
+        assert_eq!(field_of(&mutate(|v| v["subject"] = json!(""))), "subject");
+        assert_eq!(
+            field_of(&mutate(|v| v["dataschema"] = json!(3))),
+            "dataschema"
+        );
+    }
+
+    #[test]
+    fn every_datetime_leaves_in_the_canonical_form() {
+        let body = mutate(|v| {
+            v["time"] = json!("2026-11-20 11:15:00.123456+01:00");
+            v["data"]["starts_at"] = json!("2026-12-01 14:00:00Z");
+            v["data"]["ends_at"] = json!("2026-12-01t15:30:00.5+01:00");
+        });
+        let event = decoded(&body);
+        assert_eq!(event.booking.starts_at, "2026-12-01T14:00:00.000Z");
+        assert_eq!(event.booking.ends_at, "2026-12-01T14:30:00.500Z");
+        assert_eq!(timestamp::canonical(event.time), "2026-11-20T10:15:00.123Z");
+        let error = decode(
+            &mutate(|v| v["data"]["starts_at"] = json!("2026-12-01T14:00:00")),
+            DEFAULT_MAX_BODY_BYTES,
+        )
+        .unwrap_err();
+        assert_eq!(error.field, "data.starts_at");
+        assert!(error.reason.contains("no UTC offset"), "{error}");
+        // Equal once cut to the canonical precision: the end is not after the start.
+        let body = mutate(|v| {
+            v["data"]["starts_at"] = json!("2026-12-01T14:00:00.0001Z");
+            v["data"]["ends_at"] = json!("2026-12-01T14:00:00.0009Z");
+        });
+        assert_eq!(field_of(&body), "data.ends_at");
     }
 
     #[test]

@@ -86,6 +86,17 @@ pub enum Reason {
     /// The broker dead-lettered the message itself at the queue's delivery limit
     /// (`delivery_limit`; no portals-crm header on it).
     DeliveryLimit,
+    /// The broker dead-lettered it: a consumer rejected it without requeue (`broker_rejected`).
+    BrokerRejected,
+    /// The broker dead-lettered it: its TTL ran out (`broker_expired`).
+    BrokerExpired,
+    /// The broker dead-lettered it: the queue was over its length limit (`broker_maxlen`).
+    BrokerMaxlen,
+    /// The broker dead-lettered it for a reason newer than this list (`broker_other`).
+    BrokerOther,
+    /// A message in the dead-letter queue that neither portals-crm nor the broker annotated
+    /// (`unknown`): someone published it there.
+    Unrecognised,
 }
 
 impl Reason {
@@ -109,6 +120,11 @@ impl Reason {
             Self::Salesforce(SalesforceCode::Other) => "salesforce_other".into(),
             Self::RetriesExhausted => "retries_exhausted".into(),
             Self::DeliveryLimit => "delivery_limit".into(),
+            Self::BrokerRejected => "broker_rejected".into(),
+            Self::BrokerExpired => "broker_expired".into(),
+            Self::BrokerMaxlen => "broker_maxlen".into(),
+            Self::BrokerOther => "broker_other".into(),
+            Self::Unrecognised => "unknown".into(),
         }
     }
 
@@ -123,6 +139,11 @@ impl Reason {
             Self::SalesforceUnavailable,
             Self::RetriesExhausted,
             Self::DeliveryLimit,
+            Self::BrokerRejected,
+            Self::BrokerExpired,
+            Self::BrokerMaxlen,
+            Self::BrokerOther,
+            Self::Unrecognised,
             Self::Salesforce(SalesforceCode::Other),
         ];
         all.extend(

@@ -145,6 +145,9 @@ impl Pipeline {
             }
         };
         let tenant_label = self.tenant_label(Some(&event.tenant));
+        self.metrics
+            .unknown_fields
+            .observe(&tenant_label, &event.id, &event.unknown_fields);
         let type_label = event.kind.as_str();
         self.metrics
             .events_received

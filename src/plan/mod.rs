@@ -82,7 +82,6 @@ struct EventContext<'a> {
 mod filters {
     use minijinja::{Error, ErrorKind};
     use time::OffsetDateTime;
-    use time::format_description::well_known::Rfc3339;
 
     /// `"+47 555 01234"` → `"+4755501234"`: digits, with the leading `+` kept.
     pub fn phone(value: Option<String>) -> Option<String> {
@@ -98,13 +97,10 @@ mod filters {
         })
     }
 
+    /// The decoder's reader, so a template accepts the same RFC 3339 spellings as an event.
     fn parse(value: &str) -> Result<OffsetDateTime, Error> {
-        OffsetDateTime::parse(value, &Rfc3339).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidOperation,
-                format!("{value:?} is not a timestamp: {e}"),
-            )
-        })
+        crate::event::timestamp::parse(value)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
     }
 
     fn format(at: OffsetDateTime, pattern: &str) -> Result<String, Error> {
@@ -142,9 +138,13 @@ mod filters {
             .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
     }
 
-    /// The calendar date of a timestamp, in its own offset (`[year]-[month]-[day]`).
+    /// The calendar date of a timestamp in UTC (`[year]-[month]-[day]`), like every date the
+    /// product writes.
     pub fn date(value: String) -> Result<String, Error> {
-        format(parse(&value)?, "[year]-[month]-[day]")
+        format(
+            parse(&value)?.to_offset(time::UtcOffset::UTC),
+            "[year]-[month]-[day]",
+        )
     }
 }
 
@@ -367,10 +367,7 @@ impl CompiledMapping {
         enrichment: &Enrichment,
     ) -> Result<Vec<Subrequest>, PlanError> {
         let mut deletes = Vec::new();
-        let time = event
-            .time
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let time = crate::event::timestamp::canonical(event.time);
         // Everything but the attendee is the same for every record: convert it once.
         let event_value = to_value(&EventContext {
             id: &event.id,
@@ -509,6 +506,27 @@ mod tests {
         assert_eq!(ev["WhoId"], "@{lead_0.id}");
         let booking = nodes[3].body.as_ref().unwrap();
         assert_eq!(booking["BookMe__Version__c"], 1);
+    }
+
+    #[test]
+    fn templates_see_every_datetime_in_the_canonical_form() {
+        let text = include_str!("../../tests/fixtures/events/booked.json")
+            .replace("2026-11-20T10:15:00Z", "2026-11-20 11:15:00.5+01:00")
+            .replace("2026-12-01T14:00:00Z", "2026-12-01t15:00:00+01:00")
+            .replace("2026-12-01T14:30:00Z", "2026-12-01 14:30:00.123456z");
+        let event = decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap();
+        let mut tenant = acme();
+        tenant.records[1]
+            .fields
+            .insert("Description".into(), "{{ event.time }}".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let nodes = mapping.build_graph(&event, &Enrichment::default()).unwrap();
+        let ev = nodes[1].body.as_ref().unwrap();
+        assert_eq!(ev["StartDateTime"], "2026-12-01T14:00:00.000Z");
+        assert_eq!(ev["EndDateTime"], "2026-12-01T14:30:00.123Z");
+        assert_eq!(ev["Description"], "2026-11-20T10:15:00.500Z");
+        let booking = nodes[2].body.as_ref().unwrap();
+        assert_eq!(booking["BookMe__Starts_At__c"], "2026-12-01T14:00:00.000Z");
     }
 
     #[test]

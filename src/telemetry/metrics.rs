@@ -40,6 +40,8 @@ pub struct Metrics {
     pub amqp_connected: IntGauge,
     /// `portals_crm_amqp_reconnects_total`
     pub amqp_reconnects: IntCounter,
+    /// `portals_crm_event_unknown_fields_total{field}`
+    pub unknown_fields: crate::event::unknown_fields::UnknownFields,
 }
 
 /// Latency buckets from 5 ms to 5 min: a booking normally settles in well under a second, but
@@ -179,6 +181,8 @@ impl Metrics {
         registry
             .register(Box::new(amqp_reconnects.clone()))
             .expect("unique metric");
+        let unknown_fields = crate::event::unknown_fields::UnknownFields::register(&registry)
+            .expect("unique metric");
         Self {
             registry,
             events_received,
@@ -197,6 +201,7 @@ impl Metrics {
             cache_requests,
             amqp_connected,
             amqp_reconnects,
+            unknown_fields,
         }
     }
 
