@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::salesforce::{Credentials, OrgEndpoint};
+use crate::salesforce::{Credentials, DuplicateRulePolicy, OrgEndpoint};
 
 /// One tenant.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +57,10 @@ pub struct OrgConfig {
     /// started with `--tls`.
     #[serde(default)]
     pub ca_cert_file: Option<PathBuf>,
+    /// What a booking does when the org's duplicate rules match a record it writes:
+    /// `save_anyway` (the default) or `fail` (see [`DuplicateRulePolicy`]).
+    #[serde(default)]
+    pub duplicate_rule: DuplicateRulePolicy,
 }
 
 fn default_api_version() -> String {
@@ -268,6 +272,7 @@ impl TenantConfig {
             api_version: self.org.api_version.clone(),
             credentials: self.credentials()?,
             timeout,
+            duplicate_rule: self.org.duplicate_rule,
             ca_certificate: self
                 .org
                 .ca_cert_file

@@ -81,6 +81,44 @@ pub struct OrgEndpoint {
     pub timeout: Duration,
     /// An extra CA certificate (PEM) to trust, e.g. the emulator's with `--tls`.
     pub ca_certificate: Option<Vec<u8>>,
+    /// What a booking does when the org's duplicate rules find a match.
+    pub duplicate_rule: DuplicateRulePolicy,
+}
+
+/// What a write does when an org's duplicate rule (Duplicate Management) finds that a record
+/// matches existing ones — a new org refuses such a Lead with 400 `DUPLICATES_DETECTED`
+/// (the standard Lead rule: allow, with an alert). Tenant file: `[org] duplicate_rule`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateRulePolicy {
+    /// The default: send `Sforce-Duplicate-Rule-Header: allowSave=true` with every graph, so a
+    /// rule whose action is "allow with an alert" saves the record (it still appears in the
+    /// org's duplicate reports) and the booking is written. A rule set to **block** still
+    /// refuses: an admin who wants no duplicate Leads at all says so in the org.
+    /// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_duplicaterules.htm>
+    #[default]
+    SaveAnyway,
+    /// Send no header: a match fails the booking, dead-lettered as
+    /// `salesforce_duplicates_detected` with the matched record ids in its message.
+    Fail,
+}
+
+impl DuplicateRulePolicy {
+    /// The `Sforce-Duplicate-Rule-Header` to send, if any.
+    pub fn header(self) -> Option<(&'static str, String)> {
+        match self {
+            Self::SaveAnyway => Some(("Sforce-Duplicate-Rule-Header", "allowSave=true".into())),
+            Self::Fail => None,
+        }
+    }
+
+    /// As written in the tenant file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SaveAnyway => "save_anyway",
+            Self::Fail => "fail",
+        }
+    }
 }
 
 /// A Salesforce REST client for one org: token handling, every resource portals-crm uses,
@@ -348,9 +386,13 @@ impl SalesforceClient {
             message: e.to_string(),
         })?;
         let path = format!("{}/composite/graph", self.data_path());
-        let response: GraphResponse = self
-            .send_json("graph", Method::POST, &path, Some(&body))
+        // Graph nodes carry no headers of their own; the top-level one covers every node.
+        let headers: Vec<(&str, String)> =
+            self.endpoint.duplicate_rule.header().into_iter().collect();
+        let (_, _, bytes) = self
+            .send("graph", Method::POST, &path, Some(&body), &headers)
             .await?;
+        let response: GraphResponse = decode("graph", &bytes)?;
         self.metrics
             .graphs_per_request
             .with_label_values(&[self.endpoint.tenant.as_str()])
@@ -401,10 +443,9 @@ impl SalesforceClient {
             return Err(SalesforceError::Api {
                 kind: "upsert",
                 status: 300,
-                errors: vec![ApiError::new(
-                    "MULTIPLE_CHOICES",
-                    format!("more than one {sobject} has {external_id_field} = this value"),
-                    vec![external_id_field.to_owned()],
+                errors: vec![ApiError::multiple_choices(
+                    &format!("{sobject}.{external_id_field}"),
+                    &serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                 )],
                 retry_after: None,
             });

@@ -9,5 +9,5 @@ pub mod model;
 
 pub use auth::Credentials;
 pub use circuit::CircuitBreaker;
-pub use client::{ApiUsage, Described, OrgEndpoint, SalesforceClient};
+pub use client::{ApiUsage, Described, DuplicateRulePolicy, OrgEndpoint, SalesforceClient};
 pub use error::{Class, SalesforceError};
