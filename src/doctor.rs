@@ -151,6 +151,28 @@ async fn version_guard(client: &SalesforceClient) -> Check {
     }
 }
 
+/// The tenant's answer to the org's duplicate rules. A new org has the standard Lead duplicate
+/// rule active (allow, with an alert), which refuses a Lead matching an existing Lead or
+/// Contact with `DUPLICATES_DETECTED` unless the request says `allowSave=true`.
+fn duplicate_rule_choice(tenant: &TenantConfig) -> Check {
+    use crate::config::DuplicateRulePolicy;
+    let name = "duplicate rules";
+    match tenant.org.duplicate_rule {
+        DuplicateRulePolicy::SaveAnyway => pass(
+            name,
+            "duplicate_rule = \"save_anyway\": records an alerting duplicate rule matches (the \
+             standard Lead rule of a new org) are saved and show in the org's duplicate reports; \
+             a rule set to Block still fails the booking (salesforce_duplicates_detected)",
+        ),
+        DuplicateRulePolicy::Fail => pass(
+            name,
+            "duplicate_rule = \"fail\": a booking whose Lead an active duplicate rule matches \
+             (the standard Lead rule is on in a new org) is dead-lettered as \
+             salesforce_duplicates_detected naming the matched records",
+        ),
+    }
+}
+
 /// Runs every check for one tenant.
 pub async fn check_tenant(
     tenant: &TenantConfig,
@@ -244,6 +266,7 @@ pub async fn check_tenant(
     if describes.contains_key("BookMe__Booking__c") {
         checks.push(version_guard(client).await);
     }
+    checks.push(duplicate_rule_choice(tenant));
     match client.limits().await {
         Ok(limits) => match limits.get("DailyApiRequests") {
             Some(daily) if daily.max > 0 => {

@@ -240,3 +240,121 @@ async fn a_mapping_can_delete_the_event_on_cancel_and_replays_stay_idempotent() 
     assert_eq!(env.records("BookMe__Booking__c").await.len(), 1);
     env.finish().await;
 }
+
+/// Issue 12 B4: an upsert whose external id matches several records answers 300; inside the
+/// graph the other nodes carry PROCESSING_HALTED placeholders. The booking is dead-lettered at
+/// once, naming the multiple match and the matching ids, never retried.
+#[tokio::test]
+async fn an_external_id_matching_two_records_is_dead_lettered_with_their_ids() {
+    let env = TestEnv::start_org(
+        "multiple-match",
+        |org| {
+            // An admin made the Lead key External ID without Unique: two Leads can share it.
+            let lead = org.sobjects.iter_mut().find(|o| o.name == "Lead").unwrap();
+            let key = lead
+                .fields
+                .iter_mut()
+                .find(|f| f.name == "BookMe__Lead_Key__c")
+                .unwrap();
+            key.unique = false;
+        },
+        |_| {},
+        |_| {},
+    )
+    .await;
+    let mut ids = Vec::new();
+    for company in ["Globex", "Globex Nordics"] {
+        let id = env
+            .create_record(
+                "Lead",
+                serde_json::json!({"LastName": "Doe", "Company": company,
+                    "BookMe__Lead_Key__c": "acme:jane.doe@globex.example"}),
+            )
+            .await;
+        ids.push(id);
+    }
+
+    env.publish("meeting.booked", &sample("booked")).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].reason, "salesforce_multiple_choices", "{dead:#?}");
+    assert_eq!(dead[0].sf_error_code.as_deref(), Some("MULTIPLE_CHOICES"));
+    for id in &ids {
+        assert!(dead[0].message.contains(id.as_str()), "{}", dead[0].message);
+    }
+    assert!(dead[0].message.contains("lead_0"), "{}", dead[0].message);
+    let outcomes = env.outcomes();
+    assert_eq!(outcomes.get("dead_lettered"), Some(&1), "{outcomes:?}");
+    assert_eq!(outcomes.get("retried"), None, "permanent: never retried");
+    assert!(
+        env.records("Event").await.is_empty(),
+        "the graph rolled back"
+    );
+    env.finish().await;
+}
+
+/// A Lead a sales rep typed in by hand before the booking came: same name and email.
+async fn typed_in_lead(env: &TestEnv) -> String {
+    env.create_record(
+        "Lead",
+        serde_json::json!({"FirstName": "Jane", "LastName": "Doe", "Company": "Globex",
+            "Email": "jane.doe@globex.example"}),
+    )
+    .await
+}
+
+/// Issue 12 B6: the demo org, like a new org, has the standard Lead duplicate rule on. By
+/// default (`duplicate_rule = "save_anyway"`) the booking is written beside the typed-in Lead.
+#[tokio::test]
+async fn a_lead_matching_a_duplicate_rule_is_saved_by_default() {
+    let env = TestEnv::start("duplicate-save").await;
+    let typed = typed_in_lead(&env).await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    assert_eq!(
+        env.outcomes().get("written"),
+        Some(&1),
+        "{:?}",
+        env.outcomes()
+    );
+    let leads = env.records("Lead").await;
+    assert_eq!(leads.len(), 2, "{leads:#?}");
+    assert!(leads.iter().any(|l| l["Id"] == typed.as_str()));
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.finish().await;
+}
+
+/// With `duplicate_rule = "fail"` the match fails the booking at once, naming the matched Lead.
+#[tokio::test]
+async fn a_lead_matching_a_duplicate_rule_fails_when_the_tenant_says_so() {
+    let env = TestEnv::start_custom(
+        "duplicate-fail",
+        |_| {},
+        |tenants| {
+            for tenant in tenants {
+                tenant.org.duplicate_rule = portals_crm::config::DuplicateRulePolicy::Fail;
+            }
+        },
+    )
+    .await;
+    let typed = typed_in_lead(&env).await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(
+        dead[0].reason, "salesforce_duplicates_detected",
+        "{dead:#?}"
+    );
+    assert!(
+        dead[0].message.contains(&format!(
+            "Standard_Lead_Duplicate_Rule matched Lead {typed}"
+        )),
+        "{}",
+        dead[0].message
+    );
+    assert_eq!(
+        env.outcomes().get("retried"),
+        None,
+        "permanent: never retried"
+    );
+    assert_eq!(env.records("Lead").await.len(), 1, "nothing written");
+    env.finish().await;
+}

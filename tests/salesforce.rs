@@ -27,6 +27,7 @@ async fn start(org: OrgSpec) -> EmulatorHandle {
 fn client_with(emulator: &EmulatorHandle, credentials: Credentials) -> SalesforceClient {
     SalesforceClient::new(
         OrgEndpoint {
+            duplicate_rule: Default::default(),
             tenant: "test".into(),
             login_url: emulator.base_url.clone(),
             api_version: "66.0".into(),
@@ -903,6 +904,7 @@ async fn secrets_never_reach_errors_or_debug_output() {
     assert!(
         SalesforceClient::new(
             OrgEndpoint {
+                duplicate_rule: Default::default(),
                 tenant: "t".into(),
                 login_url: "http://login.salesforce.com".into(),
                 api_version: "66.0".into(),
@@ -945,6 +947,7 @@ async fn tls_emulator_speaks_https_with_a_certificate_clients_can_trust() {
     );
     let untrusting = SalesforceClient::new(
         OrgEndpoint {
+            duplicate_rule: Default::default(),
             tenant: "t".into(),
             login_url: emulator.base_url.clone(),
             api_version: "66.0".into(),
@@ -1127,6 +1130,7 @@ async fn only_real_token_requests_are_counted() {
     let metrics = Arc::new(Metrics::new());
     let client = SalesforceClient::new(
         OrgEndpoint {
+            duplicate_rule: Default::default(),
             tenant: "test".into(),
             login_url: emulator.base_url.clone(),
             api_version: "66.0".into(),
@@ -1148,5 +1152,67 @@ async fn only_real_token_requests_are_counted() {
         "{text}"
     );
     assert!(text.contains("portals_crm_salesforce_requests_total{kind=\"limits\",status=\"200\",tenant=\"test\"} 3"), "{text}");
+    emulator.stop().await;
+}
+
+/// Issue 12 B6: the standard Lead duplicate rule of a new org, with Salesforce's body: 400, an
+/// error array whose DUPLICATES_DETECTED carries the duplicateResult (rule, matched records),
+/// and `Sforce-Duplicate-Rule-Header: allowSave=true` saving past the alert.
+#[tokio::test]
+async fn the_standard_lead_duplicate_rule_refuses_unless_allow_save() {
+    let emulator = start(OrgSpec::demo()).await;
+    let client = client(&emulator);
+    let jane = json!({"FirstName": "Jane", "LastName": "Doe", "Company": "Globex",
+        "Email": "Jane.Doe@globex.example"});
+    let path = format!("{V}/sobjects/Lead");
+    let (status, first) = raw(
+        &emulator,
+        &client,
+        reqwest::Method::POST,
+        &path,
+        Some(jane.clone()),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let mut same = jane.clone();
+    same["Email"] = json!("jane.doe@globex.example");
+    let (status, body) = raw(
+        &emulator,
+        &client,
+        reqwest::Method::POST,
+        &path,
+        Some(same.clone()),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let error: Vec<ApiError> = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(error[0].error_code, "DUPLICATES_DETECTED");
+    assert_eq!(error[0].message, "Use one of these records?");
+    let result = &body[0]["duplicateResult"];
+    assert_eq!(result["duplicateRule"], "Standard_Lead_Duplicate_Rule");
+    assert_eq!(result["duplicateRuleEntityType"], "Lead");
+    assert_eq!(result["allowSave"], true);
+    let matched = &result["matchResults"][0];
+    assert_eq!(matched["entityType"], "Lead");
+    assert_eq!(matched["rule"], "Standard_Lead_Match_Rule_v1_0");
+    assert_eq!(matched["matchRecords"][0]["record"]["Id"], first["id"]);
+    assert_eq!(
+        error[0].duplicate_matches(),
+        [("Lead".to_owned(), first["id"].as_str().unwrap().to_owned())]
+    );
+
+    let token = client.token().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", emulator.base_url))
+        .bearer_auth(secrecy::ExposeSecret::expose_secret(&token.value))
+        .header(
+            "Sforce-Duplicate-Rule-Header",
+            "allowSave=true; includeRecordDetails=false; runAsCurrentUser=true",
+        )
+        .json(&same)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "allowSave saves past the alert");
     emulator.stop().await;
 }

@@ -53,6 +53,10 @@ pub struct OrgConfig {
     /// started with `--tls`.
     #[serde(default)]
     pub ca_cert_file: Option<PathBuf>,
+    /// What a booking does when the org's duplicate rules match a record it writes:
+    /// `save_anyway` (the default) or `fail` (see [`DuplicateRulePolicy`]).
+    #[serde(default)]
+    pub duplicate_rule: DuplicateRulePolicy,
 }
 
 fn default_api_version() -> String {
@@ -234,6 +238,42 @@ impl TenantConfig {
             Ok(tenants)
         } else {
             Err(problems)
+        }
+    }
+}
+
+/// What a write does when an org's duplicate rule (Duplicate Management) finds that a record
+/// matches existing ones — a new org refuses such a Lead with 400 `DUPLICATES_DETECTED`
+/// (the standard Lead rule: allow, with an alert). Tenant file: `[org] duplicate_rule`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateRulePolicy {
+    /// The default: send `Sforce-Duplicate-Rule-Header: allowSave=true` with every graph, so a
+    /// rule whose action is "allow with an alert" saves the record (it still appears in the
+    /// org's duplicate reports) and the booking is written. A rule set to **block** still
+    /// refuses: an admin who wants no duplicate Leads at all says so in the org.
+    /// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_duplicaterules.htm>
+    #[default]
+    SaveAnyway,
+    /// Send no header: a match fails the booking, dead-lettered as
+    /// `salesforce_duplicates_detected` with the matched record ids in its message.
+    Fail,
+}
+
+impl DuplicateRulePolicy {
+    /// The `Sforce-Duplicate-Rule-Header` to send, if any.
+    pub fn header(self) -> Option<(&'static str, String)> {
+        match self {
+            Self::SaveAnyway => Some(("Sforce-Duplicate-Rule-Header", "allowSave=true".into())),
+            Self::Fail => None,
+        }
+    }
+
+    /// As written in the tenant file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SaveAnyway => "save_anyway",
+            Self::Fail => "fail",
         }
     }
 }

@@ -73,6 +73,10 @@ pub struct Meta {
     pub batch_size: Option<usize>,
     /// Fail one graph of this request with UNABLE_TO_LOCK_ROW (fault injection).
     pub lock_one_graph: bool,
+    /// From `Sforce-Duplicate-Rule-Header: allowSave=true`: saves that a duplicate rule with
+    /// an alert would refuse go through. Sent on the top-level request, it covers every
+    /// subrequest and graph node (they have no headers of their own).
+    pub allow_save: bool,
 }
 
 /// One request to a data resource, relative to `/services/data/vXX.X`.
@@ -102,6 +106,8 @@ pub struct OrgState {
     pub schema_modified: SystemTime,
     cursors: HashMap<String, (Vec<Value>, u64)>,
     next_cursor: u64,
+    /// `Meta::allow_save` of the call being executed.
+    allow_save: bool,
 }
 
 fn whole_seconds(at: SystemTime) -> SystemTime {
@@ -123,6 +129,7 @@ impl OrgState {
             api_used: 0,
             schema_modified: whole_seconds(SystemTime::now()),
             cursors: HashMap::new(),
+            allow_save: false,
             next_cursor: 0,
         }
     }
@@ -144,6 +151,7 @@ impl OrgState {
 
     /// Runs one request under `/services/data/vXX.X` as `username`.
     pub fn execute(&mut self, username: &str, version: &str, call: Call<'_>, meta: Meta) -> Reply {
+        self.allow_save = meta.allow_save;
         let reply = self.dispatch(username, version, call, meta);
         self.store.commit();
         reply
@@ -365,6 +373,10 @@ impl OrgState {
         let matches = self
             .store
             .find_by_external_id(&object.name, &key_field.name, &value);
+        // "If the external ID matches multiple existing records, then a 300 error is returned,
+        // and no records are created or updated"; the body lists the matching records' URLs
+        // (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm).
+        // Inside a graph the node keeps this status and body; its siblings get PROCESSING_HALTED.
         if matches.len() > 1 {
             let urls: Vec<String> = matches
                 .iter()
@@ -431,6 +443,7 @@ impl OrgState {
             user,
             user_id,
             now: OffsetDateTime::now_utc(),
+            allow_save: self.allow_save,
         };
         match id {
             Some(id) => store.update(&ctx, object, &id, body).map(|()| (id, false)),
@@ -456,6 +469,7 @@ impl OrgState {
                 .map(String::as_str)
                 .unwrap_or_default(),
             now: OffsetDateTime::now_utc(),
+            allow_save: self.allow_save,
         };
         match store.delete(&ctx, object, id) {
             Ok(()) => Reply::empty(204),

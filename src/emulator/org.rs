@@ -30,6 +30,10 @@ pub struct OrgSpec {
     /// Validation rules.
     #[serde(default)]
     pub validation_rules: Vec<ValidationRule>,
+    /// Active duplicate rules (Duplicate Management). A new org has the standard Lead,
+    /// Contact and Account rules on; the demo org models the Lead one.
+    #[serde(default)]
+    pub duplicate_rules: Vec<DuplicateRule>,
     /// sObjects.
     pub sobjects: Vec<SObjectSpec>,
 }
@@ -148,6 +152,57 @@ pub struct ValidationRule {
     pub no_decrease: String,
     /// The message of the FIELD_CUSTOM_VALIDATION_EXCEPTION.
     pub error_message: String,
+}
+
+/// A duplicate rule with its matching rule, the kinds a new org has on.
+///
+/// Matching (the standard Lead matching rule,
+/// <https://help.salesforce.com/s/articleView?id=sf.matching_rules_standard_contact_rule.htm>):
+/// a record matches an existing record of `match_against` when every field of one group of
+/// `match_fields` is non-blank and equal (case-insensitive) on both — the OR of ANDs of the
+/// rule's matching equation, with exact instead of fuzzy comparison. A field the other object
+/// lacks never matches.
+///
+/// Actions (Setup → Duplicate Rules): `allow_alert` refuses an API save with 400
+/// `DUPLICATES_DETECTED` unless the request carries `Sforce-Duplicate-Rule-Header:
+/// allowSave=true`; `block` refuses it always; `allow` saves (the report only).
+/// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_duplicaterules.htm>
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuplicateRule {
+    /// Developer name, e.g. `Standard_Lead_Duplicate_Rule`.
+    pub name: String,
+    /// The object whose saves it checks.
+    pub sobject: String,
+    /// The matching rule's developer name, e.g. `Standard_Lead_Match_Rule_v1_0`.
+    pub matching_rule: String,
+    /// Objects whose records are compared (the rule's own object first).
+    pub match_against: Vec<String>,
+    /// The matching equation: any group whose fields all match.
+    pub match_fields: Vec<Vec<String>>,
+    /// Action on create.
+    pub on_create: DuplicateAction,
+    /// Action on edit.
+    pub on_edit: DuplicateAction,
+    /// The alert text (the error message of `DUPLICATES_DETECTED`).
+    #[serde(default = "default_duplicate_alert")]
+    pub alert_text: String,
+}
+
+fn default_duplicate_alert() -> String {
+    "Use one of these records?".into()
+}
+
+/// What a duplicate rule does with a save that matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateAction {
+    /// Save; nothing reported to the API caller.
+    Allow,
+    /// Refuse unless the caller sends `allowSave=true`.
+    AllowAlert,
+    /// Refuse always.
+    Block,
 }
 
 /// An sObject.

@@ -386,6 +386,19 @@ async fn data(
                 .find_map(|p| p.trim().strip_prefix("batchSize="))
         })
         .and_then(|n| n.parse().ok());
+    // "Sforce-Duplicate-Rule-Header: allowSave=true; includeRecordDetails=…; runAsCurrentUser=…"
+    // (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_duplicaterules.htm).
+    let allow_save = headers
+        .get("sforce-duplicate-rule-header")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| {
+            h.split([';', ','])
+                .filter_map(|p| p.split_once('='))
+                .any(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("allowSave")
+                        && v.trim().eq_ignore_ascii_case("true")
+                })
+        });
     let mut inner = shared.lock();
     let Some(username) = inner.tokens.get(&bearer).cloned() else {
         return json_response(
@@ -427,6 +440,7 @@ async fn data(
         if_modified_since,
         batch_size,
         lock_one_graph: false,
+        allow_save,
     };
     match inner.faults.draw() {
         Some(Injected::Unavailable) => {

@@ -2,11 +2,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::org::{FieldAccess, FieldSpec, OrgSpec, SObjectSpec, UserSpec};
+use super::org::{DuplicateAction, FieldAccess, FieldSpec, OrgSpec, SObjectSpec, UserSpec};
 use crate::salesforce::model::ApiError;
 
 /// One stored record: the sObject and its field values (canonical field names).
@@ -155,6 +155,8 @@ pub struct Ctx<'a> {
     pub user_id: &'a str,
     /// Now, for CreatedDate / LastModifiedDate.
     pub now: OffsetDateTime,
+    /// The request carried `Sforce-Duplicate-Rule-Header: allowSave=true`.
+    pub allow_save: bool,
 }
 
 impl Store {
@@ -381,6 +383,7 @@ impl Store {
         };
         self.check_record_rules(ctx, object, &record, None)?;
         self.check_unique(object, &record, None)?;
+        self.check_duplicates(ctx, object, &record, None)?;
         let id = self.allocate(&object.key_prefix);
         let mut record = record;
         let now = format_datetime(ctx.now);
@@ -436,6 +439,7 @@ impl Store {
         }
         self.check_record_rules(ctx, object, &record, Some(&old))?;
         self.check_unique(object, &record, Some(id))?;
+        self.check_duplicates(ctx, object, &record, Some(id))?;
         record
             .fields
             .insert("LastModifiedDate".into(), format_datetime(ctx.now).into());
@@ -747,6 +751,102 @@ impl Store {
                     rule.error_message.clone(),
                     &[],
                 )]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The org's active duplicate rules on this save (see [`DuplicateRule`]): 400
+    /// `DUPLICATES_DETECTED` with the alert text and a `duplicateResult` naming the matched
+    /// records, unless the action allows the save (or allows it after an alert and the request
+    /// sent `allowSave=true`).
+    fn check_duplicates(
+        &self,
+        ctx: &Ctx<'_>,
+        object: &SObjectSpec,
+        record: &Record,
+        own_id: Option<&str>,
+    ) -> Result<(), Vec<ApiError>> {
+        for rule in ctx
+            .org
+            .duplicate_rules
+            .iter()
+            .filter(|r| r.sobject == object.name)
+        {
+            let action = if own_id.is_some() {
+                rule.on_edit
+            } else {
+                rule.on_create
+            };
+            let refuses = match action {
+                DuplicateAction::Allow => false,
+                DuplicateAction::AllowAlert => !ctx.allow_save,
+                DuplicateAction::Block => true,
+            };
+            if !refuses {
+                continue;
+            }
+            let text = |fields: &Map<String, Value>, name: &str| {
+                fields
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_lowercase)
+            };
+            let mut match_results = Vec::new();
+            for target in &rule.match_against {
+                let Some(target_spec) = ctx.org.sobject(target) else {
+                    continue;
+                };
+                let has = |name: &str| target_spec.fields.iter().any(|f| f.name == name);
+                let matched: Vec<Value> = self
+                    .by_object
+                    .get(target)
+                    .into_iter()
+                    .flat_map(BTreeMap::values)
+                    .filter(|id| Some(id.as_str()) != own_id)
+                    .filter_map(|id| self.records.get(id).map(|r| (id, r)))
+                    .filter(|(_, other)| {
+                        rule.match_fields.iter().any(|group| {
+                            group.iter().all(|name| {
+                                has(name)
+                                    && text(&record.fields, name).is_some()
+                                    && text(&record.fields, name) == text(&other.fields, name)
+                            })
+                        })
+                    })
+                    .map(|(id, _)| {
+                        json!({
+                            "additionalInformation": [],
+                            "fieldDiffs": [],
+                            "matchConfidence": 100.0,
+                            "record": {"attributes": {"type": target}, "Id": id},
+                        })
+                    })
+                    .collect();
+                if !matched.is_empty() {
+                    match_results.push(json!({
+                        "entityType": target,
+                        "errors": [],
+                        "matchEngine": "ExactMatchEngine",
+                        "matchRecords": matched,
+                        "rule": rule.matching_rule,
+                        "size": matched.len(),
+                        "success": true,
+                    }));
+                }
+            }
+            if !match_results.is_empty() {
+                let mut error = err("DUPLICATES_DETECTED", rule.alert_text.clone(), &[]);
+                error.duplicate_result = Some(json!({
+                    "allowSave": action == DuplicateAction::AllowAlert,
+                    "duplicateRule": rule.name,
+                    "duplicateRuleEntityType": rule.sobject,
+                    "errorMessage": rule.alert_text,
+                    "matchResults": match_results,
+                }));
+                return Err(vec![error]);
             }
         }
         Ok(())

@@ -20,6 +20,7 @@ const SALESFORCE_CODES: &[&str] = &[
     "ENTITY_IS_DELETED",
     "FIELD_CUSTOM_VALIDATION_EXCEPTION",
     "FIELD_INTEGRITY_EXCEPTION",
+    "HTTP_ERROR",
     "INSUFFICIENT_ACCESS",
     "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
     "INSUFFICIENT_ACCESS_OR_READONLY",
@@ -32,6 +33,7 @@ const SALESFORCE_CODES: &[&str] = &[
     "INVALID_TYPE",
     "JSON_PARSER_ERROR",
     "MALFORMED_ID",
+    "MULTIPLE_CHOICES",
     "NOT_FOUND",
     "NUMBER_OUTSIDE_VALID_RANGE",
     "PROCESSING_HALTED",
@@ -55,8 +57,13 @@ pub enum SalesforceCode {
 }
 
 impl SalesforceCode {
-    /// The bounded code for Salesforce's `errorCode`.
+    /// The bounded code for Salesforce's `errorCode`. A node answered with a bare HTTP status
+    /// (`HTTP_<status>`, see [`crate::salesforce::model::SubrequestResult::node_error`]) counts
+    /// as `HTTP_ERROR`, whatever the status.
     pub fn of(error_code: &str) -> Self {
+        if error_code.starts_with("HTTP_") {
+            return Self::Known("HTTP_ERROR");
+        }
         SALESFORCE_CODES
             .iter()
             .find(|known| known.eq_ignore_ascii_case(error_code))

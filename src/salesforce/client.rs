@@ -17,6 +17,7 @@ use super::model::{
     Limit, MAX_COMPOSITE_SUBREQUESTS, MAX_GRAPHS_PER_REQUEST, MAX_NODES_PER_REQUEST, QueryPage,
     SObjectDescribe, SaveResult, UpsertOutcome,
 };
+use crate::config::DuplicateRulePolicy;
 use crate::telemetry::metrics::Metrics;
 
 /// Used/max daily API requests, from the `Sforce-Limit-Info` header.
@@ -81,6 +82,8 @@ pub struct OrgEndpoint {
     pub timeout: Duration,
     /// An extra CA certificate (PEM) to trust, e.g. the emulator's with `--tls`.
     pub ca_certificate: Option<Vec<u8>>,
+    /// What a booking does when the org's duplicate rules find a match.
+    pub duplicate_rule: DuplicateRulePolicy,
 }
 
 /// A Salesforce REST client for one org: token handling, every resource portals-crm uses,
@@ -348,9 +351,13 @@ impl SalesforceClient {
             message: e.to_string(),
         })?;
         let path = format!("{}/composite/graph", self.data_path());
-        let response: GraphResponse = self
-            .send_json("graph", Method::POST, &path, Some(&body))
+        // Graph nodes carry no headers of their own; the top-level one covers every node.
+        let headers: Vec<(&str, String)> =
+            self.endpoint.duplicate_rule.header().into_iter().collect();
+        let (_, _, bytes) = self
+            .send("graph", Method::POST, &path, Some(&body), &headers)
             .await?;
+        let response: GraphResponse = decode("graph", &bytes)?;
         self.metrics
             .graphs_per_request
             .with_label_values(&[self.endpoint.tenant.as_str()])
@@ -401,10 +408,9 @@ impl SalesforceClient {
             return Err(SalesforceError::Api {
                 kind: "upsert",
                 status: 300,
-                errors: vec![ApiError::new(
-                    "MULTIPLE_CHOICES",
-                    format!("more than one {sobject} has {external_id_field} = this value"),
-                    vec![external_id_field.to_owned()],
+                errors: vec![ApiError::multiple_choices(
+                    &format!("{sobject}.{external_id_field}"),
+                    &serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                 )],
                 retry_after: None,
             });

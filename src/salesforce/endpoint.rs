@@ -69,6 +69,7 @@ impl OrgEndpoint {
             api_version: tenant.org.api_version.clone(),
             credentials: credentials(tenant)?,
             timeout,
+            duplicate_rule: tenant.org.duplicate_rule,
             ca_certificate: tenant
                 .org
                 .ca_cert_file

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::model::ApiError;
+use super::model::{ApiError, HTTP_STATUS_CODE_PREFIX};
 
 /// What a Salesforce result means for the message that caused it.
 ///
@@ -10,8 +10,12 @@ use super::model::ApiError;
 /// |---|---|---|
 /// | `Success` | 2xx; graph `isSuccessful` | written |
 /// | `Superseded` | `FIELD_CUSTOM_VALIDATION_EXCEPTION` whose message is `STALE_BOOKING_VERSION` | the org already holds a newer snapshot; applying ours would regress it |
-/// | `Transient` | timeouts and connection errors; HTTP 5xx; `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures, a graph halted only by `PROCESSING_HALTED` (Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
-/// | `Permanent` | every other error code, notably `INVALID_FIELD`, `REQUIRED_FIELD_MISSING`, `FIELD_CUSTOM_VALIDATION_EXCEPTION`, `INSUFFICIENT_ACCESS*`, `STRING_TOO_LONG`, `MALFORMED_ID`, `INVALID_CROSS_REFERENCE_KEY`, `DUPLICATE_VALUE`, `NOT_FOUND`, `INVALID_EMAIL_ADDRESS`; HTTP 4xx without a known transient code; a request the client refuses to build | retrying the same payload fails the same way: it needs a mapping or permission fix, then a replay |
+/// | `Transient` | timeouts and connection errors; HTTP 5xx (also a graph node's `HTTP_5xx`); `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures, a graph whose every node is the `PROCESSING_HALTED` placeholder (never run: Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
+/// | `Permanent` | every other error code, notably `INVALID_FIELD`, `REQUIRED_FIELD_MISSING`, `FIELD_CUSTOM_VALIDATION_EXCEPTION`, `INSUFFICIENT_ACCESS*`, `STRING_TOO_LONG`, `MALFORMED_ID`, `INVALID_CROSS_REFERENCE_KEY`, `DUPLICATE_VALUE`, `NOT_FOUND`, `INVALID_EMAIL_ADDRESS`, `MULTIPLE_CHOICES` (an upsert's 300: the external id matches several records), a `PROCESSING_HALTED` that is not the placeholder (an unresolvable reference), a graph node's `HTTP_4xx` (no error in its body); HTTP 4xx without a known transient code; a request the client refuses to build | retrying the same payload fails the same way: it needs a mapping, data or permission fix, then a replay |
+///
+/// In a failed graph the classified error is the first node's own error
+/// ([`crate::salesforce::model::GraphResult::root_error`]), never a placeholder of the nodes
+/// rolled back with it.
 ///
 /// Salesforce publishes no retryability flag per code; this table follows the fact sheet
 /// (`salesforce-api.md` §6). An unknown code is permanent, so a surprise lands in the dead
@@ -45,10 +49,21 @@ pub fn classify_api_error(error: &ApiError) -> Class {
         | "UNABLE_TO_LOCK_ROW"
         | "QUERY_TIMEOUT"
         | "REQUEST_LIMIT_EXCEEDED"
-        | "INVALID_SESSION_ID"
-        | "PROCESSING_HALTED" => Class::Transient { retry_after: None },
+        | "INVALID_SESSION_ID" => Class::Transient { retry_after: None },
+        // Only a placeholder reaches here when the graph was never run (14 failed graphs
+        // halted the request): the same graph can succeed later. Any other PROCESSING_HALTED
+        // ("Invalid reference specified …") is the node's own, permanent error.
+        "PROCESSING_HALTED" if error.is_placeholder() => Class::Transient { retry_after: None },
+        code if http_status_of(code).is_some_and(|status| status >= 500) => {
+            Class::Transient { retry_after: None }
+        }
         _ => Class::Permanent,
     }
+}
+
+/// The status of a product-named `HTTP_<status>` code (a node without a Salesforce error).
+fn http_status_of(code: &str) -> Option<u16> {
+    code.strip_prefix(HTTP_STATUS_CODE_PREFIX)?.parse().ok()
 }
 
 /// Classifies an HTTP error response by status and body.
@@ -191,6 +206,23 @@ mod tests {
                 Class::Superseded,
             ),
             (err("SOMETHING_NEW", "?"), Class::Permanent),
+            (err("MULTIPLE_CHOICES", "2 records"), Class::Permanent),
+            (
+                err(
+                    "PROCESSING_HALTED",
+                    crate::salesforce::model::ROLLED_BACK_MESSAGE,
+                ),
+                transient,
+            ),
+            (
+                err(
+                    "PROCESSING_HALTED",
+                    "Invalid reference specified. No value for a.id",
+                ),
+                Class::Permanent,
+            ),
+            (err("HTTP_404", "no body"), Class::Permanent),
+            (err("HTTP_503", "no body"), transient),
         ];
         for (error, expected) in cases {
             assert_eq!(classify_api_error(&error), expected, "{}", error.error_code);

@@ -31,6 +31,18 @@ pub struct ApiError {
     /// Fields the error is about, when Salesforce names them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,
+    /// With `DUPLICATES_DETECTED`: the duplicate rule's result, `{"duplicateRule", "duplicateRuleEntityType",
+    /// "allowSave", "errorMessage", "matchResults": [{"entityType", "rule", "matchEngine", "size",
+    /// "success", "errors", "matchRecords": [{"matchConfidence", "fieldDiffs", "additionalInformation",
+    /// "record": {"attributes": {"type", "url"}, "Id"}}]}]}` (the SOAP API's DuplicateResult, as
+    /// REST writes it: <https://developer.salesforce.com/docs/atlas.en-us.api.meta/api/sforce_api_objects_duplicateresult.htm>;
+    /// read the same way by the aiosalesforce client's `DuplicatesDetectedError`).
+    #[serde(
+        default,
+        rename = "duplicateResult",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub duplicate_result: Option<Value>,
 }
 
 impl ApiError {
@@ -40,13 +52,139 @@ impl ApiError {
             error_code: code.to_owned(),
             message: message.into(),
             fields,
+            duplicate_result: None,
         }
     }
 
-    /// True for the placeholder Salesforce writes on nodes that did not fail themselves.
-    pub fn is_processing_halted(&self) -> bool {
-        self.error_code == "PROCESSING_HALTED"
+    /// The records a `DUPLICATES_DETECTED` matched, as `(sObject, id)` in the rule's order.
+    pub fn duplicate_matches(&self) -> Vec<(String, String)> {
+        let results = self
+            .duplicate_result
+            .as_ref()
+            .and_then(|d| d.get("matchResults"))
+            .and_then(Value::as_array);
+        results
+            .into_iter()
+            .flatten()
+            .flat_map(|result| {
+                result
+                    .get("matchRecords")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| {
+                        let record = m.get("record")?;
+                        let id = record.get("Id").and_then(Value::as_str)?;
+                        let sobject = record
+                            .pointer("/attributes/type")
+                            .and_then(Value::as_str)
+                            .or_else(|| result.get("entityType").and_then(Value::as_str))
+                            .unwrap_or("record");
+                        Some((sobject.to_owned(), id.to_owned()))
+                    })
+            })
+            .collect()
     }
+
+    /// This error with what the message alone does not say appended: the matched record ids of
+    /// a `DUPLICATES_DETECTED` (`Use one of these records? (Standard_Lead_Duplicate_Rule
+    /// matched Lead 00Q…, Contact 003…)`), so they reach the dead letter.
+    pub fn explained(mut self) -> Self {
+        let matches = self.duplicate_matches();
+        if !matches.is_empty() {
+            let rule = self
+                .duplicate_result
+                .as_ref()
+                .and_then(|d| d.get("duplicateRule"))
+                .and_then(Value::as_str)
+                .unwrap_or("a duplicate rule")
+                .to_owned();
+            let list = matches
+                .iter()
+                .map(|(sobject, id)| format!("{sobject} {id}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.message = format!("{} ({rule} matched {list})", self.message);
+        }
+        self
+    }
+
+    /// True for the placeholder Salesforce writes on a node that did not fail itself:
+    /// `PROCESSING_HALTED` with "The transaction was rolled back since another operation in the
+    /// same transaction failed." (every other node of a failed graph or allOrNone composite, and
+    /// every node of a graph not run after 14 failed graphs), or "Execution halted as previous
+    /// operation (…) was not successful." (a dependent of a failed subrequest). A
+    /// `PROCESSING_HALTED` with any other message ("Invalid reference specified. No value for …")
+    /// is the node's own error. Sources: Composite Graph responses
+    /// (<https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_graph_introduction.htm>),
+    /// allOrNone (<https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_allornone.htm>),
+    /// Salesforce's ReVoman fixtures `composite/graph/resp/graph-response-error.json`.
+    pub fn is_placeholder(&self) -> bool {
+        self.error_code == "PROCESSING_HALTED"
+            && (self.message == ROLLED_BACK_MESSAGE
+                || self.message.starts_with(HALTED_BY_PREVIOUS_PREFIX))
+    }
+
+    /// The error for an upsert answered **300**: the external id matches several records, and
+    /// Salesforce wrote nothing. The 300 body is the list of the matching records' URLs
+    /// (`["/services/data/v66.0/sobjects/Lead/00Q…", …]`; "If the external ID matches multiple
+    /// existing records, then a 300 error is returned, and no records are created or updated",
+    /// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm>;
+    /// status table <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm>).
+    /// Salesforce sends no `errorCode` with it; the product names it [`MULTIPLE_CHOICES`] (HTTP
+    /// 300's name) and puts the matching record ids in the message, e.g. `lead_0: the external
+    /// id matches 2 records: 00Q…, 00Q… (nothing was written; merge or re-key them, then replay)`.
+    pub fn multiple_choices(reference: &str, body: &Value) -> Self {
+        let ids = matched_record_ids(body);
+        let matched = if ids.is_empty() {
+            "several records".to_owned()
+        } else {
+            format!("{} records: {}", ids.len(), ids.join(", "))
+        };
+        Self::new(
+            MULTIPLE_CHOICES,
+            format!(
+                "{reference}: the external id matches {matched} (nothing was written; merge or \
+                 re-key them, then replay)"
+            ),
+            vec![],
+        )
+    }
+}
+
+/// The code the product gives an upsert's HTTP 300 (the external id matches several records),
+/// for which Salesforce sends no `errorCode`: reason `salesforce_multiple_choices`.
+pub const MULTIPLE_CHOICES: &str = "MULTIPLE_CHOICES";
+
+/// Prefix of the code the product gives a failed node whose body carries no Salesforce error
+/// (an empty error array, `null`, or an object without `errors`): `HTTP_<status>`, e.g.
+/// `HTTP_404`; classified by the status (5xx transient, else permanent).
+pub const HTTP_STATUS_CODE_PREFIX: &str = "HTTP_";
+
+/// The start of the placeholder message on a subrequest that depended on a failed one.
+const HALTED_BY_PREVIOUS_PREFIX: &str = "Execution halted as previous operation (";
+
+/// The record ids of a 300 body: each entry is a record URL (its last segment is the id) or a
+/// record object with `Id`/`id` (accepted too, so a differently shaped list still names them).
+fn matched_record_ids(body: &Value) -> Vec<String> {
+    body.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| match entry {
+            Value::String(url) => url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .map(str::to_owned),
+            Value::Object(record) => record
+                .get("Id")
+                .or_else(|| record.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        })
+        .filter(|id| !id.is_empty())
+        .collect()
 }
 
 /// One subrequest of a Composite or Composite Graph request.
@@ -108,6 +246,52 @@ impl SubrequestResult {
         serde_json::from_value(self.body.clone()).unwrap_or_default()
     }
 
+    /// The error this node reports, `None` on a 2xx. Its own error when it has one, in this
+    /// order: a 300 ([`ApiError::multiple_choices`]); the first error of an error array that is
+    /// not a placeholder ([`ApiError::is_placeholder`]); the first error of a SaveResult-shaped
+    /// body (`{"success": false, "errors": […]}`); `HTTP_<status>` when the body carries no
+    /// Salesforce error. A placeholder only when the node reports nothing else.
+    pub fn node_error(&self) -> Option<ApiError> {
+        if self.is_success() {
+            return None;
+        }
+        if self.http_status_code == 300 {
+            return Some(ApiError::multiple_choices(&self.reference_id, &self.body));
+        }
+        let mut errors = self.errors();
+        if errors.is_empty() {
+            errors = self
+                .body
+                .get("errors")
+                .cloned()
+                .and_then(|e| serde_json::from_value(e).ok())
+                .unwrap_or_default();
+        }
+        if let Some(own) = errors.iter().find(|e| !e.is_placeholder()) {
+            return Some(own.clone().explained());
+        }
+        if let Some(placeholder) = errors.into_iter().next() {
+            return Some(placeholder);
+        }
+        let mut body = self.body.to_string();
+        if body.len() > 200 {
+            let cut = (0..=200)
+                .rev()
+                .find(|&i| body.is_char_boundary(i))
+                .unwrap_or(0);
+            body.truncate(cut);
+            body.push('…');
+        }
+        Some(ApiError::new(
+            &format!("{HTTP_STATUS_CODE_PREFIX}{}", self.http_status_code),
+            format!(
+                "{}: Salesforce answered {} without an error code: {body}",
+                self.reference_id, self.http_status_code
+            ),
+            vec![],
+        ))
+    }
+
     /// The record id a create or upsert returned.
     pub fn record_id(&self) -> Option<&str> {
         self.body.get("id").and_then(Value::as_str)
@@ -149,23 +333,25 @@ pub struct GraphResult {
 }
 
 impl GraphResult {
-    /// The error that made the graph fail: the first failed node whose error is not the
-    /// PROCESSING_HALTED placeholder (the approach of Salesforce's own ReVoman models).
+    /// The error that made the graph fail: the first node that reports an error of its own
+    /// ([`SubrequestResult::node_error`]), so a 300, an empty error array or an unresolvable
+    /// reference is the cause, never the `PROCESSING_HALTED` placeholders of the nodes rolled
+    /// back with it (the approach of Salesforce's own ReVoman models). A placeholder only when
+    /// every node is one: the graph was not run at all (Salesforce stops after 14 failed graphs).
     pub fn root_error(&self) -> Option<ApiError> {
-        let errors = self
+        let mut placeholder = None;
+        for error in self
             .graph_response
             .composite_response
             .iter()
-            .filter(|node| !node.is_success())
-            .flat_map(|node| node.errors());
-        let mut first_halted = None;
-        for error in errors {
-            if !error.is_processing_halted() {
+            .filter_map(SubrequestResult::node_error)
+        {
+            if !error.is_placeholder() {
                 return Some(error);
             }
-            first_halted.get_or_insert(error);
+            placeholder.get_or_insert(error);
         }
-        first_halted
+        placeholder
     }
 }
 
@@ -441,13 +627,107 @@ mod tests {
 
     #[test]
     fn root_error_skips_processing_halted() {
-        let result: GraphResult = serde_json::from_str(
-            r#"{"graphId":"g1","isSuccessful":false,"graphResponse":{"compositeResponse":[
-              {"body":[{"errorCode":"PROCESSING_HALTED","message":"rolled back"}],"httpHeaders":{},"httpStatusCode":400,"referenceId":"a"},
-              {"body":[{"errorCode":"DUPLICATE_VALUE","fields":[],"message":"dup"}],"httpHeaders":{},"httpStatusCode":400,"referenceId":"b"}]}}"#,
-        )
-        .unwrap();
+        let result = failed_graph(vec![
+            halted("a"),
+            node(
+                400,
+                "b",
+                serde_json::json!([{"errorCode": "DUPLICATE_VALUE", "fields": [], "message": "dup"}]),
+            ),
+        ]);
         assert_eq!(result.root_error().unwrap().error_code, "DUPLICATE_VALUE");
+    }
+
+    fn node(status: u16, reference: &str, body: Value) -> Value {
+        serde_json::json!({"body": body, "httpHeaders": {}, "httpStatusCode": status, "referenceId": reference})
+    }
+
+    fn halted(reference: &str) -> Value {
+        node(
+            400,
+            reference,
+            serde_json::json!([{"errorCode": "PROCESSING_HALTED", "message": ROLLED_BACK_MESSAGE}]),
+        )
+    }
+
+    fn failed_graph(nodes: Vec<Value>) -> GraphResult {
+        serde_json::from_value(serde_json::json!({
+            "graphId": "g1", "isSuccessful": false,
+            "graphResponse": {"compositeResponse": nodes}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_300_node_is_the_root_error_with_the_matching_ids() {
+        let result = failed_graph(vec![
+            node(
+                300,
+                "lead_0",
+                serde_json::json!([
+                    "/services/data/v66.0/sobjects/Lead/00Q000000000001AAA",
+                    "/services/data/v66.0/sobjects/Lead/00Q000000000002AAA"
+                ]),
+            ),
+            halted("event"),
+            halted("booking"),
+        ]);
+        let error = result.root_error().unwrap();
+        assert_eq!(error.error_code, MULTIPLE_CHOICES);
+        assert!(
+            error.message.contains(
+                "lead_0: the external id matches 2 records: 00Q000000000001AAA, 00Q000000000002AAA"
+            ),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn a_node_without_an_error_body_is_named_by_its_status() {
+        for body in [
+            serde_json::json!([]),
+            Value::Null,
+            serde_json::json!({"x": 1}),
+        ] {
+            let result = failed_graph(vec![halted("lead_0"), node(404, "event", body.clone())]);
+            let error = result.root_error().unwrap();
+            assert_eq!(error.error_code, "HTTP_404", "{body}");
+            assert!(error.message.starts_with("event: Salesforce answered 404"));
+        }
+    }
+
+    #[test]
+    fn a_save_result_body_and_an_unresolvable_reference_are_own_errors() {
+        let save = failed_graph(vec![
+            halted("lead_0"),
+            node(
+                400,
+                "event",
+                serde_json::json!({"success": false, "errors": [{"statusCode": "FIELD_INTEGRITY_EXCEPTION", "message": "x", "fields": []}]}),
+            ),
+        ]);
+        assert_eq!(
+            save.root_error().unwrap().error_code,
+            "FIELD_INTEGRITY_EXCEPTION"
+        );
+        let reference = failed_graph(vec![
+            halted("lead_0"),
+            node(
+                400,
+                "event",
+                serde_json::json!([{"errorCode": "PROCESSING_HALTED", "message": "Invalid reference specified. No value for lead_0.id found in lead_0."}]),
+            ),
+        ]);
+        let error = reference.root_error().unwrap();
+        assert!(!error.is_placeholder(), "{error:?}");
+        assert!(error.message.starts_with("Invalid reference"));
+    }
+
+    #[test]
+    fn a_graph_never_run_reports_its_placeholder() {
+        let result = failed_graph(vec![halted("lead_0"), halted("event")]);
+        assert!(result.root_error().unwrap().is_placeholder());
     }
 
     #[test]

@@ -76,13 +76,21 @@ impl TestEnv {
         adjust: impl FnOnce(&mut Config),
         adjust_tenants: impl FnOnce(&mut [TenantConfig]),
     ) -> Self {
-        let emulator = emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            OrgSpec::demo(),
-            &FaultSpec::default(),
-        )
-        .await
-        .expect("emulator starts");
+        Self::start_org(name, |_| {}, adjust, adjust_tenants).await
+    }
+
+    /// As [`TestEnv::start_custom`], also adjusting the emulated org (the demo org) first.
+    pub async fn start_org(
+        name: &str,
+        adjust_org: impl FnOnce(&mut OrgSpec),
+        adjust: impl FnOnce(&mut Config),
+        adjust_tenants: impl FnOnce(&mut [TenantConfig]),
+    ) -> Self {
+        let mut org = OrgSpec::demo();
+        adjust_org(&mut org);
+        let emulator = emulator::start("127.0.0.1:0".parse().unwrap(), org, &FaultSpec::default())
+            .await
+            .expect("emulator starts");
         let suffix = format!("test-{name}-{:x}", rand::random::<u32>());
         let text = std::fs::read_to_string("config/portals-crm.toml").unwrap();
         let mut config = Config::from_toml(&text, std::env::vars()).unwrap();
@@ -257,6 +265,40 @@ impl TestEnv {
             .await
             .unwrap()
             .status()
+    }
+
+    /// Creates a record as the demo org's integration user (a record "a sales rep typed in"),
+    /// through the REST API; returns its id.
+    pub async fn create_record(&self, sobject: &str, fields: Value) -> String {
+        let token: Value = self
+            .http
+            .post(format!("{}/services/oauth2/token", self.emulator.base_url))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "demo-client"),
+                ("client_secret", "demo-secret"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let response = self
+            .http
+            .post(format!(
+                "{}/services/data/v66.0/sobjects/{sobject}",
+                self.emulator.base_url
+            ))
+            .bearer_auth(token["access_token"].as_str().unwrap())
+            .json(&fields)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
     }
 
     /// Takes every message from the dead-letter queue.
