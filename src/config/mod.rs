@@ -10,7 +10,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-pub use tenant::{Action, AuthConfig, RecordMapping, TenantConfig, TenantSource};
+pub use tenant::{
+    Action, AuthConfig, Parent, RecordMapping, RelationsMapping, TenantConfig, TenantSource,
+};
 
 /// Every problem found in a configuration, one per line.
 #[derive(Debug, thiserror::Error)]

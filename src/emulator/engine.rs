@@ -486,11 +486,8 @@ impl OrgState {
             Ok(columns) => columns,
             Err(reply) => return reply,
         };
-        let conditions: Vec<(&soql::Condition, &Column)> = parsed
-            .conditions
-            .iter()
-            .zip(&columns.conditions)
-            .collect();
+        let conditions: Vec<(&soql::Condition, &Column)> =
+            parsed.conditions.iter().zip(&columns.conditions).collect();
         let mut rows: Vec<Value> = self
             .store
             .all(&describe.name)

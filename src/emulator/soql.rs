@@ -163,7 +163,9 @@ pub fn parse(text: &str) -> Result<Query, String> {
                 loop {
                     match tokens.next() {
                         Some(Token::Word(w)) if w.eq_ignore_ascii_case("WHEN") => {}
-                        Some(Token::Word(w)) if w.eq_ignore_ascii_case("END") && !whens.is_empty() => {
+                        Some(Token::Word(w))
+                            if w.eq_ignore_ascii_case("END") && !whens.is_empty() =>
+                        {
                             break;
                         }
                         other => return Err(format!("expected WHEN or END, found {other:?}")),
@@ -336,7 +338,10 @@ mod tests {
             q.typeofs,
             [TypeOf {
                 relationship: "Relation".into(),
-                whens: vec![("Lead".into(), vec!["Id".into(), "BookMe__Lead_Key__c".into()])],
+                whens: vec![(
+                    "Lead".into(),
+                    vec!["Id".into(), "BookMe__Lead_Key__c".into()]
+                )],
             }]
         );
         assert_eq!(q.conditions[0].field, "Event.BookMe__Booking_Id__c");

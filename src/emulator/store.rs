@@ -119,7 +119,13 @@ fn flag(record: &Record, field: &str) -> bool {
 /// The event of an EventRelation record.
 fn relation_event(record: &Record) -> Option<String> {
     (record.sobject == "EventRelation")
-        .then(|| record.fields.get("EventId").and_then(Value::as_str).map(str::to_owned))
+        .then(|| {
+            record
+                .fields
+                .get("EventId")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .flatten()
 }
 
@@ -520,15 +526,16 @@ impl Store {
     }
 
     /// The EventRelation records of an event: (id, record).
-    fn relations_of<'a>(&'a self, event_id: &'a str) -> impl Iterator<Item = (&'a str, &'a Record)> {
+    fn relations_of<'a>(
+        &'a self,
+        event_id: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Record)> {
         self.by_object
             .get("EventRelation")
             .into_iter()
             .flat_map(BTreeMap::values)
             .filter_map(|id| self.records.get(id).map(|r| (id.as_str(), r)))
-            .filter(move |(_, r)| {
-                r.fields.get("EventId").and_then(Value::as_str) == Some(event_id)
-            })
+            .filter(move |(_, r)| r.fields.get("EventId").and_then(Value::as_str) == Some(event_id))
     }
 
     /// Keeps the event's `WhoId` equal to its (first) parent relation: with Shared Activities
@@ -549,7 +556,8 @@ impl Store {
         let mut changed = event.clone();
         changed.fields.insert("WhoId".into(), who);
         self.replace_raw(event_id, changed, org);
-        self.journal.push(Undo::Replaced(event_id.to_owned(), event));
+        self.journal
+            .push(Undo::Replaced(event_id.to_owned(), event));
     }
 
     /// EventRelation's rules (O-er): one relation per person and event (a person who is both
@@ -575,7 +583,9 @@ impl Store {
         {
             return Err(vec![err(
                 "DUPLICATE_VALUE",
-                format!("duplicate value found: RelationId duplicates value on record with id: {other}"),
+                format!(
+                    "duplicate value found: RelationId duplicates value on record with id: {other}"
+                ),
                 &[],
             )]);
         }
@@ -607,7 +617,9 @@ impl Store {
                 )]);
             }
         }
-        if flag(record, "IsInvitee") && others.iter().filter(|r| flag(r, "IsInvitee")).count() >= 1000 {
+        if flag(record, "IsInvitee")
+            && others.iter().filter(|r| flag(r, "IsInvitee")).count() >= 1000
+        {
             return Err(vec![err(
                 "FIELD_INTEGRITY_EXCEPTION",
                 "Relation ID: An event can have up to 1,000 invitees",
