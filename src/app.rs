@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::amqp::{self, Publisher, Topology};
-use crate::batch::{BatchLimits, Batcher, GraphOutcome};
+use crate::batch::{BatchLimits, Batcher, GraphOutcome, Relater};
 use crate::config::{Config, TenantConfig};
 use crate::enrich::{Caches, LedgerEntry, enrich};
 use crate::event::{self, BookingEvent};
@@ -359,11 +359,17 @@ impl Pipeline {
                         .with_label_values(&[config.tenant.as_str()])
                         .set(0);
                 }
-                let batcher = Batcher::spawn(
+                let relater = mapping.relations().map(|spec| Relater {
+                    spec: spec.clone(),
+                    api_version: mapping.api_version().to_owned(),
+                    caches: self.caches.clone(),
+                });
+                let batcher = Batcher::spawn_relating(
                     client.clone(),
                     self.settings.batch,
                     &self.tracker,
                     self.batch_stop.clone(),
+                    relater,
                 );
                 let gauge = self
                     .metrics

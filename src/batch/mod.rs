@@ -76,16 +76,6 @@ pub struct Batcher {
 impl Batcher {
     /// Starts a batcher for `client`'s tenant on `tracker`; it ends when `cancel` fires and its
     /// queue is drained.
-    /// Starts a batcher without Event relations.
-    pub fn spawn(
-        client: Arc<SalesforceClient>,
-        limits: BatchLimits,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Self {
-        Self::spawn_relating(client, limits, tracker, cancel, None)
-    }
-
     /// Starts a batcher; with a `relater`, each graph also gets the nodes that relate its Event
     /// to the mapped records, planned per request with at most one lookup query.
     pub fn spawn_relating(
