@@ -3,6 +3,8 @@
 //! for every booking of a Composite Graph request that missed.
 //!
 //! Why this keeps relations exactly once without an external id:
+//! - Version 1 is planned on no relations: only a graph of version 1 can have related the new
+//!   Event, and a second one of those fails on the duplicate below.
 //! - A cached entry is the org's state after the graph of version `v` committed (written only
 //!   then). It is used only for version `v + 1`: the version guard makes the org's booking
 //!   version at least `v`, and if it is exactly `v` its relations are what that graph left. If

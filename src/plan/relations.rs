@@ -340,7 +340,7 @@ mod tests {
             first,
             &json!({"EventId": "@{event.id}", "RelationId": "@{lead_0.id}", "IsParent": true, "IsInvitee": true})
         );
-        assert_eq!(changes[1].after.as_ref().unwrap().is_parent, false);
+        assert!(!changes[1].after.as_ref().unwrap().is_parent);
     }
 
     #[test]
