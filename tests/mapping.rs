@@ -190,7 +190,7 @@ async fn describes_are_cached_and_revalidated() {
     assert_eq!(stats["requests"]["describe"], 2, "the second one was a 304");
     assert!(
         caches
-            .describe(&loaded.client, "EventRelation")
+            .describe(&loaded.client, "Opportunity")
             .await
             .unwrap()
             .is_none(),

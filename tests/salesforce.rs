@@ -16,6 +16,10 @@ use portals_crm::telemetry::metrics::Metrics;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
+mod common;
+
+use common::raw;
+
 const V: &str = "/services/data/v66.0";
 
 async fn start(org: OrgSpec) -> EmulatorHandle {
@@ -115,26 +119,6 @@ fn assert_shape(fixture: &str, actual: &Value) {
         diff.is_empty(),
         "{fixture} differs from the emulator's body: {diff:#?}\n{actual:#}"
     );
-}
-
-async fn raw(
-    emulator: &EmulatorHandle,
-    client: &SalesforceClient,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let token = client.token().await.unwrap();
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{}{path}", emulator.base_url))
-        .bearer_auth(secrecy::ExposeSecret::expose_secret(&token.value));
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 fn lead(key: &str, last: &str) -> Subrequest {
@@ -754,8 +738,8 @@ async fn describe_caching_query_paging_and_limits() {
             .any(|o| o.name == "BookMe__Booking__c")
     );
     assert!(
-        !global.sobjects.iter().any(|o| o.name == "EventRelation"),
-        "not granted"
+        global.sobjects.iter().any(|o| o.name == "EventRelation"),
+        "EventRelation has no permissions of its own: it follows Event's"
     );
 
     let users = client.query("SELECT Id, Email FROM User").await.unwrap();

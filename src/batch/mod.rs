@@ -11,6 +11,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::enrich::Caches;
+use crate::enrich::relations::RelationsEntry;
+use crate::plan::relations::{Change, Existing, NODE_PREFIX, RelationSpec, Wanted, changes};
 use crate::salesforce::model::{Graph, GraphRequest, GraphResult, Subrequest};
 use crate::salesforce::{SalesforceClient, SalesforceError};
 
@@ -46,6 +49,18 @@ struct Submission {
     reply: oneshot::Sender<GraphOutcome>,
 }
 
+/// How a tenant's graphs get their Event relations (see [`crate::enrich::relations`] for why
+/// they stay exactly once).
+#[derive(Clone)]
+pub struct Relater {
+    /// The tenant's relations mapping.
+    pub spec: RelationSpec,
+    /// The REST API version of the relation nodes.
+    pub api_version: String,
+    /// The relations cache.
+    pub caches: Caches,
+}
+
 /// The batcher was stopped before it answered.
 #[derive(Debug, thiserror::Error)]
 #[error("the batcher of tenant {0} stopped")]
@@ -61,16 +76,19 @@ pub struct Batcher {
 impl Batcher {
     /// Starts a batcher for `client`'s tenant on `tracker`; it ends when `cancel` fires and its
     /// queue is drained.
-    pub fn spawn(
+    /// Starts a batcher; with a `relater`, each graph also gets the nodes that relate its Event
+    /// to the mapped records, planned per request with at most one lookup query.
+    pub fn spawn_relating(
         client: Arc<SalesforceClient>,
         limits: BatchLimits,
         tracker: &TaskTracker,
         cancel: CancellationToken,
+        relater: Option<Relater>,
     ) -> Self {
         let tenant = client.tenant().to_owned();
         // Enough room for a few full batches; beyond that, submitters wait (backpressure).
         let (tx, rx) = mpsc::channel(limits.max_graphs * (limits.max_in_flight + 1));
-        tracker.spawn(run(client, limits, rx, tracker.clone(), cancel));
+        tracker.spawn(run(client, limits, rx, tracker.clone(), cancel, relater));
         Self { tenant, tx }
     }
 
@@ -104,6 +122,7 @@ async fn run(
     mut rx: mpsc::Receiver<Submission>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    relater: Option<Relater>,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
     let mut carry: Option<Submission> = None;
@@ -157,8 +176,9 @@ async fn run(
             batch.push(next);
         }
         let client = client.clone();
+        let relater = relater.clone();
         tracker.spawn(async move {
-            send(&client, collapse(batch)).await;
+            send(&client, relater.as_ref(), collapse(batch)).await;
             drop(permit);
         });
     }
@@ -183,40 +203,201 @@ fn collapse(batch: Vec<Submission>) -> Vec<Submission> {
     kept
 }
 
-async fn send(client: &SalesforceClient, batch: Vec<Submission>) {
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut graphs = Vec::with_capacity(batch.len());
-    for (i, s) in batch.into_iter().enumerate() {
-        graphs.push(Graph {
-            graph_id: format!("g{i}"),
-            composite_request: s.nodes,
-        });
-        replies.push(s.reply);
+/// One graph of a request: the booking's nodes, and its relation changes when it has any.
+struct Outgoing {
+    submission: Submission,
+    wanted: Option<Wanted>,
+    changes: Vec<Change>,
+}
+
+impl Outgoing {
+    fn nodes(&self) -> Vec<Subrequest> {
+        let mut nodes = self.submission.nodes.clone();
+        nodes.extend(self.changes.iter().filter_map(|c| c.node.clone()));
+        nodes
     }
-    match client.composite_graph(&GraphRequest { graphs }).await {
-        Ok(response) => {
-            let mut by_id: HashMap<String, GraphResult> = response
-                .graphs
-                .into_iter()
-                .map(|g| (g.graph_id.clone(), g))
-                .collect();
-            for (i, reply) in replies.into_iter().enumerate() {
-                let outcome = match by_id.remove(&format!("g{i}")) {
-                    Some(result) => GraphOutcome::Answered(result),
-                    None => GraphOutcome::RequestFailed(Arc::new(SalesforceError::Decode {
-                        kind: "graph",
-                        message: format!("no result for graph g{i}"),
-                    })),
-                };
-                let _ = reply.send(outcome);
-            }
+
+    /// True when the graph failed on one of its relation nodes: the relations it was planned on
+    /// were not the org's (another worker wrote the same version meanwhile).
+    fn failed_on_relation(&self, result: &GraphResult) -> bool {
+        !result.is_successful
+            && result.graph_response.composite_response.iter().any(|node| {
+                node.reference_id.starts_with(NODE_PREFIX)
+                    && node.node_error().is_some_and(|e| !e.is_placeholder())
+            })
+    }
+
+    /// The relations after the graph committed, with the ids Salesforce gave the new ones.
+    fn committed(&self, result: &GraphResult) -> Option<RelationsEntry> {
+        self.wanted.as_ref()?;
+        let relations = self
+            .changes
+            .iter()
+            .filter_map(|change| {
+                let mut after: Existing = change.after.clone()?;
+                if after.id.is_empty() {
+                    let reference = &change.node.as_ref()?.reference_id;
+                    after.id = result
+                        .graph_response
+                        .composite_response
+                        .iter()
+                        .find(|n| &n.reference_id == reference)?
+                        .record_id()?
+                        .to_owned();
+                }
+                Some(after)
+            })
+            .collect();
+        Some(RelationsEntry {
+            version: self.submission.version,
+            relations,
+        })
+    }
+}
+
+/// Plans the relation changes of `graphs` whose relations are unknown or must be re-read:
+/// from the cache when `fresh` is false and it has the previous version, else with one query
+/// for all of them.
+async fn plan_relations(
+    client: &SalesforceClient,
+    relater: &Relater,
+    graphs: &mut [Outgoing],
+    fresh: bool,
+) -> Result<(), SalesforceError> {
+    let tenant = client.tenant();
+    let mut misses = Vec::new();
+    for (i, g) in graphs.iter_mut().enumerate() {
+        let Some(wanted) = &g.wanted else { continue };
+        let cached = if fresh {
+            None
+        } else {
+            relater
+                .caches
+                .relations_for(tenant, &g.submission.booking_id, g.submission.version)
+        };
+        match cached {
+            Some(existing) => g.changes = changes(&relater.api_version, wanted, &existing),
+            None => misses.push(i),
         }
+    }
+    if misses.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<&Wanted> = misses
+        .iter()
+        .filter_map(|&i| graphs[i].wanted.as_ref())
+        .collect();
+    let found = relater.caches.read_relations(client, &wanted).await?;
+    for (&i, existing) in misses.iter().zip(found) {
+        if let Some(wanted) = &graphs[i].wanted {
+            graphs[i].changes = changes(&relater.api_version, wanted, &existing);
+        }
+    }
+    Ok(())
+}
+
+/// Sends one request; answers each graph unless it failed on a relation node and `retry` is
+/// set, in which case it is handed back to be re-planned from the org.
+async fn send_once(
+    client: &SalesforceClient,
+    relater: Option<&Relater>,
+    graphs: Vec<Outgoing>,
+    retry: bool,
+) -> Vec<Outgoing> {
+    let request = GraphRequest {
+        graphs: graphs
+            .iter()
+            .enumerate()
+            .map(|(i, g)| Graph {
+                graph_id: format!("g{i}"),
+                composite_request: g.nodes(),
+            })
+            .collect(),
+    };
+    let response = match client.composite_graph(&request).await {
+        Ok(response) => response,
         Err(error) => {
             let error = Arc::new(error);
-            for reply in replies {
-                let _ = reply.send(GraphOutcome::RequestFailed(error.clone()));
+            for g in graphs {
+                let _ = g
+                    .submission
+                    .reply
+                    .send(GraphOutcome::RequestFailed(error.clone()));
+            }
+            return Vec::new();
+        }
+    };
+    let mut by_id: HashMap<String, GraphResult> = response
+        .graphs
+        .into_iter()
+        .map(|g| (g.graph_id.clone(), g))
+        .collect();
+    let mut again = Vec::new();
+    for (i, g) in graphs.into_iter().enumerate() {
+        let Some(result) = by_id.remove(&format!("g{i}")) else {
+            let _ = g
+                .submission
+                .reply
+                .send(GraphOutcome::RequestFailed(Arc::new(
+                    SalesforceError::Decode {
+                        kind: "graph",
+                        message: format!("no result for graph g{i}"),
+                    },
+                )));
+            continue;
+        };
+        if let Some(relater) = relater {
+            let tenant = client.tenant();
+            let booking = &g.submission.booking_id;
+            if result.is_successful {
+                relater
+                    .caches
+                    .relations_put(tenant, booking, g.committed(&result).as_ref());
+            } else if g.failed_on_relation(&result) {
+                relater.caches.relations_put(tenant, booking, None);
+                if retry {
+                    again.push(g);
+                    continue;
+                }
             }
         }
+        let _ = g.submission.reply.send(GraphOutcome::Answered(result));
+    }
+    again
+}
+
+async fn send(client: &SalesforceClient, relater: Option<&Relater>, batch: Vec<Submission>) {
+    let mut graphs: Vec<Outgoing> = batch
+        .into_iter()
+        .map(|submission| Outgoing {
+            wanted: relater.and_then(|r| r.spec.wanted(&submission.nodes)),
+            submission,
+            changes: Vec::new(),
+        })
+        .collect();
+    let Some(relater) = relater else {
+        send_once(client, None, graphs, false).await;
+        return;
+    };
+    let mut fresh = false;
+    loop {
+        if let Err(error) = plan_relations(client, relater, &mut graphs, fresh).await {
+            let error = Arc::new(error);
+            for g in graphs {
+                let _ = g
+                    .submission
+                    .reply
+                    .send(GraphOutcome::RequestFailed(error.clone()));
+            }
+            return;
+        }
+        // A graph that failed on a stale view of its relations is re-planned from the org and
+        // sent once more; a second failure is answered as it is.
+        graphs = send_once(client, Some(relater), graphs, !fresh).await;
+        if graphs.is_empty() {
+            return;
+        }
+        fresh = true;
     }
 }
 

@@ -22,6 +22,9 @@ pub struct TenantConfig {
     pub limits: LimitsConfig,
     /// The records to write for one booking, in order.
     pub records: Vec<RecordMapping>,
+    /// Which records are related to the Event, and how (EventRelation).
+    #[serde(default)]
+    pub relations: Option<RelationsMapping>,
     /// The file this came from, for the last-known-good copy (none when built in code).
     #[serde(skip)]
     pub source: Option<TenantSource>,
@@ -147,6 +150,41 @@ pub struct RecordMapping {
     /// Field name → template or constant.
     #[serde(default)]
     pub fields: BTreeMap<String, serde_json::Value>,
+}
+
+/// Which of a booking's records `EventRelation` relates to its Event, and how. Salesforce
+/// (Shared Activities) relates an event to one lead or up to 50 contacts as its Who
+/// (`IsParent`) and to up to 1,000 invitees (`IsInvitee`); a person who is both has one relation
+/// with both flags
+/// (https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_eventattendee.htm).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelationsMapping {
+    /// The `ref` of the Event record.
+    pub event: String,
+    /// The `ref` of a `for_each = "attendees"` record: each of its records is related.
+    pub records: String,
+    /// Which of them is the Event's Who (`IsParent`): the first, or none.
+    #[serde(default)]
+    pub parent: Parent,
+    /// Every one of them is an invitee (`IsInvitee`).
+    #[serde(default = "yes")]
+    pub invitees: bool,
+}
+
+/// Which related record is the Event's Who.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parent {
+    /// The first attendee's record.
+    #[default]
+    First,
+    /// None: the relations are invitees only.
+    None,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A tenant file's name without `.toml`.

@@ -496,38 +496,55 @@ impl OrgState {
                 format!("sObject type '{}' is not supported.", parsed.sobject),
             );
         };
-        for name in parsed
-            .fields
-            .iter()
-            .chain(parsed.conditions.iter().map(|c| &c.field))
-        {
-            if describe.field(name).is_none() {
-                return Reply::error(
-                    400,
-                    "INVALID_FIELD",
-                    format!("No such column '{name}' on entity '{}'.", describe.name),
-                );
-            }
-        }
+        let columns = match self.columns(user, &describe, &parsed) {
+            Ok(columns) => columns,
+            Err(reply) => return reply,
+        };
+        let conditions: Vec<(&soql::Condition, &Column)> =
+            parsed.conditions.iter().zip(&columns.conditions).collect();
         let mut rows: Vec<Value> = self
             .store
             .all(&describe.name)
             .into_iter()
-            .filter(|r| parsed.conditions.iter().all(|c| c.matches(&r.fields)))
+            .filter(|r| {
+                conditions
+                    .iter()
+                    .all(|(c, column)| c.matches_value(self.column_value(r, column).as_ref()))
+            })
             .take(parsed.limit.unwrap_or(usize::MAX))
             .map(|r| {
-                let id = r.fields.get("Id").and_then(Value::as_str).unwrap_or_default();
                 let mut row = Map::new();
-                row.insert(
-                    "attributes".into(),
-                    json!({"type": describe.name, "url": format!("/services/data/v{version}/sobjects/{}/{id}", describe.name)}),
-                );
-                for name in &parsed.fields {
-                    let field = describe.field(name).map(|f| f.name.as_str()).unwrap_or(name);
-                    row.insert(
-                        field.to_owned(),
-                        r.fields.get(field).cloned().unwrap_or(Value::Null),
-                    );
+                row.insert("attributes".into(), self.attributes(version, r));
+                for column in &columns.select {
+                    self.put_column(version, &mut row, r, column);
+                }
+                for typeof_ in &parsed.typeofs {
+                    let related = r
+                        .fields
+                        .iter()
+                        .find(|(k, _)| {
+                            k.eq_ignore_ascii_case(&format!("{}Id", typeof_.relationship))
+                        })
+                        .and_then(|(_, v)| v.as_str())
+                        .and_then(|id| self.store.get(id));
+                    let value = related.map_or(Value::Null, |target| {
+                        let mut object = Map::new();
+                        object.insert("attributes".into(), self.attributes(version, target));
+                        if let Some((_, fields)) = typeof_
+                            .whens
+                            .iter()
+                            .find(|(t, _)| t.eq_ignore_ascii_case(&target.sobject))
+                        {
+                            for field in fields {
+                                object.insert(
+                                    field.clone(),
+                                    target.fields.get(field).cloned().unwrap_or(Value::Null),
+                                );
+                            }
+                        }
+                        Value::Object(object)
+                    });
+                    row.insert(typeof_.relationship.clone(), value);
                 }
                 Value::Object(row)
             })
@@ -544,6 +561,176 @@ impl OrgState {
             Vec::new()
         };
         self.page(version, rows, rest, total, batch)
+    }
+
+    /// Checks every selected and filtered name against the schema as `user` sees it, the
+    /// way Salesforce answers a bad one (400 `INVALID_FIELD`).
+    fn columns(
+        &self,
+        user: &super::org::UserSpec,
+        describe: &crate::salesforce::model::SObjectDescribe,
+        parsed: &soql::Query,
+    ) -> Result<Columns, Reply> {
+        let no_column = |name: &str, entity: &str| {
+            Reply::error(
+                400,
+                "INVALID_FIELD",
+                format!("No such column '{name}' on entity '{entity}'."),
+            )
+        };
+        let column = |name: &str| -> Result<Column, Reply> {
+            let Some((relationship, field)) = name.split_once('.') else {
+                return describe
+                    .field(name)
+                    .map(|f| Column::Field(f.name.clone()))
+                    .ok_or_else(|| no_column(name, &describe.name));
+            };
+            let reference = describe
+                .fields
+                .iter()
+                .find(|f| {
+                    f.field_type == "reference"
+                        && relationship_name(&f.name).eq_ignore_ascii_case(relationship)
+                })
+                .ok_or_else(|| {
+                    Reply::error(
+                        400,
+                        "INVALID_FIELD",
+                        format!(
+                            "Didn't understand relationship '{relationship}' in field path. If \
+                             you are attempting to use a custom relationship, be sure to append \
+                             the '__r' after the custom relationship name. Please reference \
+                             your WSDL or the describe call for the appropriate names."
+                        ),
+                    )
+                })?;
+            let name_field = match reference.reference_to.as_slice() {
+                // A polymorphic relationship reaches only the fields every target has (the
+                // Name object); the others need TYPEOF.
+                [_, _, ..] => ["Id", "Type"]
+                    .into_iter()
+                    .find(|n| n.eq_ignore_ascii_case(field))
+                    .map(str::to_owned)
+                    .ok_or_else(|| no_column(field, "Name"))?,
+                [target] => self
+                    .spec
+                    .sobject(target)
+                    .and_then(|o| self.spec.describe_for(user, o))
+                    .and_then(|d| d.field(field).map(|f| f.name.clone()))
+                    .ok_or_else(|| no_column(field, target))?,
+                [] => return Err(no_column(field, relationship)),
+            };
+            Ok(Column::Parent {
+                reference: reference.name.clone(),
+                relationship: relationship_name(&reference.name),
+                field: name_field,
+            })
+        };
+        let select = parsed
+            .fields
+            .iter()
+            .map(|n| column(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let conditions = parsed
+            .conditions
+            .iter()
+            .map(|c| column(&c.field))
+            .collect::<Result<Vec<_>, _>>()?;
+        for typeof_ in &parsed.typeofs {
+            let polymorphic = describe.fields.iter().any(|f| {
+                f.reference_to.len() > 1
+                    && relationship_name(&f.name).eq_ignore_ascii_case(&typeof_.relationship)
+            });
+            if !polymorphic {
+                return Err(Reply::error(
+                    400,
+                    "MALFORMED_QUERY",
+                    format!(
+                        "TYPEOF: '{}' is not a polymorphic relationship of {}",
+                        typeof_.relationship, describe.name
+                    ),
+                ));
+            }
+            for (target, fields) in &typeof_.whens {
+                let target_describe = self
+                    .spec
+                    .sobject(target)
+                    .and_then(|o| self.spec.describe_for(user, o))
+                    .ok_or_else(|| no_column(target, &typeof_.relationship))?;
+                if let Some(missing) = fields.iter().find(|f| target_describe.field(f).is_none()) {
+                    return Err(no_column(missing, target));
+                }
+            }
+        }
+        Ok(Columns { select, conditions })
+    }
+
+    fn attributes(&self, version: &str, record: &super::store::Record) -> Value {
+        let id = record
+            .fields
+            .get("Id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        json!({"type": record.sobject, "url": format!("/services/data/v{version}/sobjects/{}/{id}", record.sobject)})
+    }
+
+    fn column_value(&self, record: &super::store::Record, column: &Column) -> Option<Value> {
+        match column {
+            Column::Field(name) => record.fields.get(name).cloned(),
+            Column::Parent {
+                reference, field, ..
+            } => {
+                let parent = record
+                    .fields
+                    .get(reference)
+                    .and_then(Value::as_str)
+                    .and_then(|id| self.store.get(id))?;
+                if field == "Type" {
+                    return Some(Value::String(parent.sobject.clone()));
+                }
+                parent.fields.get(field).cloned()
+            }
+        }
+    }
+
+    /// A selected column in a row: a field, or the parent's object with its selected fields.
+    fn put_column(
+        &self,
+        version: &str,
+        row: &mut Map<String, Value>,
+        record: &super::store::Record,
+        column: &Column,
+    ) {
+        match column {
+            Column::Field(name) => {
+                row.insert(
+                    name.clone(),
+                    record.fields.get(name).cloned().unwrap_or(Value::Null),
+                );
+            }
+            Column::Parent {
+                reference,
+                relationship,
+                field,
+            } => {
+                let parent = record
+                    .fields
+                    .get(reference)
+                    .and_then(Value::as_str)
+                    .and_then(|id| self.store.get(id));
+                let Some(parent) = parent else {
+                    row.insert(relationship.clone(), Value::Null);
+                    return;
+                };
+                let value = self.column_value(record, column).unwrap_or(Value::Null);
+                let entry = row
+                    .entry(relationship.clone())
+                    .or_insert_with(|| json!({"attributes": self.attributes(version, parent)}));
+                if let Value::Object(object) = entry {
+                    object.insert(field.clone(), value);
+                }
+            }
+        }
     }
 
     fn page(
@@ -787,6 +974,36 @@ impl OrgState {
             out.push(json!({"graphId": graph.graph_id, "graphResponse": {"compositeResponse": results}, "isSuccessful": successful}));
         }
         Reply::json(200, json!({"graphs": out}))
+    }
+}
+
+/// A column of a query, resolved against the schema.
+enum Column {
+    /// A field of the queried object.
+    Field(String),
+    /// A field of the record a reference field points at.
+    Parent {
+        /// The reference field, e.g. `EventId`.
+        reference: String,
+        /// Its relationship name, e.g. `Event`.
+        relationship: String,
+        /// The parent's field.
+        field: String,
+    },
+}
+
+/// The selected and filtered columns of a query (conditions in their order).
+struct Columns {
+    select: Vec<Column>,
+    conditions: Vec<Column>,
+}
+
+/// A reference field's relationship name: `EventId` → `Event`, `Lead__c` → `Lead__r`.
+fn relationship_name(field: &str) -> String {
+    if let Some(custom) = field.strip_suffix("__c") {
+        format!("{custom}__r")
+    } else {
+        field.strip_suffix("Id").unwrap_or(field).to_owned()
     }
 }
 

@@ -377,8 +377,14 @@ impl OrgSpec {
             .filter_map(|name| self.permission_sets.iter().find(|p| &p.name == name))
     }
 
-    /// Object permissions: the union over the user's permission sets.
+    /// Object permissions: the union over the user's permission sets. EventRelation has no
+    /// permissions of its own: it follows Event's ("Edit Events" lets a user add invitees).
     pub fn object_access(&self, user: &UserSpec, sobject: &str) -> ObjectAccess {
+        let sobject = if sobject.eq_ignore_ascii_case("EventRelation") {
+            "Event"
+        } else {
+            sobject
+        };
         let mut access = ObjectAccess::default();
         for set in self.user_sets(user) {
             let Some(letters) = set
@@ -403,7 +409,8 @@ impl OrgSpec {
         if !self.object_access(user, sobject).read {
             return FieldAccess::None;
         }
-        if !field.nillable {
+        // EventRelation's fields are not under field-level security.
+        if !field.nillable || sobject.eq_ignore_ascii_case("EventRelation") {
             return FieldAccess::Edit;
         }
         let key = format!("{sobject}.{}", field.name);

@@ -1,19 +1,38 @@
 //! The SOQL subset the service uses:
-//! `SELECT f1, f2 FROM Obj [WHERE f = 'v' [AND f IN ('a','b') | f != v …]] [LIMIT n]`.
+//! `SELECT f1, Parent.f2, TYPEOF Rel WHEN Type THEN f3, f4 END FROM Obj
+//! [WHERE f = 'v' [AND Parent.f IN ('a','b') | f != v …]] [LIMIT n]`.
+//!
+//! A dotted name follows a parent relationship (`Event.BookMe__Booking_Id__c` from
+//! EventRelation, whose `EventId` has the relationship name `Event`). A polymorphic relationship
+//! (`Relation` of EventRelation: User, Contact or Lead) only offers the fields of every target
+//! through a dotted name; the fields of one target type need `TYPEOF`
+//! (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_select_typeof.htm).
 
 use serde_json::Value;
 
 /// A parsed query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Query {
-    /// Selected fields, as written.
+    /// Selected fields, as written (plain or dotted).
     pub fields: Vec<String>,
+    /// Selected `TYPEOF` clauses.
+    pub typeofs: Vec<TypeOf>,
     /// The sObject.
     pub sobject: String,
     /// Conditions joined by AND.
     pub conditions: Vec<Condition>,
     /// Row limit.
     pub limit: Option<usize>,
+}
+
+/// `TYPEOF Relationship WHEN Type THEN f1, f2 … END`: the fields to read from the related
+/// record, by its type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeOf {
+    /// The polymorphic relationship, e.g. `Relation`.
+    pub relationship: String,
+    /// sObject type → fields.
+    pub whens: Vec<(String, Vec<String>)>,
 }
 
 /// One `field op value` condition.
@@ -132,8 +151,49 @@ pub fn parse(text: &str) -> Result<Query, String> {
     };
     keyword(tokens.next(), "SELECT")?;
     let mut fields = Vec::new();
+    let mut typeofs = Vec::new();
     loop {
         match tokens.next() {
+            Some(Token::Word(w)) if w.eq_ignore_ascii_case("TYPEOF") => {
+                let relationship = match tokens.next() {
+                    Some(Token::Word(r)) => r,
+                    other => return Err(format!("expected a relationship, found {other:?}")),
+                };
+                let mut whens = Vec::new();
+                loop {
+                    match tokens.next() {
+                        Some(Token::Word(w)) if w.eq_ignore_ascii_case("WHEN") => {}
+                        Some(Token::Word(w))
+                            if w.eq_ignore_ascii_case("END") && !whens.is_empty() =>
+                        {
+                            break;
+                        }
+                        other => return Err(format!("expected WHEN or END, found {other:?}")),
+                    }
+                    let sobject = match tokens.next() {
+                        Some(Token::Word(t)) => t,
+                        other => return Err(format!("expected a type, found {other:?}")),
+                    };
+                    keyword(tokens.next(), "THEN")?;
+                    let mut then = Vec::new();
+                    loop {
+                        match tokens.next() {
+                            Some(Token::Word(f)) => then.push(f),
+                            other => return Err(format!("expected a field, found {other:?}")),
+                        }
+                        if tokens.peek() == Some(&Token::Symbol(",")) {
+                            tokens.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    whens.push((sobject, then));
+                }
+                typeofs.push(TypeOf {
+                    relationship,
+                    whens,
+                });
+            }
             Some(Token::Word(w)) => fields.push(w),
             other => return Err(format!("expected a field, found {other:?}")),
         }
@@ -205,6 +265,7 @@ pub fn parse(text: &str) -> Result<Query, String> {
     }
     Ok(Query {
         fields,
+        typeofs,
         sobject,
         conditions,
         limit,
@@ -223,10 +284,17 @@ fn equal(stored: Option<&Value>, literal: &Value) -> bool {
 impl Condition {
     /// True when the record's fields satisfy the condition.
     pub fn matches(&self, fields: &serde_json::Map<String, Value>) -> bool {
-        let stored = fields
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(&self.field))
-            .map(|(_, v)| v);
+        self.matches_value(
+            fields
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(&self.field))
+                .map(|(_, v)| v),
+        )
+    }
+
+    /// True when the condition's field, resolved by the caller (a dotted name follows a
+    /// relationship), has a matching value.
+    pub fn matches_value(&self, stored: Option<&Value>) -> bool {
         match self.op {
             Op::Eq => equal(stored, &self.values[0]),
             Op::Ne => !equal(stored, &self.values[0]),
@@ -255,6 +323,30 @@ mod tests {
         );
         assert_eq!(q.conditions[2].op, Op::In);
         assert_eq!(q.limit, Some(1));
+    }
+
+    #[test]
+    fn parses_relationships_and_typeof() {
+        let q = parse(
+            "SELECT Id, Event.BookMe__Booking_Id__c, TYPEOF Relation WHEN Lead THEN Id, \
+             BookMe__Lead_Key__c END, IsParent FROM EventRelation \
+             WHERE Event.BookMe__Booking_Id__c IN ('bk_1', 'bk_2')",
+        )
+        .unwrap();
+        assert_eq!(q.fields, ["Id", "Event.BookMe__Booking_Id__c", "IsParent"]);
+        assert_eq!(
+            q.typeofs,
+            [TypeOf {
+                relationship: "Relation".into(),
+                whens: vec![(
+                    "Lead".into(),
+                    vec!["Id".into(), "BookMe__Lead_Key__c".into()]
+                )],
+            }]
+        );
+        assert_eq!(q.conditions[0].field, "Event.BookMe__Booking_Id__c");
+        assert!(parse("SELECT TYPEOF Relation END FROM EventRelation").is_err());
+        assert!(parse("SELECT TYPEOF Relation WHEN Lead Id END FROM EventRelation").is_err());
     }
 
     #[test]

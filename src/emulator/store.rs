@@ -118,6 +118,39 @@ fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
     })
 }
 
+/// A boolean field of a record (absent is false).
+fn flag(record: &Record, field: &str) -> bool {
+    record.fields.get(field) == Some(&Value::Bool(true))
+}
+
+/// The event of an EventRelation record.
+fn relation_event(record: &Record) -> Option<String> {
+    (record.sobject == "EventRelation")
+        .then(|| {
+            record
+                .fields
+                .get("EventId")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .flatten()
+}
+
+/// EventRelation's defaults on create: the flags false, except `IsInvitee`, true when none of
+/// the three is given (O-er).
+fn relation_defaults(fields: &mut Map<String, Value>) {
+    let given = ["IsInvitee", "IsParent", "IsWhat"]
+        .iter()
+        .any(|f| fields.get(*f).is_some_and(|v| !v.is_null()));
+    for name in ["IsInvitee", "IsParent", "IsWhat"] {
+        let default = name == "IsInvitee" && !given;
+        let entry = fields.entry(name).or_insert(Value::Bool(default));
+        if entry.is_null() {
+            *entry = Value::Bool(default);
+        }
+    }
+}
+
 fn err(code: &str, message: impl Into<String>, fields: &[&str]) -> ApiError {
     ApiError::new(
         code,
@@ -377,6 +410,9 @@ impl Store {
                 fields.insert("Status".into(), first.clone().into());
             }
         }
+        if object.name == "EventRelation" {
+            relation_defaults(&mut fields);
+        }
         let record = Record {
             sobject: object.name.clone(),
             fields,
@@ -398,8 +434,12 @@ impl Store {
         record
             .fields
             .insert("LastModifiedById".into(), ctx.user_id.into());
+        let event_id = relation_event(&record);
         self.insert_raw(id.clone(), record, ctx.org);
         self.journal.push(Undo::Created(id.clone()));
+        if let Some(event_id) = event_id {
+            self.sync_who(&event_id, ctx.org);
+        }
         Ok(id)
     }
 
@@ -446,8 +486,12 @@ impl Store {
         record
             .fields
             .insert("LastModifiedById".into(), ctx.user_id.into());
+        let event_id = relation_event(&record);
         self.replace_raw(id, record, ctx.org);
         self.journal.push(Undo::Replaced(id.to_owned(), old));
+        if let Some(event_id) = event_id {
+            self.sync_who(&event_id, ctx.org);
+        }
         Ok(())
     }
 
@@ -470,8 +514,129 @@ impl Store {
             .get(id)
             .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        // An event's relations are deleted with it (EventRelation, O-er).
+        if old.sobject == "Event" {
+            let relations: Vec<String> = self
+                .relations_of(id)
+                .map(|(relation_id, _)| relation_id.to_owned())
+                .collect();
+            for relation_id in relations {
+                if let Some(relation) = self.records.get(&relation_id).cloned() {
+                    self.remove_raw(&relation_id, ctx.org);
+                    self.journal.push(Undo::Deleted(relation_id, relation));
+                }
+            }
+        }
+        let event_id = relation_event(&old);
         self.remove_raw(id, ctx.org);
         self.journal.push(Undo::Deleted(id.to_owned(), old));
+        if let Some(event_id) = event_id {
+            self.sync_who(&event_id, ctx.org);
+        }
+        Ok(())
+    }
+
+    /// The EventRelation records of an event: (id, record).
+    fn relations_of<'a>(
+        &'a self,
+        event_id: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Record)> {
+        self.by_object
+            .get("EventRelation")
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter_map(|id| self.records.get(id).map(|r| (id.as_str(), r)))
+            .filter(move |(_, r)| r.fields.get("EventId").and_then(Value::as_str) == Some(event_id))
+    }
+
+    /// Keeps the event's `WhoId` equal to its (first) parent relation: with Shared Activities
+    /// the Who is the relation with `IsParent`, and deleting it clears or promotes the Who
+    /// (EventRelation, O-er).
+    fn sync_who(&mut self, event_id: &str, org: &OrgSpec) {
+        let who = self
+            .relations_of(event_id)
+            .find(|(_, r)| flag(r, "IsParent"))
+            .and_then(|(_, r)| r.fields.get("RelationId").cloned())
+            .unwrap_or(Value::Null);
+        let Some(event) = self.records.get(event_id).cloned() else {
+            return;
+        };
+        if event.fields.get("WhoId").unwrap_or(&Value::Null) == &who {
+            return;
+        }
+        let mut changed = event.clone();
+        changed.fields.insert("WhoId".into(), who);
+        self.replace_raw(event_id, changed, org);
+        self.journal
+            .push(Undo::Replaced(event_id.to_owned(), event));
+    }
+
+    /// EventRelation's rules (O-er): one relation per person and event (a person who is both
+    /// invitee and parent has one relation with both flags), one lead or up to 50 contacts as
+    /// parents, up to 1,000 invitees. Salesforce documents the limits, not the error bodies:
+    /// these follow the shapes of its duplicate and integrity errors.
+    fn check_relation(&self, record: &Record, own_id: Option<&str>) -> Result<(), Vec<ApiError>> {
+        let event_id = record
+            .fields
+            .get("EventId")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let person = record.fields.get("RelationId").and_then(Value::as_str);
+        let others: Vec<&Record> = self
+            .relations_of(event_id)
+            .filter(|(id, _)| Some(*id) != own_id)
+            .map(|(_, r)| r)
+            .collect();
+        if let Some((other, _)) = self
+            .relations_of(event_id)
+            .filter(|(id, _)| Some(*id) != own_id)
+            .find(|(_, r)| r.fields.get("RelationId").and_then(Value::as_str) == person)
+        {
+            return Err(vec![err(
+                "DUPLICATE_VALUE",
+                format!(
+                    "duplicate value found: RelationId duplicates value on record with id: {other}"
+                ),
+                &[],
+            )]);
+        }
+        let type_of = |r: &Record| {
+            r.fields
+                .get("RelationId")
+                .and_then(Value::as_str)
+                .and_then(|id| self.records.get(id))
+                .map(|t| t.sobject.clone())
+                .unwrap_or_default()
+        };
+        if flag(record, "IsParent") {
+            let parents: Vec<String> = others
+                .iter()
+                .filter(|r| flag(r, "IsParent"))
+                .map(|r| type_of(r))
+                .collect();
+            let kind = type_of(record);
+            let too_many = if kind == "Lead" || parents.iter().any(|k| k == "Lead") {
+                !parents.is_empty()
+            } else {
+                parents.len() >= 50
+            };
+            if too_many {
+                return Err(vec![err(
+                    "FIELD_INTEGRITY_EXCEPTION",
+                    "Relation ID: An event can be related to one lead or up to 50 contacts",
+                    &["RelationId"],
+                )]);
+            }
+        }
+        if flag(record, "IsInvitee")
+            && others.iter().filter(|r| flag(r, "IsInvitee")).count() >= 1000
+        {
+            return Err(vec![err(
+                "FIELD_INTEGRITY_EXCEPTION",
+                "Relation ID: An event can have up to 1,000 invitees",
+                &["RelationId"],
+            )]);
+        }
         Ok(())
     }
 
@@ -693,6 +858,10 @@ impl Store {
         record: &Record,
         old: Option<&Record>,
     ) -> Result<(), Vec<ApiError>> {
+        if object.name == "EventRelation" {
+            let own_id = old.and_then(|o| o.fields.get("Id")).and_then(Value::as_str);
+            self.check_relation(record, own_id)?;
+        }
         if object.name == "Event" {
             let start = record.fields.get("StartDateTime").and_then(Value::as_str);
             let end = record.fields.get("EndDateTime").and_then(Value::as_str);

@@ -7,6 +7,8 @@
 //! before the next start), and an entry that does not decode is treated as a miss and
 //! overwritten.
 
+pub mod relations;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,6 +93,9 @@ type LookupLocks =
 pub struct Caches {
     users: sled::Tree,
     ledger: sled::Tree,
+    /// `tenant/booking_id` → the Event's relations after the last graph written (see
+    /// [`relations`]); expired with the ledger entry of the same key.
+    relations: sled::Tree,
     describes: sled::Tree,
     tenants: sled::Tree,
     db: sled::Db,
@@ -184,6 +189,7 @@ impl Caches {
         Ok(Self {
             users: db.open_tree("users")?,
             ledger: db.open_tree("ledger")?,
+            relations: db.open_tree("relations")?,
             describes: db.open_tree("describe")?,
             tenants: db.open_tree("tenants")?,
             db,
@@ -335,6 +341,7 @@ impl Caches {
                     .compare_and_swap(&k, Some(&v), None::<&[u8]>)
                     .is_ok_and(|swapped| swapped.is_ok())
             {
+                let _ = self.relations.remove(&k);
                 removed += 1;
             }
         }

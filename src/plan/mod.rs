@@ -5,6 +5,7 @@
 //! enrichment) and can reach nothing outside it. Undefined names are errors, so a typo in a
 //! mapping fails at compile or render time instead of writing an empty field.
 
+pub mod relations;
 pub mod validate;
 
 use serde::Serialize;
@@ -57,6 +58,7 @@ pub struct CompiledMapping {
     api_version: String,
     env: minijinja::Environment<'static>,
     records: Vec<CompiledRecord>,
+    relations: Option<relations::RelationSpec>,
 }
 
 impl std::fmt::Debug for CompiledMapping {
@@ -311,12 +313,16 @@ impl CompiledMapping {
                 });
             }
         }
+        if let Some(mapping) = &tenant.relations {
+            problems.extend(check_relations(t, mapping, &tenant.records));
+        }
         if problems.is_empty() {
             Ok(Self {
                 tenant: tenant.tenant.clone(),
                 api_version: tenant.org.api_version.clone(),
                 env,
                 records,
+                relations: tenant.relations.as_ref().map(relations::RelationSpec::from),
             })
         } else {
             Err(problems)
@@ -357,6 +363,16 @@ impl CompiledMapping {
                 .map(Value::String)
                 .map_err(fail),
         }
+    }
+
+    /// The relations mapping, if the tenant relates records to the Event.
+    pub fn relations(&self) -> Option<&relations::RelationSpec> {
+        self.relations.as_ref()
+    }
+
+    /// The REST API version the nodes' URLs use.
+    pub fn api_version(&self) -> &str {
+        &self.api_version
     }
 
     /// Renders the graph nodes for one booking: upserts in mapping order, then deletes — after
@@ -463,6 +479,66 @@ impl CompiledMapping {
     }
 }
 
+/// The problems of a `[relations]` mapping: it must name an Event record and a per-attendee
+/// record, and the Event may not also set its Who (`WhoId`) when a parent relation does.
+fn check_relations(
+    t: &str,
+    mapping: &crate::config::RelationsMapping,
+    records: &[crate::config::RecordMapping],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let upsert = |name: &str| {
+        records
+            .iter()
+            .find(|r| r.reference == name && r.action == Action::Upsert)
+    };
+    match upsert(&mapping.event) {
+        None => problems.push(format!(
+            "tenant {t}, relations.event: no upsert record has ref {:?}",
+            mapping.event
+        )),
+        Some(event) if event.sobject != "Event" => problems.push(format!(
+            "tenant {t}, relations.event: record {} writes {}, not Event",
+            event.reference, event.sobject
+        )),
+        Some(event)
+            if mapping.parent == crate::config::Parent::First
+                && event.fields.keys().any(|f| f.eq_ignore_ascii_case("WhoId")) =>
+        {
+            problems.push(format!(
+                "tenant {t}, record {}, field WhoId: the parent relation sets the Event's Who; \
+                 remove WhoId (or set relations.parent = \"none\")",
+                event.reference
+            ));
+        }
+        Some(_) => {}
+    }
+    match upsert(&mapping.records) {
+        None => problems.push(format!(
+            "tenant {t}, relations.records: no upsert record has ref {:?}",
+            mapping.records
+        )),
+        Some(record) if record.for_each.is_none() => problems.push(format!(
+            "tenant {t}, relations.records: record {} needs for_each = \"attendees\"",
+            record.reference
+        )),
+        Some(record) if !["Lead", "Contact", "User"].contains(&record.sobject.as_str()) => {
+            problems.push(format!(
+                "tenant {t}, relations.records: record {} writes {}; an Event relates people \
+                 (Lead, Contact, User)",
+                record.reference, record.sobject
+            ));
+        }
+        Some(_) => {}
+    }
+    if mapping.parent == crate::config::Parent::None && !mapping.invitees {
+        problems.push(format!(
+            "tenant {t}, relations: neither parent nor invitees: nothing to relate"
+        ));
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,7 +579,10 @@ mod tests {
         assert_eq!(lead["Email"], "marie.curie@initech.example");
         let ev = nodes[2].body.as_ref().unwrap();
         assert_eq!(ev["OwnerId"], "005000000000001AAA");
-        assert_eq!(ev["WhoId"], "@{lead_0.id}");
+        assert!(
+            ev.get("WhoId").is_none(),
+            "the parent relation sets the Who"
+        );
         let booking = nodes[3].body.as_ref().unwrap();
         assert_eq!(booking["BookMe__Version__c"], 1);
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::batch::{BatchLimits, Batcher};
+use crate::batch::{BatchLimits, Batcher, Relater};
 use crate::config::{Config, TenantConfig};
 use crate::enrich::Caches;
 use crate::plan::CompiledMapping;
@@ -272,11 +272,17 @@ impl Registry {
                         .with_label_values(&[config.tenant.as_str()])
                         .set(0);
                 }
-                let batcher = Batcher::spawn(
+                let relater = mapping.relations().map(|spec| Relater {
+                    spec: spec.clone(),
+                    api_version: mapping.api_version().to_owned(),
+                    caches: self.caches.clone(),
+                });
+                let batcher = Batcher::spawn_relating(
                     client.clone(),
                     self.settings.batch,
                     &self.tracker,
                     self.batch_stop.clone(),
+                    relater,
                 );
                 let gauge = self
                     .metrics

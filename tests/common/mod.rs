@@ -10,6 +10,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use portals_crm::amqp::{self, Publisher, Topology, header_str};
 use portals_crm::config::{Config, TenantConfig};
 use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
+use portals_crm::salesforce::SalesforceClient;
 use portals_crm::service::Service;
 use serde_json::Value;
 
@@ -362,4 +363,25 @@ impl TestEnv {
         self.emulator.stop().await;
         let _ = std::fs::remove_dir_all(&self.cache_dir);
     }
+}
+
+/// One REST call to the emulator as `client`'s user: status and JSON body (null if none).
+pub async fn raw(
+    emulator: &EmulatorHandle,
+    client: &SalesforceClient,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let token = client.token().await.unwrap();
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", emulator.base_url))
+        .bearer_auth(secrecy::ExposeSecret::expose_secret(&token.value));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
