@@ -8,7 +8,7 @@ use rand::Rng;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
-use super::org::{OrgSpec, SObjectSpec};
+use super::org::{OrgSpec, RecordAccess, SObjectSpec};
 use super::soql;
 use super::store::{Ctx, Store, is_valid_id};
 use crate::salesforce::model::{
@@ -190,6 +190,22 @@ impl OrgState {
         Some((user, id.as_str()))
     }
 
+    /// True when `username` can see the record `id` (its sharing; see
+    /// [`OrgSpec::record_access`]). An invisible record does not exist for that user: reads
+    /// answer 404 and an upsert by external id does not match it.
+    fn visible(&self, username: &str, record: &super::store::Record) -> bool {
+        let Some((user, user_id)) = self.user_ctx(username) else {
+            return false;
+        };
+        let ctx = Ctx {
+            org: &self.spec,
+            user,
+            user_id,
+            now: OffsetDateTime::now_utc(),
+        };
+        ctx.record_access(record) > RecordAccess::None
+    }
+
     fn describe_global(&self, username: &str) -> Reply {
         let Some((user, _)) = self.user_ctx(username) else {
             return Reply::not_found();
@@ -300,7 +316,12 @@ impl OrgState {
                 Err(errors) => Reply::errors(400, errors),
             },
             (method, [id]) if is_valid_id(id) && id.starts_with(&object.key_prefix) => {
-                let exists = self.store.get(id).is_some_and(|r| r.sobject == object.name);
+                // Salesforce answers 404 for a record the user cannot see ("verify that there
+                // are no sharing issues", REST API status codes).
+                let exists = self
+                    .store
+                    .get(id)
+                    .is_some_and(|r| r.sobject == object.name && self.visible(username, r));
                 if !exists {
                     return Reply::not_found();
                 }
@@ -362,9 +383,20 @@ impl OrgState {
                 ),
             );
         }
-        let matches = self
+        // The match runs under the user's sharing: a record it cannot see is not matched, so
+        // the upsert inserts and a unique external id then answers DUPLICATE_VALUE naming the
+        // hidden record ("The Unique attribute prevents the creation of duplicates", upsert
+        // docs: https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm).
+        let matches: Vec<String> = self
             .store
-            .find_by_external_id(&object.name, &key_field.name, &value);
+            .find_by_external_id(&object.name, &key_field.name, &value)
+            .into_iter()
+            .filter(|id| {
+                self.store
+                    .get(id)
+                    .is_some_and(|r| self.visible(username, r))
+            })
+            .collect();
         if matches.len() > 1 {
             let urls: Vec<String> = matches
                 .iter()
@@ -500,6 +532,7 @@ impl OrgState {
             .all(&describe.name)
             .into_iter()
             .filter(|r| parsed.conditions.iter().all(|c| c.matches(&r.fields)))
+            .filter(|r| self.visible(username, r))
             .take(parsed.limit.unwrap_or(usize::MAX))
             .map(|r| {
                 let id = r.fields.get("Id").and_then(Value::as_str).unwrap_or_default();

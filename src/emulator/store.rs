@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::org::{FieldAccess, FieldSpec, OrgSpec, SObjectSpec, UserSpec};
+use super::org::{FieldAccess, FieldSpec, OrgSpec, RecordAccess, SObjectSpec, UserSpec};
 use crate::salesforce::model::ApiError;
 
 /// One stored record: the sObject and its field values (canonical field names).
@@ -148,6 +148,29 @@ pub struct Ctx<'a> {
     pub user_id: &'a str,
     /// Now, for CreatedDate / LastModifiedDate.
     pub now: OffsetDateTime,
+}
+
+impl Ctx<'_> {
+    /// What the running user may do with `record` (see [`OrgSpec::record_access`]).
+    pub fn record_access(&self, record: &Record) -> RecordAccess {
+        let Some(object) = self.org.sobject(&record.sobject) else {
+            return RecordAccess::None;
+        };
+        let owner = record.fields.get("OwnerId").and_then(Value::as_str);
+        self.org
+            .record_access(self.user, self.user_id, object, owner)
+    }
+}
+
+/// The error of a write to a record the user may not edit (no Edit on the object, or a record
+/// shared read-only), as Salesforce words it (`StatusCode` in
+/// <https://developer.salesforce.com/docs/atlas.en-us.api.meta/api/sforce_api_calls_concepts_core_data_objects.htm>).
+fn read_only() -> ApiError {
+    err(
+        "INSUFFICIENT_ACCESS_OR_READONLY",
+        "insufficient access rights on object id",
+        &[],
+    )
 }
 
 impl Store {
@@ -402,17 +425,16 @@ impl Store {
         body: &Map<String, Value>,
     ) -> Result<(), Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).edit {
-            return Err(vec![err(
-                "INSUFFICIENT_ACCESS_OR_READONLY",
-                "insufficient access rights on object id",
-                &[],
-            )]);
+            return Err(vec![read_only()]);
         }
         let old = self
             .records
             .get(id)
             .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        if ctx.record_access(&old) < RecordAccess::Edit {
+            return Err(vec![read_only()]);
+        }
         let changes = self.validate_fields(ctx, object, body, false)?;
         let mut record = old.clone();
         for (name, value) in changes {
@@ -448,17 +470,18 @@ impl Store {
         id: &str,
     ) -> Result<(), Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).delete {
-            return Err(vec![err(
-                "INSUFFICIENT_ACCESS_OR_READONLY",
-                "insufficient access rights on object id",
-                &[],
-            )]);
+            return Err(vec![read_only()]);
         }
         let old = self
             .records
             .get(id)
             .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        // Salesforce lets only the owner (or Modify All) delete; edit access is the
+        // emulator's simplification, so a Public Read/Write org can still cancel bookings.
+        if ctx.record_access(&old) < RecordAccess::Edit {
+            return Err(vec![read_only()]);
+        }
         self.remove_raw(id, ctx.org);
         self.journal.push(Undo::Deleted(id.to_owned(), old));
         Ok(())
@@ -521,7 +544,7 @@ impl Store {
                 ));
                 continue;
             }
-            match self.coerce(field, value) {
+            match self.coerce(ctx, field, value) {
                 Ok(v) => {
                     out.insert(field.name.clone(), v);
                 }
@@ -535,7 +558,7 @@ impl Store {
         }
     }
 
-    fn coerce(&self, field: &FieldSpec, value: &Value) -> Result<Value, ApiError> {
+    fn coerce(&self, ctx: &Ctx<'_>, field: &FieldSpec, value: &Value) -> Result<Value, ApiError> {
         let name = field.name.as_str();
         if value.is_null() {
             return if field.nillable {
@@ -651,6 +674,18 @@ impl Store {
                             .iter()
                             .any(|t| t.eq_ignore_ascii_case(&target.sobject)) =>
                     {
+                        // A lookup to a record the user cannot see: Salesforce names the
+                        // record by its 15-character id and no field.
+                        if ctx.record_access(target) == RecordAccess::None {
+                            return Err(err(
+                                "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
+                                format!(
+                                    "insufficient access rights on cross-reference id: {}",
+                                    &full[..15]
+                                ),
+                                &[],
+                            ));
+                        }
                         if target.sobject == "User"
                             && target.fields.get("IsActive") == Some(&Value::Bool(false))
                         {
