@@ -4,7 +4,8 @@
 //! The pipeline, one module per stage, in the order a message flows:
 //! [`amqp`] → [`event`] → [`enrich`] → [`plan`] → [`batch`] → [`salesforce`] → [`outcome`].
 //! [`app`] wires them together from [`config`]; [`telemetry`] observes them; [`emulator`] is the
-//! Salesforce the tests, the demo and the bench run against.
+//! Salesforce the tests, the demo and the bench run against. [`sharing`] recognises writes that
+//! record-level security refused and names their fix, for the outcome and [`doctor`].
 
 pub mod amqp;
 pub mod app;
@@ -22,4 +23,5 @@ pub mod outcome;
 pub mod plan;
 pub mod retry_policy;
 pub mod salesforce;
+pub mod sharing;
 pub mod telemetry;
