@@ -565,8 +565,11 @@ impl Pipeline {
         {
             // A replay: what the mapping deletes is gone already, which rolled the graph back.
             // Write the rest without the deletes.
-            let rest: Vec<Subrequest> =
-                nodes.into_iter().filter(|n| n.method != "DELETE").collect();
+            let rest: Vec<Subrequest> = nodes
+                .iter()
+                .filter(|n| n.method != "DELETE")
+                .cloned()
+                .collect();
             outcome = match tenant
                 .batcher
                 .submit(&booking.booking_id, booking.version, rest)
@@ -589,6 +592,15 @@ impl Pipeline {
                 Disposition::Written
             }
             GraphOutcome::Answered(result) => {
+                if let Some(problem) =
+                    crate::sharing::diagnose(&tenant.client, &self.caches, &result, &nodes).await
+                {
+                    return Disposition::DeadLetter(failure(
+                        problem.reason(),
+                        problem.to_string(),
+                        result.root_error(),
+                    ));
+                }
                 let error = result.root_error();
                 let class = error
                     .as_ref()
