@@ -50,6 +50,18 @@ impl Reply {
         Self::json(status, serde_json::to_value(errors).unwrap_or(Value::Null))
     }
 
+    /// The 400 of a refused record write (DML). Salesforce always writes `fields` in these,
+    /// `[]` when it names none (the failing node of the Composite Graph example in
+    /// `tests/fixtures/salesforce/graph-response-error.json`), unlike request errors such as
+    /// `NOT_FOUND` or `PROCESSING_HALTED`.
+    pub fn record_errors(errors: Vec<ApiError>) -> Self {
+        let body = errors
+            .into_iter()
+            .map(|e| json!({"errorCode": e.error_code, "fields": e.fields, "message": e.message}))
+            .collect();
+        Self::json(400, Value::Array(body))
+    }
+
     /// A one-error Salesforce error array.
     pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
         Self::errors(status, vec![ApiError::new(code, message, vec![])])
@@ -313,7 +325,7 @@ impl OrgState {
                     ));
                     reply
                 }
-                Err(errors) => Reply::errors(400, errors),
+                Err(errors) => Reply::record_errors(errors),
             },
             (method, [id]) if is_valid_id(id) && id.starts_with(&object.key_prefix) => {
                 // Salesforce answers 404 for a record the user cannot see ("verify that there
@@ -339,7 +351,7 @@ impl OrgState {
                         .unwrap_or_else(Reply::not_found),
                     "PATCH" => match self.write(username, &object, Some(id), fields) {
                         Ok(_) => Reply::empty(204),
-                        Err(errors) => Reply::errors(400, errors),
+                        Err(errors) => Reply::record_errors(errors),
                     },
                     "DELETE" => self.delete(username, &object, &id),
                     _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
@@ -431,7 +443,7 @@ impl OrgState {
                         ));
                         reply
                     }
-                    Err(errors) => Reply::errors(400, errors),
+                    Err(errors) => Reply::record_errors(errors),
                 }
             }
             _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
@@ -491,7 +503,7 @@ impl OrgState {
         };
         match store.delete(&ctx, object, id) {
             Ok(()) => Reply::empty(204),
-            Err(errors) => Reply::errors(400, errors),
+            Err(errors) => Reply::record_errors(errors),
         }
     }
 
