@@ -105,21 +105,20 @@ fn share_fix(sobject: &str, level: &str) -> String {
     )
 }
 
-impl fmt::Display for SharingProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl SharingProblem {
+    /// What was refused, naming the tier, without the fix.
+    pub fn condition(&self) -> String {
         match self {
             Self::RecordNotVisible {
                 sobject,
                 key_field,
                 record_id,
-            } => write!(
-                f,
+            } => format!(
                 "{TIER}: the {sobject} {record_id} with this {key_field} exists but is not \
                  shared with the integration user, so the upsert could not see it \
                  (DUPLICATE_VALUE)"
             ),
-            Self::RecordReadOnly { sobject } => write!(
-                f,
+            Self::RecordReadOnly { sobject } => format!(
                 "{TIER}: the integration user can see this {sobject} but not edit it \
                  (INSUFFICIENT_ACCESS_OR_READONLY)"
             ),
@@ -127,14 +126,19 @@ impl fmt::Display for SharingProblem {
                 sobject,
                 record_id,
                 referenced,
-            } => write!(
-                f,
+            } => format!(
                 "{TIER}: the {sobject} refers to {} {record_id}, which the integration user \
                  cannot see (INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY)",
                 referenced.as_deref().unwrap_or("record")
             ),
-        }?;
-        write!(f, "; fix: {}", self.fix())
+        }
+    }
+}
+
+/// The dead-letter message: the condition, then the fix.
+impl fmt::Display for SharingProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; fix: {}", self.condition(), self.fix())
     }
 }
 
