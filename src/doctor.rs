@@ -1,6 +1,6 @@
 //! `portals-crm doctor`: checks a tenant end to end before go-live — sign-in, API access, object
-//! and field permissions of the mapping, external ids, the version guard, quota headroom — and
-//! says, for each miss, what the Salesforce admin must do.
+//! and field permissions of the mapping, external ids, the version guard, record-level sharing,
+//! quota headroom — and says, for each miss, what the Salesforce admin must do.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,6 +10,8 @@ use serde_json::json;
 
 use crate::config::TenantConfig;
 use crate::enrich::Caches;
+use crate::enrich::Enrichment;
+use crate::plan::CompiledMapping;
 use crate::plan::validate::validate;
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::{Graph, GraphRequest, Subrequest};
@@ -173,6 +175,163 @@ fn duplicate_rule_choice(tenant: &TenantConfig) -> Check {
     }
 }
 
+/// A booking the sharing probe renders through the tenant's own mapping (never committed).
+fn probe_event(tenant: &str) -> Option<crate::event::BookingEvent> {
+    let body = json!({
+        "specversion": "1.0",
+        "id": "portals-crm-doctor-sharing-probe",
+        "source": "portals-crm/doctor",
+        "type": "com.bookme.meeting.booked.v1",
+        "time": "2026-01-01T00:00:00Z",
+        "tenantid": tenant,
+        "data": {
+            "booking_id": "portals-crm-doctor-sharing-probe",
+            "version": 1,
+            "status": "booked",
+            "title": "portals-crm doctor probe",
+            "starts_at": "2026-01-01T10:00:00Z",
+            "ends_at": "2026-01-01T10:30:00Z",
+            "timezone": "UTC",
+            "location": "nowhere",
+            "portal": {"id": "doctor", "name": "portals-crm doctor"},
+            "host": {"email": "doctor-probe-host@portals-crm.invalid", "name": "Probe Host"},
+            "attendees": [{"email": "doctor-probe@portals-crm.invalid", "first_name": "Probe",
+                           "last_name": "Doctor", "company": "portals-crm"}],
+            "answers": {},
+            "cancel_reason": null
+        }
+    });
+    crate::event::decode(body.to_string().as_bytes(), usize::MAX).ok()
+}
+
+/// Record-level security, probed without writing anything: one graph writes the mapping's
+/// records for a probe booking, each owned by another active user, then writes them all again
+/// (as a replay or a reschedule would, once the records belong to the host or a sales rep), then
+/// a field that does not exist. The graph always rolls back; the node that fails first says
+/// which object's records the integration user cannot see or edit, and [`crate::sharing`]
+/// names the fix.
+async fn sharing(
+    tenant: &TenantConfig,
+    client: &SalesforceClient,
+    caches: &Caches,
+    me: &str,
+) -> Check {
+    let name = "record sharing (records owned by other users)";
+    let others = client
+        .query(&format!(
+            "SELECT Id FROM User WHERE IsActive = true AND Id != '{me}' LIMIT 1"
+        ))
+        .await;
+    let other = match others {
+        Ok(rows) => match rows
+            .first()
+            .and_then(|r| r.get("Id"))
+            .and_then(|v| v.as_str())
+        {
+            Some(id) => id.to_owned(),
+            None => {
+                return pass(name, "no other active user can own records");
+            }
+        },
+        Err(error) => return fail(name, error.to_string(), "fix the checks above first"),
+    };
+    let (Ok(mapping), Some(event)) = (
+        CompiledMapping::compile(tenant),
+        probe_event(&tenant.tenant),
+    ) else {
+        return fail(
+            name,
+            "the mapping does not render a probe booking",
+            "fix the mapping (portals-crm mapping validate)",
+        );
+    };
+    let enrichment = Enrichment {
+        host_user_id: Some(other.clone()),
+        integration_user_id: me.to_owned(),
+    };
+    let mut nodes = match mapping.build_graph(&event, &enrichment) {
+        Ok(nodes) => nodes,
+        Err(error) => return fail(name, error.to_string(), "fix the mapping"),
+    };
+    nodes.retain(|n| n.method == "PATCH");
+    let mut owned_by_other = Vec::new();
+    for node in &mut nodes {
+        let sobject = node
+            .url
+            .split("/sobjects/")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let ownable = matches!(
+            caches.describe(client, &sobject).await,
+            Ok(Some(d)) if d.field("OwnerId").is_some_and(|f| f.createable)
+        );
+        if let (true, Some(serde_json::Value::Object(body))) = (ownable, node.body.as_mut()) {
+            body.insert("OwnerId".into(), other.clone().into());
+            if !owned_by_other.contains(&sobject) {
+                owned_by_other.push(sobject);
+            }
+        }
+    }
+    let again: Vec<Subrequest> = nodes
+        .iter()
+        .map(|n| Subrequest {
+            reference_id: format!("{}_again", n.reference_id),
+            ..n.clone()
+        })
+        .collect();
+    let Some(first) = nodes.first() else {
+        return pass(name, "the mapping upserts nothing");
+    };
+    let rollback = Subrequest {
+        method: "PATCH".into(),
+        url: first.url.clone(),
+        reference_id: "rollback".into(),
+        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1})),
+    };
+    let mut sent = nodes;
+    sent.extend(again);
+    sent.push(rollback);
+    let request = GraphRequest {
+        graphs: vec![Graph {
+            graph_id: "doctor_sharing".into(),
+            composite_request: sent.clone(),
+        }],
+    };
+    match client.composite_graph(&request).await {
+        Ok(response) => {
+            let Some(result) = response.graphs.first() else {
+                return fail(name, "no graph in the answer", "run doctor again");
+            };
+            if let Some(problem) = crate::sharing::diagnose(client, caches, result, &sent).await {
+                return fail(name, problem.condition(), problem.fix());
+            }
+            match result.root_error() {
+                Some(e) if e.message.contains("PortalsCrmDoctorNoSuchField__c") => pass(
+                    name,
+                    format!(
+                        "the integration user sees and edits {} records owned by another user \
+                         (probe rolled back, nothing written)",
+                        owned_by_other.join(", ")
+                    ),
+                ),
+                Some(e) => fail(
+                    name,
+                    format!("the probe failed with {}: {}", e.error_code, e.message),
+                    "fix the checks above, then run doctor again",
+                ),
+                None => fail(
+                    name,
+                    "the probe was not rolled back as expected",
+                    "check the mapped objects in Setup",
+                ),
+            }
+        }
+        Err(error) => fail(name, error.to_string(), "fix the checks above first"),
+    }
+}
+
 /// Runs every check for one tenant.
 pub async fn check_tenant(
     tenant: &TenantConfig,
@@ -180,11 +339,14 @@ pub async fn check_tenant(
     caches: &Caches,
 ) -> Report {
     let mut checks = Vec::new();
-    match client.token().await {
-        Ok(token) => checks.push(pass(
-            "sign-in",
-            format!("token for the integration user (User Id {})", token.user_id),
-        )),
+    let me = match client.token().await {
+        Ok(token) => {
+            checks.push(pass(
+                "sign-in",
+                format!("token for the integration user (User Id {})", token.user_id),
+            ));
+            token.user_id.clone()
+        }
         Err(error) => {
             checks.push(fail("sign-in", error.to_string(), token_fix(&error)));
             return Report {
@@ -192,7 +354,7 @@ pub async fn check_tenant(
                 checks,
             };
         }
-    }
+    };
     let global = match client.describe_global().await {
         Ok(global) => {
             checks.push(pass(
@@ -247,6 +409,7 @@ pub async fn check_tenant(
         }
     }
     let problems = validate(tenant, &describes);
+    let mapping_ok = problems.is_empty();
     if problems.is_empty() {
         let fields: usize = tenant.records.iter().map(|r| r.fields.len()).sum();
         checks.push(pass(
@@ -267,6 +430,9 @@ pub async fn check_tenant(
         checks.push(version_guard(client).await);
     }
     checks.push(duplicate_rule_choice(tenant));
+    if mapping_ok {
+        checks.push(sharing(tenant, client, caches, &me).await);
+    }
     match client.limits().await {
         Ok(limits) => match limits.get("DailyApiRequests") {
             Some(daily) if daily.max > 0 => {

@@ -13,6 +13,8 @@
 //! - [`outcome`]: the fate of each outcome (one match) and the settling (ack, retry, dead letter).
 //! - [`consumer`]: the AMQP consume loop, reconnects and drain.
 //! - [`admin`]: the admin API over the tenants; [`service`]: wiring and lifecycle.
+//! - [`sharing`]: writes refused by record-level security, recognised and given their fix
+//!   (for the outcome and [`doctor`]).
 //! - [`dlq`], [`doctor`]: the operators' commands. [`telemetry`]: metrics, logs, probes.
 //!
 //! With the `dev-tools` feature (on by default, off in the production image): [`emulator`], the
@@ -34,6 +36,7 @@ pub mod plan;
 pub mod retry_policy;
 pub mod salesforce;
 pub mod service;
+pub mod sharing;
 pub mod telemetry;
 pub mod tenants;
 

@@ -8,7 +8,7 @@ use rand::Rng;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
-use super::org::{OrgSpec, SObjectSpec};
+use super::org::{OrgSpec, RecordAccess, SObjectSpec};
 use super::soql;
 use super::store::{Ctx, Store, is_valid_id};
 use crate::salesforce::model::{
@@ -48,6 +48,25 @@ impl Reply {
     /// A Salesforce error array.
     pub fn errors(status: u16, errors: Vec<ApiError>) -> Self {
         Self::json(status, serde_json::to_value(errors).unwrap_or(Value::Null))
+    }
+
+    /// The 400 of a refused record write (DML). Salesforce always writes `fields` in these,
+    /// `[]` when it names none (the failing node of the Composite Graph example in
+    /// `tests/fixtures/salesforce/graph-response-error.json`), unlike request errors such as
+    /// `NOT_FOUND` or `PROCESSING_HALTED`.
+    pub fn record_errors(errors: Vec<ApiError>) -> Self {
+        let body = errors
+            .into_iter()
+            .map(|e| {
+                let fields = json!(e.fields);
+                let mut error = serde_json::to_value(e).unwrap_or(Value::Null);
+                if let Value::Object(error) = &mut error {
+                    error.insert("fields".into(), fields);
+                }
+                error
+            })
+            .collect();
+        Self::json(400, Value::Array(body))
     }
 
     /// A one-error Salesforce error array.
@@ -198,6 +217,23 @@ impl OrgState {
         Some((user, id.as_str()))
     }
 
+    /// True when `username` can see the record `id` (its sharing; see
+    /// [`OrgSpec::record_access`]). An invisible record does not exist for that user: reads
+    /// answer 404 and an upsert by external id does not match it.
+    fn visible(&self, username: &str, record: &super::store::Record) -> bool {
+        let Some((user, user_id)) = self.user_ctx(username) else {
+            return false;
+        };
+        let ctx = Ctx {
+            org: &self.spec,
+            user,
+            user_id,
+            now: OffsetDateTime::now_utc(),
+            allow_save: self.allow_save,
+        };
+        ctx.record_access(record) > RecordAccess::None
+    }
+
     fn describe_global(&self, username: &str) -> Reply {
         let Some((user, _)) = self.user_ctx(username) else {
             return Reply::not_found();
@@ -305,10 +341,15 @@ impl OrgState {
                     ));
                     reply
                 }
-                Err(errors) => Reply::errors(400, errors),
+                Err(errors) => Reply::record_errors(errors),
             },
             (method, [id]) if is_valid_id(id) && id.starts_with(&object.key_prefix) => {
-                let exists = self.store.get(id).is_some_and(|r| r.sobject == object.name);
+                // Salesforce answers 404 for a record the user cannot see ("verify that there
+                // are no sharing issues", REST API status codes).
+                let exists = self
+                    .store
+                    .get(id)
+                    .is_some_and(|r| r.sobject == object.name && self.visible(username, r));
                 if !exists {
                     return Reply::not_found();
                 }
@@ -326,7 +367,7 @@ impl OrgState {
                         .unwrap_or_else(Reply::not_found),
                     "PATCH" => match self.write(username, &object, Some(id), fields) {
                         Ok(_) => Reply::empty(204),
-                        Err(errors) => Reply::errors(400, errors),
+                        Err(errors) => Reply::record_errors(errors),
                     },
                     "DELETE" => self.delete(username, &object, &id),
                     _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
@@ -370,9 +411,20 @@ impl OrgState {
                 ),
             );
         }
-        let matches = self
+        // The match runs under the user's sharing: a record it cannot see is not matched, so
+        // the upsert inserts and a unique external id then answers DUPLICATE_VALUE naming the
+        // hidden record ("The Unique attribute prevents the creation of duplicates", upsert
+        // docs: https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm).
+        let matches: Vec<String> = self
             .store
-            .find_by_external_id(&object.name, &key_field.name, &value);
+            .find_by_external_id(&object.name, &key_field.name, &value)
+            .into_iter()
+            .filter(|id| {
+                self.store
+                    .get(id)
+                    .is_some_and(|r| self.visible(username, r))
+            })
+            .collect();
         // "If the external ID matches multiple existing records, then a 300 error is returned,
         // and no records are created or updated"; the body lists the matching records' URLs
         // (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm).
@@ -411,7 +463,7 @@ impl OrgState {
                         ));
                         reply
                     }
-                    Err(errors) => Reply::errors(400, errors),
+                    Err(errors) => Reply::record_errors(errors),
                 }
             }
             _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
@@ -473,7 +525,7 @@ impl OrgState {
         };
         match store.delete(&ctx, object, id) {
             Ok(()) => Reply::empty(204),
-            Err(errors) => Reply::errors(400, errors),
+            Err(errors) => Reply::record_errors(errors),
         }
     }
 
@@ -511,6 +563,7 @@ impl OrgState {
                     .iter()
                     .all(|(c, column)| c.matches_value(self.column_value(r, column).as_ref()))
             })
+            .filter(|r| self.visible(username, r))
             .take(parsed.limit.unwrap_or(usize::MAX))
             .map(|r| {
                 let mut row = Map::new();

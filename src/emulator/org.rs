@@ -34,6 +34,9 @@ pub struct OrgSpec {
     /// Contact and Account rules on; the demo org models the Lead one.
     #[serde(default)]
     pub duplicate_rules: Vec<DuplicateRule>,
+    /// Sharing rules.
+    #[serde(default)]
+    pub sharing_rules: Vec<SharingRule>,
     /// sObjects.
     pub sobjects: Vec<SObjectSpec>,
 }
@@ -132,7 +135,8 @@ pub struct PermissionSet {
     /// Label.
     #[serde(default)]
     pub label: String,
-    /// Object permissions: letters of `CRUD`.
+    /// Object permissions: letters of `CRUD`, plus `V` (View All: read every record whatever
+    /// its sharing) and `M` (Modify All: read, edit and delete every record).
     #[serde(default)]
     pub objects: BTreeMap<String, String>,
     /// Field permissions `Object.Field` → `read` | `edit`.
@@ -218,8 +222,58 @@ pub struct SObjectSpec {
     /// Custom object.
     #[serde(default)]
     pub custom: bool,
+    /// The org-wide default for records of this object (default `ReadWrite`).
+    #[serde(default)]
+    pub sharing_model: SharingModel,
     /// Fields besides the system fields every object has.
     pub fields: Vec<FieldSpec>,
+}
+
+impl SObjectSpec {
+    /// True when records have an owner (an `OwnerId` field), so sharing applies to them.
+    pub fn has_owner(&self) -> bool {
+        self.fields.iter().any(|f| f.name == "OwnerId")
+    }
+}
+
+/// An object's org-wide default (OWD), with the values of the metadata API's `sharingModel`
+/// (Setup labels "Private", "Public Read Only", "Public Read/Write"): what a user may do with a
+/// record owned by someone else when nothing else (ownership, View All / Modify All, a sharing
+/// rule) grants more.
+/// <https://help.salesforce.com/s/articleView?id=sf.sharing_model_fields.htm>
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum SharingModel {
+    /// Only the owner (and users above, or with View All / Modify All) see the record.
+    Private,
+    /// Public Read Only: everyone sees it, only the owner edits.
+    Read,
+    /// Public Read/Write: everyone sees and edits it.
+    #[default]
+    ReadWrite,
+}
+
+/// A sharing rule: records of `sobject` owned by anyone are shared with `shared_with` at
+/// `access_level` (an owner-based rule for "all internal users" as owners).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharingRule {
+    /// The object whose records are shared.
+    pub sobject: String,
+    /// Username the records are shared with.
+    pub shared_with: String,
+    /// `Read` or `Edit`.
+    pub access_level: RecordAccess,
+}
+
+/// What a user may do with one record (after object permissions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+pub enum RecordAccess {
+    /// Invisible: queries skip it, an upsert by external id does not match it.
+    None,
+    /// Visible, read-only.
+    Read,
+    /// Visible and editable.
+    Edit,
 }
 
 /// A field.
@@ -279,6 +333,10 @@ pub struct ObjectAccess {
     pub edit: bool,
     /// Delete records.
     pub delete: bool,
+    /// "View All": read every record of the object, whatever its sharing.
+    pub view_all: bool,
+    /// "Modify All": read, edit and delete every record of the object, whatever its sharing.
+    pub modify_all: bool,
 }
 
 /// What a user may do with a field.
@@ -345,6 +403,14 @@ impl OrgSpec {
                 }
             }
         }
+        for rule in &self.sharing_rules {
+            if self.sobject(&rule.sobject).is_none() {
+                problems.push(format!("sharing rule: unknown sObject {}", rule.sobject));
+            }
+            if self.user(&rule.shared_with).is_none() {
+                problems.push(format!("sharing rule: unknown user {}", rule.shared_with));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -395,12 +461,80 @@ impl OrgSpec {
             else {
                 continue;
             };
+            // Salesforce grants Modify All only with Read, Edit, Delete and View All.
+            let modify_all = letters.contains('M');
             access.create |= letters.contains('C');
             access.read |= letters.contains('R') || !letters.is_empty();
-            access.edit |= letters.contains('U');
-            access.delete |= letters.contains('D');
+            access.edit |= letters.contains('U') || modify_all;
+            access.delete |= letters.contains('D') || modify_all;
+            access.view_all |= letters.contains('V') || modify_all;
+            access.modify_all |= modify_all;
         }
         access
+    }
+
+    /// Record-level security: what `user` (whose User Id is `user_id`) may do with a record of
+    /// `sobject` owned by `owner_id`. The most any source grants: ownership, Modify All / View
+    /// All, the org-wide default, a sharing rule. Objects without owners are not shared.
+    /// <https://help.salesforce.com/s/articleView?id=sf.security_data_access.htm>
+    pub fn record_access(
+        &self,
+        user: &UserSpec,
+        user_id: &str,
+        sobject: &SObjectSpec,
+        owner_id: Option<&str>,
+    ) -> RecordAccess {
+        let access = self.object_access(user, &sobject.name);
+        if !access.read {
+            return RecordAccess::None;
+        }
+        if !sobject.has_owner() || owner_id == Some(user_id) || access.modify_all {
+            return RecordAccess::Edit;
+        }
+        let by_default = match sobject.sharing_model {
+            SharingModel::Private => RecordAccess::None,
+            SharingModel::Read => RecordAccess::Read,
+            SharingModel::ReadWrite => RecordAccess::Edit,
+        };
+        let by_view_all = if access.view_all {
+            RecordAccess::Read
+        } else {
+            RecordAccess::None
+        };
+        let by_rule = self
+            .sharing_rules
+            .iter()
+            .filter(|r| {
+                r.sobject.eq_ignore_ascii_case(&sobject.name)
+                    && r.shared_with.eq_ignore_ascii_case(&user.username)
+            })
+            .map(|r| r.access_level)
+            .max()
+            .unwrap_or(RecordAccess::None);
+        by_default.max(by_view_all).max(by_rule)
+    }
+
+    /// Sets an object's org-wide default (the `/__emulator/org` endpoint).
+    pub fn set_sharing_model(&mut self, sobject: &str, model: SharingModel) -> Result<(), String> {
+        let object = self
+            .sobjects
+            .iter_mut()
+            .find(|o| o.name.eq_ignore_ascii_case(sobject))
+            .ok_or_else(|| format!("unknown sObject {sobject}"))?;
+        object.sharing_model = model;
+        Ok(())
+    }
+
+    /// Adds a sharing rule (the `/__emulator/org` endpoint).
+    pub fn add_sharing_rule(&mut self, rule: SharingRule) -> Result<(), String> {
+        if self.sobject(&rule.sobject).is_none() {
+            return Err(format!("unknown sObject {}", rule.sobject));
+        }
+        if self.user(&rule.shared_with).is_none() {
+            return Err(format!("unknown user {}", rule.shared_with));
+        }
+        self.sharing_rules.push(rule);
+        Ok(())
     }
 
     /// Field-level security: system and required fields are always editable (Salesforce does not
@@ -580,6 +714,49 @@ mod tests {
         assert!(!org.object_access(limited, "Event").delete);
         let contact = org.sobject("Contact").unwrap();
         assert!(org.describe_for(limited, contact).is_none());
+    }
+
+    #[test]
+    fn record_access_follows_owner_defaults_rules_and_modify_all() {
+        let mut org = OrgSpec::demo();
+        let integration = org.user("integration@bookme-demo.example").unwrap().clone();
+        let lead = |org: &OrgSpec| org.sobject("Lead").unwrap().clone();
+        let access = |org: &OrgSpec, owner| {
+            org.record_access(&integration, "005me", &lead(org), Some(owner))
+        };
+        assert_eq!(
+            access(&org, "005other"),
+            RecordAccess::Edit,
+            "demo: Public Read/Write"
+        );
+        org.set_sharing_model("Lead", SharingModel::Read).unwrap();
+        assert_eq!(access(&org, "005other"), RecordAccess::Read);
+        org.set_sharing_model("Lead", SharingModel::Private)
+            .unwrap();
+        assert_eq!(access(&org, "005other"), RecordAccess::None);
+        assert_eq!(access(&org, "005me"), RecordAccess::Edit, "its own record");
+        org.set_permission("BookMe_Integration_User", Some("Lead"), None, "CRUV")
+            .unwrap();
+        assert_eq!(access(&org, "005other"), RecordAccess::Read, "View All");
+        org.set_permission("BookMe_Integration_User", Some("Lead"), None, "CRUM")
+            .unwrap();
+        assert_eq!(access(&org, "005other"), RecordAccess::Edit, "Modify All");
+        assert!(org.object_access(&integration, "Lead").delete);
+        org.set_permission("BookMe_Integration_User", Some("Lead"), None, "CRU")
+            .unwrap();
+        org.add_sharing_rule(SharingRule {
+            sobject: "Lead".into(),
+            shared_with: integration.username.clone(),
+            access_level: RecordAccess::Edit,
+        })
+        .unwrap();
+        assert_eq!(access(&org, "005other"), RecordAccess::Edit, "sharing rule");
+        let user = org.sobject("User").unwrap().clone();
+        assert_eq!(
+            org.record_access(&integration, "005me", &user, None),
+            RecordAccess::Edit,
+            "objects without owners are not shared"
+        );
     }
 
     #[test]

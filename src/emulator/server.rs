@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::engine::{Call, Meta, OrgState, Reply};
 use super::faults::{FaultSpec, Faults, Injected};
-use super::org::OrgSpec;
+use super::org::{OrgSpec, SharingModel, SharingRule};
 
 /// API versions the emulator serves (Composite Graph needs 50.0+).
 pub const VERSIONS: std::ops::RangeInclusive<u32> = 50..=67;
@@ -535,13 +535,57 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     )
 }
 
+/// One org change. Exactly one of: a permission (`permission_set` with `object` or `field`, and
+/// `access`), an org-wide default (`sobject` with `sharing_model`), or a `sharing_rule`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrgChange {
-    permission_set: String,
+    permission_set: Option<String>,
     object: Option<String>,
     field: Option<String>,
-    access: String,
+    access: Option<String>,
+    sobject: Option<String>,
+    sharing_model: Option<SharingModel>,
+    sharing_rule: Option<SharingRule>,
+}
+
+impl OrgChange {
+    fn apply(self, org: &mut OrgSpec) -> Result<(), String> {
+        match self {
+            Self {
+                permission_set: Some(set),
+                access: Some(access),
+                sobject: None,
+                sharing_model: None,
+                sharing_rule: None,
+                object,
+                field,
+            } => org.set_permission(&set, object.as_deref(), field.as_deref(), &access),
+            Self {
+                sobject: Some(sobject),
+                sharing_model: Some(model),
+                permission_set: None,
+                object: None,
+                field: None,
+                access: None,
+                sharing_rule: None,
+            } => org.set_sharing_model(&sobject, model),
+            Self {
+                sharing_rule: Some(rule),
+                permission_set: None,
+                object: None,
+                field: None,
+                access: None,
+                sobject: None,
+                sharing_model: None,
+            } => org.add_sharing_rule(rule),
+            _ => Err(
+                "give a permission (permission_set, object or field, access), an \
+                      org-wide default (sobject, sharing_model) or a sharing_rule"
+                    .into(),
+            ),
+        }
+    }
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -550,12 +594,7 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
         Err(e) => return json_response(400, Some(json!({"error": e.to_string()})), vec![]),
     };
     let mut inner = shared.lock();
-    match inner.org.spec.set_permission(
-        &change.permission_set,
-        change.object.as_deref(),
-        change.field.as_deref(),
-        &change.access,
-    ) {
+    match change.apply(&mut inner.org.spec) {
         Ok(()) => {
             inner.org.touch_schema();
             json_response(200, Some(json!({"changed": true})), vec![])

@@ -6,7 +6,9 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::org::{DuplicateAction, FieldAccess, FieldSpec, OrgSpec, SObjectSpec, UserSpec};
+use super::org::{
+    DuplicateAction, FieldAccess, FieldSpec, OrgSpec, RecordAccess, SObjectSpec, UserSpec,
+};
 use crate::salesforce::model::ApiError;
 
 /// One stored record: the sObject and its field values (canonical field names).
@@ -190,6 +192,29 @@ pub struct Ctx<'a> {
     pub now: OffsetDateTime,
     /// The request carried `Sforce-Duplicate-Rule-Header: allowSave=true`.
     pub allow_save: bool,
+}
+
+impl Ctx<'_> {
+    /// What the running user may do with `record` (see [`OrgSpec::record_access`]).
+    pub fn record_access(&self, record: &Record) -> RecordAccess {
+        let Some(object) = self.org.sobject(&record.sobject) else {
+            return RecordAccess::None;
+        };
+        let owner = record.fields.get("OwnerId").and_then(Value::as_str);
+        self.org
+            .record_access(self.user, self.user_id, object, owner)
+    }
+}
+
+/// The error of a write to a record the user may not edit (no Edit on the object, or a record
+/// shared read-only), as Salesforce words it (`StatusCode` in
+/// <https://developer.salesforce.com/docs/atlas.en-us.api.meta/api/sforce_api_calls_concepts_core_data_objects.htm>).
+fn read_only() -> ApiError {
+    err(
+        "INSUFFICIENT_ACCESS_OR_READONLY",
+        "insufficient access rights on object id",
+        &[],
+    )
 }
 
 impl Store {
@@ -452,17 +477,16 @@ impl Store {
         body: &Map<String, Value>,
     ) -> Result<(), Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).edit {
-            return Err(vec![err(
-                "INSUFFICIENT_ACCESS_OR_READONLY",
-                "insufficient access rights on object id",
-                &[],
-            )]);
+            return Err(vec![read_only()]);
         }
         let old = self
             .records
             .get(id)
             .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        if ctx.record_access(&old) < RecordAccess::Edit {
+            return Err(vec![read_only()]);
+        }
         let changes = self.validate_fields(ctx, object, body, false)?;
         let mut record = old.clone();
         for (name, value) in changes {
@@ -503,17 +527,18 @@ impl Store {
         id: &str,
     ) -> Result<(), Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).delete {
-            return Err(vec![err(
-                "INSUFFICIENT_ACCESS_OR_READONLY",
-                "insufficient access rights on object id",
-                &[],
-            )]);
+            return Err(vec![read_only()]);
         }
         let old = self
             .records
             .get(id)
             .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
+        // Salesforce lets only the owner (or Modify All) delete; edit access is the
+        // emulator's simplification, so a Public Read/Write org can still cancel bookings.
+        if ctx.record_access(&old) < RecordAccess::Edit {
+            return Err(vec![read_only()]);
+        }
         // An event's relations are deleted with it (EventRelation, O-er).
         if old.sobject == "Event" {
             let relations: Vec<String> = self
@@ -697,7 +722,7 @@ impl Store {
                 ));
                 continue;
             }
-            match self.coerce(field, value) {
+            match self.coerce(ctx, field, value) {
                 Ok(v) => {
                     out.insert(field.name.clone(), v);
                 }
@@ -711,7 +736,7 @@ impl Store {
         }
     }
 
-    fn coerce(&self, field: &FieldSpec, value: &Value) -> Result<Value, ApiError> {
+    fn coerce(&self, ctx: &Ctx<'_>, field: &FieldSpec, value: &Value) -> Result<Value, ApiError> {
         let name = field.name.as_str();
         if value.is_null() {
             return if field.nillable {
@@ -827,6 +852,18 @@ impl Store {
                             .iter()
                             .any(|t| t.eq_ignore_ascii_case(&target.sobject)) =>
                     {
+                        // A lookup to a record the user cannot see: Salesforce names the
+                        // record by its 15-character id and no field.
+                        if ctx.record_access(target) == RecordAccess::None {
+                            return Err(err(
+                                "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY",
+                                format!(
+                                    "insufficient access rights on cross-reference id: {}",
+                                    &full[..15]
+                                ),
+                                &[],
+                            ));
+                        }
                         if target.sobject == "User"
                             && target.fields.get("IsActive") == Some(&Value::Bool(false))
                         {

@@ -11,6 +11,7 @@
 //! | mapping cannot render | dead letter | `mapping_error` |
 //! | circuit open | retry, not before the next probe | `circuit_open` |
 //! | worker shutting down | retry | `shutting_down` |
+//! | record-level security (sharing) refused a node | dead letter | `salesforce_sharing_<condition>` |
 //! | Salesforce request failed / graph rolled back | by [`Class`]: success → ack; superseded (`STALE_BOOKING_VERSION`) → ack; transient → retry; permanent → dead letter | `salesforce_<code>`, or `salesforce_unavailable` without a code |
 
 use super::reason::Reason;
@@ -18,6 +19,7 @@ use crate::pipeline::{Failure, Outcome};
 use crate::salesforce::Class;
 use crate::salesforce::error::classify_api_error;
 use crate::salesforce::model::ApiError;
+use crate::sharing::SharingProblem;
 
 /// Why a message was retried or dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +89,17 @@ pub fn decide(outcome: Outcome) -> Disposition {
             Failure::Salesforce(error) => {
                 by_class(error.class(), error.api_error().cloned(), error.to_string())
             }
+            Failure::Sharing { problem, cause } => Disposition::DeadLetter(Cause {
+                reason: match problem {
+                    SharingProblem::RecordNotVisible { .. } => Reason::SharingRecordNotVisible,
+                    SharingProblem::RecordReadOnly { .. } => Reason::SharingRecordReadOnly,
+                    SharingProblem::ReferenceNotVisible { .. } => {
+                        Reason::SharingReferenceNotVisible
+                    }
+                },
+                message: problem.to_string(),
+                salesforce: cause,
+            }),
             Failure::Rejected { cause } => {
                 // A rolled-back graph without a named error is Salesforce's trouble, not ours.
                 let class = cause
@@ -265,6 +278,22 @@ mod tests {
                     cause: Some(api("BRAND_NEW_CODE", "?")),
                 }),
                 ("dead_letter", Some("salesforce_other"), None),
+            ),
+            (
+                Outcome::Failed(Failure::Sharing {
+                    problem: SharingProblem::RecordReadOnly {
+                        sobject: "Event".into(),
+                    },
+                    cause: Some(api(
+                        "INSUFFICIENT_ACCESS_OR_READONLY",
+                        "insufficient access rights on object id",
+                    )),
+                }),
+                (
+                    "dead_letter",
+                    Some("salesforce_sharing_record_read_only"),
+                    None,
+                ),
             ),
             (
                 Outcome::Failed(Failure::Rejected { cause: None }),

@@ -88,6 +88,16 @@ pub enum Reason {
     SalesforceUnavailable,
     /// Salesforce refused with this error code (`salesforce_<code>`).
     Salesforce(SalesforceCode),
+    /// Record-level security: an upsert by external id did not see the record it should update
+    /// (owned by someone else, not shared) and collided inserting a new one
+    /// (`salesforce_sharing_record_not_visible`).
+    SharingRecordNotVisible,
+    /// Record-level security: the record is visible but read-only
+    /// (`salesforce_sharing_record_read_only`).
+    SharingRecordReadOnly,
+    /// Record-level security: a lookup names a record the user cannot see
+    /// (`salesforce_sharing_reference_not_visible`).
+    SharingReferenceNotVisible,
     /// Every retry tier was used (`retries_exhausted`).
     RetriesExhausted,
     /// The broker dead-lettered the message itself at the queue's delivery limit
@@ -125,6 +135,9 @@ impl Reason {
                 format!("salesforce_{}", code.to_ascii_lowercase())
             }
             Self::Salesforce(SalesforceCode::Other) => "salesforce_other".into(),
+            Self::SharingRecordNotVisible => "salesforce_sharing_record_not_visible".into(),
+            Self::SharingRecordReadOnly => "salesforce_sharing_record_read_only".into(),
+            Self::SharingReferenceNotVisible => "salesforce_sharing_reference_not_visible".into(),
             Self::RetriesExhausted => "retries_exhausted".into(),
             Self::DeliveryLimit => "delivery_limit".into(),
             Self::BrokerRejected => "broker_rejected".into(),
@@ -152,6 +165,9 @@ impl Reason {
             Self::BrokerOther,
             Self::Unrecognised,
             Self::Salesforce(SalesforceCode::Other),
+            Self::SharingRecordNotVisible,
+            Self::SharingRecordReadOnly,
+            Self::SharingReferenceNotVisible,
         ];
         all.extend(
             SALESFORCE_CODES

@@ -14,6 +14,7 @@ use crate::plan::PlanError;
 use crate::salesforce::SalesforceError;
 use crate::salesforce::circuit::CircuitOpen;
 use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
+use crate::sharing::SharingProblem;
 use crate::telemetry::metrics::Metrics;
 use crate::tenants::{Registry, Tenant};
 
@@ -56,6 +57,14 @@ pub enum Failure {
     Mapping(PlanError),
     /// A Salesforce request failed as a whole (enrichment look-ups, or the batch request).
     Salesforce(Arc<SalesforceError>),
+    /// Record-level security (sharing) refused a node of the graph: `problem` says which and
+    /// how to fix it; `cause` is Salesforce's error.
+    Sharing {
+        /// The condition and its fix.
+        problem: SharingProblem,
+        /// Salesforce's error.
+        cause: Option<ApiError>,
+    },
     /// Salesforce rolled the booking's graph back; `cause` is the first node with a real error.
     Rejected {
         /// The error that rolled the graph back, when Salesforce named one.
@@ -213,8 +222,11 @@ impl Pipeline {
         {
             // A replay: what the mapping deletes is gone already, which rolled the graph back.
             // Write the rest without the deletes.
-            let rest: Vec<Subrequest> =
-                nodes.into_iter().filter(|n| n.method != "DELETE").collect();
+            let rest: Vec<Subrequest> = nodes
+                .iter()
+                .filter(|n| n.method != "DELETE")
+                .cloned()
+                .collect();
             outcome = match tenant
                 .batcher
                 .submit(&booking.booking_id, booking.version, rest)
@@ -236,9 +248,19 @@ impl Pipeline {
                 self.record_write(event, &result, &sobjects);
                 Outcome::Written
             }
-            GraphOutcome::Answered(result) => Outcome::Failed(Failure::Rejected {
-                cause: result.root_error(),
-            }),
+            GraphOutcome::Answered(result) => {
+                // A refusal by record-level security reads like an ordinary error code
+                // (DUPLICATE_VALUE, INSUFFICIENT_ACCESS_*): tell it apart, to name its fix.
+                match crate::sharing::diagnose(&tenant.client, caches, &result, &nodes).await {
+                    Some(problem) => Outcome::Failed(Failure::Sharing {
+                        problem,
+                        cause: result.root_error(),
+                    }),
+                    None => Outcome::Failed(Failure::Rejected {
+                        cause: result.root_error(),
+                    }),
+                }
+            }
         }
     }
 
