@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::model::ApiError;
+use super::signin::SignInRefused;
 
 /// What a Salesforce result means for the message that caused it.
 ///
@@ -10,7 +11,8 @@ use super::model::ApiError;
 /// |---|---|---|
 /// | `Success` | 2xx; graph `isSuccessful` | written |
 /// | `Superseded` | `FIELD_CUSTOM_VALIDATION_EXCEPTION` whose message is `STALE_BOOKING_VERSION` | the org already holds a newer snapshot; applying ours would regress it |
-/// | `Transient` | timeouts and connection errors; HTTP 5xx; `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures, a graph halted only by `PROCESSING_HALTED` (Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
+/// | `Transient` | timeouts and connection errors; HTTP 5xx; `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures that are not a refusal (5xx, a body that is not an OAuth error), a graph halted only by `PROCESSING_HALTED` (Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
+/// | paused (not a class of the message) | the token endpoint refused the grant with an OAuth error (`SalesforceError::sign_in_refused`) | a configuration fault of the tenant's org: the tenant is paused and its bookings wait without spending attempts (`signin`) |
 /// | `Permanent` | every other error code, notably `INVALID_FIELD`, `REQUIRED_FIELD_MISSING`, `FIELD_CUSTOM_VALIDATION_EXCEPTION`, `INSUFFICIENT_ACCESS*`, `STRING_TOO_LONG`, `MALFORMED_ID`, `INVALID_CROSS_REFERENCE_KEY`, `DUPLICATE_VALUE`, `NOT_FOUND`, `INVALID_EMAIL_ADDRESS`; HTTP 4xx without a known transient code; a request the client refuses to build | retrying the same payload fails the same way: it needs a mapping or permission fix, then a replay |
 ///
 /// Salesforce publishes no retryability flag per code; this table follows the fact sheet
@@ -130,6 +132,19 @@ impl SalesforceError {
     pub fn api_error(&self) -> Option<&ApiError> {
         match self {
             Self::Api { errors, .. } => errors.first(),
+            _ => None,
+        }
+    }
+
+    /// The refused sign-in, when the token endpoint refused the grant with an OAuth error
+    /// (a 4xx with an OAuth body). Checked before [`Self::class`]: a refusal pauses the tenant.
+    pub fn sign_in_refused(&self) -> Option<SignInRefused> {
+        match self {
+            Self::Token {
+                status,
+                error,
+                description,
+            } => SignInRefused::from_token_response(*status, error, description),
             _ => None,
         }
     }

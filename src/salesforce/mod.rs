@@ -6,8 +6,10 @@ pub mod circuit;
 pub mod client;
 pub mod error;
 pub mod model;
+pub mod signin;
 
 pub use auth::Credentials;
 pub use circuit::CircuitBreaker;
 pub use client::{ApiUsage, Described, OrgEndpoint, SalesforceClient};
 pub use error::{Class, SalesforceError};
+pub use signin::SignInRefused;
