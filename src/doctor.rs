@@ -84,7 +84,9 @@ fn token_fix(error: &SalesforceError) -> String {
         return refused.fix().to_owned();
     }
     match error {
-        SalesforceError::Refused(_) => "fix the tenant's auth settings (key file or env var)".into(),
+        SalesforceError::Refused(_) => {
+            "fix the tenant's auth settings (key file or env var)".into()
+        }
         _ => "check the login URL and that the org is reachable from here".into(),
     }
 }

@@ -68,6 +68,15 @@ pub enum Disposition {
     },
     /// Permanent failure: dead letter.
     DeadLetter(Failure),
+    /// The tenant is paused for a fault no retry of this message can fix (Salesforce refuses
+    /// its sign-in): to the first tier that lasts `retry_after`, the attempt count unchanged,
+    /// so a pause spends no attempt and never ends in `retries_exhausted`.
+    Wait {
+        /// Why the tenant is paused.
+        failure: Failure,
+        /// Until the tenant's next probe.
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Where a message ended up (the `outcome` metric label).
@@ -171,7 +180,11 @@ impl Settler {
             Disposition::Retry {
                 failure,
                 retry_after,
-            } => self.retry(delivery, info, failure, retry_after).await,
+            } => self.retry(delivery, info, failure, retry_after, 1).await,
+            Disposition::Wait {
+                failure,
+                retry_after,
+            } => self.retry(delivery, info, failure, retry_after, 0).await,
             Disposition::DeadLetter(failure) => self.dead_letter(delivery, info, &failure).await,
         }
     }
@@ -255,9 +268,17 @@ impl Settler {
         info: &MessageInfo,
         failure: Failure,
         retry_after: Option<Duration>,
+        counted: i64,
     ) -> Result<Settled, SettleError> {
-        let attempt = Self::attempts_so_far(delivery) + 1;
-        let Some(tier) = self.pick_tier(attempt as usize, retry_after) else {
+        let attempt = Self::attempts_so_far(delivery) + counted;
+        // A wait is placed by its duration alone, from the first tier.
+        let from = if counted == 0 { 1 } else { attempt as usize };
+        let tier = match self.pick_tier(from, retry_after) {
+            // A wait outlasting every tier takes the longest one.
+            None if counted == 0 => self.topology.tiers.len().checked_sub(1),
+            tier => tier,
+        };
+        let Some(tier) = tier else {
             let exhausted = Failure {
                 code: "retries_exhausted".into(),
                 message: format!(

@@ -225,12 +225,7 @@ mod tests {
                 "user is inactive",
                 Some("salesforce_auth_inactive_user"),
             ),
-            (
-                400,
-                "something_new",
-                "?",
-                Some("salesforce_auth_other"),
-            ),
+            (400, "something_new", "?", Some("salesforce_auth_other")),
             (503, "server_error", "down", None),
             (400, UNEXPECTED_RESPONSE, "HTTP 400", None),
         ];
@@ -254,12 +249,19 @@ mod tests {
             "user hasn't approved this consumer",
         )
         .unwrap();
-        assert!(approval.fix().contains("pre-authorize"), "{}", approval.fix());
+        assert!(
+            approval.fix().contains("pre-authorize"),
+            "{}",
+            approval.fix()
+        );
     }
 
     #[test]
     fn reason_codes_are_distinct() {
-        let mut codes: Vec<&str> = OAuthErrorCode::ALL.iter().map(|c| c.reason_code()).collect();
+        let mut codes: Vec<&str> = OAuthErrorCode::ALL
+            .iter()
+            .map(|c| c.reason_code())
+            .collect();
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), OAuthErrorCode::ALL.len());
