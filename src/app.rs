@@ -67,6 +67,10 @@ pub struct Tenant {
 impl Tenant {
     /// Feeds the breaker with what a Salesforce call showed about the org.
     fn observe(&self, failed: Option<&SalesforceError>) {
+        if let Some(refused) = failed.and_then(SalesforceError::sign_in_refused) {
+            self.breaker.refuse_sign_in(&refused);
+            return;
+        }
         let limit_hit = failed
             .and_then(SalesforceError::api_error)
             .is_some_and(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED");
@@ -289,6 +293,12 @@ fn disposition_for(class: Class, error: Option<ApiError>, message: String) -> Di
 }
 
 fn error_disposition(error: &SalesforceError) -> Disposition {
+    if let Some(refused) = error.sign_in_refused() {
+        return Disposition::Wait {
+            failure: failure(refused.reason_code(), refused.to_string(), None),
+            retry_after: None,
+        };
+    }
     disposition_for(error.class(), error.api_error().cloned(), error.to_string())
 }
 
@@ -373,7 +383,8 @@ impl Pipeline {
                     self.settings.circuit_failures,
                     self.settings.circuit_cooldown,
                     gauge,
-                );
+                )
+                .reporting_sign_in(&config.tenant, self.metrics.salesforce_auth_refused.clone());
                 let tenant = Tenant {
                     config,
                     mapping,
@@ -524,6 +535,12 @@ impl Pipeline {
             return Disposition::Superseded;
         }
         if let Err(open) = tenant.breaker.allow() {
+            if let Some(reason) = open.sign_in {
+                return Disposition::Wait {
+                    failure: failure(reason, open.to_string(), None),
+                    retry_after: Some(open.retry_in),
+                };
+            }
             // Wait at least until the next probe: an earlier return would only spend an attempt.
             return Disposition::Retry {
                 failure: failure("circuit_open", open.to_string(), None),
@@ -862,9 +879,13 @@ async fn check_tenants_against_orgs(pipeline: &Pipeline) {
                     tracing::error!(%problem, "mapping problem: writes will be dead-lettered until it is fixed");
                 }
             }
-            Err(error) => {
-                tracing::warn!(tenant = %tenant.config.tenant, %error, "mapping not checked: org unreachable")
-            }
+            Err(error) => match error.sign_in_refused() {
+                // Paused now rather than at its first booking, which would meet the same refusal.
+                Some(refused) => tenant.breaker.refuse_sign_in(&refused),
+                None => {
+                    tracing::warn!(tenant = %tenant.config.tenant, %error, "mapping not checked: org unreachable")
+                }
+            },
         }
     }
 }
