@@ -156,7 +156,7 @@ impl SignInRefused {
                 "set the tenant's consumer key to the connected app's Consumer Key (App Manager → View → Manage Consumer Details)"
             }
             OAuthErrorCode::InvalidClient | OAuthErrorCode::InvalidClientCredentials => {
-                "set the tenant's client id and secret to the connected app's Consumer Key and Consumer Secret"
+                "check the tenant's client id and secret: they must be the connected app's consumer key and consumer secret"
             }
             OAuthErrorCode::UnsupportedGrantType | OAuthErrorCode::UnauthorizedClient => {
                 "enable the flow the tenant uses (JWT bearer: Use Digital Signatures; client credentials: Enable Client Credentials Flow) on the connected app"
