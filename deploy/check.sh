@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Validates deploy/: alert rules with promtool (from Debian's prometheus package, unpacked, not
 # installed), Kubernetes manifests against the API schemas (kubernetes-validate, PyPI), YAML
-# lint, the compose file's structure, and the Grafana dashboard's JSON.
+# lint, the compose file's structure, the Grafana dashboard's JSON, and the Salesforce package
+# source with Salesforce's own CLI (`sf project convert source`, offline; @salesforce/cli from
+# npm, installed once into $tools/sf: about 300 MB and a minute, reused by later runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 tools=${PORTALS_CRM_TOOLS:-/tmp/portals-crm-tools}
@@ -50,3 +52,16 @@ dashboard = json.load(open("grafana/dashboards/portals-crm.json"))
 assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
 print(f"deploy/ ok: KEDA trigger, {len(services)} compose services, {len(dashboard['panels'])} dashboard panels")
 PY
+
+if [ ! -x "$tools/sf/node_modules/.bin/sf" ]; then
+  mkdir -p "$tools/sf"
+  # undici 7 needs Node 22's zstd; Node 20 (Debian's) runs the CLI with undici 6.
+  printf '{"overrides":{"undici":"6.21.3"}}\n' > "$tools/sf/package.json"
+  npm install --prefix "$tools/sf" --no-audit --no-fund --loglevel=error @salesforce/cli >/dev/null
+fi
+export SF_DISABLE_TELEMETRY=true SF_AUTOUPDATE_DISABLE=true SF_SKIP_NEW_VERSION_CHECK=true
+converted=$(mktemp -d)
+(cd salesforce && "$tools/sf/node_modules/.bin/sf" project convert source --source-dir force-app \
+  --output-dir "$converted/mdapi" >/dev/null)
+echo "deploy/salesforce ok: converted by sf ($(find "$converted/mdapi" -type f | wc -l) metadata files)"
+rm -rf "$converted"

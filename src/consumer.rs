@@ -185,7 +185,10 @@ impl Consumer {
                 span.record("booking_id", id.as_str());
             }
             let disposition = outcome::decide(processed.outcome);
-            if let Disposition::Retry { cause, .. } | Disposition::DeadLetter(cause) = &disposition {
+            if let Disposition::Retry { cause, .. }
+            | Disposition::Wait { cause, .. }
+            | Disposition::DeadLetter(cause) = &disposition
+            {
                 tracing::warn!(reason = %cause.reason, message = %redact(&cause.message), "booking not written");
             }
             match settler.settle(&delivery, &info, disposition).await {

@@ -79,18 +79,16 @@ impl fmt::Display for Report {
     }
 }
 
+/// The fix for a failed sign-in: a refusal's own fix (see `salesforce::signin`), or the
+/// tenant's settings and the network otherwise.
 fn token_fix(error: &SalesforceError) -> String {
+    if let Some(refused) = error.sign_in_refused() {
+        return refused.fix().to_owned();
+    }
     match error {
-        SalesforceError::Token { error, .. } if error == "invalid_client" || error == "invalid_client_id" => {
-            "check the connected app's consumer key (and secret) in the tenant's auth settings".into()
+        SalesforceError::Refused(_) => {
+            "fix the tenant's auth settings (key file or env var)".into()
         }
-        SalesforceError::Token { description, .. } if description.contains("approved") => {
-            "pre-authorize the integration user for the connected app (Manage Connected Apps → Profiles/Permission Sets)".into()
-        }
-        SalesforceError::Token { .. } => {
-            "check the username, the certificate uploaded to the connected app, and that the user is active".into()
-        }
-        SalesforceError::Refused(_) => "fix the tenant's auth settings (key file or env var)".into(),
         _ => "check the login URL and that the org is reachable from here".into(),
     }
 }
@@ -348,7 +346,11 @@ pub async fn check_tenant(
             token.user_id.clone()
         }
         Err(error) => {
-            checks.push(fail("sign-in", error.to_string(), token_fix(&error)));
+            let detail = match error.sign_in_refused() {
+                Some(refused) => refused.to_string(),
+                None => error.to_string(),
+            };
+            checks.push(fail("sign-in", detail, token_fix(&error)));
             return Report {
                 tenant: tenant.tenant.clone(),
                 checks,

@@ -290,3 +290,25 @@ async fn emulator_records(emulator: &EmulatorHandle, sobject: &str) -> usize {
     .unwrap();
     rows.as_array().unwrap().len()
 }
+
+#[tokio::test]
+async fn doctor_names_the_fix_for_a_sign_in_from_outside_the_login_ip_ranges() {
+    let mut org = OrgSpec::demo();
+    for profile in &mut org.profiles {
+        profile.login_ip_ranges = vec![portals_crm::emulator::org::IpRange {
+            start: "203.0.113.10".parse().unwrap(),
+            end: "203.0.113.20".parse().unwrap(),
+        }];
+    }
+    let emulator = start(org).await;
+    let (loaded, caches, _) = load(acme(&emulator));
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    let text = report.to_string();
+    assert!(!report.ok() && report.checks.len() == 1, "{text}");
+    assert!(
+        text.contains("[MISS] sign-in: Salesforce refused the sign-in (salesforce_auth_invalid_grant): IP restricted or invalid login hours")
+            && text.contains("fix: add BookMe's egress IP addresses to the Login IP Ranges of the integration user's profile, or set the connected app's IP Relaxation to \"Relax IP restrictions\""),
+        "{text}"
+    );
+    emulator.stop().await;
+}

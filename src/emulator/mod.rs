@@ -76,7 +76,11 @@ pub async fn start_tls(
     let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
     let app = server::router(shared);
     let task = tokio::spawn(async move {
-        if let Err(error) = server.serve(app.into_make_service()).await {
+        // The peer address is the caller's IP for the Login IP Ranges check.
+        if let Err(error) = server
+            .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+            .await
+        {
             tracing::error!(%error, "emulator server stopped");
         }
     });
@@ -106,9 +110,12 @@ pub async fn start(
     let app = server::router(shared);
     let stop = cancel.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
         if let Err(error) = served {
             tracing::error!(%error, "emulator server stopped");
         }

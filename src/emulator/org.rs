@@ -24,6 +24,9 @@ pub struct OrgSpec {
     /// Users (also the `User` records).
     #[serde(default)]
     pub users: Vec<UserSpec>,
+    /// Profiles: what the emulator models of them is the Login IP Ranges.
+    #[serde(default)]
+    pub profiles: Vec<Profile>,
     /// Permission sets.
     #[serde(default)]
     pub permission_sets: Vec<PermissionSet>,
@@ -86,6 +89,65 @@ pub struct ConnectedApp {
     /// Users pre-authorized for the JWT flow.
     #[serde(default)]
     pub pre_authorized: Vec<String>,
+    /// The OAuth policy "IP Relaxation": whether a token request from outside the user's
+    /// profile Login IP Ranges is refused.
+    #[serde(default)]
+    pub ip_relaxation: IpRelaxation,
+}
+
+/// A connected app's IP Relaxation policy (Manage Connected Apps → Edit Policies).
+///
+/// Salesforce: "Enforce IP restrictions" (the default) refuses a sign-in from outside the
+/// Login IP Ranges of the user's profile; "Relax IP restrictions" lets the app's users sign in
+/// from anywhere. ("Relax IP restrictions with second factor" asks for a second factor, which
+/// a server-to-server flow cannot give: it behaves as `enforce` here.)
+/// <https://help.salesforce.com/s/articleView?id=sf.connected_app_edit_ip_ranges.htm>
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IpRelaxation {
+    /// Enforce the profile's Login IP Ranges.
+    #[default]
+    Enforce,
+    /// Ignore them for this app.
+    Relax,
+}
+
+/// A profile. Only the part that decides sign-in is modelled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Profile name, as `users.profile` names it.
+    pub name: String,
+    /// Login IP Ranges. Empty: sign-in from any address (Salesforce's rule for a profile with
+    /// no ranges).
+    #[serde(default)]
+    pub login_ip_ranges: Vec<IpRange>,
+}
+
+/// One Login IP Range, both ends included (Salesforce asks for a start and an end address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpRange {
+    /// First address.
+    pub start: std::net::IpAddr,
+    /// Last address.
+    pub end: std::net::IpAddr,
+}
+
+impl IpRange {
+    /// Whether `ip` lies in the range (an IPv4-mapped IPv6 peer counts as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.start, self.end, ip) {
+            (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b), std::net::IpAddr::V4(x)) => {
+                a <= x && x <= b
+            }
+            (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b), std::net::IpAddr::V6(x)) => {
+                a <= x && x <= b
+            }
+            _ => false,
+        }
+    }
 }
 
 impl ConnectedApp {
@@ -120,6 +182,9 @@ pub struct UserSpec {
     /// Assigned permission sets.
     #[serde(default)]
     pub permission_sets: Vec<String>,
+    /// The user's profile (`profiles.name`), for its Login IP Ranges.
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 fn yes() -> bool {
@@ -423,6 +488,64 @@ impl OrgSpec {
         self.users
             .iter()
             .find(|u| u.username.eq_ignore_ascii_case(username))
+    }
+
+    /// Whether `username` may sign in from `peer` through `app`: a connected app that relaxes
+    /// IP restrictions admits any address; otherwise the user's profile Login IP Ranges, when
+    /// it has any, must contain it.
+    pub fn login_ip_allowed(
+        &self,
+        app: &ConnectedApp,
+        username: &str,
+        peer: std::net::IpAddr,
+    ) -> bool {
+        if app.ip_relaxation == IpRelaxation::Relax {
+            return true;
+        }
+        let ranges = self
+            .user(username)
+            .and_then(|u| u.profile.as_deref())
+            .and_then(|name| self.profiles.iter().find(|p| p.name == name))
+            .map(|p| p.login_ip_ranges.as_slice())
+            .unwrap_or_default();
+        ranges.is_empty() || ranges.iter().any(|r| r.contains(peer))
+    }
+
+    /// Sets a profile's Login IP Ranges (the `/__emulator/org` endpoint).
+    pub fn set_login_ip_ranges(
+        &mut self,
+        profile: &str,
+        ranges: Vec<IpRange>,
+    ) -> Result<(), String> {
+        let profile = self
+            .profiles
+            .iter_mut()
+            .find(|p| p.name == profile)
+            .ok_or_else(|| format!("no profile {profile:?}"))?;
+        profile.login_ip_ranges = ranges;
+        Ok(())
+    }
+
+    /// Sets a connected app's IP Relaxation (the `/__emulator/org` endpoint).
+    pub fn set_ip_relaxation(&mut self, app: &str, relaxation: IpRelaxation) -> Result<(), String> {
+        let app = self
+            .connected_apps
+            .iter_mut()
+            .find(|a| a.name == app)
+            .ok_or_else(|| format!("no connected app {app:?}"))?;
+        app.ip_relaxation = relaxation;
+        Ok(())
+    }
+
+    /// Activates or deactivates a user (the `/__emulator/org` endpoint).
+    pub fn set_user_active(&mut self, username: &str, active: bool) -> Result<(), String> {
+        let user = self
+            .users
+            .iter_mut()
+            .find(|u| u.username.eq_ignore_ascii_case(username))
+            .ok_or_else(|| format!("no user {username:?}"))?;
+        user.active = active;
+        Ok(())
     }
 
     /// The sObject with this name (case-insensitive).

@@ -2,12 +2,13 @@
 //! inspection and org changes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -19,7 +20,8 @@ use serde_json::{Value, json};
 
 use super::engine::{Call, Meta, OrgState, Reply};
 use super::faults::{FaultSpec, Faults, Injected};
-use super::org::{OrgSpec, SharingModel, SharingRule};
+use super::org::{ConnectedApp, IpRange, IpRelaxation, OrgSpec, SharingModel, SharingRule};
+use crate::salesforce::signin::IP_RESTRICTED;
 
 /// API versions the emulator serves (Composite Graph needs 50.0+).
 pub const VERSIONS: std::ops::RangeInclusive<u32> = 50..=67;
@@ -135,7 +137,18 @@ struct JwtClaims {
     exp: u64,
 }
 
-async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+/// The token endpoint. Refusals are Salesforce's OAuth error bodies, HTTP 400 (Salesforce Help,
+/// "OAuth 2.0 Authorization Errors"): `invalid_client_id` "client identifier invalid",
+/// `invalid_client` "invalid client credentials", `invalid_grant` ("audience is invalid", "user
+/// hasn't approved this consumer", "IP restricted or invalid login hours", …), `inactive_user`
+/// "user is inactive", `unsupported_grant_type`. The caller's address, for the profile's Login
+/// IP Ranges, is the TCP peer.
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let base = base_url(&shared, &headers);
     let mut inner = shared.lock();
@@ -151,50 +164,60 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
     }
     let client_credentials =
         form.get("grant_type").map(String::as_str) == Some("client_credentials");
-    let username =
-        match form.get("grant_type").map(String::as_str) {
-            Some("client_credentials") => {
-                let id = form
-                    .get("client_id")
-                    .map(String::as_str)
-                    .unwrap_or_default();
-                let secret = form
-                    .get("client_secret")
-                    .map(String::as_str)
-                    .unwrap_or_default();
-                let app =
-                    inner.org.spec.connected_apps.iter().find(|a| {
-                        a.consumer_key == id && a.client_secret.as_deref() == Some(secret)
-                    });
-                let Some(app) = app else {
-                    return oauth_error(400, "invalid_client", "invalid client credentials");
-                };
-                let Some(run_as) = app.run_as.clone() else {
-                    return oauth_error(400, "invalid_grant", "no client credentials user enabled");
-                };
-                run_as
+    let (username, app) = match form.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => {
+            let id = form
+                .get("client_id")
+                .map(String::as_str)
+                .unwrap_or_default();
+            let secret = form
+                .get("client_secret")
+                .map(String::as_str)
+                .unwrap_or_default();
+            let app = inner
+                .org
+                .spec
+                .connected_apps
+                .iter()
+                .find(|a| a.consumer_key == id);
+            let Some(app) = app else {
+                return oauth_error(400, "invalid_client_id", "client identifier invalid");
+            };
+            if app.client_secret.as_deref() != Some(secret) {
+                return oauth_error(400, "invalid_client", "invalid client credentials");
             }
-            Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
-                let assertion = form
-                    .get("assertion")
-                    .map(String::as_str)
-                    .unwrap_or_default();
-                let mut audiences = inner.org.spec.org.login_audiences.clone();
-                audiences.push(base.clone());
-                match verify_assertion(&inner.org.spec, assertion, &audiences) {
-                    Ok(username) => username,
-                    Err((error, description)) => return oauth_error(400, error, description),
-                }
+            let Some(run_as) = app.run_as.clone() else {
+                return oauth_error(400, "invalid_grant", "no client credentials user enabled");
+            };
+            (run_as, app.clone())
+        }
+        Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
+            let assertion = form
+                .get("assertion")
+                .map(String::as_str)
+                .unwrap_or_default();
+            let mut audiences = inner.org.spec.org.login_audiences.clone();
+            audiences.push(base.clone());
+            match verify_assertion(&inner.org.spec, assertion, &audiences) {
+                Ok((username, app)) => (username, app.clone()),
+                Err((error, description)) => return oauth_error(400, error, description),
             }
-            _ => {
-                return oauth_error(400, "unsupported_grant_type", "grant type not supported");
-            }
-        };
+        }
+        _ => {
+            return oauth_error(400, "unsupported_grant_type", "grant type not supported");
+        }
+    };
     let Some(user) = inner.org.spec.user(&username) else {
         return oauth_error(400, "invalid_grant", "user not found");
     };
-    if !user.active || !user.api_enabled {
+    if !user.active {
+        return oauth_error(400, "inactive_user", "user is inactive");
+    }
+    if !user.api_enabled {
         return oauth_error(400, "invalid_grant", "user is inactive or not API enabled");
+    }
+    if !inner.org.spec.login_ip_allowed(&app, &username, peer.ip()) {
+        return oauth_error(400, "invalid_grant", IP_RESTRICTED);
     }
     let org_id = inner.org.org_id();
     let user_id = inner
@@ -231,11 +254,11 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
 }
 
 /// Checks a JWT bearer assertion against the org's connected apps; returns the username.
-fn verify_assertion(
-    org: &OrgSpec,
+fn verify_assertion<'o>(
+    org: &'o OrgSpec,
     assertion: &str,
     audiences: &[String],
-) -> Result<String, (&'static str, &'static str)> {
+) -> Result<(String, &'o ConnectedApp), (&'static str, &'static str)> {
     let header = jsonwebtoken::decode_header(assertion)
         .map_err(|_| ("invalid_grant", "invalid assertion"))?;
     if header.alg != Algorithm::RS256 {
@@ -270,7 +293,7 @@ fn verify_assertion(
                 {
                     return Err(("invalid_grant", "user hasn't approved this consumer"));
                 }
-                return Ok(data.claims.sub);
+                return Ok((data.claims.sub, app));
             }
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind;
@@ -535,57 +558,36 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     )
 }
 
-/// One org change. Exactly one of: a permission (`permission_set` with `object` or `field`, and
-/// `access`), an org-wide default (`sobject` with `sharing_model`), or a `sharing_rule`.
+/// One change per request; the shapes differ by their required keys.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OrgChange {
-    permission_set: Option<String>,
-    object: Option<String>,
-    field: Option<String>,
-    access: Option<String>,
-    sobject: Option<String>,
-    sharing_model: Option<SharingModel>,
-    sharing_rule: Option<SharingRule>,
-}
-
-impl OrgChange {
-    fn apply(self, org: &mut OrgSpec) -> Result<(), String> {
-        match self {
-            Self {
-                permission_set: Some(set),
-                access: Some(access),
-                sobject: None,
-                sharing_model: None,
-                sharing_rule: None,
-                object,
-                field,
-            } => org.set_permission(&set, object.as_deref(), field.as_deref(), &access),
-            Self {
-                sobject: Some(sobject),
-                sharing_model: Some(model),
-                permission_set: None,
-                object: None,
-                field: None,
-                access: None,
-                sharing_rule: None,
-            } => org.set_sharing_model(&sobject, model),
-            Self {
-                sharing_rule: Some(rule),
-                permission_set: None,
-                object: None,
-                field: None,
-                access: None,
-                sobject: None,
-                sharing_model: None,
-            } => org.add_sharing_rule(rule),
-            _ => Err(
-                "give a permission (permission_set, object or field, access), an \
-                      org-wide default (sobject, sharing_model) or a sharing_rule"
-                    .into(),
-            ),
-        }
-    }
+#[serde(untagged)]
+enum OrgChange {
+    /// `{"permission_set", "object" | "field", "access"}`.
+    Permission {
+        permission_set: String,
+        object: Option<String>,
+        field: Option<String>,
+        access: String,
+    },
+    /// `{"sobject", "sharing_model": "Private" | "Read" | "ReadWrite"}`: an org-wide default.
+    SharingModel {
+        sobject: String,
+        sharing_model: SharingModel,
+    },
+    /// `{"sharing_rule": {…}}`.
+    SharingRule { sharing_rule: SharingRule },
+    /// `{"profile", "login_ip_ranges": [{"start", "end"}]}`.
+    LoginIpRanges {
+        profile: String,
+        login_ip_ranges: Vec<IpRange>,
+    },
+    /// `{"connected_app", "ip_relaxation": "enforce" | "relax"}`.
+    IpRelaxation {
+        connected_app: String,
+        ip_relaxation: IpRelaxation,
+    },
+    /// `{"user", "active"}`.
+    UserActive { user: String, active: bool },
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -594,9 +596,52 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
         Err(e) => return json_response(400, Some(json!({"error": e.to_string()})), vec![]),
     };
     let mut inner = shared.lock();
-    match change.apply(&mut inner.org.spec) {
-        Ok(()) => {
-            inner.org.touch_schema();
+    let spec = &mut inner.org.spec;
+    let changed = match change {
+        OrgChange::Permission {
+            permission_set,
+            object,
+            field,
+            access,
+        } => spec
+            .set_permission(
+                &permission_set,
+                object.as_deref(),
+                field.as_deref(),
+                &access,
+            )
+            .map(|()| true),
+        OrgChange::SharingModel {
+            sobject,
+            sharing_model,
+        } => spec
+            .set_sharing_model(&sobject, sharing_model)
+            .map(|()| true),
+        OrgChange::SharingRule { sharing_rule } => {
+            spec.add_sharing_rule(sharing_rule).map(|()| true)
+        }
+        OrgChange::LoginIpRanges {
+            profile,
+            login_ip_ranges,
+        } => spec
+            .set_login_ip_ranges(&profile, login_ip_ranges)
+            .map(|()| false),
+        OrgChange::IpRelaxation {
+            connected_app,
+            ip_relaxation,
+        } => spec
+            .set_ip_relaxation(&connected_app, ip_relaxation)
+            .map(|()| false),
+        OrgChange::UserActive { user, active } => {
+            spec.set_user_active(&user, active).map(|()| false)
+        }
+    };
+    match changed {
+        Ok(schema) => {
+            // Permissions change what describes report; sign-in settings do not.
+            if schema {
+                inner.org.touch_schema();
+            }
             json_response(200, Some(json!({"changed": true})), vec![])
         }
         Err(e) => json_response(400, Some(json!({"error": e})), vec![]),

@@ -10,6 +10,7 @@
 //! | unknown tenant | dead letter | `unknown_tenant` |
 //! | mapping cannot render | dead letter | `mapping_error` |
 //! | circuit open | retry, not before the next probe | `circuit_open` |
+//! | sign-in refused (token endpoint 4xx with an OAuth error), or the tenant paused for it | wait: a retry tier, attempt count unchanged | `salesforce_auth_<error>` |
 //! | worker shutting down | retry | `shutting_down` |
 //! | record-level security (sharing) refused a node | dead letter | `salesforce_sharing_<condition>` |
 //! | Salesforce request failed / graph rolled back | by [`Class`]: success → ack; superseded (`STALE_BOOKING_VERSION`) → ack; transient → retry; permanent → dead letter | `salesforce_<code>`, or `salesforce_unavailable` without a code |
@@ -59,6 +60,15 @@ pub enum Disposition {
     },
     /// Permanent failure: dead letter.
     DeadLetter(Cause),
+    /// The tenant is paused for a fault no retry of this message can fix (Salesforce refuses
+    /// its sign-in): to the first tier that lasts `retry_after`, the attempt count unchanged,
+    /// so a pause spends no attempt and never ends in `retries_exhausted`.
+    Wait {
+        /// Why the tenant is paused.
+        cause: Cause,
+        /// Until the tenant's next probe.
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 /// The disposition of a processed message; the one place a message's fate is decided.
@@ -77,18 +87,29 @@ pub fn decide(outcome: Outcome) -> Disposition {
             Failure::Mapping(error) => {
                 Disposition::DeadLetter(Cause::new(Reason::MappingError, error.to_string()))
             }
-            // Wait at least until the next probe: an earlier return would only spend an attempt.
-            Failure::CircuitOpen(open) => Disposition::Retry {
-                cause: Cause::new(Reason::CircuitOpen, open.to_string()),
-                retry_after: Some(open.retry_in),
+            Failure::CircuitOpen(open) => match open.sign_in {
+                Some(code) => Disposition::Wait {
+                    cause: Cause::new(Reason::SignInRefused(code), open.to_string()),
+                    retry_after: Some(open.retry_in),
+                },
+                // Wait at least until the next probe: an earlier return would only spend an
+                // attempt.
+                None => Disposition::Retry {
+                    cause: Cause::new(Reason::CircuitOpen, open.to_string()),
+                    retry_after: Some(open.retry_in),
+                },
             },
             Failure::ShuttingDown(stopped) => Disposition::Retry {
                 cause: Cause::new(Reason::ShuttingDown, stopped.to_string()),
                 retry_after: None,
             },
-            Failure::Salesforce(error) => {
-                by_class(error.class(), error.api_error().cloned(), error.to_string())
-            }
+            Failure::Salesforce(error) => match error.sign_in_refused() {
+                Some(refused) => Disposition::Wait {
+                    cause: Cause::new(Reason::SignInRefused(refused.code), refused.to_string()),
+                    retry_after: None,
+                },
+                None => by_class(error.class(), error.api_error().cloned(), error.to_string()),
+            },
             Failure::Sharing { problem, cause } => Disposition::DeadLetter(Cause {
                 reason: match problem {
                     SharingProblem::RecordNotVisible { .. } => Reason::SharingRecordNotVisible,
@@ -157,6 +178,7 @@ mod tests {
     use crate::salesforce::SalesforceError;
     use crate::salesforce::circuit::CircuitOpen;
     use crate::salesforce::error::STALE_BOOKING_VERSION;
+    use crate::salesforce::signin::OAuthErrorCode;
 
     fn request_failure(error: SalesforceError) -> Outcome {
         Outcome::Failed(Failure::Salesforce(std::sync::Arc::new(error)))
@@ -177,6 +199,9 @@ mod tests {
                 ("retry", Some(cause.reason.label()), *retry_after)
             }
             Disposition::DeadLetter(cause) => ("dead_letter", Some(cause.reason.label()), None),
+            Disposition::Wait { cause, retry_after } => {
+                ("wait", Some(cause.reason.label()), *retry_after)
+            }
         }
     }
 
@@ -210,8 +235,32 @@ mod tests {
             (
                 Outcome::Failed(Failure::CircuitOpen(CircuitOpen {
                     retry_in: Duration::from_secs(9),
+                    sign_in: None,
                 })),
                 ("retry", Some("circuit_open"), wait),
+            ),
+            (
+                Outcome::Failed(Failure::CircuitOpen(CircuitOpen {
+                    retry_in: Duration::from_secs(9),
+                    sign_in: Some(OAuthErrorCode::InactiveUser),
+                })),
+                ("wait", Some("salesforce_auth_inactive_user"), wait),
+            ),
+            (
+                request_failure(SalesforceError::Token {
+                    status: 400,
+                    error: "invalid_grant".into(),
+                    description: "user hasn't approved this consumer".into(),
+                }),
+                ("wait", Some("salesforce_auth_invalid_grant"), None),
+            ),
+            (
+                request_failure(SalesforceError::Token {
+                    status: 503,
+                    error: "unexpected_response".into(),
+                    description: "Service Unavailable".into(),
+                }),
+                ("retry", Some("salesforce_unavailable"), None),
             ),
             (
                 Outcome::Failed(Failure::ShuttingDown(BatcherStopped("acme".into()))),

@@ -109,7 +109,10 @@ impl Settler {
                 Ok(Settled::Superseded)
             }
             Disposition::Retry { cause, retry_after } => {
-                self.retry(delivery, info, cause, retry_after).await
+                self.retry(delivery, info, cause, retry_after, 1).await
+            }
+            Disposition::Wait { cause, retry_after } => {
+                self.retry(delivery, info, cause, retry_after, 0).await
             }
             Disposition::DeadLetter(cause) => self.dead_letter(delivery, info, &cause).await,
         }
@@ -175,9 +178,17 @@ impl Settler {
         info: &MessageInfo,
         cause: Cause,
         retry_after: Option<Duration>,
+        counted: i64,
     ) -> Result<Settled, SettleError> {
-        let attempt = Self::attempts_so_far(delivery) + 1;
-        let Some(tier) = self.pick_tier(attempt as usize, retry_after) else {
+        let attempt = Self::attempts_so_far(delivery) + counted;
+        // A wait is placed by its duration alone, from the first tier.
+        let from = if counted == 0 { 1 } else { attempt as usize };
+        let tier = match self.pick_tier(from, retry_after) {
+            // A wait outlasting every tier takes the longest one.
+            None if counted == 0 => self.topology.tiers.len().checked_sub(1),
+            tier => tier,
+        };
+        let Some(tier) = tier else {
             let exhausted = Cause {
                 reason: Reason::RetriesExhausted,
                 message: format!(

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::salesforce::signin::OAuthErrorCode;
+
 /// Salesforce error codes that get a reason of their own (`salesforce_<code>` in lower case).
 /// Salesforce's list of `StatusCode` values runs to several hundred and grows with each release;
 /// a code outside this list is reported as `salesforce_other` (the code itself still travels in
@@ -88,6 +90,9 @@ pub enum Reason {
     SalesforceUnavailable,
     /// Salesforce refused with this error code (`salesforce_<code>`).
     Salesforce(SalesforceCode),
+    /// Salesforce's token endpoint refuses the integration user's sign-in
+    /// (`salesforce_auth_<OAuth error>`): the tenant is paused.
+    SignInRefused(OAuthErrorCode),
     /// Record-level security: an upsert by external id did not see the record it should update
     /// (owned by someone else, not shared) and collided inserting a new one
     /// (`salesforce_sharing_record_not_visible`).
@@ -135,6 +140,7 @@ impl Reason {
                 format!("salesforce_{}", code.to_ascii_lowercase())
             }
             Self::Salesforce(SalesforceCode::Other) => "salesforce_other".into(),
+            Self::SignInRefused(code) => code.reason_code().into(),
             Self::SharingRecordNotVisible => "salesforce_sharing_record_not_visible".into(),
             Self::SharingRecordReadOnly => "salesforce_sharing_record_read_only".into(),
             Self::SharingReferenceNotVisible => "salesforce_sharing_reference_not_visible".into(),
@@ -169,6 +175,7 @@ impl Reason {
             Self::SharingRecordReadOnly,
             Self::SharingReferenceNotVisible,
         ];
+        all.extend(OAuthErrorCode::ALL.into_iter().map(Self::SignInRefused));
         all.extend(
             SALESFORCE_CODES
                 .iter()

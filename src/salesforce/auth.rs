@@ -141,7 +141,7 @@ pub async fn mint(
         })?;
     if status != 200 {
         let body: OAuthError = serde_json::from_slice(&bytes).unwrap_or(OAuthError {
-            error: "unexpected_response".into(),
+            error: super::signin::UNEXPECTED_RESPONSE.into(),
             error_description: format!("HTTP {status}"),
         });
         return Err(SalesforceError::Token {

@@ -1,11 +1,19 @@
-//! Per-tenant circuit breaker: a tenant whose org is down, or out of API quota, is paused so its
-//! events wait in the retry tiers without calling Salesforce, while every other tenant flows.
+//! Per-tenant circuit breaker: a tenant whose org is down, out of API quota, or refusing the
+//! integration user's sign-in is paused so its events wait in the retry tiers without calling
+//! Salesforce, while every other tenant flows.
 //!
 //! | state | enters when | lets requests through |
 //! |---|---|---|
 //! | closed | start; a probe succeeded | all |
-//! | open | `threshold` consecutive transient request failures, `REQUEST_LIMIT_EXCEEDED`, or API usage above the tenant's quota share | none, until the cool-down passes |
+//! | open | `threshold` consecutive transient request failures, `REQUEST_LIMIT_EXCEEDED`, API usage above the tenant's quota share, or at once when the token endpoint refuses the sign-in | none, until the cool-down passes |
 //! | half-open | the cool-down passed | one probe per cool-down; its result closes or re-opens (with a doubled cool-down, capped) |
+//!
+//! A refused sign-in is remembered until a request succeeds: while it is, [`CircuitOpen`] says
+//! so (its `sign_in` reason), the pipeline parks the tenant's bookings without counting an
+//! attempt, `portals_crm_salesforce_auth_refused{tenant,reason}` is 1, `/readyz` names the
+//! tenant, and the pause is logged once with Salesforce's description and the fix. Probes keep
+//! going once per cool-down (30 s doubling to 8 min by default), so a fixed org resumes by
+//! itself; no faster, because every refused login is a failed login in the org's login history.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,7 +22,9 @@ use std::time::Duration;
 // instead of sleeping through cool-downs.
 use tokio::time::Instant;
 
-use prometheus::IntGauge;
+use prometheus::{IntGauge, IntGaugeVec};
+
+use super::signin::{OAuthErrorCode, SignInRefused};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -35,22 +45,51 @@ enum State {
 
 /// Why a request was not let through, and when the next probe may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the circuit of this tenant is open (its org failed or its API quota share is used up); next probe in {retry_in:?}"
-)]
+#[error("{}; next probe in {retry_in:?}", match sign_in {
+    Some(code) => format!("the tenant is paused: Salesforce refuses the integration user's sign-in ({})", code.reason_code()),
+    None => "the circuit of this tenant is open (its org failed or its API quota share is used up)".to_owned(),
+})]
 pub struct CircuitOpen {
     /// Time until the breaker lets a probe through.
     pub retry_in: Duration,
+    /// `salesforce_auth_<error>` while the org refuses the sign-in: a configuration fault, so
+    /// waiting must not spend the booking's attempts.
+    pub sign_in: Option<OAuthErrorCode>,
+}
+
+/// The tenant's `portals_crm_salesforce_auth_refused{tenant,reason}` series.
+#[derive(Debug)]
+struct SignInGauge {
+    tenant: String,
+    gauge: IntGaugeVec,
+}
+
+impl SignInGauge {
+    fn clear(&self) {
+        for code in OAuthErrorCode::ALL {
+            // Absent series are fine: only the current reason is ever set.
+            let _ = self
+                .gauge
+                .remove_label_values(&[self.tenant.as_str(), code.reason_code()]);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    refused: Option<SignInRefused>,
 }
 
 /// The breaker of one tenant.
 #[derive(Debug)]
 pub struct CircuitBreaker {
-    state: Mutex<State>,
+    inner: Mutex<Inner>,
     threshold: u32,
     base_cooldown: Duration,
     max_cooldown: Duration,
     gauge: IntGauge,
+    sign_in: Option<SignInGauge>,
 }
 
 impl CircuitBreaker {
@@ -58,21 +97,40 @@ impl CircuitBreaker {
     pub fn new(threshold: u32, base_cooldown: Duration, gauge: IntGauge) -> Self {
         gauge.set(0);
         Self {
-            state: Mutex::new(State::Closed { failures: 0 }),
+            inner: Mutex::new(Inner {
+                state: State::Closed { failures: 0 },
+                refused: None,
+            }),
             threshold: threshold.max(1),
             base_cooldown,
             max_cooldown: base_cooldown * 16,
             gauge,
+            sign_in: None,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Reports refused sign-ins of `tenant` in `gauge` (`portals_crm_salesforce_auth_refused`,
+    /// labels tenant and reason) and in the log. A new breaker (start, reload) starts with the
+    /// tenant's series cleared: its next request tries the sign-in again.
+    pub fn reporting_sign_in(mut self, tenant: &str, gauge: IntGaugeVec) -> Self {
+        let report = SignInGauge {
+            tenant: tenant.to_owned(),
+            gauge,
+        };
+        report.clear();
+        self.sign_in = Some(report);
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a request may go to Salesforce now.
     pub fn allow(&self) -> Result<(), CircuitOpen> {
-        let mut state = self.lock();
+        let mut inner = self.lock();
+        let sign_in = inner.refused.as_ref().map(|r| r.code);
+        let state = &mut inner.state;
         let now = Instant::now();
         let cooldown = match *state {
             State::Closed { .. } => return Ok(()),
@@ -84,6 +142,7 @@ impl CircuitBreaker {
             State::Open { until, .. } => {
                 return Err(CircuitOpen {
                     retry_in: until.saturating_duration_since(now),
+                    sign_in,
                 });
             }
             State::HalfOpen {
@@ -92,6 +151,7 @@ impl CircuitBreaker {
             } => {
                 return Err(CircuitOpen {
                     retry_in: cooldown.saturating_sub(now.duration_since(probe_started)),
+                    sign_in,
                 });
             }
         };
@@ -102,15 +162,61 @@ impl CircuitBreaker {
         Ok(())
     }
 
-    /// Salesforce answered (even with per-record errors): the org is reachable.
+    /// Salesforce answered (even with per-record errors): the org is reachable, and it accepted
+    /// the sign-in.
     pub fn record_success(&self) {
-        *self.lock() = State::Closed { failures: 0 };
+        let mut inner = self.lock();
+        inner.state = State::Closed { failures: 0 };
         self.gauge.set(0);
+        if let Some(refused) = inner.refused.take()
+            && let Some(report) = &self.sign_in
+        {
+            report.clear();
+            tracing::info!(
+                tenant = %report.tenant,
+                reason = refused.reason_code(),
+                "Salesforce accepts the sign-in again; tenant resumed"
+            );
+        }
+    }
+
+    /// The token endpoint refused the sign-in: open at once (or stay open, the cool-down doubled
+    /// after a failed probe) and remember why until a request succeeds. Logged when the refusal
+    /// starts or its description changes, not for every booking or probe.
+    pub fn refuse_sign_in(&self, refused: &SignInRefused) {
+        let mut inner = self.lock();
+        let next = match inner.state {
+            State::Closed { .. } => Some(self.base_cooldown),
+            State::HalfOpen { cooldown, .. } => Some((cooldown * 2).min(self.max_cooldown)),
+            State::Open { .. } => None,
+        };
+        if let Some(cooldown) = next {
+            inner.state = self.open(cooldown);
+        }
+        if inner.refused.as_ref() == Some(refused) {
+            return;
+        }
+        inner.refused = Some(refused.clone());
+        if let Some(report) = &self.sign_in {
+            report.clear();
+            report
+                .gauge
+                .with_label_values(&[report.tenant.as_str(), refused.reason_code()])
+                .set(1);
+            tracing::error!(
+                tenant = %report.tenant,
+                reason = refused.reason_code(),
+                error_description = %refused.description,
+                fix = refused.fix(),
+                "Salesforce refuses the integration user's sign-in: tenant paused, its bookings wait in the retry tiers without spending attempts"
+            );
+        }
     }
 
     /// The request failed transiently (outage, 5xx, timeout).
     pub fn record_failure(&self) {
-        let mut state = self.lock();
+        let mut inner = self.lock();
+        let state = &mut inner.state;
         let next = match *state {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
@@ -124,7 +230,8 @@ impl CircuitBreaker {
 
     /// Opens at once: out of quota (REQUEST_LIMIT_EXCEEDED, or usage above the share).
     pub fn trip(&self) {
-        let mut state = self.lock();
+        let mut inner = self.lock();
+        let state = &mut inner.state;
         if !matches!(*state, State::Open { .. }) {
             let cooldown = match *state {
                 State::HalfOpen { cooldown, .. } => (cooldown * 2).min(self.max_cooldown),
@@ -185,6 +292,42 @@ mod tests {
         assert!(b.allow().is_err(), "cool-down doubled to 40 ms");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(b.allow(), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_sign_in_pauses_until_a_request_succeeds() {
+        let vec = IntGaugeVec::new(prometheus::Opts::new("r", "r"), &["tenant", "reason"]).unwrap();
+        let b = breaker(20).reporting_sign_in("acme", vec.clone());
+        let refused = SignInRefused::from_token_response(
+            400,
+            "invalid_grant",
+            "user hasn't approved this consumer",
+        )
+        .unwrap();
+        b.refuse_sign_in(&refused);
+        let open = b.allow().unwrap_err();
+        assert_eq!(open.sign_in, Some(OAuthErrorCode::InvalidGrant));
+        assert_eq!(
+            vec.with_label_values(&["acme", "salesforce_auth_invalid_grant"])
+                .get(),
+            1
+        );
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert_eq!(b.allow(), Ok(()), "a probe after the cool-down");
+        b.record_failure();
+        assert_eq!(
+            b.allow().unwrap_err().sign_in,
+            Some(OAuthErrorCode::InvalidGrant),
+            "an outage during the probe does not clear the refusal"
+        );
+        b.record_success();
+        assert_eq!(b.allow(), Ok(()));
+        assert_eq!(
+            vec.with_label_values(&["acme", "salesforce_auth_invalid_grant"])
+                .get(),
+            0,
+            "the series is gone once the sign-in works"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::model::{ApiError, HTTP_STATUS_CODE_PREFIX};
+use super::signin::SignInRefused;
 
 /// What a Salesforce result means for the message that caused it.
 ///
@@ -11,6 +12,7 @@ use super::model::{ApiError, HTTP_STATUS_CODE_PREFIX};
 /// | `Success` | 2xx; graph `isSuccessful` | written |
 /// | `Superseded` | `FIELD_CUSTOM_VALIDATION_EXCEPTION` whose message is `STALE_BOOKING_VERSION` | the org already holds a newer snapshot; applying ours would regress it |
 /// | `Transient` | timeouts and connection errors; HTTP 5xx (also a graph node's `HTTP_5xx`); `SERVER_UNAVAILABLE`, `UNKNOWN_EXCEPTION`, `UNABLE_TO_LOCK_ROW`, `QUERY_TIMEOUT`, `REQUEST_LIMIT_EXCEEDED`, `INVALID_SESSION_ID` (after the one replay with a fresh token), token endpoint failures, a graph whose every node is the `PROCESSING_HALTED` placeholder (never run: Salesforce stops after 14 failed graphs), an undecodable 2xx body | the same request can succeed later, unchanged |
+/// | paused (not a class of the message) | the token endpoint refused the grant with an OAuth error (`SalesforceError::sign_in_refused`) | a configuration fault of the tenant's org: the tenant is paused and its bookings wait without spending attempts (`signin`) |
 /// | `Permanent` | every other error code, notably `INVALID_FIELD`, `REQUIRED_FIELD_MISSING`, `FIELD_CUSTOM_VALIDATION_EXCEPTION`, `INSUFFICIENT_ACCESS*`, `STRING_TOO_LONG`, `MALFORMED_ID`, `INVALID_CROSS_REFERENCE_KEY`, `DUPLICATE_VALUE`, `NOT_FOUND`, `INVALID_EMAIL_ADDRESS`, `MULTIPLE_CHOICES` (an upsert's 300: the external id matches several records), a `PROCESSING_HALTED` that is not the placeholder (an unresolvable reference), a graph node's `HTTP_4xx` (no error in its body); HTTP 4xx without a known transient code; a request the client refuses to build | retrying the same payload fails the same way: it needs a mapping, data or permission fix, then a replay |
 ///
 /// In a failed graph the classified error is the first node's own error
@@ -145,6 +147,19 @@ impl SalesforceError {
     pub fn api_error(&self) -> Option<&ApiError> {
         match self {
             Self::Api { errors, .. } => errors.first(),
+            _ => None,
+        }
+    }
+
+    /// The refused sign-in, when the token endpoint refused the grant with an OAuth error
+    /// (a 4xx with an OAuth body). Checked before [`Self::class`]: a refusal pauses the tenant.
+    pub fn sign_in_refused(&self) -> Option<SignInRefused> {
+        match self {
+            Self::Token {
+                status,
+                error,
+                description,
+            } => SignInRefused::from_token_response(*status, error, description),
             _ => None,
         }
     }

@@ -7,8 +7,10 @@ pub mod client;
 pub mod endpoint;
 pub mod error;
 pub mod model;
+pub mod signin;
 
 pub use auth::Credentials;
 pub use circuit::CircuitBreaker;
 pub use client::{ApiUsage, Described, OrgEndpoint, SalesforceClient};
 pub use error::{Class, SalesforceError};
+pub use signin::SignInRefused;

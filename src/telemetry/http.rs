@@ -66,12 +66,29 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// 503 with every reason while the broker is not connected or the tenants are not loaded.
+/// A tenant whose sign-in Salesforce refuses is named (`degraded: tenant T cannot sign in to
+/// Salesforce (salesforce_auth_…)`) but keeps the pod ready: this service receives no traffic
+/// through its Service, so readiness only gates a rollout, and one customer's connected app
+/// must not block every rollout (nor would a new pod fix it). The pause is alerted on through
+/// `portals_crm_salesforce_auth_refused`.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    let degraded: Vec<String> = state
+        .metrics
+        .sign_in_refused()
+        .into_iter()
+        .map(|(tenant, reason)| format!("tenant {tenant} cannot sign in to Salesforce ({reason})"))
+        .collect();
+    let degraded = if degraded.is_empty() {
+        String::new()
+    } else {
+        format!("degraded: {}\n", degraded.join("; "))
+    };
     match state.readiness.check() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => (StatusCode::OK, format!("ready\n{degraded}")),
         Err(reasons) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", reasons.join("; ")),
+            format!("not ready: {}\n{degraded}", reasons.join("; ")),
         ),
     }
 }

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub circuit_open: IntGaugeVec,
     /// `portals_crm_tenant_file_rejected{tenant}`
     pub tenant_file_rejected: IntGaugeVec,
+    /// `portals_crm_salesforce_auth_refused{tenant,reason}`: 1 while the org refuses the
+    /// tenant's sign-in, `reason` = `salesforce_auth_<OAuth error>`.
+    pub salesforce_auth_refused: IntGaugeVec,
     /// `portals_crm_inflight_events`
     pub inflight: IntGauge,
     /// `portals_crm_cache_requests_total{cache,result}`
@@ -154,6 +157,17 @@ impl Metrics {
         registry
             .register(Box::new(tenant_file_rejected.clone()))
             .expect("unique metric");
+        let salesforce_auth_refused = IntGaugeVec::new(
+            Opts::new(
+                "portals_crm_salesforce_auth_refused",
+                "1 while Salesforce refuses the tenant's sign-in (the tenant is paused), by reason.",
+            ),
+            &["tenant", "reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(salesforce_auth_refused.clone()))
+            .expect("unique metric");
         let inflight = IntGauge::new(
             "portals_crm_inflight_events",
             "Events received and not yet settled.",
@@ -197,6 +211,7 @@ impl Metrics {
             dead_letters,
             circuit_open,
             tenant_file_rejected,
+            salesforce_auth_refused,
             inflight,
             cache_requests,
             amqp_connected,
@@ -233,6 +248,30 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// `(tenant, reason)` of every tenant whose sign-in Salesforce refuses now, sorted.
+    pub fn sign_in_refused(&self) -> Vec<(String, String)> {
+        use prometheus::core::Collector;
+        let mut refused = Vec::new();
+        for family in self.salesforce_auth_refused.collect() {
+            for metric in family.get_metric() {
+                if metric.get_gauge().get_value() < 1.0 {
+                    continue;
+                }
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                refused.push((label("tenant"), label("reason")));
+            }
+        }
+        refused.sort();
+        refused
     }
 
     /// Settled events summed by `outcome` (the demo's progress and summary).

@@ -42,6 +42,10 @@ impl Tenant {
     /// Feeds the breaker with what a Salesforce call showed about the org: a request limit hit
     /// or the quota share used up trips it at once; an org-level failure counts toward opening.
     pub fn observe(&self, failed: Option<&SalesforceError>) {
+        if let Some(refused) = failed.and_then(SalesforceError::sign_in_refused) {
+            self.breaker.refuse_sign_in(&refused);
+            return;
+        }
         let limit_hit = failed
             .and_then(SalesforceError::api_error)
             .is_some_and(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED");
@@ -292,7 +296,8 @@ impl Registry {
                     self.settings.circuit_failures,
                     self.settings.circuit_cooldown,
                     gauge,
-                );
+                )
+                .reporting_sign_in(&config.tenant, self.metrics.salesforce_auth_refused.clone());
                 let tenant = Tenant {
                     config,
                     mapping,

@@ -62,9 +62,13 @@ async fn check_all(registry: &Registry) {
                     tracing::error!(%problem, "mapping problem: writes will be dead-lettered until it is fixed");
                 }
             }
-            Err(error) => {
-                tracing::warn!(tenant = %tenant.config.tenant, %error, "mapping not checked: org unreachable")
-            }
+            Err(error) => match error.sign_in_refused() {
+                // Paused now rather than at its first booking, which would meet the same refusal.
+                Some(refused) => tenant.breaker.refuse_sign_in(&refused),
+                None => {
+                    tracing::warn!(tenant = %tenant.config.tenant, %error, "mapping not checked: org unreachable")
+                }
+            },
         }
     }
 }
