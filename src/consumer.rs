@@ -3,13 +3,32 @@
 //! [`outcome::decide`] say its fate and the [`Settler`] carry it out, reconnects on loss, and
 //! drains on shutdown. In-flight messages of a lost connection are simply redelivered: every
 //! write is an idempotent upsert.
+//!
+//! # Shutdown order and its guarantee
+//!
+//! On `cancel`: (1) take no more deliveries and `basic.cancel` the consumer, so the broker sends
+//! no more; (2) drain: every message already taken is processed and settled (acked once
+//! Salesforce committed its graph) until `drain`; (3) if the drain deadline passes, stop the
+//! batchers (they send what they hold, then refuse new graphs) and keep waiting, the channel
+//! still open, for the requests on the wire until `grace` − [`CLOSE_BUDGET`]: a graph Salesforce
+//! commits then is still acked; (4) the settle barrier (see [`settle_barrier`]): a synchronous
+//! round trip through the work queue that returns only once the queue has taken in every ack
+//! sent before it; (5) close the connection, which hands back every message not acked.
+//!
+//! Guarantee: after a graceful stop, every message whose graph Salesforce answered as committed
+//! before step (4) is acked at the queue, so no committed booking is redelivered. Only a request
+//! still unanswered at the end of the grace can commit unacked; it is redelivered and rewritten
+//! idempotently (or counted superseded).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +56,17 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// How long a shutdown waits for in-flight messages to settle.
     pub drain: Duration,
+    /// After the drain deadline, how much longer a shutdown keeps the connection open for the
+    /// requests already sent to Salesforce (and then for the settle barrier and the close).
+    pub grace: Duration,
 }
+
+/// The part of the stop grace kept for the settle barrier and the connection close
+/// (a second each); the requests still on the wire get the rest.
+pub const CLOSE_BUDGET: Duration = Duration::from_secs(2);
+
+/// How long the settle barrier, and then the connection close, may each take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a consumer needs besides its settings.
 #[derive(Clone)]
@@ -53,8 +82,15 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Consumes until `cancel`, reconnecting with backoff whenever the connection is lost.
-    pub async fn run(self, settings: WorkerSettings, cancel: CancellationToken) {
+    /// Consumes until `cancel`, reconnecting with backoff whenever the connection is lost; on
+    /// `cancel`, stops in the order the module documents, cancelling `stop_batchers` when the
+    /// drain deadline passes.
+    pub async fn run(
+        self,
+        settings: WorkerSettings,
+        cancel: CancellationToken,
+        stop_batchers: CancellationToken,
+    ) {
         let mut backoff = Reconnect::new(Duration::from_millis(200), Duration::from_secs(30));
         let permits = Arc::new(Semaphore::new(settings.concurrency));
         let mut first = true;
@@ -64,7 +100,7 @@ impl Consumer {
             }
             first = false;
             let session = self
-                .consume_once(&settings, &permits, &cancel, &mut backoff)
+                .consume_once(&settings, &permits, &cancel, &stop_batchers, &mut backoff)
                 .await;
             self.readiness.set_broker(false);
             self.metrics.amqp_connected.set(0);
@@ -85,6 +121,7 @@ impl Consumer {
         settings: &WorkerSettings,
         permits: &Arc<Semaphore>,
         cancel: &CancellationToken,
+        stop_batchers: &CancellationToken,
         backoff: &mut Reconnect,
     ) -> Result<(), lapin::Error> {
         let topology = &self.topology;
@@ -140,25 +177,84 @@ impl Consumer {
                 }
             }
         };
-        if cancel.is_cancelled() {
-            // Stop deliveries first so nothing new starts while the rest drains.
-            let _ = channel
-                .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
-                .await;
-        }
         in_flight.close();
-        if tokio::time::timeout(settings.drain, in_flight.wait())
+        if cancel.is_cancelled() {
+            self.stop(
+                &channel,
+                deliveries.tag().as_str(),
+                &in_flight,
+                settings,
+                stop_batchers,
+            )
+            .await;
+        } else if tokio::time::timeout(settings.drain, in_flight.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                "drain deadline passed; unsettled messages go back to the queue with the connection"
+                "connection lost; messages still in flight are redelivered by the broker"
             );
         }
-        let _ = connection
-            .close(200, "portals-crm shutting down".into())
-            .await;
+        let closed = tokio::time::timeout(
+            STEP_TIMEOUT,
+            connection.close(200, "portals-crm shutting down".into()),
+        )
+        .await;
+        if !matches!(closed, Ok(Ok(()))) {
+            tracing::debug!("the connection was not closed cleanly; the broker drops it");
+        }
         result
+    }
+
+    /// Steps (1) to (4) of the shutdown order in the module documentation.
+    async fn stop(
+        &self,
+        channel: &Channel,
+        consumer_tag: &str,
+        in_flight: &TaskTracker,
+        settings: &WorkerSettings,
+        stop_batchers: &CancellationToken,
+    ) {
+        let started = tokio::time::Instant::now();
+        if let Err(error) = channel
+            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(%error, "could not cancel the consumer; the connection close will");
+        }
+        let drained = |deadline| async move {
+            let done = tokio::time::timeout_at(deadline, in_flight.wait())
+                .await
+                .is_ok();
+            if !done {
+                tracing::warn!(in_flight = in_flight.len(), "messages still in flight");
+            }
+            done
+        };
+        let drain_deadline = started + settings.drain;
+        if !drained(drain_deadline).await {
+            tracing::warn!(
+                "drain deadline passed; the requests already sent to Salesforce get the stop grace"
+            );
+            stop_batchers.cancel();
+            if !drained(drain_deadline + settings.grace.saturating_sub(CLOSE_BUDGET)).await {
+                tracing::warn!(
+                    "stop grace passed; unsettled messages go back to the queue with the connection"
+                );
+            }
+        }
+        match tokio::time::timeout(
+            STEP_TIMEOUT,
+            settle_barrier(channel, &self.topology.work_queue),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "settle barrier failed; acks sent last may be redelivered")
+            }
+            Err(_) => tracing::warn!("settle barrier timed out; acks sent last may be redelivered"),
+        }
     }
 
     /// Processes one delivery and settles it; the only caller of [`Settler::settle`].
@@ -225,4 +321,37 @@ impl Consumer {
             Settled::Written | Settled::Superseded => {}
         }
     }
+}
+
+/// Returns once the work queue has taken in every ack sent on `channel` before it, so that a
+/// connection closed afterwards cannot lose them.
+///
+/// Why it is needed: an ack is not answered in AMQP 0-9-1, and a RabbitMQ quorum queue does not
+/// apply an ack the moment the channel reads it. The channel forwards acks to the queue's Raft
+/// log; once 32 of its commands are not yet applied it holds further acks back
+/// (`rabbit_fifo_client:settle/3`, `unsent_commands`) and forwards them when the queue reports
+/// progress. When the channel closes first, the held acks are dropped
+/// (`rabbit_quorum_queue:close/1` does nothing with them) and the queue redelivers those
+/// messages: <https://github.com/rabbitmq/rabbitmq-server/issues/10327>. A drain ends with a
+/// burst of acks (a Composite Graph answers up to 75 bookings at once), so closing right after it
+/// redelivered committed bookings.
+///
+/// How: `basic.get` on the work queue is a synchronous command through the same Raft log. It is
+/// answered after everything the channel forwarded before it was applied, and the queue's
+/// progress reports for those commands reach the channel before the answer, which makes the
+/// channel forward the held acks before it handles anything we send after the answer (RabbitMQ 4
+/// also forwards held acks before a `basic.cancel`, but ours is sent before the drain). A message
+/// the get takes is handed straight back (`basic.reject` with requeue).
+async fn settle_barrier(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    let taken = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?;
+    if let Some(message) = taken {
+        message
+            .delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await?;
+    }
+    Ok(())
 }

@@ -1,7 +1,6 @@
 //! The service: builds every component from [`Config`] (everything that can fail at start-up
-//! fails here), runs them tracked, and shuts down in order: stop consuming, drain in-flight
-//! messages within the deadline, close the broker connection (handing back the rest), stop the
-//! batchers, flush — and exits within `worker.drain_secs` + [`STOP_GRACE`] whatever the orgs do.
+//! fails here), runs them tracked, and shuts down in order (see [`Service::shutdown`]) — and
+//! exits within `worker.drain_secs` + [`STOP_GRACE`] whatever the orgs do.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +19,11 @@ use crate::telemetry::http::Readiness;
 use crate::telemetry::metrics::Metrics;
 use crate::tenants::{self, LoadedTenant, Registry, Reloader, TenantSettings};
 
-/// How long a shutdown waits, after the drain, for the batchers' requests already on the wire
-/// and the background tasks; what is still running then is abandoned (its messages were handed
-/// back with the connection and are redelivered, which is safe: every write is an upsert).
+/// How long a shutdown waits, after the drain deadline, for the requests already sent to
+/// Salesforce (the connection stays open, so a graph committed then is still acked), the settle
+/// barrier and the close ([`crate::consumer::CLOSE_BUDGET`] of it), and the background tasks;
+/// what is still running then is abandoned (its messages were handed back with the connection
+/// and are redelivered, which is safe: every write is an upsert).
 pub const STOP_GRACE: Duration = Duration::from_secs(4);
 
 /// Start-up failed; the message says what to fix.
@@ -58,6 +59,7 @@ pub struct Service {
     batch_stop: CancellationToken,
     consumer: tokio::task::JoinHandle<()>,
     tracker: TaskTracker,
+    drain: Duration,
 }
 
 /// The admin token, from the environment variable or file the config names.
@@ -179,8 +181,10 @@ impl Service {
             prefetch: config.amqp.prefetch,
             concurrency: config.worker.concurrency,
             drain: Duration::from_secs(config.worker.drain_secs),
+            grace: STOP_GRACE,
         };
-        let consumer = tracker.spawn(consumer.run(settings, cancel.clone()));
+        let drain = settings.drain;
+        let consumer = tracker.spawn(consumer.run(settings, cancel.clone(), batch_stop.clone()));
         Ok(Self {
             http_addr,
             tenants: registry,
@@ -190,18 +194,34 @@ impl Service {
             batch_stop,
             consumer,
             tracker,
+            drain,
         })
     }
 
-    /// Stops consuming, drains (the consumer's deadline), closes, stops the batchers, flushes.
+    /// Stops gracefully, within `worker.drain_secs` + [`STOP_GRACE`] whatever the orgs do:
+    ///
+    /// 1. stop consuming (`basic.cancel`: the broker sends no more);
+    /// 2. drain: messages already taken are processed and settled until `worker.drain_secs`;
+    /// 3. past that deadline, stop the batchers and keep the connection open for the requests
+    ///    already sent to Salesforce, until the stop grace (less the close budget);
+    /// 4. the settle barrier: a synchronous round trip through the work queue, answered only once
+    ///    the queue has taken in every ack sent before it;
+    /// 5. close the broker connection, handing back every message not acked;
+    /// 6. stop the batchers and the background tasks (until the same deadline), flush the cache.
+    ///
+    /// Guarantee: every message whose graph Salesforce answered as committed is acked at the
+    /// queue before the connection closes, so none of them is redelivered after the restart. A
+    /// request still unanswered when the grace ends is abandoned; its message is redelivered and
+    /// written again idempotently. Steps 1–5 are [`Consumer::run`]'s, see [`crate::consumer`].
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.drain + STOP_GRACE;
         self.cancel.cancel();
         if let Err(error) = self.consumer.await {
             tracing::error!(%error, "consumer task failed");
         }
         self.batch_stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(STOP_GRACE, self.tracker.wait())
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
             .is_err()
         {

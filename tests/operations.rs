@@ -175,8 +175,18 @@ async fn every_design_and_dashboard_metric_is_exported_with_its_labels() {
 
 #[tokio::test]
 async fn a_full_demo_run_logs_no_email_phone_token_or_key() {
+    let log_file =
+        std::env::temp_dir().join(format!("portals-crm-demo-{:x}.log", rand::random::<u32>()));
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
-        .args(["--log-format", "json", "demo", "--events", "150"])
+        .args([
+            "--log-format",
+            "json",
+            "demo",
+            "--events",
+            "150",
+            "--log-file",
+        ])
+        .arg(&log_file)
         .env("RUST_LOG", "debug")
         .env("PORTALS_CRM_HTTP_LISTEN", "127.0.0.1:0")
         .output()
@@ -187,11 +197,20 @@ async fn a_full_demo_run_logs_no_email_phone_token_or_key() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let logs = format!(
+    let terminal = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    // The terminal shows the summary and where the log went; the log stream goes to the file.
+    assert!(terminal.contains("events settled"), "{terminal}");
+    assert!(
+        terminal.contains(&log_file.display().to_string()),
+        "{terminal}"
+    );
+    assert!(!terminal.contains("salesforce write"), "{terminal}");
+    let logs = std::fs::read_to_string(&log_file).unwrap();
+    std::fs::remove_file(&log_file).unwrap();
     assert!(
         logs.contains("salesforce write"),
         "the audit records are in the logs"
@@ -351,7 +370,8 @@ async fn sigterm_with_a_slow_org_exits_within_the_drain_deadline() {
 
 /// Issue 12 E: after a graceful stop under load, no booking that Salesforce committed comes
 /// back. A restarted worker on the same cache would count such a redelivery as superseded (its
-/// ledger holds the version), so with a stream of distinct bookings it must count none.
+/// ledger holds the version), so with a stream of distinct bookings it must count none, and it
+/// must write exactly the bookings the first worker had not committed.
 #[tokio::test]
 async fn sigterm_under_load_leaves_nothing_committed_unacked() {
     let mut env = TestEnv::start("sigterm-acks").await;
@@ -396,6 +416,20 @@ async fn sigterm_under_load_leaves_nothing_committed_unacked() {
         .expect("exited")
         .unwrap();
     assert!(status.success());
+    // The broker applies acks and the hand-back of a closed connection asynchronously: read
+    // the org once the queue holds nothing unacked, i.e. the first worker is wholly gone.
+    let work_queue = env.topology.work_queue.clone();
+    wait_until(
+        "the first worker's deliveries settled or handed back",
+        Duration::from_secs(20),
+        || async {
+            match queue_depth(&work_queue) {
+                Some((_, 0)) => Ok(()),
+                seen => Err(format!("{seen:?} (ready, unacked)")),
+            }
+        },
+    )
+    .await;
     let committed = events_in_org(&env).await;
     assert!(
         committed < total,
@@ -422,14 +456,33 @@ async fn sigterm_under_load_leaves_nothing_committed_unacked() {
         },
     )
     .await;
-    let outcomes = restarted.metrics.settled_by_outcome();
+    // The org holds a graph before its answer reaches the worker; every redelivered message is
+    // settled (and counted) once the queue is empty and the worker has drained.
+    wait_until(
+        "every redelivered booking acked",
+        Duration::from_secs(30),
+        || async {
+            match queue_depth(&work_queue) {
+                Some((0, 0)) => Ok(()),
+                seen => Err(format!("{seen:?} (ready, unacked)")),
+            }
+        },
+    )
+    .await;
+    let metrics = restarted.metrics.clone();
+    restarted.shutdown().await;
+    let outcomes = metrics.settled_by_outcome();
     eprintln!("{committed} committed before SIGTERM; after the restart: {outcomes:?}");
     assert_eq!(
         outcomes.get("superseded").copied().unwrap_or(0),
         0,
         "committed bookings were redelivered: {outcomes:?}"
     );
-    restarted.shutdown().await;
+    assert_eq!(
+        outcomes,
+        BTreeMap::from([("written".to_owned(), (total - committed) as u64)]),
+        "the restarted worker writes exactly what the first one had not committed"
+    );
     env.finish().await;
 }
 
@@ -442,15 +495,32 @@ async fn events_in_org(env: &TestEnv) -> usize {
 
 /// Messages ready on `queue`, from `rabbitmqctl`.
 fn queue_ready(queue: &str) -> Option<u64> {
+    queue_depth(queue).map(|(ready, _)| ready)
+}
+
+/// Messages ready and unacknowledged on `queue`, from `rabbitmqctl`.
+fn queue_depth(queue: &str) -> Option<(u64, u64)> {
     let listed = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages_ready"])
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
         .output()
         .ok()?;
     String::from_utf8_lossy(&listed.stdout)
         .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, n)| n.trim().parse().ok())
+        .find_map(|line| {
+            let mut fields = line.split('\t');
+            if fields.next()? != queue {
+                return None;
+            }
+            let ready = fields.next()?.trim().parse().ok()?;
+            let unacked = fields.next()?.trim().parse().ok()?;
+            Some((ready, unacked))
+        })
 }
 
 fn unsafe_kill(pid: i32) -> i32 {

@@ -1,5 +1,5 @@
 //! AMQP: connection, topology, and a publisher with confirms and routing checks. The consumer
-//! loop lives in [`crate::app`], which owns reconnection.
+//! loop lives in [`crate::consumer`], which owns reconnection.
 
 pub mod topology;
 

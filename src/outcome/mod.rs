@@ -68,6 +68,22 @@ pub enum SettleError {
     /// The ack (or nack) itself failed: the channel is gone and the broker will redeliver.
     #[error("could not acknowledge: {0}")]
     Ack(#[from] lapin::Error),
+    /// lapin did not send the ack: the delivery's channel had already closed, so the
+    /// broker will redeliver the message (`Acker::ack` answers `Ok(false)`,
+    /// <https://docs.rs/lapin/latest/lapin/acker/struct.Acker.html>).
+    #[error("not acknowledged: the delivery's channel is closed; the broker will redeliver it")]
+    ChannelClosed,
+}
+
+/// Acks `delivery`, or says why the broker will redeliver it. lapin answers `Ok(false)` instead
+/// of an error when the delivery's channel closed before the ack was issued: counting that as a
+/// settled message would hide a redelivery.
+async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
+    if delivery.acker.ack(BasicAckOptions::default()).await? {
+        Ok(())
+    } else {
+        Err(SettleError::ChannelClosed)
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -101,11 +117,11 @@ impl Settler {
     ) -> Result<Settled, SettleError> {
         match disposition {
             Disposition::Written => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                ack(delivery).await?;
                 Ok(Settled::Written)
             }
             Disposition::Superseded => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                ack(delivery).await?;
                 Ok(Settled::Superseded)
             }
             Disposition::Retry { cause, retry_after } => {
@@ -216,7 +232,7 @@ impl Settler {
         {
             return Err(Self::hand_back(delivery, "retry", source).await);
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        ack(delivery).await?;
         Ok(Settled::Retried { tier })
     }
 
@@ -235,7 +251,7 @@ impl Settler {
         {
             return Err(Self::hand_back(delivery, "dead-letter", source).await);
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        ack(delivery).await?;
         Ok(Settled::DeadLettered {
             reason: cause.reason,
         })

@@ -65,12 +65,13 @@ struct SignInGauge {
 }
 
 impl SignInGauge {
+    /// Every reason of the tenant at 0: the series exist from the start (13 per tenant, a
+    /// bounded set), so dashboards and alerts see "not refused" rather than no data.
     fn clear(&self) {
         for code in OAuthErrorCode::ALL {
-            // Absent series are fine: only the current reason is ever set.
-            let _ = self
-                .gauge
-                .remove_label_values(&[self.tenant.as_str(), code.reason_code()]);
+            self.gauge
+                .with_label_values(&[self.tenant.as_str(), code.reason_code()])
+                .set(0);
         }
     }
 }
