@@ -4,7 +4,14 @@
 //! Templates run in minijinja's sandbox: they see only the context built here (the event, the
 //! enrichment) and can reach nothing outside it. Undefined names are errors, so a typo in a
 //! mapping fails at compile or render time instead of writing an empty field.
+//!
+//! What a template may cost is bounded, because each customer edits their own templates and a
+//! worker renders every tenant's: each render runs with minijinja's fuel limit
+//! ([`TEMPLATE_FUEL`] instructions) and its output is capped at [`MAX_RENDERED_BYTES`]. A
+//! template over either fails that booking alone (a permanent `mapping_error` naming the field);
+//! on the built-in sample events it is a validation problem ([`samples`]).
 
+pub mod samples;
 pub mod validate;
 
 use serde::Serialize;
@@ -15,6 +22,17 @@ use crate::enrich::Enrichment;
 use crate::event::{Attendee, BookingEvent};
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::Subrequest;
+
+/// Instructions one render of a field template (or one `when`) may execute: minijinja's fuel,
+/// reset for every render. The shipped mappings use well under a thousand per field; two nested
+/// `range(100000)` loops (10^10 iterations) stop here within milliseconds.
+/// <https://docs.rs/minijinja/latest/minijinja/struct.Environment.html#method.set_fuel>
+pub const TEMPLATE_FUEL: u64 = 200_000;
+
+/// Bytes one field may render to. The longest Salesforce text field (Long Text Area) holds
+/// 131,072 characters, at most 4 bytes each in UTF-8; anything longer could never be written.
+/// <https://help.salesforce.com/s/articleView?id=sf.custom_field_types.htm>
+pub const MAX_RENDERED_BYTES: usize = 131_072 * 4;
 
 /// A mapping that cannot render for this event; dead-lettered as `mapping_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +166,40 @@ mod filters {
     }
 }
 
+/// A render's output, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered size cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A template error for people: running out of fuel is said in the mapping's terms.
+fn bounded_message(error: &minijinja::Error) -> String {
+    if error.kind() == minijinja::ErrorKind::OutOfFuel {
+        format!(
+            "the template takes more than {TEMPLATE_FUEL} steps (the limit on one field's work); \
+             simplify its loops"
+        )
+    } else {
+        error.to_string()
+    }
+}
+
 /// A serializable value as a template value.
 fn to_value<T: Serialize>(value: &T) -> minijinja::Value {
     minijinja::Value::from(minijinja::value::Serde(value))
@@ -185,6 +237,7 @@ impl CompiledMapping {
     pub fn compile(tenant: &TenantConfig) -> Result<Self, Vec<String>> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("phone", filters::phone);
@@ -330,32 +383,36 @@ impl CompiledMapping {
         template: &FieldTemplate,
         ctx: &minijinja::Value,
     ) -> Result<Value, PlanError> {
-        let fail = |e: minijinja::Error| PlanError {
+        let fail = |message: String| PlanError {
             record: record.reference.clone(),
             field: field.to_owned(),
-            message: e.to_string(),
+            message,
         };
         match template {
             FieldTemplate::Constant(value) => Ok(value.clone()),
             FieldTemplate::Expression(name) => {
                 // Strict undefined behaviour makes an unknown name an error here, not a null.
-                let json = self
-                    .env
-                    .get_template(name)
-                    .and_then(|t| t.render(ctx))
-                    .map_err(fail)?;
-                serde_json::from_str(&json).map_err(|e| PlanError {
-                    record: record.reference.clone(),
-                    field: field.to_owned(),
-                    message: e.to_string(),
-                })
+                let json = self.render_bounded(name, ctx).map_err(fail)?;
+                serde_json::from_str(&json).map_err(|e| fail(e.to_string()))
             }
             FieldTemplate::Template(name) => self
-                .env
-                .get_template(name)
-                .and_then(|t| t.render(ctx))
+                .render_bounded(name, ctx)
                 .map(Value::String)
                 .map_err(fail),
+        }
+    }
+
+    /// Renders template `name` within [`TEMPLATE_FUEL`] and [`MAX_RENDERED_BYTES`]; the error
+    /// says which bound was hit.
+    fn render_bounded(&self, name: &str, ctx: &minijinja::Value) -> Result<String, String> {
+        let template = self.env.get_template(name).map_err(|e| e.to_string())?;
+        let mut out = CappedOutput::default();
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|e| e.to_string()),
+            Err(_) if out.overflowed => Err(format!(
+                "renders more than {MAX_RENDERED_BYTES} bytes (the cap on one field's value)"
+            )),
+            Err(e) => Err(bounded_message(&e)),
         }
     }
 
@@ -410,7 +467,7 @@ impl CompiledMapping {
                         .map_err(|e| PlanError {
                             record: record.reference.clone(),
                             field: "when".into(),
-                            message: e.to_string(),
+                            message: bounded_message(&e),
                         })?;
                     if !keep.is_true() {
                         continue;
@@ -632,6 +689,35 @@ mod tests {
                 .any(|p| p.contains("record event, field Subject"))
         );
         assert!(problems.iter().any(|p| p.contains("@{nobody…}")));
+    }
+
+    #[test]
+    fn runaway_templates_fail_the_field_not_the_worker() {
+        let mut tenant = acme();
+        tenant.records[1].fields.insert(
+            "Description".into(),
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+                .into(),
+        );
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let error = mapping
+            .build_graph(&event("booked"), &Enrichment::default())
+            .unwrap_err();
+        assert_eq!(
+            (error.record.as_str(), error.field.as_str()),
+            ("event", "Description")
+        );
+        assert!(error.message.contains("steps"), "{error}");
+
+        tenant.records[1]
+            .fields
+            .insert("Description".into(), "{{ 'x' * 600000 }}".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let error = mapping
+            .build_graph(&event("booked"), &Enrichment::default())
+            .unwrap_err();
+        assert_eq!(error.field, "Description");
+        assert!(error.message.contains("bytes"), "{error}");
     }
 
     #[test]

@@ -126,12 +126,13 @@ pub fn fields_table(describe: &SObjectDescribe) -> String {
 }
 
 /// Validates `tenant`'s mapping; `describes` holds the describe of every mapped sObject the
-/// integration user can see (absent = invisible).
+/// integration user can see (absent = invisible). Includes the mapping's failures on the
+/// built-in sample events ([`super::samples::sample_problems`]).
 pub fn validate(
     tenant: &TenantConfig,
     describes: &HashMap<String, SObjectDescribe>,
 ) -> Vec<MappingProblem> {
-    let mut problems = Vec::new();
+    let mut problems = super::samples::sample_problems(tenant);
     let mut sobject_of: HashMap<&str, &str> = HashMap::new();
     for record in &tenant.records {
         let problem = |target: String, problem: String, fix: String| MappingProblem {
