@@ -16,6 +16,7 @@ pub mod validate;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
+use validate::MappingProblem;
 
 use crate::config::{Action, TenantConfig};
 use crate::enrich::Enrichment;
@@ -200,6 +201,10 @@ fn bounded_message(error: &minijinja::Error) -> String {
     }
 }
 
+/// The fix of a template that does not compile.
+const SYNTAX_FIX: &str =
+    "correct the template (minijinja syntax: {{ expression }}, {% if … %}…{% endif %})";
+
 /// A serializable value as a template value.
 fn to_value<T: Serialize>(value: &T) -> minijinja::Value {
     minijinja::Value::from(minijinja::value::Serde(value))
@@ -235,6 +240,12 @@ fn references(text: &str) -> Vec<&str> {
 impl CompiledMapping {
     /// Compiles a tenant's mapping; every problem is reported, naming tenant, record and field.
     pub fn compile(tenant: &TenantConfig) -> Result<Self, Vec<String>> {
+        Self::check(tenant).map_err(|found| found.iter().map(ToString::to_string).collect())
+    }
+
+    /// As [`CompiledMapping::compile`], each problem structured (record, `Object.field`, problem,
+    /// fix) as the validator answers, for the console to show beside the field it concerns.
+    pub fn check(tenant: &TenantConfig) -> Result<Self, Vec<MappingProblem>> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_fuel(Some(TEMPLATE_FUEL));
@@ -249,32 +260,59 @@ impl CompiledMapping {
         let mut known: Vec<(String, bool)> = Vec::new();
         let t = &tenant.tenant;
         if tenant.records.is_empty() {
-            problems.push(format!("tenant {t}: the mapping lists no records"));
+            problems.push(MappingProblem {
+                tenant: t.clone(),
+                record: String::new(),
+                target: String::new(),
+                problem: "the mapping lists no records".into(),
+                fix: "add a record (one per Salesforce record to write)".into(),
+            });
         }
         for (index, record) in tenant.records.iter().enumerate() {
             let name = &record.reference;
+            let at = |field: &str, problem: String, fix: &str| MappingProblem {
+                tenant: t.clone(),
+                record: name.clone(),
+                target: if field.is_empty() {
+                    record.sobject.clone()
+                } else {
+                    format!("{}.{field}", record.sobject)
+                },
+                problem,
+                fix: fix.to_owned(),
+            };
             if !valid_reference(name) {
-                problems.push(format!(
-                    "tenant {t}, record {name}: ref must start with a letter and hold only \
-                     letters, digits and _ (at most 30)"
+                problems.push(at(
+                    "ref",
+                    "ref must start with a letter and hold only letters, digits and _ (at most 30)"
+                        .into(),
+                    "rename the record",
                 ));
             }
             if known.iter().any(|(k, _)| k == name) {
-                problems.push(format!("tenant {t}, record {name}: ref is used twice"));
+                problems.push(at(
+                    "ref",
+                    "ref is used twice".into(),
+                    "give each record its own ref",
+                ));
             }
             let per_attendee = match record.for_each.as_deref() {
                 None => false,
                 Some("attendees") => true,
                 Some(other) => {
-                    problems.push(format!(
-                        "tenant {t}, record {name}: for_each must be \"attendees\", not {other:?}"
+                    problems.push(at(
+                        "for_each",
+                        format!("for_each must be \"attendees\", not {other:?}"),
+                        "set for_each to \"attendees\" or leave it out",
                     ));
                     false
                 }
             };
             if record.external_id_field.trim().is_empty() {
-                problems.push(format!(
-                    "tenant {t}, record {name}: external_id_field is empty"
+                problems.push(at(
+                    "external_id_field",
+                    "external_id_field is empty".into(),
+                    "pick the External ID field that keys the upsert",
                 ));
             }
             let mut compile_value =
@@ -295,10 +333,11 @@ impl CompiledMapping {
                                 }
                             });
                             if !ok {
-                                problems.push(format!(
-                                "tenant {t}, record {name}, field {field}: @{{{target}…}} refers \
-                                 to no earlier record"
-                            ));
+                                problems.push(at(
+                                    field,
+                                    format!("@{{{target}…}} refers to no earlier record"),
+                                    "refer to a record listed above this one",
+                                ));
                             }
                         }
                         return Some(FieldTemplate::Constant(value.clone()));
@@ -306,7 +345,7 @@ impl CompiledMapping {
                     let template_name = format!("{index}.{name}.{field}");
                     if let Some(expr) = single_expression(text) {
                         if let Err(e) = env.compile_expression(expr) {
-                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            problems.push(at(field, e.to_string(), SYNTAX_FIX));
                             return None;
                         }
                         return match env.add_template_owned(
@@ -315,8 +354,7 @@ impl CompiledMapping {
                         ) {
                             Ok(()) => Some(FieldTemplate::Expression(template_name)),
                             Err(e) => {
-                                problems
-                                    .push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                                problems.push(at(field, e.to_string(), SYNTAX_FIX));
                                 None
                             }
                         };
@@ -324,7 +362,7 @@ impl CompiledMapping {
                     match env.add_template_owned(template_name.clone(), text.clone()) {
                         Ok(()) => Some(FieldTemplate::Template(template_name)),
                         Err(e) => {
-                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            problems.push(at(field, e.to_string(), SYNTAX_FIX));
                             None
                         }
                     }
@@ -341,14 +379,16 @@ impl CompiledMapping {
                 }
             }
             if record.action == Action::Delete && !record.fields.is_empty() {
-                problems.push(format!(
-                    "tenant {t}, record {name}: a delete record takes no fields"
+                problems.push(at(
+                    "",
+                    "a delete record takes no fields".into(),
+                    "remove its fields, or make it an upsert",
                 ));
             }
             if let Some(when) = &record.when
                 && let Err(e) = env.compile_expression(when)
             {
-                problems.push(format!("tenant {t}, record {name}, when: {e}"));
+                problems.push(at("when", e.to_string(), SYNTAX_FIX));
             }
             known.push((name.clone(), per_attendee));
             if let Some(external_id) = external_id {
@@ -686,7 +726,7 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("record event, field Subject"))
+                .any(|p| p.contains("record event, Event.Subject"))
         );
         assert!(problems.iter().any(|p| p.contains("@{nobody…}")));
     }
