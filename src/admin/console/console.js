@@ -115,9 +115,10 @@ function setupEditor() {
     show(data.problems);
     status.textContent = data.valid ? "Valid against the org." : data.problems.length + " problem(s) to fix before saving.";
     status.className = "status " + (data.valid ? "good" : "bad");
-    document.getElementById("save").disabled = true;
   }
+  // An edit makes the reviewed diff stale: Save waits for the next review.
   function soon() {
+    document.getElementById("save").disabled = true;
     clearTimeout(pending);
     pending = setTimeout(validate, 400);
   }
