@@ -473,3 +473,73 @@ pub async fn check_tenant(
         checks,
     }
 }
+
+/// The rollback probe for a mapping not yet live: `nodes` (a graph the mapping built for a
+/// sample event) sent as one Composite Graph with a last node that writes a field no org has,
+/// so the graph always rolls back and nothing is written. Every mapping node passed when the
+/// graph failed at that last node; otherwise the first node that failed is named with
+/// Salesforce's error.
+/// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_graph_introduction.htm>
+pub async fn probe_mapping(client: &SalesforceClient, mut nodes: Vec<Subrequest>) -> Check {
+    let name = "test against the org (rolled back, nothing written)";
+    let url = format!(
+        "{}/sobjects/BookMe__Booking__c/BookMe__Booking_Id__c/{}",
+        client.data_path(),
+        encode_segment("portals-crm-console-probe")
+    );
+    nodes.push(Subrequest {
+        method: "PATCH".into(),
+        url,
+        reference_id: "portals_crm_rollback".into(),
+        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1})),
+    });
+    let count = nodes.len() - 1;
+    let request = GraphRequest {
+        graphs: vec![Graph {
+            graph_id: "console_probe".into(),
+            composite_request: nodes,
+        }],
+    };
+    let response = match client.composite_graph(&request).await {
+        Ok(response) => response,
+        Err(error) => {
+            return fail(
+                name,
+                error.to_string(),
+                "fix the sign-in and API checks first",
+            );
+        }
+    };
+    let Some(graph) = response.graphs.first() else {
+        return fail(name, "the org answered no graph", "run the checks page");
+    };
+    let failed = graph
+        .graph_response
+        .composite_response
+        .iter()
+        .find(|node| node.node_error().is_some_and(|e| !e.is_placeholder()));
+    match failed {
+        Some(node) if node.reference_id == "portals_crm_rollback" => pass(
+            name,
+            format!("all {count} records of the graph were accepted, then rolled back"),
+        ),
+        Some(node) => {
+            let error = node.node_error();
+            let (code, message) =
+                error.map_or_else(Default::default, |e| (e.error_code, e.message));
+            fail(
+                name,
+                format!(
+                    "record {} was refused: {code}: {message}",
+                    node.reference_id
+                ),
+                "fix the field the message names (see the problems at that record), then test again",
+            )
+        }
+        None => fail(
+            name,
+            "the probe was not rolled back as expected",
+            "check the BookMe Booking object in Setup",
+        ),
+    }
+}

@@ -132,7 +132,13 @@ impl Service {
             (None, true) => AdminAccess::Local,
             (None, false) => AdminAccess::Disabled,
         };
-        let admin = crate::admin::router(registry.clone(), reloader.clone(), access);
+        let admin = crate::admin::router(
+            registry.clone(),
+            reloader.clone(),
+            metrics.clone(),
+            config.tenants.dir.clone(),
+            access,
+        );
         let http_addr = crate::telemetry::http::serve(
             listen,
             metrics.clone(),

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, sample, wait_until};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn rewrite(dir: &std::path::Path, from: &str, to: &str) {
     let path = dir.join("acme.toml");
@@ -69,12 +69,17 @@ async fn tenant_changes_are_validated_and_swapped_atomically() {
         .await
         .unwrap();
     assert_eq!(verdict["valid"], false);
+    let problem = &verdict["problems"][0];
+    assert_eq!(
+        (&problem["record"], &problem["field"], &problem["target"]),
+        (&json!("lead"), &json!("Bogus__c"), &json!("Lead.Bogus__c")),
+        "{verdict}"
+    );
     assert!(
-        verdict["problems"][0]
+        problem["fix"]
             .as_str()
             .unwrap()
-            .contains("Lead.Bogus__c"),
-        "{verdict}"
+            .contains("grant Edit on Lead.Bogus__c")
     );
 
     // An invalid change on disk: the watcher rejects it, the running mapping keeps writing.

@@ -1,156 +1,601 @@
-//! The admin API on the service port, above the pipeline: what the Management UI uses: tenants, the fields of an
-//! sObject as the integration user may use them, validation of a proposed mapping, reload.
+//! The admin API and the Management console on the service port, above the pipeline.
 //!
-//! Bound to loopback it is open to local callers; bound elsewhere it requires
-//! `Authorization: Bearer <token>` with the token from the environment variable named by
-//! `http.admin_token_env`, and without one it is off.
+//! JSON routes under `/admin` (each the twin of a CLI command, see README) and the console's
+//! pages under `/ui` ([`console`]). Who may call them, and the Origin check every
+//! state-changing request passes, are in [`access`]. Request bodies are limited to
+//! [`MAX_BODY_BYTES`].
 
+pub mod access;
+pub mod console;
+pub mod mapping_file;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use secrecy::{ExposeSecret, SecretString};
-use serde_json::json;
-use subtle::ConstantTimeEq;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use access::AdminAccess;
 
 use crate::config::TenantConfig;
+use crate::doctor::{self, Check};
 use crate::plan::CompiledMapping;
-use crate::tenants::{Registry, Reloader, check_against_org};
+use crate::plan::samples;
+use crate::plan::validate::{MappingProblem, constant_problem};
+use crate::salesforce::model::{Graph, GraphRequest};
+use crate::telemetry::metrics::Metrics;
+use crate::tenants::{Registry, Reloader, Tenant, check_against_org};
+use mapping_file::MappingModel;
 
-/// Who may call the admin API.
-#[derive(Clone)]
-pub enum AdminAccess {
-    /// Loopback listener and no token configured: local callers only, by construction.
-    Local,
-    /// A bearer token is required.
-    Token(Arc<SecretString>),
-    /// Non-loopback listener without a token: the admin API is off.
-    Disabled,
-}
+/// The largest request body the admin API and the console accept: a tenant file or a pasted
+/// event is a few KiB; an event is at most the worker's 256 KiB.
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
 
+/// What the admin routes and the console share.
 #[derive(Clone)]
-struct AdminState {
+pub struct AdminState {
     tenants: Arc<Registry>,
     reloader: Reloader,
-    access: AdminAccess,
+    metrics: Arc<Metrics>,
+    tenants_dir: PathBuf,
+    gate: access::Gate,
 }
 
-/// Whether the bearer token `given` is `token`, compared in constant time: how long a refusal
-/// takes must not tell how much of a guess was right.
-fn token_matches(given: Option<&str>, token: &SecretString) -> bool {
-    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.expose_secret().as_bytes())))
+/// A JSON error answer.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
 }
 
-/// The refusal for a caller who may not use the admin API, if any.
-fn denial(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
-    match &state.access {
-        AdminAccess::Local => None,
-        AdminAccess::Disabled => Some((
-            StatusCode::FORBIDDEN,
-            "admin API disabled: the service listens beyond loopback and http.admin_token_env is not set\n",
-        )
-            .into_response()),
-        AdminAccess::Token(token) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if token_matches(given, token) {
-                None
-            } else {
-                Some((StatusCode::UNAUTHORIZED, "bearer token required\n").into_response())
-            }
-        }
+/// A refused admin request: its status and why, answered as `{"error": …}`.
+pub struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
     }
 }
 
-async fn list_tenants(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = denial(&state, &headers) {
-        return denied;
+impl AdminState {
+    fn tenant(&self, name: &str) -> Result<Arc<Tenant>, Refusal> {
+        self.tenants
+            .get(name)
+            .ok_or_else(|| Refusal(StatusCode::NOT_FOUND, format!("no tenant {name}")))
     }
-    let list: Vec<_> = state
-        .tenants
-        .all()
-        .iter()
-        .map(|t| {
-            json!({
-                "tenant": t.config.tenant,
-                "login_url": t.config.org.login_url,
-                "api_version": t.config.org.api_version,
-                "api_quota_share": t.config.limits.api_quota_share,
-                "records": t.config.records.iter().map(|r| json!({"ref": r.reference, "sobject": r.sobject})).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    axum::Json(list).into_response()
+
+    /// The file the running tenant came from, if it came from one.
+    fn file_of(&self, tenant: &Tenant) -> Option<PathBuf> {
+        let source = tenant.config.source.as_ref()?;
+        Some(self.tenants_dir.join(format!("{}.toml", source.file)))
+    }
+}
+
+/// One tenant's health, as the overview shows it.
+#[derive(Debug, Serialize)]
+pub struct TenantHealth {
+    /// Tenant id.
+    pub tenant: String,
+    /// OAuth login URL.
+    pub login_url: String,
+    /// `jwt_bearer` or `client_credentials`.
+    pub flow: &'static str,
+    /// REST API version.
+    pub api_version: String,
+    /// `ref → sObject` of each record, in order.
+    pub records: Vec<(String, String)>,
+    /// The file on disk does not load: the problems, while the running (last good) copy stays.
+    pub rejected_file: Vec<String>,
+    /// The mapping's problems against the org now (permission drift), or why it was not asked.
+    pub drift: Vec<MappingProblem>,
+    /// The org could not be asked.
+    pub org_error: Option<String>,
+    /// The tenant's circuit is open (paused).
+    pub circuit_open: bool,
+    /// Share of the org's daily API requests used, as last reported by the org (0–1).
+    pub api_used: Option<f64>,
+    /// The share above which the tenant is paused.
+    pub api_quota_share: f64,
+}
+
+/// The health of every tenant: file state, drift, circuit, quota.
+pub async fn overview(state: &AdminState) -> Vec<TenantHealth> {
+    let mut out = Vec::new();
+    for tenant in state.tenants.all() {
+        let config = &tenant.config;
+        let rejected_file = match state.file_of(&tenant) {
+            Some(path) => match TenantConfig::load(&path) {
+                Ok(on_disk) => CompiledMapping::compile(&on_disk).err().unwrap_or_default(),
+                Err(problem) => vec![problem],
+            },
+            None => Vec::new(),
+        };
+        let (drift, org_error) =
+            match check_against_org(state.tenants.caches(), config, &tenant.client).await {
+                Ok(found) => (found, None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+        out.push(TenantHealth {
+            tenant: config.tenant.clone(),
+            login_url: config.org.login_url.clone(),
+            flow: match config.auth {
+                crate::config::AuthConfig::JwtBearer { .. } => "jwt_bearer",
+                crate::config::AuthConfig::ClientCredentials { .. } => "client_credentials",
+            },
+            api_version: config.org.api_version.clone(),
+            records: config
+                .records
+                .iter()
+                .map(|r| (r.reference.clone(), r.sobject.clone()))
+                .collect(),
+            rejected_file,
+            drift,
+            org_error,
+            circuit_open: state
+                .metrics
+                .circuit_open
+                .with_label_values(&[config.tenant.as_str()])
+                .get()
+                > 0,
+            api_used: tenant.client.api_usage().map(|u| u.ratio()),
+            api_quota_share: config.limits.api_quota_share,
+        });
+    }
+    out
+}
+
+async fn list_tenants(State(state): State<AdminState>) -> Response {
+    axum::Json(overview(&state).await).into_response()
+}
+
+async fn sobjects(State(state): State<AdminState>, Path(tenant): Path<String>) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    match t.client.describe_global().await {
+        Ok(global) => axum::Json(global.sobjects).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
 }
 
 async fn fields(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path((tenant, sobject)): Path<(String, String)>,
 ) -> Response {
-    if let Some(denied) = denial(&state, &headers) {
-        return denied;
-    }
-    let Some(t) = state.tenants.get(&tenant) else {
-        return (StatusCode::NOT_FOUND, format!("no tenant {tenant}\n")).into_response();
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
     };
     match state.tenants.caches().describe(&t.client, &sobject).await {
         Ok(Some(describe)) => axum::Json(describe.fields).into_response(),
-        Ok(None) => (
+        Ok(None) => error(
             StatusCode::NOT_FOUND,
-            format!("the integration user of {tenant} cannot see {sobject}\n"),
-        )
-            .into_response(),
-        Err(error) => (StatusCode::BAD_GATEWAY, format!("{error}\n")).into_response(),
+            format!("the integration user of {tenant} cannot see {sobject}"),
+        ),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }
 
-/// Body: a proposed tenant file (TOML). Answer: every problem, compile and org-side.
+/// The editor's view of a tenant's mapping.
+async fn mapping(State(state): State<AdminState>, Path(tenant): Path<String>) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let Some(source) = &t.config.source else {
+        return error(
+            StatusCode::CONFLICT,
+            "this tenant was not loaded from a file, so there is no file to edit",
+        );
+    };
+    match mapping_file::read(&source.text) {
+        Ok(model) => axum::Json(json!({"mapping": model, "file": source.text})).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// A proposed mapping: the running file with the editor's records.
+struct Proposal {
+    text: String,
+    config: TenantConfig,
+}
+
+fn propose(state: &AdminState, tenant: &Tenant, model: &MappingModel) -> Result<Proposal, Refusal> {
+    let Some(source) = &tenant.config.source else {
+        return Err(Refusal(
+            StatusCode::CONFLICT,
+            "this tenant was not loaded from a file, so there is no file to edit".into(),
+        ));
+    };
+    let text = mapping_file::write(&source.text, model)
+        .map_err(|e| Refusal(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let mut config = TenantConfig::parse(
+        crate::config::TenantSource {
+            file: source.file.clone(),
+            text: text.clone(),
+        },
+        &format!("{}.toml (proposed)", source.file),
+    )
+    .map_err(|e| Refusal(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    config.resolve_paths(&state.tenants_dir);
+    Ok(Proposal { text, config })
+}
+
+/// A problem as the console and scripts read it: the record, the field, what, the fix.
+#[derive(Debug, Serialize)]
+pub struct ProblemView {
+    /// Record ref (empty: the whole mapping).
+    pub record: String,
+    /// The field of the record, if the problem is about one.
+    pub field: Option<String>,
+    /// `Object.Field`.
+    pub target: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do.
+    pub fix: String,
+}
+
+impl From<&MappingProblem> for ProblemView {
+    fn from(p: &MappingProblem) -> Self {
+        Self {
+            record: p.record.clone(),
+            field: p.field().map(str::to_owned),
+            target: p.target.clone(),
+            problem: p.problem.clone(),
+            fix: p.fix.clone(),
+        }
+    }
+}
+
+/// Every problem of `config`: compile, then against the org (which includes the samples).
+/// `Err` when the org could not be asked.
+async fn problems_of(
+    state: &AdminState,
+    tenant: &Tenant,
+    config: &TenantConfig,
+) -> Result<Vec<MappingProblem>, String> {
+    let mut problems = CompiledMapping::check(config).err().unwrap_or_default();
+    let found = check_against_org(state.tenants.caches(), config, &tenant.client)
+        .await
+        .map_err(|e| format!("the org could not be asked: {e}"))?;
+    problems.extend(found);
+    Ok(problems)
+}
+
+fn problems_answer(problems: &[MappingProblem]) -> Value {
+    json!({
+        "valid": problems.is_empty(),
+        "problems": problems.iter().map(ProblemView::from).collect::<Vec<_>>(),
+    })
+}
+
+/// Body: a proposed tenant file (TOML), or the editor's mapping (JSON). Answer: every problem,
+/// each with record, field, problem and fix.
 async fn validate(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
+    headers: HeaderMap,
     body: String,
 ) -> Response {
-    if let Some(denied) = denial(&state, &headers) {
-        return denied;
-    }
-    let Some(current) = state.tenants.get(&tenant) else {
-        return (StatusCode::NOT_FOUND, format!("no tenant {tenant}\n")).into_response();
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
     };
-    let mut proposed: TenantConfig = match toml::from_str(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return axum::Json(json!({"valid": false, "problems": [e.to_string()]}))
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let config = if json_body {
+        let model: MappingModel = match serde_json::from_str(&body) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        match propose(&state, &t, &model) {
+            Ok(p) => p.config,
+            Err(response) => return response.into_response(),
+        }
+    } else {
+        match toml::from_str::<TenantConfig>(&body) {
+            Ok(mut c) => {
+                c.tenant = tenant.clone();
+                c
+            }
+            Err(e) => {
+                return axum::Json(json!({"valid": false, "problems": [{
+                    "record": "", "field": null, "target": "", "problem": e.to_string(),
+                    "fix": "correct the TOML"}]}))
                 .into_response();
+            }
         }
     };
-    proposed.tenant = tenant;
-    let mut problems: Vec<String> = CompiledMapping::compile(&proposed)
-        .err()
-        .unwrap_or_default();
-    match check_against_org(state.tenants.caches(), &proposed, &current.client).await {
-        Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
-        Err(error) => {
+    match problems_of(&state, &t, &config).await {
+        Ok(problems) => axum::Json(problems_answer(&problems)).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+/// The body of preview, probe, diff and save.
+#[derive(Debug, Deserialize)]
+struct Proposed {
+    /// The editor's mapping; the running one when absent.
+    #[serde(default)]
+    mapping: Option<MappingModel>,
+    /// A built-in sample event's name (`booked`, `booked-group`, `rescheduled`, `cancelled`).
+    #[serde(default)]
+    sample: Option<String>,
+    /// A pasted CloudEvent (JSON text), instead of a sample.
+    #[serde(default)]
+    event: Option<String>,
+}
+
+fn proposed_config(state: &AdminState, t: &Tenant, body: &Proposed) -> Result<Proposal, Refusal> {
+    match &body.mapping {
+        Some(model) => propose(state, t, model),
+        None => Ok(Proposal {
+            text: t
+                .config
+                .source
+                .as_ref()
+                .map(|s| s.text.clone())
+                .unwrap_or_default(),
+            config: t.config.clone(),
+        }),
+    }
+}
+
+/// The tenant and its proposed mapping, compiled; the answer to give when either fails.
+fn compiled_proposal(
+    state: &AdminState,
+    tenant: &str,
+    body: &Proposed,
+) -> Result<(Arc<Tenant>, CompiledMapping), Box<Response>> {
+    let t = state
+        .tenant(tenant)
+        .map_err(|r| Box::new(r.into_response()))?;
+    let proposal = proposed_config(state, &t, body).map_err(|r| Box::new(r.into_response()))?;
+    match CompiledMapping::check(&proposal.config) {
+        Ok(mapping) => Ok((t, mapping)),
+        Err(problems) => Err(Box::new(
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(problems_answer(&problems)),
+            )
+                .into_response(),
+        )),
+    }
+}
+
+/// The graph of the proposed mapping for the chosen event, with each value checked against
+/// its field's describe.
+async fn preview(
+    State(state): State<AdminState>,
+    Path(tenant): Path<String>,
+    axum::Json(body): axum::Json<Proposed>,
+) -> Response {
+    let (t, mapping) = match compiled_proposal(&state, &tenant, &body) {
+        Ok(found) => found,
+        Err(refused) => return *refused,
+    };
+    let mut event = match &body.event {
+        Some(text) => {
+            match crate::event::decode(text.as_bytes(), crate::event::DEFAULT_MAX_BODY_BYTES) {
+                Ok(e) => e,
+                Err(e) => {
+                    return error(StatusCode::UNPROCESSABLE_ENTITY, format!("the event: {e}"));
+                }
+            }
+        }
+        None => {
+            let name = body.sample.as_deref().unwrap_or("booked");
+            match samples::sample(name) {
+                Some(e) => e,
+                None => return error(StatusCode::NOT_FOUND, format!("no sample event {name:?}")),
+            }
+        }
+    };
+    event.tenant = tenant.clone();
+    let enrichment = crate::enrich::enrich(&event, &t.client, state.tenants.caches())
+        .await
+        .unwrap_or_else(|_| samples::sample_enrichment());
+    let nodes = match mapping.build_graph(&event, &enrichment) {
+        Ok(nodes) => nodes,
+        Err(e) => {
             return (
-                StatusCode::BAD_GATEWAY,
-                format!("the org could not be asked: {error}\n"),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({"error": e.to_string(), "record": e.record, "field": e.field})),
             )
                 .into_response();
         }
+    };
+    let mut records = Vec::new();
+    for node in &nodes {
+        let sobject = node.url.split('/').nth(5).unwrap_or_default().to_owned();
+        let describe = state
+            .tenants
+            .caches()
+            .describe(&t.client, &sobject)
+            .await
+            .ok()
+            .flatten();
+        let fields: Vec<Value> = node
+            .body
+            .as_ref()
+            .and_then(Value::as_object)
+            .map(|body| {
+                body.iter()
+                    .map(|(name, value)| {
+                        let field = describe.as_ref().and_then(|d| d.field(name));
+                        let reference = value.as_str().is_some_and(|s| s.starts_with("@{"));
+                        let problem = match field {
+                            None => Some("the integration user cannot see this field".to_owned()),
+                            Some(_) if reference => None,
+                            Some(f) => constant_problem(f, value),
+                        };
+                        json!({
+                            "field": name,
+                            "value": value,
+                            "type": field.map(|f| f.field_type.clone()),
+                            "length": field.map(|f| f.length),
+                            "fits": problem.is_none(),
+                            "why": problem,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(json!({
+            "reference_id": node.reference_id,
+            "method": node.method,
+            "url": node.url,
+            "sobject": sobject,
+            "fields": fields,
+        }));
     }
-    axum::Json(json!({"valid": problems.is_empty(), "problems": problems})).into_response()
+    let graph = GraphRequest {
+        graphs: vec![Graph {
+            graph_id: "g0".into(),
+            composite_request: nodes,
+        }],
+    };
+    axum::Json(json!({"records": records, "graph": graph})).into_response()
 }
 
-async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = denial(&state, &headers) {
-        return denied;
+/// The doctor's rollback probe for the proposed mapping and a sample event: nothing written.
+async fn probe(
+    State(state): State<AdminState>,
+    Path(tenant): Path<String>,
+    axum::Json(body): axum::Json<Proposed>,
+) -> Response {
+    let (t, mapping) = match compiled_proposal(&state, &tenant, &body) {
+        Ok(found) => found,
+        Err(refused) => return *refused,
+    };
+    let name = body.sample.as_deref().unwrap_or("booked");
+    let Some(mut event) = samples::sample(name) else {
+        return error(StatusCode::NOT_FOUND, format!("no sample event {name:?}"));
+    };
+    event.tenant = tenant.clone();
+    // Its own booking id: the probe never meets a real booking's version guard.
+    event.booking.booking_id = "portals-crm-console-probe".into();
+    let enrichment = crate::enrich::enrich(&event, &t.client, state.tenants.caches())
+        .await
+        .unwrap_or_else(|_| samples::sample_enrichment());
+    let check: Check = match mapping.build_graph(&event, &enrichment) {
+        Ok(nodes) => doctor::probe_mapping(&t.client, nodes).await,
+        Err(e) => Check {
+            name: "test against the org".into(),
+            ok: false,
+            detail: e.to_string(),
+            fix: Some(format!("fix record {}, field {}", e.record, e.field)),
+        },
+    };
+    axum::Json(check).into_response()
+}
+
+/// The diff proposed vs running, and the proposal's problems.
+async fn diff(
+    State(state): State<AdminState>,
+    Path(tenant): Path<String>,
+    axum::Json(body): axum::Json<Proposed>,
+) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let proposal = match proposed_config(&state, &t, &body) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let running = t
+        .config
+        .source
+        .as_ref()
+        .map(|s| s.text.as_str())
+        .unwrap_or_default();
+    let mut answer = match problems_of(&state, &t, &proposal.config).await {
+        Ok(problems) => problems_answer(&problems),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, e),
+    };
+    answer["diff"] = json!(mapping_file::diff(running, &proposal.text));
+    answer["file"] = json!(proposal.text);
+    axum::Json(answer).into_response()
+}
+
+/// Saves the proposed mapping (refused while it has problems), then reloads every tenant.
+async fn save(
+    State(state): State<AdminState>,
+    Path(tenant): Path<String>,
+    axum::Json(body): axum::Json<Proposed>,
+) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    if body.mapping.is_none() {
+        return error(StatusCode::BAD_REQUEST, "mapping: required");
     }
+    let proposal = match proposed_config(&state, &t, &body) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    match problems_of(&state, &t, &proposal.config).await {
+        Ok(problems) if problems.is_empty() => {}
+        Ok(problems) => {
+            let mut answer = problems_answer(&problems);
+            answer["saved"] = json!(false);
+            return (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(answer)).into_response();
+        }
+        Err(e) => return error(StatusCode::BAD_GATEWAY, format!("not saved: {e}")),
+    }
+    let Some(path) = state.file_of(&t) else {
+        return error(
+            StatusCode::CONFLICT,
+            "this tenant was not loaded from a file",
+        );
+    };
+    if let Err(e) = mapping_file::save(&path, &proposal.text) {
+        let status = if e.read_only() {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return (
+            status,
+            axum::Json(json!({
+                "saved": false,
+                "read_only": e.read_only(),
+                "why": format!("the tenants directory cannot be written ({e}); it is probably mounted read-only (a Kubernetes ConfigMap): download the file and apply it where the directory comes from"),
+                "file": proposal.text,
+            })),
+        )
+            .into_response();
+    }
+    match state.reloader.reload().await {
+        Ok(names) => axum::Json(json!({"saved": true, "reloaded": names})).into_response(),
+        Err(problems) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"saved": true, "reloaded": [], "reload_problems": problems})),
+        )
+            .into_response(),
+    }
+}
+
+async fn doctor_report(State(state): State<AdminState>, Path(tenant): Path<String>) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let report = doctor::check_tenant(&t.config, &t.client, state.tenants.caches()).await;
+    axum::Json(json!({"tenant": report.tenant, "ok": report.ok(), "checks": report.checks}))
+        .into_response()
+}
+
+async fn reload(State(state): State<AdminState>) -> Response {
     match state.reloader.reload().await {
         Ok(names) => axum::Json(json!({"reloaded": names})).into_response(),
         Err(problems) => (
@@ -161,34 +606,38 @@ async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response
     }
 }
 
-/// The admin routes.
-pub fn router(tenants: Arc<Registry>, reloader: Reloader, access: AdminAccess) -> Router {
+/// The admin API and the console, behind the access rule and the Origin check.
+pub fn router(
+    tenants: Arc<Registry>,
+    reloader: Reloader,
+    metrics: Arc<Metrics>,
+    tenants_dir: PathBuf,
+    access: AdminAccess,
+) -> Router {
+    let gate = access::Gate::new(access);
+    let state = AdminState {
+        tenants,
+        reloader,
+        metrics,
+        tenants_dir,
+        gate: gate.clone(),
+    };
     Router::new()
         .route("/admin/tenants", get(list_tenants))
+        .route("/admin/tenants/{tenant}/sobjects", get(sobjects))
         .route(
             "/admin/tenants/{tenant}/sobjects/{sobject}/fields",
             get(fields),
         )
+        .route("/admin/tenants/{tenant}/mapping", get(mapping).post(save))
         .route("/admin/tenants/{tenant}/validate", post(validate))
+        .route("/admin/tenants/{tenant}/preview", post(preview))
+        .route("/admin/tenants/{tenant}/probe", post(probe))
+        .route("/admin/tenants/{tenant}/diff", post(diff))
+        .route("/admin/tenants/{tenant}/doctor", get(doctor_report))
         .route("/admin/reload", post(reload))
-        .with_state(AdminState {
-            tenants,
-            reloader,
-            access,
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_exact_token_matches() {
-        let token = SecretString::from("s3cret-token");
-        assert!(token_matches(Some("s3cret-token"), &token));
-        for wrong in ["s3cret-toke", "s3cret-token2", "S3CRET-TOKEN", ""] {
-            assert!(!token_matches(Some(wrong), &token), "{wrong:?}");
-        }
-        assert!(!token_matches(None, &token));
-    }
+        .merge(console::routes())
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(gate, access::guard))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }

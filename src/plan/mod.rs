@@ -4,18 +4,37 @@
 //! Templates run in minijinja's sandbox: they see only the context built here (the event, the
 //! enrichment) and can reach nothing outside it. Undefined names are errors, so a typo in a
 //! mapping fails at compile or render time instead of writing an empty field.
+//!
+//! What a template may cost is bounded, because each customer edits their own templates and a
+//! worker renders every tenant's: each render runs with minijinja's fuel limit
+//! ([`TEMPLATE_FUEL`] instructions) and its output is capped at [`MAX_RENDERED_BYTES`]. A
+//! template over either fails that booking alone (a permanent `mapping_error` naming the field);
+//! on the built-in sample events it is a validation problem ([`samples`]).
 
 pub mod relations;
+pub mod samples;
 pub mod validate;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
+use validate::MappingProblem;
 
 use crate::config::{Action, TenantConfig};
 use crate::enrich::Enrichment;
 use crate::event::{Attendee, BookingEvent};
 use crate::salesforce::client::encode_segment;
 use crate::salesforce::model::Subrequest;
+
+/// Instructions one render of a field template (or one `when`) may execute: minijinja's fuel,
+/// reset for every render. The shipped mappings use well under a thousand per field; two nested
+/// `range(100000)` loops (10^10 iterations) stop here within milliseconds.
+/// <https://docs.rs/minijinja/latest/minijinja/struct.Environment.html#method.set_fuel>
+pub const TEMPLATE_FUEL: u64 = 200_000;
+
+/// Bytes one field may render to. The longest Salesforce text field (Long Text Area) holds
+/// 131,072 characters, at most 4 bytes each in UTF-8; anything longer could never be written.
+/// <https://help.salesforce.com/s/articleView?id=sf.custom_field_types.htm>
+pub const MAX_RENDERED_BYTES: usize = 131_072 * 4;
 
 /// A mapping that cannot render for this event; dead-lettered as `mapping_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,6 +169,44 @@ mod filters {
     }
 }
 
+/// A render's output, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered size cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A template error for people: running out of fuel is said in the mapping's terms.
+fn bounded_message(error: &minijinja::Error) -> String {
+    if error.kind() == minijinja::ErrorKind::OutOfFuel {
+        format!(
+            "the template takes more than {TEMPLATE_FUEL} steps (the limit on one field's work); \
+             simplify its loops"
+        )
+    } else {
+        error.to_string()
+    }
+}
+
+/// The fix of a template that does not compile.
+const SYNTAX_FIX: &str =
+    "correct the template (minijinja syntax: {{ expression }}, {% if … %}…{% endif %})";
+
 /// A serializable value as a template value.
 fn to_value<T: Serialize>(value: &T) -> minijinja::Value {
     minijinja::Value::from(minijinja::value::Serde(value))
@@ -185,8 +242,15 @@ fn references(text: &str) -> Vec<&str> {
 impl CompiledMapping {
     /// Compiles a tenant's mapping; every problem is reported, naming tenant, record and field.
     pub fn compile(tenant: &TenantConfig) -> Result<Self, Vec<String>> {
+        Self::check(tenant).map_err(|found| found.iter().map(ToString::to_string).collect())
+    }
+
+    /// As [`CompiledMapping::compile`], each problem structured (record, `Object.field`, problem,
+    /// fix) as the validator answers, for the console to show beside the field it concerns.
+    pub fn check(tenant: &TenantConfig) -> Result<Self, Vec<MappingProblem>> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("phone", filters::phone);
@@ -198,32 +262,59 @@ impl CompiledMapping {
         let mut known: Vec<(String, bool)> = Vec::new();
         let t = &tenant.tenant;
         if tenant.records.is_empty() {
-            problems.push(format!("tenant {t}: the mapping lists no records"));
+            problems.push(MappingProblem {
+                tenant: t.clone(),
+                record: String::new(),
+                target: String::new(),
+                problem: "the mapping lists no records".into(),
+                fix: "add a record (one per Salesforce record to write)".into(),
+            });
         }
         for (index, record) in tenant.records.iter().enumerate() {
             let name = &record.reference;
+            let at = |field: &str, problem: String, fix: &str| MappingProblem {
+                tenant: t.clone(),
+                record: name.clone(),
+                target: if field.is_empty() {
+                    record.sobject.clone()
+                } else {
+                    format!("{}.{field}", record.sobject)
+                },
+                problem,
+                fix: fix.to_owned(),
+            };
             if !valid_reference(name) {
-                problems.push(format!(
-                    "tenant {t}, record {name}: ref must start with a letter and hold only \
-                     letters, digits and _ (at most 30)"
+                problems.push(at(
+                    "ref",
+                    "ref must start with a letter and hold only letters, digits and _ (at most 30)"
+                        .into(),
+                    "rename the record",
                 ));
             }
             if known.iter().any(|(k, _)| k == name) {
-                problems.push(format!("tenant {t}, record {name}: ref is used twice"));
+                problems.push(at(
+                    "ref",
+                    "ref is used twice".into(),
+                    "give each record its own ref",
+                ));
             }
             let per_attendee = match record.for_each.as_deref() {
                 None => false,
                 Some("attendees") => true,
                 Some(other) => {
-                    problems.push(format!(
-                        "tenant {t}, record {name}: for_each must be \"attendees\", not {other:?}"
+                    problems.push(at(
+                        "for_each",
+                        format!("for_each must be \"attendees\", not {other:?}"),
+                        "set for_each to \"attendees\" or leave it out",
                     ));
                     false
                 }
             };
             if record.external_id_field.trim().is_empty() {
-                problems.push(format!(
-                    "tenant {t}, record {name}: external_id_field is empty"
+                problems.push(at(
+                    "external_id_field",
+                    "external_id_field is empty".into(),
+                    "pick the External ID field that keys the upsert",
                 ));
             }
             let mut compile_value =
@@ -244,10 +335,11 @@ impl CompiledMapping {
                                 }
                             });
                             if !ok {
-                                problems.push(format!(
-                                "tenant {t}, record {name}, field {field}: @{{{target}…}} refers \
-                                 to no earlier record"
-                            ));
+                                problems.push(at(
+                                    field,
+                                    format!("@{{{target}…}} refers to no earlier record"),
+                                    "refer to a record listed above this one",
+                                ));
                             }
                         }
                         return Some(FieldTemplate::Constant(value.clone()));
@@ -255,7 +347,7 @@ impl CompiledMapping {
                     let template_name = format!("{index}.{name}.{field}");
                     if let Some(expr) = single_expression(text) {
                         if let Err(e) = env.compile_expression(expr) {
-                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            problems.push(at(field, e.to_string(), SYNTAX_FIX));
                             return None;
                         }
                         return match env.add_template_owned(
@@ -264,8 +356,7 @@ impl CompiledMapping {
                         ) {
                             Ok(()) => Some(FieldTemplate::Expression(template_name)),
                             Err(e) => {
-                                problems
-                                    .push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                                problems.push(at(field, e.to_string(), SYNTAX_FIX));
                                 None
                             }
                         };
@@ -273,7 +364,7 @@ impl CompiledMapping {
                     match env.add_template_owned(template_name.clone(), text.clone()) {
                         Ok(()) => Some(FieldTemplate::Template(template_name)),
                         Err(e) => {
-                            problems.push(format!("tenant {t}, record {name}, field {field}: {e}"));
+                            problems.push(at(field, e.to_string(), SYNTAX_FIX));
                             None
                         }
                     }
@@ -290,14 +381,16 @@ impl CompiledMapping {
                 }
             }
             if record.action == Action::Delete && !record.fields.is_empty() {
-                problems.push(format!(
-                    "tenant {t}, record {name}: a delete record takes no fields"
+                problems.push(at(
+                    "",
+                    "a delete record takes no fields".into(),
+                    "remove its fields, or make it an upsert",
                 ));
             }
             if let Some(when) = &record.when
                 && let Err(e) = env.compile_expression(when)
             {
-                problems.push(format!("tenant {t}, record {name}, when: {e}"));
+                problems.push(at("when", e.to_string(), SYNTAX_FIX));
             }
             known.push((name.clone(), per_attendee));
             if let Some(external_id) = external_id {
@@ -336,30 +429,20 @@ impl CompiledMapping {
         template: &FieldTemplate,
         ctx: &minijinja::Value,
     ) -> Result<Value, PlanError> {
-        let fail = |e: minijinja::Error| PlanError {
+        let fail = |message: String| PlanError {
             record: record.reference.clone(),
             field: field.to_owned(),
-            message: e.to_string(),
+            message,
         };
         match template {
             FieldTemplate::Constant(value) => Ok(value.clone()),
             FieldTemplate::Expression(name) => {
                 // Strict undefined behaviour makes an unknown name an error here, not a null.
-                let json = self
-                    .env
-                    .get_template(name)
-                    .and_then(|t| t.render(ctx))
-                    .map_err(fail)?;
-                serde_json::from_str(&json).map_err(|e| PlanError {
-                    record: record.reference.clone(),
-                    field: field.to_owned(),
-                    message: e.to_string(),
-                })
+                let json = self.render_bounded(name, ctx).map_err(fail)?;
+                serde_json::from_str(&json).map_err(|e| fail(e.to_string()))
             }
             FieldTemplate::Template(name) => self
-                .env
-                .get_template(name)
-                .and_then(|t| t.render(ctx))
+                .render_bounded(name, ctx)
                 .map(Value::String)
                 .map_err(fail),
         }
@@ -373,6 +456,20 @@ impl CompiledMapping {
     /// The REST API version the nodes' URLs use.
     pub fn api_version(&self) -> &str {
         &self.api_version
+    }
+
+    /// Renders template `name` within [`TEMPLATE_FUEL`] and [`MAX_RENDERED_BYTES`]; the error
+    /// says which bound was hit.
+    fn render_bounded(&self, name: &str, ctx: &minijinja::Value) -> Result<String, String> {
+        let template = self.env.get_template(name).map_err(|e| e.to_string())?;
+        let mut out = CappedOutput::default();
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|e| e.to_string()),
+            Err(_) if out.overflowed => Err(format!(
+                "renders more than {MAX_RENDERED_BYTES} bytes (the cap on one field's value)"
+            )),
+            Err(e) => Err(bounded_message(&e)),
+        }
     }
 
     /// Renders the graph nodes for one booking: upserts in mapping order, then deletes — after
@@ -423,7 +520,7 @@ impl CompiledMapping {
                         .map_err(|e| PlanError {
                             record: record.reference.clone(),
                             field: "when".into(),
-                            message: e.to_string(),
+                            message: bounded_message(&e),
                         })?;
                     if !keep.is_true() {
                         continue;
@@ -485,7 +582,14 @@ fn check_relations(
     t: &str,
     mapping: &crate::config::RelationsMapping,
     records: &[crate::config::RecordMapping],
-) -> Vec<String> {
+) -> Vec<MappingProblem> {
+    let problem = |record: &str, target: &str, problem: String, fix: &str| MappingProblem {
+        tenant: t.to_owned(),
+        record: record.to_owned(),
+        target: target.to_owned(),
+        problem,
+        fix: fix.to_owned(),
+    };
     let mut problems = Vec::new();
     let upsert = |name: &str| {
         records
@@ -493,47 +597,66 @@ fn check_relations(
             .find(|r| r.reference == name && r.action == Action::Upsert)
     };
     match upsert(&mapping.event) {
-        None => problems.push(format!(
-            "tenant {t}, relations.event: no upsert record has ref {:?}",
-            mapping.event
+        None => problems.push(problem(
+            "relations",
+            "event",
+            format!("no upsert record has ref {:?}", mapping.event),
+            "name the ref of the Event record in relations.event",
         )),
-        Some(event) if event.sobject != "Event" => problems.push(format!(
-            "tenant {t}, relations.event: record {} writes {}, not Event",
-            event.reference, event.sobject
+        Some(event) if event.sobject != "Event" => problems.push(problem(
+            "relations",
+            "event",
+            format!(
+                "record {} writes {}, not Event",
+                event.reference, event.sobject
+            ),
+            "name the ref of the Event record in relations.event",
         )),
         Some(event)
             if mapping.parent == crate::config::Parent::First
                 && event.fields.keys().any(|f| f.eq_ignore_ascii_case("WhoId")) =>
         {
-            problems.push(format!(
-                "tenant {t}, record {}, field WhoId: the parent relation sets the Event's Who; \
-                 remove WhoId (or set relations.parent = \"none\")",
-                event.reference
+            problems.push(problem(
+                &event.reference,
+                "Event.WhoId",
+                "the parent relation sets the Event's Who".into(),
+                "remove WhoId (or set relations.parent = \"none\")",
             ));
         }
         Some(_) => {}
     }
     match upsert(&mapping.records) {
-        None => problems.push(format!(
-            "tenant {t}, relations.records: no upsert record has ref {:?}",
-            mapping.records
+        None => problems.push(problem(
+            "relations",
+            "records",
+            format!("no upsert record has ref {:?}", mapping.records),
+            "name the ref of the attendees' records in relations.records",
         )),
-        Some(record) if record.for_each.is_none() => problems.push(format!(
-            "tenant {t}, relations.records: record {} needs for_each = \"attendees\"",
-            record.reference
+        Some(record) if record.for_each.is_none() => problems.push(problem(
+            "relations",
+            "records",
+            format!("record {} is written once per booking", record.reference),
+            "give that record for_each = \"attendees\"",
         )),
         Some(record) if !["Lead", "Contact", "User"].contains(&record.sobject.as_str()) => {
-            problems.push(format!(
-                "tenant {t}, relations.records: record {} writes {}; an Event relates people \
-                 (Lead, Contact, User)",
-                record.reference, record.sobject
+            problems.push(problem(
+                "relations",
+                "records",
+                format!(
+                    "record {} writes {}; an Event relates people (Lead, Contact, User)",
+                    record.reference, record.sobject
+                ),
+                "relate the Lead, Contact or User records of the attendees",
             ));
         }
         Some(_) => {}
     }
     if mapping.parent == crate::config::Parent::None && !mapping.invitees {
-        problems.push(format!(
-            "tenant {t}, relations: neither parent nor invitees: nothing to relate"
+        problems.push(problem(
+            "relations",
+            "relations",
+            "neither parent nor invitees: nothing to relate".into(),
+            "set relations.parent = \"first\" or relations.invitees = true, or remove [relations]",
         ));
     }
     problems
@@ -726,9 +849,38 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("record event, field Subject"))
+                .any(|p| p.contains("record event, Event.Subject"))
         );
         assert!(problems.iter().any(|p| p.contains("@{nobody…}")));
+    }
+
+    #[test]
+    fn runaway_templates_fail_the_field_not_the_worker() {
+        let mut tenant = acme();
+        tenant.records[1].fields.insert(
+            "Description".into(),
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+                .into(),
+        );
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let error = mapping
+            .build_graph(&event("booked"), &Enrichment::default())
+            .unwrap_err();
+        assert_eq!(
+            (error.record.as_str(), error.field.as_str()),
+            ("event", "Description")
+        );
+        assert!(error.message.contains("steps"), "{error}");
+
+        tenant.records[1]
+            .fields
+            .insert("Description".into(), "{{ 'x' * 600000 }}".into());
+        let mapping = CompiledMapping::compile(&tenant).unwrap();
+        let error = mapping
+            .build_graph(&event("booked"), &Enrichment::default())
+            .unwrap_err();
+        assert_eq!(error.field, "Description");
+        assert!(error.message.contains("bytes"), "{error}");
     }
 
     #[test]

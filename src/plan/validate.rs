@@ -25,8 +25,23 @@ pub struct MappingProblem {
     pub fix: String,
 }
 
+impl MappingProblem {
+    /// The field of the record the problem is about (`Phone` of `Lead.Phone`; also `when`,
+    /// `external_id`, `ref`, …), or None for the record as a whole.
+    pub fn field(&self) -> Option<&str> {
+        self.target.split_once('.').map(|(_, field)| field)
+    }
+}
+
 impl std::fmt::Display for MappingProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.record.is_empty() {
+            return write!(
+                f,
+                "tenant {}: {} — fix: {}",
+                self.tenant, self.problem, self.fix
+            );
+        }
         write!(
             f,
             "tenant {}, record {}, {}: {} — fix: {}",
@@ -42,8 +57,9 @@ fn text_type(field_type: &str) -> bool {
     )
 }
 
-/// Problems of a constant value for a field type (templates are checked at render time).
-fn constant_problem(field: &FieldDescribe, value: &Value) -> Option<String> {
+/// Problems of a value for a field (a constant of the mapping, or a value the preview rendered):
+/// type, length, restricted picklist, null in a required field.
+pub fn constant_problem(field: &FieldDescribe, value: &Value) -> Option<String> {
     match (field.field_type.as_str(), value) {
         (_, Value::Null) if !field.nillable => Some("is required and set to null".into()),
         (t, Value::String(s)) if text_type(t) => {
@@ -126,12 +142,13 @@ pub fn fields_table(describe: &SObjectDescribe) -> String {
 }
 
 /// Validates `tenant`'s mapping; `describes` holds the describe of every mapped sObject the
-/// integration user can see (absent = invisible).
+/// integration user can see (absent = invisible). Includes the mapping's failures on the
+/// built-in sample events ([`super::samples::sample_problems`]).
 pub fn validate(
     tenant: &TenantConfig,
     describes: &HashMap<String, SObjectDescribe>,
 ) -> Vec<MappingProblem> {
-    let mut problems = Vec::new();
+    let mut problems = super::samples::sample_problems(tenant);
     let mut sobject_of: HashMap<&str, &str> = HashMap::new();
     for record in &tenant.records {
         let problem = |target: String, problem: String, fix: String| MappingProblem {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -127,6 +129,25 @@ impl TestEnv {
             http: reqwest::Client::new(),
             cache_dir,
         }
+    }
+
+    /// As [`TestEnv::start`], the service loading its tenants from files in a directory of
+    /// its own (so the console can edit and save them), pointed at this emulator.
+    pub async fn start_from_files(
+        name: &str,
+        org: OrgSpec,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut env = Self::start_org(name, move |o| *o = org, adjust, |_| {}).await;
+        env.stop_service().await;
+        env.config.tenants.dir = env.write_tenant_files();
+        env.service = Some(Service::start_from_dir(&env.config).await.unwrap());
+        env
+    }
+
+    /// The base URL of the service's HTTP port (the admin API and the console).
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.service().http_addr.port())
     }
 
     /// Stops the in-process service (its queues stay).

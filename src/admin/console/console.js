@@ -1,0 +1,294 @@
+// portals-crm console: search filters, the mapping editor's live validation, preview, test
+// and save. Values from the org or the file are only ever set as text (textContent, value).
+"use strict";
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+async function postJson(url, body) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+    credentials: "same-origin",
+  });
+  let data = null;
+  try { data = await response.json(); } catch (_) { data = { error: response.statusText }; }
+  return { status: response.status, data };
+}
+
+function setupFilters() {
+  document.querySelectorAll("input[data-filter]").forEach((input) => {
+    const table = document.getElementById(input.dataset.filter);
+    input.addEventListener("input", () => {
+      const needle = input.value.toLowerCase();
+      table.querySelectorAll("tbody tr").forEach((row) => {
+        row.hidden = needle !== "" && !row.textContent.toLowerCase().includes(needle);
+      });
+    });
+  });
+}
+
+function setupEditor() {
+  const editor = document.getElementById("editor");
+  if (!editor) return;
+  const tenant = editor.dataset.tenant;
+  const base = "/admin/tenants/" + encodeURIComponent(tenant);
+  const records = document.getElementById("records");
+  const status = document.getElementById("status");
+  let valid = false;
+
+  function model() {
+    return {
+      records: Array.from(records.querySelectorAll("[data-record]")).map((section) => {
+        const get = (name) => section.querySelector("[name=" + name + "]").value.trim();
+        return {
+          ref: get("ref"), sobject: get("sobject"), for_each: get("for_each"), when: get("when"),
+          action: get("action"), external_id_field: get("external_id_field"), external_id: get("external_id"),
+          fields: Array.from(section.querySelectorAll("[data-row]")).map((row) => ({
+            name: row.querySelector("[name=field]").value.trim(),
+            kind: row.querySelector("[name=kind]").value,
+            value: row.querySelector("[name=value]").value,
+          })).filter((f) => f.name !== ""),
+        };
+      }),
+    };
+  }
+
+  async function fieldList(section) {
+    const sobject = section.querySelector("[name=sobject]").value.trim();
+    const id = "fields-" + sobject;
+    if (sobject && !document.getElementById(id)) {
+      const list = el("datalist");
+      list.id = id;
+      document.body.appendChild(list);
+      const response = await fetch(base + "/sobjects/" + encodeURIComponent(sobject) + "/fields", { credentials: "same-origin" });
+      if (response.ok) {
+        (await response.json()).filter((f) => f.createable || f.updateable).forEach((f) => {
+          const option = el("option", f.label + " (" + f.type + ")");
+          option.value = f.name;
+          list.appendChild(option);
+        });
+      }
+    }
+    section.querySelectorAll("[data-fields]").forEach((input) => input.setAttribute("list", id));
+    section.querySelector(".record-title").textContent =
+      (section.querySelector("[name=ref]").value || "new record") + " → " + (sobject || "?");
+  }
+
+  function show(problems) {
+    records.querySelectorAll("[data-problem]").forEach((cell) => { cell.textContent = ""; });
+    records.querySelectorAll("[data-record-problems]").forEach((list) => { list.textContent = ""; });
+    const sections = Array.from(records.querySelectorAll("[data-record]"));
+    problems.forEach((p) => {
+      const section = sections.find((s) => s.querySelector("[name=ref]").value.trim() === p.record) || sections[0];
+      if (!section) return;
+      const row = Array.from(section.querySelectorAll("[data-row]"))
+        .find((r) => p.field && r.querySelector("[name=field]").value.trim().toLowerCase() === p.field.toLowerCase());
+      const text = el("span", p.target + ": " + p.problem);
+      const fix = el("span", "Fix: " + p.fix, "fix");
+      if (row) {
+        const cell = row.querySelector("[data-problem]");
+        cell.appendChild(text); cell.appendChild(fix);
+      } else {
+        const item = el("li"); item.appendChild(text); item.appendChild(fix);
+        section.querySelector("[data-record-problems]").appendChild(item);
+      }
+    });
+  }
+
+  let pending = null;
+  async function validate() {
+    status.textContent = "Checking…";
+    const { status: code, data } = await postJson(base + "/validate", model());
+    if (code !== 200) {
+      valid = false;
+      status.textContent = "Not checked: " + (data.error || code);
+      status.className = "status bad";
+      return;
+    }
+    valid = data.valid;
+    show(data.problems);
+    status.textContent = data.valid ? "Valid against the org." : data.problems.length + " problem(s) to fix before saving.";
+    status.className = "status " + (data.valid ? "good" : "bad");
+  }
+  // An edit makes the reviewed diff stale: Save waits for the next review.
+  function soon() {
+    document.getElementById("save").disabled = true;
+    clearTimeout(pending);
+    pending = setTimeout(validate, 400);
+  }
+
+  function refreshRefs() {
+    const sections = Array.from(records.querySelectorAll("[data-record]"));
+    sections.forEach((section, index) => {
+      const earlier = sections.slice(0, index).map((s) => {
+        const ref = s.querySelector("[name=ref]").value.trim();
+        return s.querySelector("[name=for_each]").value === "attendees" ? ref + "_0" : ref;
+      }).filter((r) => r !== "");
+      section.querySelectorAll("[data-refs]").forEach((select) => {
+        select.length = 1;
+        earlier.forEach((ref) => {
+          const option = el("option", "@{" + ref + ".id}");
+          option.value = "@{" + ref + ".id}";
+          select.appendChild(option);
+        });
+      });
+    });
+  }
+
+  records.addEventListener("input", soon);
+  records.addEventListener("change", (event) => {
+    const target = event.target;
+    const section = target.closest("[data-record]");
+    if (target.matches("[data-refs]") && target.value) {
+      const row = target.closest("[data-row]");
+      row.querySelector("[name=value]").value = target.value;
+      row.querySelector("[name=kind]").value = "text";
+      target.value = "";
+    }
+    if (target.name === "sobject" || target.name === "ref") fieldList(section);
+    refreshRefs();
+    soon();
+  });
+  editor.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-act]");
+    if (!button) return;
+    const section = button.closest("[data-record]");
+    const row = button.closest("[data-row]");
+    switch (button.dataset.act) {
+      case "record-add": {
+        const fresh = document.getElementById("record-template").content.firstElementChild.cloneNode(true);
+        records.appendChild(fresh);
+        fresh.querySelector("[name=ref]").focus();
+        break;
+      }
+      case "record-remove": section.remove(); break;
+      case "record-up": if (section.previousElementSibling) section.parentNode.insertBefore(section, section.previousElementSibling); break;
+      case "record-down": if (section.nextElementSibling) section.parentNode.insertBefore(section.nextElementSibling, section); break;
+      case "row-add": {
+        const fresh = document.getElementById("row-template").content.querySelector("tr").cloneNode(true);
+        section.querySelector("tbody").appendChild(fresh);
+        fieldList(section);
+        fresh.querySelector("[name=field]").focus();
+        break;
+      }
+      case "row-remove": row.remove(); break;
+      case "row-up": if (row.previousElementSibling) row.parentNode.insertBefore(row, row.previousElementSibling); break;
+      case "row-down": if (row.nextElementSibling) row.parentNode.insertBefore(row.nextElementSibling, row); break;
+    }
+    button.focus();
+    refreshRefs();
+    soon();
+  });
+
+  function chosenEvent() {
+    const sample = document.getElementById("sample").value;
+    const pasted = document.getElementById("pasted").value;
+    return sample ? { sample } : { event: pasted };
+  }
+
+  document.getElementById("preview").addEventListener("click", async () => {
+    const out = document.getElementById("preview-out");
+    out.textContent = "Rendering…";
+    const { status: code, data } = await postJson(base + "/preview", Object.assign({ mapping: model() }, chosenEvent()));
+    out.textContent = "";
+    if (code !== 200) {
+      out.appendChild(el("p", "No preview: " + (data.error || (data.problems || []).map((p) => p.target + ": " + p.problem).join("; ")), "bad"));
+      return;
+    }
+    data.records.forEach((record) => {
+      out.appendChild(el("h3", record.reference_id + " — " + record.method + " " + record.sobject));
+      out.appendChild(el("p", record.url, "hint"));
+      const table = el("table", null, "preview-table");
+      const head = el("tr");
+      ["Field", "Rendered value", "Field type", "Fits"].forEach((h) => { const th = el("th", h); th.scope = "col"; head.appendChild(th); });
+      table.appendChild(head);
+      record.fields.forEach((f) => {
+        const tr = el("tr");
+        tr.appendChild(el("td", f.field));
+        tr.appendChild(el("td", JSON.stringify(f.value), "value"));
+        tr.appendChild(el("td", f.type ? f.type + (f.length ? " (" + f.length + ")" : "") : "not visible"));
+        tr.appendChild(el("td", f.fits ? "✓ fits" : "✗ does not fit: " + f.why, f.fits ? "good" : "bad"));
+        table.appendChild(tr);
+      });
+      out.appendChild(table);
+    });
+  });
+
+  document.getElementById("probe").addEventListener("click", async () => {
+    const result = document.getElementById("probe-result");
+    result.textContent = "Testing against the org (rolled back, nothing written)…";
+    const sample = document.getElementById("sample").value || "booked";
+    const { status: code, data } = await postJson(base + "/probe", { mapping: model(), sample });
+    if (code !== 200) {
+      result.textContent = "Not tested: " + (data.error || (data.problems || []).map((p) => p.target + ": " + p.problem).join("; "));
+      result.className = "bad";
+      return;
+    }
+    result.textContent = (data.ok ? "✓ " : "✗ ") + data.detail + (data.fix ? " — Fix: " + data.fix : "");
+    result.className = data.ok ? "good" : "bad";
+  });
+
+  document.getElementById("review").addEventListener("click", async () => {
+    const result = document.getElementById("save-result");
+    const diff = document.getElementById("diff");
+    const { status: code, data } = await postJson(base + "/diff", { mapping: model() });
+    diff.textContent = "";
+    if (code !== 200) { result.textContent = "Cannot review: " + data.error; result.className = "bad"; return; }
+    const changed = data.diff.filter((line) => line[0] !== " ");
+    data.diff.forEach((line) => {
+      if (line[0] === " ") return;
+      diff.appendChild(el("span", line + "\n", line[0] === "+" ? "add" : "del"));
+    });
+    show(data.problems);
+    if (!data.valid) {
+      result.textContent = "This mapping has problems; it cannot be saved until they are fixed.";
+      result.className = "bad";
+    } else {
+      result.textContent = changed.length ? changed.length + " changed line(s), proposed vs running. Save to put them live." : "No change from the running file.";
+      result.className = "";
+    }
+    document.getElementById("save").disabled = !data.valid || changed.length === 0;
+  });
+
+  document.getElementById("save").addEventListener("click", async () => {
+    const result = document.getElementById("save-result");
+    const { status: code, data } = await postJson(base + "/mapping", { mapping: model() });
+    document.getElementById("save").disabled = true;
+    if (code === 200) {
+      result.textContent = "Saved (previous version kept as .bak) and reloaded: " + data.reloaded.join(", ") + " now run the new mapping.";
+      result.className = "good";
+      document.getElementById("diff").textContent = "";
+      return;
+    }
+    if (data.read_only) {
+      result.textContent = data.why + " ";
+      const link = el("a", "Download " + tenant + ".toml");
+      link.href = URL.createObjectURL(new Blob([data.file], { type: "application/toml" }));
+      link.download = tenant + ".toml";
+      result.appendChild(link);
+    } else if (data.problems) {
+      show(data.problems);
+      result.textContent = "Not saved: the mapping has problems.";
+    } else if (data.reload_problems) {
+      result.textContent = "Saved, but the reload was refused (the running tenants stay): " + data.reload_problems.join("; ");
+    } else {
+      result.textContent = "Not saved: " + data.error;
+    }
+    result.className = "bad";
+  });
+
+  records.querySelectorAll("[data-record]").forEach(fieldList);
+  refreshRefs();
+  validate();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupFilters();
+  setupEditor();
+});
