@@ -213,6 +213,15 @@ mod tests {
     }
 
     #[test]
+    fn readme_lists_every_reason() {
+        let readme = include_str!("../../README.md");
+        for reason in Reason::all() {
+            let label = format!("`{}`", reason.label());
+            assert!(readme.contains(&label), "README lacks {label}");
+        }
+    }
+
+    #[test]
     fn unknown_salesforce_codes_share_one_label() {
         assert_eq!(
             Reason::salesforce("INVALID_FIELD").label(),
