@@ -351,18 +351,29 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let log_file = match &cli.command {
-        #[cfg(feature = "dev-tools")]
+/// Where the demo writes its log instead of the terminal (none: the terminal).
+#[cfg(feature = "dev-tools")]
+fn demo_log_file(command: &Command) -> Option<std::path::PathBuf> {
+    match command {
         Command::Demo {
             verbose: false,
             log_file,
             ..
         } => Some(log_file.clone()),
         _ => None,
-    };
+    }
+}
+
+/// Without the dev tools there is no demo: every command logs to the terminal.
+#[cfg(not(feature = "dev-tools"))]
+fn demo_log_file(_: &Command) -> Option<std::path::PathBuf> {
+    None
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_file = demo_log_file(&cli.command);
     if let Err(error) = telemetry::logging::init(cli.log_format, log_file.as_deref()) {
         eprintln!("error: cannot open the log file: {error}");
         return ExitCode::FAILURE;
