@@ -365,6 +365,13 @@ impl Stage {
         let dir = std::env::temp_dir().join(format!("portals-crm-bench-{name}"));
         let tenants = dir.join("tenants");
         std::fs::create_dir_all(&tenants)?;
+        // The tenant files name their keys relative to themselves (`../keys/…`): the copies
+        // find them through a link to the originals.
+        let keys = config.tenants.dir.join("../keys");
+        let link = dir.join("keys");
+        if keys.is_dir() && !link.exists() {
+            std::os::unix::fs::symlink(std::fs::canonicalize(&keys)?, &link)?;
+        }
         for entry in std::fs::read_dir(&config.tenants.dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "toml") {
