@@ -8,7 +8,9 @@
 //! 3. the same with 100 ms of emulator latency;
 //! 4. API calls per booking at saturation;
 //! 5. p50/p99 publish-to-commit latency at a fixed 200 bookings/s;
-//! 6. the worker's peak RSS with a backlog of 200,000 bookings.
+//! 6. the worker's peak RSS with a backlog of 200,000 bookings;
+//! 7. fairness: the time one tenant's 3,000 bookings take alone, and published behind 12,000
+//!    bookings of a tenant whose org answers in 2 s (an emulator of its own).
 //!
 //! Results go to a table and `target/bench/pipeline.json`. Nothing is asserted: the figures are
 //! reported, and README's performance section quotes a run.
@@ -45,6 +47,10 @@ pub struct BenchSizes {
     pub latency_secs: u64,
     /// Backlog for the memory run.
     pub backlog: usize,
+    /// The fast tenant's bookings in the fairness run.
+    pub fair_fast: usize,
+    /// The slow tenant's backlog in front of them.
+    pub fair_slow: usize,
 }
 
 impl Default for BenchSizes {
@@ -54,6 +60,8 @@ impl Default for BenchSizes {
             saturation: 30_000,
             latency_secs: 15,
             backlog: 200_000,
+            fair_fast: 3_000,
+            fair_slow: 12_000,
         }
     }
 }
@@ -81,6 +89,8 @@ pub struct Report {
     pub cold_start_100ms_ms: f64,
     /// Bookings waiting in the memory run.
     pub backlog: usize,
+    /// The fairness run.
+    pub fairness: Fairness,
     /// The machine, for the README.
     pub machine: String,
 }
@@ -355,6 +365,13 @@ impl Stage {
         let dir = std::env::temp_dir().join(format!("portals-crm-bench-{name}"));
         let tenants = dir.join("tenants");
         std::fs::create_dir_all(&tenants)?;
+        // The tenant files name their keys relative to themselves (`../keys/…`): the copies
+        // find them through a link to the originals.
+        let keys = config.tenants.dir.join("../keys");
+        let link = dir.join("keys");
+        if keys.is_dir() && !link.exists() {
+            std::os::unix::fs::symlink(std::fs::canonicalize(&keys)?, &link)?;
+        }
         for entry in std::fs::read_dir(&config.tenants.dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "toml") {
@@ -637,6 +654,156 @@ async fn backlog_rss(bench: &Bench<'_>, run: &str, n: usize) -> Result<f64, Benc
     Ok(rss)
 }
 
+/// Latency of the slow tenant's org in the fairness run.
+const SLOW_ORG_MS: u64 = 2_000;
+
+/// What the fairness run measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Fairness {
+    /// The fast tenant's bookings.
+    pub fast: usize,
+    /// The slow tenant's bookings published before them.
+    pub slow: usize,
+    /// From the worker's start to the fast tenant's last booking in its org, alone (ms).
+    pub alone_ms: f64,
+    /// The same, behind the slow tenant's backlog (ms).
+    pub behind_ms: f64,
+    /// The slow tenant's bookings written per second meanwhile (its org answers in 2 s).
+    pub slow_per_s: f64,
+    /// Messages parked in the first retry tier (`portals_crm_tenant_busy_total`) by then.
+    pub parked: u64,
+}
+
+/// A counter's total on the worker's `/metrics`, over the label sets containing `labels`.
+async fn counter(http: &reqwest::Client, worker: &Worker, name: &str, labels: &str) -> u64 {
+    let Ok(response) = http
+        .get(format!("http://{}/metrics", worker.http))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// One half of the fairness run: `slow` bookings of `demo` (its org answering in
+/// [`SLOW_ORG_MS`]), then `fast` of `acme`; a worker started on them; the time until acme's are
+/// all in its org, demo's written by then, and the messages parked.
+async fn fast_tenant(
+    bench: &Bench<'_>,
+    run: &str,
+    fast: usize,
+    slow: usize,
+) -> Result<(f64, u64, u64), BenchError> {
+    let (config, channel, exe, http) = (bench.config, &bench.channel, bench.exe, &bench.http);
+    let stage = Stage::start(config, channel, run, FaultSpec::default()).await?;
+    let slow_org = emulator::start(
+        "127.0.0.1:0".parse().expect("a literal address"),
+        OrgSpec::demo(),
+        &FaultSpec {
+            latency_ms: Some(SLOW_ORG_MS),
+            ..FaultSpec::default()
+        },
+    )
+    .await?;
+    let demo_file = stage.dir.join("tenants").join("demo.toml");
+    let text = std::fs::read_to_string(&demo_file)?;
+    std::fs::write(
+        &demo_file,
+        text.replace(&stage.emulator.base_url, &slow_org.base_url),
+    )?;
+    let slow_bodies = (0..slow).map(|i| simple_booking(run, i, "demo"));
+    publish_all(
+        channel,
+        &stage.topology.exchange,
+        "meeting.booked",
+        slow_bodies,
+    )
+    .await?;
+    let fast_bodies = (0..fast).map(|i| simple_booking(run, i, "acme"));
+    publish_all(
+        channel,
+        &stage.topology.exchange,
+        "meeting.booked",
+        fast_bodies,
+    )
+    .await?;
+    let started = Instant::now();
+    let worker = Worker::spawn(exe, &stage.env)?;
+    let waited =
+        wait_for_events(http, &stage.emulator, fast as u64, Duration::from_secs(600)).await;
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    let slow_written = stats(http, &slow_org).await["records"]["Event"]
+        .as_u64()
+        .unwrap_or(0);
+    let parked = counter(http, &worker, "portals_crm_tenant_busy_total", "demo").await;
+    worker.stop().await;
+    stage.finish(channel).await;
+    slow_org.stop().await;
+    waited?;
+    Ok((took, slow_written, parked))
+}
+
+/// Fairness: the fast tenant's time alone, then behind the slow tenant's backlog.
+async fn fairness(bench: &Bench<'_>, run: &str, sizes: BenchSizes) -> Result<Fairness, BenchError> {
+    let (alone_ms, _, _) = fast_tenant(bench, &format!("{run}-alone"), sizes.fair_fast, 0).await?;
+    eprintln!("  alone: {alone_ms:.0} ms");
+    let (behind_ms, slow_written, parked) = fast_tenant(
+        bench,
+        &format!("{run}-behind"),
+        sizes.fair_fast,
+        sizes.fair_slow,
+    )
+    .await?;
+    eprintln!(
+        "  behind {} slow bookings: {behind_ms:.0} ms; {slow_written} slow written, {parked} parked meanwhile",
+        sizes.fair_slow
+    );
+    Ok(Fairness {
+        fast: sizes.fair_fast,
+        slow: sizes.fair_slow,
+        alone_ms: alone_ms.round(),
+        behind_ms: behind_ms.round(),
+        slow_per_s: (slow_written as f64 / (behind_ms / 1000.0).max(1e-3)).round(),
+        parked,
+    })
+}
+
+/// Only the fairness run (`portals-crm bench --fairness`).
+pub async fn fairness_only(
+    config: &Config,
+    exe: &Path,
+    sizes: BenchSizes,
+) -> Result<Fairness, BenchError> {
+    let bench = Bench::open(config, exe).await?;
+    let run = bench.run.clone();
+    let result = fairness(&bench, &format!("{run}-fair"), sizes).await;
+    bench.close().await;
+    result
+}
+
+impl std::fmt::Display for Fairness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "| fast tenant's {} bookings alone vs behind {} of a neighbour whose org answers in {} s | \
+             {:.0} ms alone, {:.0} ms behind ({:.2} ×); neighbour meanwhile {:.0} bookings/s, {} parked | ≤ 2 × |",
+            self.fast,
+            self.slow,
+            SLOW_ORG_MS / 1000,
+            self.alone_ms,
+            self.behind_ms,
+            self.behind_ms / self.alone_ms.max(1.0),
+            self.slow_per_s,
+            self.parked
+        )
+    }
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -662,10 +829,10 @@ fn machine() -> String {
 pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Report, BenchError> {
     let bench = Bench::open(config, exe).await?;
     let run = &bench.run;
-    eprintln!("1/6 bare lapin consume + ack, {} messages", sizes.bare);
+    eprintln!("1/7 bare lapin consume + ack, {} messages", sizes.bare);
     let bare = bare_consume_ack(config, &bench.channel, run, sizes.bare).await?;
     eprintln!(
-        "2/6 saturation, {} bookings, zero-latency emulator",
+        "2/7 saturation, {} bookings, zero-latency emulator",
         sizes.saturation
     );
     let fast = saturation(
@@ -681,7 +848,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         fast.cold_start_ms
     );
     eprintln!(
-        "3/6 saturation, {} bookings, 100 ms emulator latency",
+        "3/7 saturation, {} bookings, 100 ms emulator latency",
         sizes.saturation
     );
     let latency_100ms = FaultSpec {
@@ -700,11 +867,16 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         "  first booking committed {:.0} ms after start",
         slow.cold_start_ms
     );
-    eprintln!("4/6 (API calls per booking come from run 2)");
-    eprintln!("5/6 latency at 200 bookings/s for {} s", sizes.latency_secs);
+    eprintln!("4/7 (API calls per booking come from run 2)");
+    eprintln!("5/7 latency at 200 bookings/s for {} s", sizes.latency_secs);
     let (p50, p99) = latency(&bench, &format!("{run}-lat"), sizes.latency_secs).await?;
-    eprintln!("6/6 peak RSS with a backlog of {} bookings", sizes.backlog);
+    eprintln!("6/7 peak RSS with a backlog of {} bookings", sizes.backlog);
     let rss = backlog_rss(&bench, &format!("{run}-rss"), sizes.backlog).await?;
+    eprintln!(
+        "7/7 fairness: {} bookings alone, then behind {} of a slow neighbour",
+        sizes.fair_fast, sizes.fair_slow
+    );
+    let fairness = fairness(&bench, &format!("{run}-fair"), sizes).await?;
     bench.close().await;
     let report = Report {
         bare_consume_ack_per_s: bare.round(),
@@ -717,6 +889,7 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
         cold_start_ms: fast.cold_start_ms.round(),
         cold_start_100ms_ms: slow.cold_start_ms.round(),
         backlog: sizes.backlog,
+        fairness,
         machine: machine(),
     };
     std::fs::create_dir_all("target/bench")?;
@@ -762,6 +935,7 @@ impl std::fmt::Display for Report {
             "| worker peak RSS, {} bookings waiting | {:.1} MB | ≤ 100 MB |",
             self.backlog, self.peak_rss_mb
         )?;
+        writeln!(f, "{}", self.fairness)?;
         writeln!(
             f,
             "worker cold start to first commit: {:.0} ms (zero latency), {:.0} ms (100 ms latency); \

@@ -59,6 +59,10 @@ pub enum Command {
         /// Instead: throughput with 1, 2 and 3 workers on one queue.
         #[arg(long)]
         scaling: bool,
+        /// Instead: only the fairness row (one tenant's bookings alone, then behind a slow
+        /// neighbour's backlog).
+        #[arg(long)]
+        fairness: bool,
         /// With --scaling: the emulator's latency per request.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,

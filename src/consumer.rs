@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::amqp::{self, Publisher, Topology};
-use crate::outcome::{self, Disposition, Settled, Settler, dead_letter};
+use crate::outcome::{self, Disposition, Reason, Settled, Settler, dead_letter};
 use crate::pipeline::Pipeline;
 use crate::retry_policy::Reconnect;
 use crate::telemetry::http::Readiness;
@@ -281,11 +281,18 @@ impl Consumer {
                 span.record("booking_id", id.as_str());
             }
             let disposition = outcome::decide(processed.outcome);
-            if let Disposition::Retry { cause, .. }
-            | Disposition::Wait { cause, .. }
-            | Disposition::DeadLetter(cause) = &disposition
-            {
-                tracing::warn!(reason = %cause.reason, message = %redact(&cause.message), "booking not written");
+            match &disposition {
+                // Routine under load (a slow org's backlog cycles through the first tier):
+                // counted in `portals_crm_tenant_busy_total`, not worth a warning each.
+                Disposition::Wait { cause, .. } if cause.reason == Reason::TenantBusy => {
+                    tracing::debug!(reason = %cause.reason, "booking parked");
+                }
+                Disposition::Retry { cause, .. }
+                | Disposition::Wait { cause, .. }
+                | Disposition::DeadLetter(cause) => {
+                    tracing::warn!(reason = %cause.reason, message = %redact(&cause.message), "booking not written");
+                }
+                Disposition::Written | Disposition::Superseded => {}
             }
             match settler.settle(&delivery, &info, disposition).await {
                 Ok(settled) => {

@@ -98,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             quick,
             scaling,
+            fairness,
             latency_ms,
         } => {
             let config = Config::load(&cli.config)?;
@@ -118,11 +119,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     saturation: 3_000,
                     latency_secs: 3,
                     backlog: 10_000,
+                    fair_fast: 500,
+                    fair_slow: 2_000,
                 }
             } else {
                 portals_crm::bench::BenchSizes::default()
             };
             let exe = std::env::current_exe().context("locating the portals-crm binary")?;
+            if fairness {
+                let row = portals_crm::bench::fairness_only(&config, &exe, sizes).await?;
+                println!("| measurement | value | target |\n|---|---|---|\n{row}");
+                return Ok(());
+            }
             let report = portals_crm::bench::run(&config, &exe, sizes).await?;
             println!("{report}");
             Ok(())

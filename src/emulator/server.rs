@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -41,6 +41,9 @@ pub struct Inner {
 pub struct Shared {
     inner: Mutex<Inner>,
     scheme: &'static str,
+    /// Wakes the requests sleeping out a latency whenever the faults change, so a latency
+    /// lowered (or cleared) applies to the requests already waiting, as when an org recovers.
+    faults_changed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
                 api_calls: 0,
             }),
             scheme: if tls { "https" } else { "http" },
+            faults_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -75,7 +79,34 @@ impl Shared {
             let max = inner.org.spec.org.daily_api_limit;
             inner.org.api_used = max.saturating_sub(remaining);
         }
+        drop(inner);
+        self.faults_changed.notify_waiters();
         Ok(())
+    }
+
+    /// Clears every fault.
+    pub fn clear_faults(&self) {
+        self.lock().faults = Faults::default();
+        self.faults_changed.notify_waiters();
+    }
+
+    /// Sleeps out a request's latency, `first` as drawn when it arrived; when the faults change
+    /// meanwhile, the latency in force then applies (counted from the arrival).
+    async fn sleep_latency(&self, first: Duration) {
+        let arrived = tokio::time::Instant::now();
+        let mut delay = first;
+        loop {
+            // Created before the check, so a change made in between still wakes it.
+            let changed = self.faults_changed.notified();
+            let remaining = delay.saturating_sub(arrived.elapsed());
+            if remaining.is_zero() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(remaining) => return,
+                () = changed => delay = self.lock().faults.delay(),
+            }
+        }
     }
 }
 
@@ -375,7 +406,7 @@ async fn data(
         inner.faults.delay()
     };
     if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+        shared.sleep_latency(delay).await;
     }
     let body: Option<Value> = if body.is_empty() {
         None
@@ -521,7 +552,7 @@ async fn set_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
 }
 
 async fn clear_faults(State(shared): State<Arc<Shared>>) -> Response {
-    shared.lock().faults = Faults::default();
+    shared.clear_faults();
     json_response(204, None, vec![])
 }
 

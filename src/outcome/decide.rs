@@ -11,6 +11,7 @@
 //! | mapping cannot render | dead letter | `mapping_error` |
 //! | circuit open | retry, not before the next probe | `circuit_open` |
 //! | sign-in refused (token endpoint 4xx with an OAuth error), or the tenant paused for it | wait: a retry tier, attempt count unchanged | `salesforce_auth_<error>` |
+//! | the tenant has its limit of messages in flight | wait: the first retry tier, attempt count unchanged | `tenant_busy` |
 //! | worker shutting down | retry | `shutting_down` |
 //! | record-level security (sharing) refused a node | dead letter | `salesforce_sharing_<condition>` |
 //! | Salesforce request failed / graph rolled back | by [`Class`]: success → ack; superseded (`STALE_BOOKING_VERSION`) → ack; transient → retry; permanent → dead letter | `salesforce_<code>`, or `salesforce_unavailable` without a code |
@@ -98,6 +99,10 @@ pub fn decide(outcome: Outcome) -> Disposition {
                     cause: Cause::new(Reason::CircuitOpen, open.to_string()),
                     retry_after: Some(open.retry_in),
                 },
+            },
+            Failure::TenantBusy(busy) => Disposition::Wait {
+                cause: Cause::new(Reason::TenantBusy, busy.to_string()),
+                retry_after: None,
             },
             Failure::ShuttingDown(stopped) => Disposition::Retry {
                 cause: Cause::new(Reason::ShuttingDown, stopped.to_string()),
@@ -231,6 +236,12 @@ mod tests {
                     message: "undefined".into(),
                 })),
                 ("dead_letter", Some("mapping_error"), None),
+            ),
+            (
+                Outcome::Failed(Failure::TenantBusy(crate::tenants::TenantBusy {
+                    limit: 600,
+                })),
+                ("wait", Some("tenant_busy"), None),
             ),
             (
                 Outcome::Failed(Failure::CircuitOpen(CircuitOpen {

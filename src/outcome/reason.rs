@@ -103,6 +103,10 @@ pub enum Reason {
     /// Record-level security: a lookup names a record the user cannot see
     /// (`salesforce_sharing_reference_not_visible`).
     SharingReferenceNotVisible,
+    /// The tenant had its limit of messages in flight in this worker (`tenant_busy`): the
+    /// message is parked in the first retry tier without spending an attempt, so that one
+    /// tenant's slow org cannot hold the prefetch window every tenant shares.
+    TenantBusy,
     /// Every retry tier was used (`retries_exhausted`).
     RetriesExhausted,
     /// The broker dead-lettered the message itself at the queue's delivery limit
@@ -144,6 +148,7 @@ impl Reason {
             Self::SharingRecordNotVisible => "salesforce_sharing_record_not_visible".into(),
             Self::SharingRecordReadOnly => "salesforce_sharing_record_read_only".into(),
             Self::SharingReferenceNotVisible => "salesforce_sharing_reference_not_visible".into(),
+            Self::TenantBusy => "tenant_busy".into(),
             Self::RetriesExhausted => "retries_exhausted".into(),
             Self::DeliveryLimit => "delivery_limit".into(),
             Self::BrokerRejected => "broker_rejected".into(),
@@ -163,6 +168,7 @@ impl Reason {
             Self::CircuitOpen,
             Self::ShuttingDown,
             Self::SalesforceUnavailable,
+            Self::TenantBusy,
             Self::RetriesExhausted,
             Self::DeliveryLimit,
             Self::BrokerRejected,

@@ -16,7 +16,7 @@ use crate::salesforce::circuit::CircuitOpen;
 use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
 use crate::sharing::SharingProblem;
 use crate::telemetry::metrics::Metrics;
-use crate::tenants::{Registry, Tenant};
+use crate::tenants::{Registry, Tenant, TenantBusy};
 
 /// Who a message is about, for logs and dead-letter headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub enum Failure {
         /// The error that rolled the graph back, when Salesforce named one.
         cause: Option<ApiError>,
     },
+    /// The tenant has its limit of messages in flight in this worker.
+    TenantBusy(TenantBusy),
     /// The worker is stopping and its batcher no longer sends.
     ShuttingDown(BatcherStopped),
 }
@@ -189,6 +191,17 @@ impl Pipeline {
         if let Err(open) = tenant.breaker.allow() {
             return Outcome::Failed(Failure::CircuitOpen(open));
         }
+        // Held until the write is answered: the tenant's share of the work in flight.
+        let _slot = match tenant.try_slot() {
+            Ok(slot) => slot,
+            Err(busy) => {
+                self.metrics
+                    .tenant_busy
+                    .with_label_values(&[event.tenant.as_str()])
+                    .inc();
+                return Outcome::Failed(Failure::TenantBusy(busy));
+            }
+        };
         let enrichment = match enrich(event, &tenant.client, caches).await {
             Ok(e) => e,
             Err(error) => {

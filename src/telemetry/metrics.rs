@@ -28,6 +28,9 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `portals_crm_dead_letters_total{tenant,reason}`
     pub dead_letters: IntCounterVec,
+    /// `portals_crm_tenant_busy_total{tenant}`: messages parked in the first retry tier
+    /// because their tenant had its limit of messages in flight (one extra publish each).
+    pub tenant_busy: IntCounterVec,
     /// `portals_crm_circuit_open{tenant}`
     pub circuit_open: IntGaugeVec,
     /// `portals_crm_tenant_file_rejected{tenant}`
@@ -135,6 +138,12 @@ impl Metrics {
             "Events dead-lettered, by reason.",
             &["tenant", "reason"],
         );
+        let tenant_busy = counter(
+            "portals_crm_tenant_busy_total",
+            "Events parked in the first retry tier, attempt not counted, because their tenant \
+             had its limit of events in flight (each costs one extra broker publish).",
+            &["tenant"],
+        );
         let circuit_open = IntGaugeVec::new(
             Opts::new(
                 "portals_crm_circuit_open",
@@ -209,6 +218,7 @@ impl Metrics {
             api_usage_ratio,
             retries,
             dead_letters,
+            tenant_busy,
             circuit_open,
             tenant_file_rejected,
             salesforce_auth_refused,

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,9 +37,37 @@ pub struct Tenant {
     pub batcher: Batcher,
     /// Pauses it while its org fails or its API quota share is used up.
     pub breaker: CircuitBreaker,
+    /// Its messages in flight in this worker, at most [`BatchLimits::tenant_in_flight`]: one
+    /// tenant whose org answers slowly holds no more than this of the shared prefetch window
+    /// and concurrency permits.
+    slots: Arc<Semaphore>,
+    slot_limit: usize,
+}
+
+/// The tenant has its limit of messages in flight in this worker; the message is parked in the
+/// first retry tier (attempt not counted) so the shared prefetch window keeps moving for the
+/// other tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the tenant has {limit} bookings in flight in this worker, its limit; parked in the first retry tier"
+)]
+pub struct TenantBusy {
+    /// The tenant's limit of messages in flight.
+    pub limit: usize,
 }
 
 impl Tenant {
+    /// A slot for one message in flight, held until the message's write is answered; without
+    /// waiting: a tenant at its limit answers [`TenantBusy`] at once.
+    pub fn try_slot(&self) -> Result<OwnedSemaphorePermit, TenantBusy> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| TenantBusy {
+                limit: self.slot_limit,
+            })
+    }
+
     /// Feeds the breaker with what a Salesforce call showed about the org: a request limit hit
     /// or the quota share used up trips it at once; an org-level failure counts toward opening.
     pub fn observe(&self, failed: Option<&SalesforceError>) {
@@ -298,12 +327,15 @@ impl Registry {
                     gauge,
                 )
                 .reporting_sign_in(&config.tenant, self.metrics.salesforce_auth_refused.clone());
+                let slot_limit = self.settings.batch.tenant_in_flight();
                 let tenant = Tenant {
                     config,
                     mapping,
                     client,
                     batcher,
                     breaker,
+                    slots: Arc::new(Semaphore::new(slot_limit)),
+                    slot_limit,
                 };
                 (tenant.config.tenant.clone(), Arc::new(tenant))
             })
