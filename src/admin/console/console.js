@@ -288,7 +288,70 @@ function setupEditor() {
   validate();
 }
 
+// Dead letters: replay (the server re-checks each cause first), export and purge of the
+// selection. Results are written as text only.
+function setupDeadLetters() {
+  const result = document.getElementById("dlq-result");
+  if (!result) return;
+  const override = document.getElementById("override");
+  const selected = () =>
+    Array.from(document.querySelectorAll("input[name=pick]:checked")).map((box) => box.value);
+
+  function say(lines, cls) {
+    result.replaceChildren(...lines.map((line) => el("p", line)));
+    result.className = cls || "";
+  }
+
+  async function replay(ids) {
+    if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+    say(["Re-checking the cause and replaying " + ids.length + "…"]);
+    const { status, data } = await postJson("/admin/dead-letters/replay",
+      { ids, override: Boolean(override && override.checked) });
+    if (status !== 200) { say(["Replay failed: " + (data.error || status)], "bad"); return; }
+    const lines = [];
+    if (data.replayed.length) {
+      lines.push("Replayed " + data.replayed.length + " (confirmed by the broker, removed from the dead letters): " + data.replayed.join(", "));
+    }
+    if (data.superseded.length) {
+      lines.push("Already superseded by a newer version, so they change nothing: " + data.superseded.join(", "));
+    }
+    data.blocked.forEach((b) => {
+      lines.push("Blocked " + b.id + ": " + b.detail + b.problems.map((p) => " — " + p.target + ": " + p.problem + ". Fix: " + p.fix).join(""));
+    });
+    if (data.missing.length) lines.push("No longer in the queue: " + data.missing.join(", "));
+    say(lines.length ? lines : ["Nothing to replay."], data.blocked.length ? "bad" : "good");
+  }
+
+  document.querySelectorAll("[data-replay]").forEach((button) => {
+    button.addEventListener("click", () => replay(button.dataset.replay.split(",").filter((id) => id)));
+  });
+  const replaySelected = document.getElementById("replay-selected");
+  if (replaySelected) replaySelected.addEventListener("click", () => replay(selected()));
+
+  const exportSelected = document.getElementById("export-selected");
+  if (exportSelected) {
+    exportSelected.addEventListener("click", () => {
+      const ids = selected();
+      if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+      window.location.assign("/admin/dead-letters/export?ids=" + encodeURIComponent(ids.join(",")));
+    });
+  }
+
+  const purge = document.getElementById("purge-selected");
+  if (purge) {
+    purge.addEventListener("click", async () => {
+      const ids = selected();
+      if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+      const confirm = document.getElementById("purge-confirm").value;
+      const { status, data } = await postJson("/admin/dead-letters/purge", { ids, confirm });
+      if (status !== 200) { say(["Not purged: " + (data.error || status)], "bad"); return; }
+      say(["Purged " + data.purged.length + ": " + data.purged.join(", ")], "good");
+    });
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupFilters();
   setupEditor();
+  setupDeadLetters();
 });
