@@ -109,7 +109,8 @@ impl Query {
         let failed = letter.last_failure.as_deref().unwrap_or_default();
         some(&self.since).is_none_or(|since| failed >= since)
             && some(&self.until).is_none_or(|until| failed < until)
-            && some(&self.q).is_none_or(|q| letter.id == q || letter.booking_id.as_deref() == Some(q))
+            && some(&self.q)
+                .is_none_or(|q| letter.id == q || letter.booking_id.as_deref() == Some(q))
     }
 }
 
@@ -118,7 +119,11 @@ impl Query {
 /// names the field in its message, "No such column 'Phone' on sobject of type Lead"
 /// (<https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm>).
 pub fn field_of(letter: &DeadLetter) -> Option<String> {
-    if let Some(fields) = letter.salesforce_fields.as_deref().filter(|f| !f.is_empty()) {
+    if let Some(fields) = letter
+        .salesforce_fields
+        .as_deref()
+        .filter(|f| !f.is_empty())
+    {
         return Some(fields.to_owned());
     }
     let (_, rest) = letter.message.split_once("No such column '")?;
@@ -135,12 +140,15 @@ pub fn field_of(letter: &DeadLetter) -> Option<String> {
 
 /// Whether `problem` is about `field` (`Object.Field`, `Field`, or a comma-separated list).
 fn concerns(problem: &MappingProblem, field: &str) -> bool {
-    field.split(',').map(str::trim).any(|f| match f.split_once('.') {
-        Some(_) => problem.target.eq_ignore_ascii_case(f),
-        None => problem
-            .field()
-            .is_some_and(|name| name.eq_ignore_ascii_case(f)),
-    })
+    field
+        .split(',')
+        .map(str::trim)
+        .any(|f| match f.split_once('.') {
+            Some(_) => problem.target.eq_ignore_ascii_case(f),
+            None => problem
+                .field()
+                .is_some_and(|name| name.eq_ignore_ascii_case(f)),
+        })
 }
 
 /// A dead letter in a list: no body.
@@ -251,10 +259,7 @@ async fn org_problems(
     out
 }
 
-fn cause_of(
-    field: Option<&str>,
-    problems: Option<&Result<Vec<MappingProblem>, String>>,
-) -> Cause {
+fn cause_of(field: Option<&str>, problems: Option<&Result<Vec<MappingProblem>, String>>) -> Cause {
     let Some(field) = field else {
         return Cause {
             state: "not_checked",
@@ -347,7 +352,7 @@ pub(crate) async fn listing(state: &AdminState, letters: &[DeadLetter]) -> Listi
             ids,
         })
         .collect();
-    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     Listing {
         groups,
         letters: summaries,
@@ -413,11 +418,7 @@ pub(crate) async fn detail(
         .next()
         .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
     let summary = summary(state, &letter);
-    let checked = org_problems(
-        state,
-        summary.field.iter().map(|_| summary.tenant.clone()),
-    )
-    .await;
+    let checked = org_problems(state, summary.field.iter().map(|_| summary.tenant.clone())).await;
     let cause = cause_of(summary.field.as_deref(), checked.get(&summary.tenant));
     let mut headers = BTreeMap::new();
     for (name, value) in [
@@ -635,7 +636,11 @@ mod tests {
             Some("Lead.Phone")
         );
         assert_eq!(
-            field_of(&letter("Unable to create/update fields: Phone", Some("Phone"))).as_deref(),
+            field_of(&letter(
+                "Unable to create/update fields: Phone",
+                Some("Phone")
+            ))
+            .as_deref(),
             Some("Phone")
         );
         assert_eq!(field_of(&letter("503", None)), None);
@@ -669,7 +674,10 @@ mod tests {
         assert!(shown.contains("j***@globex.example"), "{shown}");
         assert!(shown.contains("[phone]"), "{shown}");
         assert!(!shown.contains("jane.doe"), "{shown}");
-        assert!(shown.contains("<b>CTO</b>"), "markup is kept as text here; the page escapes it");
+        assert!(
+            shown.contains("<b>CTO</b>"),
+            "markup is kept as text here; the page escapes it"
+        );
         assert!(shown.contains('\n'), "pretty-printed");
         let revealed = body_for_people(body, true);
         assert!(revealed.contains("jane.doe@globex.example"));

@@ -680,9 +680,10 @@ async fn dead_letter_show(
 ) -> Response {
     match dead_letters::detail(&state, &state.dlq, &id, reveal.asked()).await {
         Ok(detail) => axum::Json(detail).into_response(),
-        Err(crate::dlq::DlqError::NotFound(id)) => {
-            error(StatusCode::NOT_FOUND, format!("no dead letter with id {id}"))
-        }
+        Err(crate::dlq::DlqError::NotFound(id)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter with id {id}"),
+        ),
         Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }
@@ -706,7 +707,10 @@ async fn dead_letter_purge(
 ) -> Response {
     let expected = request.expected();
     if request.ids.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "ids: choose at least one dead letter");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ids: choose at least one dead letter",
+        );
     }
     if request.confirm.trim() != expected {
         return error(

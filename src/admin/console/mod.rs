@@ -40,8 +40,14 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("fields.html", include_str!("templates/fields.html")),
         ("mapping.html", include_str!("templates/mapping.html")),
         ("checks.html", include_str!("templates/checks.html")),
-        ("dead_letters.html", include_str!("templates/dead_letters.html")),
-        ("dead_letter.html", include_str!("templates/dead_letter.html")),
+        (
+            "dead_letters.html",
+            include_str!("templates/dead_letters.html"),
+        ),
+        (
+            "dead_letter.html",
+            include_str!("templates/dead_letter.html"),
+        ),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -245,14 +251,23 @@ async fn dead_letters_page(
     Query(query): Query<dead_letters::Query>,
 ) -> Response {
     let (listing, error) = match dead_letters::matching(&state.dlq, &query).await {
-        Ok(letters) => (Some(dead_letters::listing(&state, &letters).await), String::new()),
+        Ok(letters) => (
+            Some(dead_letters::listing(&state, &letters).await),
+            String::new(),
+        ),
         Err(e) => (None, e.to_string()),
     };
     let (groups, letters) = listing.map(|l| (l.groups, l.letters)).unwrap_or_default();
     let query_string = query.to_query_string();
-    let filtered = [&query.tenant, &query.reason, &query.since, &query.until, &query.q]
-        .iter()
-        .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()));
+    let filtered = [
+        &query.tenant,
+        &query.reason,
+        &query.since,
+        &query.until,
+        &query.q,
+    ]
+    .iter()
+    .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()));
     page(
         "dead_letters.html",
         context! {
