@@ -354,3 +354,81 @@ async fn off_loopback_the_dead_letters_need_the_token() {
     let _ = std::fs::remove_file(token_file);
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_health_refreshes_live_with_rates_lag_circuit_and_queues() {
+    let env = TestEnv::start_from_files("ops-health", OrgSpec::demo(), |_| {}).await;
+    let base = env.http_url();
+    let http = reqwest::Client::new();
+    // The worker attaches to the work queue shortly after the start.
+    let health = wait_until("the worker consuming", Duration::from_secs(30), || async {
+        let health = get(&http, format!("{base}/admin/health")).await;
+        if health["queues"][0]["consumers"].as_u64() >= Some(1) {
+            Ok(health)
+        } else {
+            Err(health.to_string())
+        }
+    })
+    .await;
+    let acme = health["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .cloned()
+        .unwrap();
+    assert_eq!(acme["circuit"], "closed", "{acme}");
+    assert_eq!(acme["last_write_seen"], Value::Null);
+    let queues = health["queues"].as_array().unwrap();
+    assert_eq!(queues[0]["role"], "work");
+    assert_eq!(queues[0]["queue"], env.topology.work_queue.as_str());
+    assert_eq!(
+        queues.len(),
+        env.topology.tiers.len() + 2,
+        "work, each retry tier, dead letters"
+    );
+    assert_eq!(queues.last().unwrap()["messages"], 0);
+
+    let Some(browser) = Browser::start("ops_health").await else {
+        env.finish().await;
+        return;
+    };
+    let c = &browser.client;
+    c.goto(&format!("{base}/ui/health")).await.unwrap();
+    let row = "#tenant-health tr[data-tenant=acme]";
+    browser
+        .wait_text(
+            &format!("{row} [data-k=last_write_seen]"),
+            "none since start",
+        )
+        .await;
+    // Without reloading the page: a booking is written, another dead-lettered.
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.publish("meeting.booked", b"not an event").await;
+    env.wait_settled(2).await;
+    let written = wait_until("a live write rate", Duration::from_secs(30), || async {
+        let text = browser
+            .text(&format!("{row} [data-k=written_per_min]"))
+            .await;
+        match text.parse::<f64>() {
+            Ok(rate) if rate > 0.0 => Ok(rate),
+            _ => Err(text),
+        }
+    })
+    .await;
+    assert!(written > 0.0);
+    let seen = browser
+        .text(&format!("{row} [data-k=last_write_seen]"))
+        .await;
+    assert!(seen.starts_with("20"), "a timestamp: {seen}");
+    let lag = browser.text(&format!("{row} [data-k=lag_p99_secs]")).await;
+    assert!(lag.ends_with(" s"), "{lag}");
+    let dead_row = format!(
+        "#queues tr[data-queue=\"{}\"] [data-k=messages]",
+        env.topology.dead_queue
+    );
+    browser.wait_text(&dead_row, "1").await;
+    shot(&browser, "health").await;
+    browser.close().await;
+    env.finish().await;
+}

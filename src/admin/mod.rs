@@ -8,6 +8,7 @@
 pub mod access;
 pub mod console;
 pub mod dead_letters;
+pub mod health;
 pub mod mapping_file;
 
 use std::path::PathBuf;
@@ -46,6 +47,7 @@ pub struct AdminState {
     tenants_dir: PathBuf,
     gate: access::Gate,
     dlq: dead_letters::DlqSource,
+    sampler: Arc<health::Sampler>,
 }
 
 /// A JSON error answer.
@@ -724,6 +726,13 @@ async fn dead_letter_purge(
     }
 }
 
+/// `GET /admin/health`: per tenant the rates, lag, circuit, quota and last write; the queues'
+/// depths and consumers.
+async fn health_report(State(state): State<AdminState>) -> Response {
+    axum::Json(health::health(&state.sampler, &state.metrics, &state.tenants, &state.dlq).await)
+        .into_response()
+}
+
 /// The admin API and the console, behind the access rule and the Origin check. `dlq` is where
 /// the dead-letter queue is (a connection is opened per request that needs it).
 pub fn router(
@@ -742,6 +751,7 @@ pub fn router(
         tenants_dir,
         gate: gate.clone(),
         dlq,
+        sampler: Arc::new(health::Sampler::default()),
     };
     Router::new()
         .route("/admin/tenants", get(list_tenants))
@@ -757,6 +767,7 @@ pub fn router(
         .route("/admin/tenants/{tenant}/diff", post(diff))
         .route("/admin/tenants/{tenant}/doctor", get(doctor_report))
         .route("/admin/reload", post(reload))
+        .route("/admin/health", get(health_report))
         .route("/admin/dead-letters", get(dead_letter_list))
         .route("/admin/dead-letters/export", get(dead_letter_export))
         .route("/admin/dead-letters/replay", post(dead_letter_replay))

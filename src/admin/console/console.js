@@ -350,8 +350,55 @@ function setupDeadLetters() {
   }
 }
 
+// Tenant health: polls the JSON twin every 5 s and rewrites the cells as text.
+function setupHealth() {
+  const at = document.getElementById("health-at");
+  if (!at) return;
+  const num = (v, digits, unit) => (v === null || v === undefined) ? null : v.toFixed(digits) + (unit || "");
+  const tenantCells = {
+    written_per_min: (t) => num(t.written_per_min, 1) || "sampling…",
+    retried_per_min: (t) => num(t.retried_per_min, 1) || "sampling…",
+    dead_lettered_per_min: (t) => num(t.dead_lettered_per_min, 1) || "sampling…",
+    lag_p50_secs: (t) => num(t.lag_p50_secs, 3, " s") || "—",
+    lag_p99_secs: (t) => num(t.lag_p99_secs, 3, " s") || "—",
+    circuit: (t) => t.circuit
+      + (t.next_probe_in_secs !== null ? ", next probe in " + Math.round(t.next_probe_in_secs) + " s" : "")
+      + (t.sign_in_refused ? " (" + t.sign_in_refused + ")" : ""),
+    api_used: (t) => t.api_used !== null ? (t.api_used * 100).toFixed(1) + " %" : "not reported yet",
+    last_write_seen: (t) => t.last_write_seen || "none since start",
+  };
+  async function refresh() {
+    try {
+      const response = await fetch(at.dataset.health, { credentials: "same-origin" });
+      if (!response.ok) { at.textContent = "Refresh failed: HTTP " + response.status; return; }
+      const health = await response.json();
+      health.tenants.forEach((t) => {
+        const row = Array.from(document.querySelectorAll("#tenant-health tr[data-tenant]"))
+          .find((r) => r.dataset.tenant === t.tenant);
+        if (!row) return;
+        Object.entries(tenantCells).forEach(([key, show]) => {
+          const cell = row.querySelector("[data-k=" + key + "]");
+          if (cell) cell.textContent = show(t);
+        });
+      });
+      health.queues.forEach((q) => {
+        const row = Array.from(document.querySelectorAll("#queues tr[data-queue]"))
+          .find((r) => r.dataset.queue === q.queue);
+        if (!row) return;
+        row.querySelector("[data-k=messages]").textContent = q.messages !== null ? String(q.messages) : q.error;
+        row.querySelector("[data-k=consumers]").textContent = q.consumers !== null ? String(q.consumers) : "—";
+      });
+      at.textContent = "Read at " + health.at;
+    } catch (e) {
+      at.textContent = "Refresh failed: " + e;
+    }
+  }
+  setInterval(refresh, 5000);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupFilters();
   setupEditor();
   setupDeadLetters();
+  setupHealth();
 });

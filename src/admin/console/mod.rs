@@ -40,6 +40,7 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("fields.html", include_str!("templates/fields.html")),
         ("mapping.html", include_str!("templates/mapping.html")),
         ("checks.html", include_str!("templates/checks.html")),
+        ("health.html", include_str!("templates/health.html")),
         (
             "dead_letters.html",
             include_str!("templates/dead_letters.html"),
@@ -303,6 +304,17 @@ async fn dead_letter_page(
     response
 }
 
+/// The health page: the first reading server-rendered, then refreshed by the script from
+/// `/admin/health`.
+async fn health_page(State(state): State<AdminState>) -> Response {
+    let health =
+        super::health::health(&state.sampler, &state.metrics, &state.tenants, &state.dlq).await;
+    page(
+        "health.html",
+        context! { h => ser(&health), logout => state.gate.needs_login() },
+    )
+}
+
 /// The console's routes.
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -315,6 +327,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/ui/tenants/{tenant}/objects/{sobject}", get(fields_page))
         .route("/ui/tenants/{tenant}/mapping", get(mapping_page))
         .route("/ui/tenants/{tenant}/checks", get(checks_page))
+        .route("/ui/health", get(health_page))
         .route("/ui/dead-letters", get(dead_letters_page))
         .route("/ui/dead-letters/{id}", get(dead_letter_page))
 }
