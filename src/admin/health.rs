@@ -106,6 +106,17 @@ pub fn quantile(q: f64, bounds: &[f64], counts: &[u64], total: u64) -> Option<f6
     bounds.last().copied()
 }
 
+/// The observations at or under `bound`.
+fn counts_within(bounds: &[f64], counts: &[u64], bound: f64) -> u64 {
+    bounds
+        .iter()
+        .zip(counts)
+        .filter(|(b, _)| **b <= bound)
+        .map(|(_, c)| *c)
+        .max()
+        .unwrap_or(0)
+}
+
 /// One tenant's health.
 #[derive(Debug, Serialize)]
 pub struct TenantRates {
@@ -125,6 +136,9 @@ pub struct TenantRates {
     pub lag_p99_secs: Option<f64>,
     /// `window` (the samples kept) or `since start`.
     pub lag_over: &'static str,
+    /// The histogram's last bucket bound (300 s), when a quantile lies beyond it: the lag is
+    /// then at least this, not this.
+    pub lag_beyond_secs: Option<f64>,
     /// `closed`, `open` or `half_open`.
     pub circuit: &'static str,
     /// While open: seconds until the next probe may go.
@@ -241,6 +255,10 @@ impl Sampler {
                 *seen = (counts.written, Some(now_text()));
             }
             let status = tenant.breaker.status();
+            let beyond = bounds
+                .last()
+                .copied()
+                .filter(|last| lag_total > counts_within(bounds, &lag, *last));
             out.push(TenantRates {
                 written_per_min: rate(|c| c.written),
                 retried_per_min: rate(|c| c.retried),
@@ -249,6 +267,7 @@ impl Sampler {
                 lag_p50_secs: quantile(0.5, bounds, &lag, lag_total),
                 lag_p99_secs: quantile(0.99, bounds, &lag, lag_total),
                 lag_over,
+                lag_beyond_secs: beyond,
                 circuit: status.state,
                 next_probe_in_secs: status.next_probe_in.map(|d| d.as_secs_f64()),
                 sign_in_refused: status.sign_in_refused,
@@ -370,5 +389,10 @@ mod tests {
         assert_eq!(quantile(0.5, &bounds, &counts, 0), None);
         // Past the last bucket (+Inf): the last bound.
         assert_eq!(quantile(0.99, &bounds, &[0, 0, 1], 4), Some(10.0));
+        assert_eq!(
+            counts_within(&bounds, &[0, 0, 1], 10.0),
+            1,
+            "3 of 4 lie beyond 10 s"
+        );
     }
 }

@@ -355,12 +355,18 @@ function setupHealth() {
   const at = document.getElementById("health-at");
   if (!at) return;
   const num = (v, digits, unit) => (v === null || v === undefined) ? null : v.toFixed(digits) + (unit || "");
+  // Past the histogram's last bucket a quantile is only known to be at least that bound.
+  const lag = (t, v) => {
+    if (v === null || v === undefined) return "—";
+    if (t.lag_beyond_secs !== null && v >= t.lag_beyond_secs) return "≥ " + v + " s";
+    return v.toFixed(3) + " s";
+  };
   const tenantCells = {
     written_per_min: (t) => num(t.written_per_min, 1) || "sampling…",
     retried_per_min: (t) => num(t.retried_per_min, 1) || "sampling…",
     dead_lettered_per_min: (t) => num(t.dead_lettered_per_min, 1) || "sampling…",
-    lag_p50_secs: (t) => num(t.lag_p50_secs, 3, " s") || "—",
-    lag_p99_secs: (t) => num(t.lag_p99_secs, 3, " s") || "—",
+    lag_p50_secs: (t) => lag(t, t.lag_p50_secs),
+    lag_p99_secs: (t) => lag(t, t.lag_p99_secs),
     circuit: (t) => t.circuit
       + (t.next_probe_in_secs !== null ? ", next probe in " + Math.round(t.next_probe_in_secs) + " s" : "")
       + (t.sign_in_refused ? " (" + t.sign_in_refused + ")" : ""),
