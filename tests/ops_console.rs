@@ -201,6 +201,10 @@ async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
         env.records("Event").await,
         env.records("BookMe__Booking__c").await,
     );
+    c.goto(&format!("{base}/ui/dead-letters")).await.unwrap();
+    browser
+        .wait_text("#groups tbody tr:first-child", "1 superseded")
+        .await;
     c.goto(&format!("{base}/ui/dead-letters/evt_01JD6RB2K8Q0T"))
         .await
         .unwrap();

@@ -189,6 +189,8 @@ pub struct Group {
     pub count: usize,
     /// Their ids.
     pub ids: Vec<String>,
+    /// How many of them a newer version already superseded: replaying those changes nothing.
+    pub superseded: usize,
     /// The cause re-checked against the org now.
     pub cause: Cause,
 }
@@ -345,6 +347,10 @@ pub(crate) async fn listing(state: &AdminState, letters: &[DeadLetter]) -> Listi
         .into_iter()
         .map(|((tenant, reason, field), ids)| Group {
             cause: cause_of(field.as_deref(), checked.get(&tenant)),
+            superseded: summaries
+                .iter()
+                .filter(|s| s.superseded_by.is_some() && ids.contains(&s.id))
+                .count(),
             tenant,
             reason,
             field,
