@@ -138,6 +138,10 @@ impl Service {
             metrics.clone(),
             config.tenants.dir.clone(),
             access,
+            crate::admin::dead_letters::DlqSource {
+                url: config.amqp.url.clone(),
+                topology: Topology::new(&config.amqp, &config.retry_tiers()),
+            },
         );
         let http_addr = crate::telemetry::http::serve(
             listen,

@@ -7,13 +7,15 @@
 
 pub mod access;
 pub mod console;
+pub mod dead_letters;
+pub mod health;
 pub mod mapping_file;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,6 +46,8 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     tenants_dir: PathBuf,
     gate: access::Gate,
+    dlq: dead_letters::DlqSource,
+    sampler: Arc<health::Sampler>,
 }
 
 /// A JSON error answer.
@@ -226,7 +230,7 @@ fn propose(state: &AdminState, tenant: &Tenant, model: &MappingModel) -> Result<
 }
 
 /// A problem as the console and scripts read it: the record, the field, what, the fix.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ProblemView {
     /// Record ref (empty: the whole mapping).
     pub record: String,
@@ -606,13 +610,138 @@ async fn reload(State(state): State<AdminState>) -> Response {
     }
 }
 
-/// The admin API and the console, behind the access rule and the Origin check.
+/// `GET /admin/dead-letters?tenant=&reason=&since=&until=&q=&ids=`: the groups with their
+/// causes re-checked against the org, and the dead letters; nothing is consumed.
+async fn dead_letter_list(
+    State(state): State<AdminState>,
+    Query(query): Query<dead_letters::Query>,
+) -> Response {
+    match dead_letters::matching(&state.dlq, &query).await {
+        Ok(letters) => {
+            let listing = dead_letters::listing(&state, &letters).await;
+            axum::Json(json!({
+                "groups": listing.groups,
+                "letters": listing.letters,
+                "cli": dead_letters::cli_twin("list", &query),
+            }))
+            .into_response()
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// `GET /admin/dead-letters/export?…`: the matching dead letters as JSON lines, whole (as
+/// `portals-crm dlq export` writes them); nothing is consumed.
+async fn dead_letter_export(
+    State(state): State<AdminState>,
+    Query(query): Query<dead_letters::Query>,
+) -> Response {
+    match dead_letters::matching(&state.dlq, &query).await {
+        Ok(letters) => {
+            let mut out = String::new();
+            for letter in &letters {
+                if let Ok(line) = serde_json::to_string(letter) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+            (
+                [
+                    (header::CONTENT_TYPE, "application/x-ndjson"),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        "attachment; filename=\"dead-letters.jsonl\"",
+                    ),
+                ],
+                out,
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Reveal {
+    #[serde(default)]
+    reveal: Option<String>,
+}
+
+impl Reveal {
+    fn asked(&self) -> bool {
+        matches!(self.reveal.as_deref(), Some("1" | "true" | "yes"))
+    }
+}
+
+/// `GET /admin/dead-letters/{id}?reveal=1`: one dead letter in full, its body masked unless
+/// `reveal`.
+async fn dead_letter_show(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(reveal): Query<Reveal>,
+) -> Response {
+    match dead_letters::detail(&state, &state.dlq, &id, reveal.asked()).await {
+        Ok(detail) => axum::Json(detail).into_response(),
+        Err(crate::dlq::DlqError::NotFound(id)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter with id {id}"),
+        ),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// `POST /admin/dead-letters/replay {"ids": […], "override": false}`: re-checks each cause,
+/// replays those whose cause is gone (all with the override).
+async fn dead_letter_replay(
+    State(state): State<AdminState>,
+    axum::Json(request): axum::Json<dead_letters::ReplayRequest>,
+) -> Response {
+    match dead_letters::replay(&state, &state.dlq, &request).await {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// `POST /admin/dead-letters/purge {"ids": […], "confirm": "purge <n>"}`.
+async fn dead_letter_purge(
+    State(state): State<AdminState>,
+    axum::Json(request): axum::Json<dead_letters::PurgeRequest>,
+) -> Response {
+    let expected = request.expected();
+    if request.ids.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ids: choose at least one dead letter",
+        );
+    }
+    if request.confirm.trim() != expected {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("confirm: type \"{expected}\" to purge; purging cannot be undone"),
+        );
+    }
+    match dead_letters::purge(&state.dlq, request.ids).await {
+        Ok(purged) => axum::Json(json!({"purged": purged})).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// `GET /admin/health`: per tenant the rates, lag, circuit, quota and last write; the queues'
+/// depths and consumers.
+async fn health_report(State(state): State<AdminState>) -> Response {
+    axum::Json(health::health(&state.sampler, &state.metrics, &state.tenants, &state.dlq).await)
+        .into_response()
+}
+
+/// The admin API and the console, behind the access rule and the Origin check. `dlq` is where
+/// the dead-letter queue is (a connection is opened per request that needs it).
 pub fn router(
     tenants: Arc<Registry>,
     reloader: Reloader,
     metrics: Arc<Metrics>,
     tenants_dir: PathBuf,
     access: AdminAccess,
+    dlq: dead_letters::DlqSource,
 ) -> Router {
     let gate = access::Gate::new(access);
     let state = AdminState {
@@ -621,6 +750,8 @@ pub fn router(
         metrics,
         tenants_dir,
         gate: gate.clone(),
+        dlq,
+        sampler: Arc::new(health::Sampler::default()),
     };
     Router::new()
         .route("/admin/tenants", get(list_tenants))
@@ -636,6 +767,12 @@ pub fn router(
         .route("/admin/tenants/{tenant}/diff", post(diff))
         .route("/admin/tenants/{tenant}/doctor", get(doctor_report))
         .route("/admin/reload", post(reload))
+        .route("/admin/health", get(health_report))
+        .route("/admin/dead-letters", get(dead_letter_list))
+        .route("/admin/dead-letters/export", get(dead_letter_export))
+        .route("/admin/dead-letters/replay", post(dead_letter_replay))
+        .route("/admin/dead-letters/purge", post(dead_letter_purge))
+        .route("/admin/dead-letters/{id}", get(dead_letter_show))
         .merge(console::routes())
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(gate, access::guard))

@@ -57,6 +57,17 @@ pub struct CircuitOpen {
     pub sign_in: Option<OAuthErrorCode>,
 }
 
+/// A breaker's state, read for the Operations console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitStatus {
+    /// `closed`, `open` or `half_open`.
+    pub state: &'static str,
+    /// While open: the time until the next probe may go.
+    pub next_probe_in: Option<Duration>,
+    /// `salesforce_auth_<error>` while the org refuses the sign-in.
+    pub sign_in_refused: Option<&'static str>,
+}
+
 /// The tenant's `portals_crm_salesforce_auth_refused{tenant,reason}` series.
 #[derive(Debug)]
 struct SignInGauge {
@@ -125,6 +136,23 @@ impl CircuitBreaker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The breaker as ops see it, without changing it: `closed`, `open` (with the time until the
+    /// next probe may go) or `half_open` (a probe is out), and the refused sign-in's reason code.
+    pub fn status(&self) -> CircuitStatus {
+        let inner = self.lock();
+        let now = Instant::now();
+        let (state, next_probe_in) = match inner.state {
+            State::Closed { .. } => ("closed", None),
+            State::Open { until, .. } => ("open", Some(until.saturating_duration_since(now))),
+            State::HalfOpen { .. } => ("half_open", None),
+        };
+        CircuitStatus {
+            state,
+            next_probe_in,
+            sign_in_refused: inner.refused.as_ref().map(|r| r.reason_code()),
+        }
     }
 
     /// Whether a request may go to Salesforce now.

@@ -145,6 +145,21 @@ impl TestEnv {
         env
     }
 
+    /// As [`TestEnv::start_from_files`] on the demo org, listening off loopback (`0.0.0.0`) with
+    /// the admin token `token` in a file of its own (returned, for the test to remove).
+    pub async fn start_off_loopback(name: &str, token: &str) -> (Self, std::path::PathBuf) {
+        let token_file =
+            std::env::temp_dir().join(format!("portals-crm-token-{:x}", rand::random::<u32>()));
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let file = token_file.clone();
+        let env = Self::start_from_files(name, OrgSpec::demo(), move |config| {
+            config.http.listen = "0.0.0.0:0".into();
+            config.http.admin_token_file = Some(file);
+        })
+        .await;
+        (env, token_file)
+    }
+
     /// The base URL of the service's HTTP port (the admin API and the console).
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.service().http_addr.port())
@@ -321,6 +336,31 @@ impl TestEnv {
         let body: Value = response.json().await.unwrap();
         assert_eq!(status, 201, "{body}");
         body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sets the integration user's access (`none`, `read`, `edit`) to `field` (`Object.Field`) in
+    /// the shipped permission set, as the customer's Salesforce admin would.
+    pub async fn field_access(&self, field: &str, access: &str) {
+        let status = self
+            .post_json(
+                "/__emulator/org",
+                serde_json::json!({"permission_set": "BookMe_Integration_User", "field": field, "access": access}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+
+    /// The dead-letter queue as it is, read without consuming (as `portals-crm dlq list`).
+    pub async fn list_dead_letters(&self) -> Vec<portals_crm::dlq::DeadLetter> {
+        let dlq = portals_crm::dlq::Dlq::open(&self.config.amqp.url, self.topology.clone())
+            .await
+            .unwrap();
+        let letters = dlq
+            .list(&portals_crm::dlq::Filter::default())
+            .await
+            .unwrap();
+        dlq.close().await;
+        letters
     }
 
     /// Takes every message from the dead-letter queue.

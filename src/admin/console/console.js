@@ -288,7 +288,123 @@ function setupEditor() {
   validate();
 }
 
+// Dead letters: replay (the server re-checks each cause first), export and purge of the
+// selection. Results are written as text only.
+function setupDeadLetters() {
+  const result = document.getElementById("dlq-result");
+  if (!result) return;
+  const override = document.getElementById("override");
+  const selected = () =>
+    Array.from(document.querySelectorAll("input[name=pick]:checked")).map((box) => box.value);
+
+  function say(lines, cls) {
+    result.replaceChildren(...lines.map((line) => el("p", line)));
+    result.className = cls || "";
+  }
+
+  async function replay(ids) {
+    if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+    say(["Re-checking the cause and replaying " + ids.length + "…"]);
+    const { status, data } = await postJson("/admin/dead-letters/replay",
+      { ids, override: Boolean(override && override.checked) });
+    if (status !== 200) { say(["Replay failed: " + (data.error || status)], "bad"); return; }
+    const lines = [];
+    if (data.replayed.length) {
+      lines.push("Replayed " + data.replayed.length + " (confirmed by the broker, removed from the dead letters): " + data.replayed.join(", "));
+    }
+    if (data.superseded.length) {
+      lines.push("Already superseded by a newer version, so they change nothing: " + data.superseded.join(", "));
+    }
+    data.blocked.forEach((b) => {
+      lines.push("Blocked " + b.id + ": " + b.detail + b.problems.map((p) => " — " + p.target + ": " + p.problem + ". Fix: " + p.fix).join(""));
+    });
+    if (data.missing.length) lines.push("No longer in the queue: " + data.missing.join(", "));
+    say(lines.length ? lines : ["Nothing to replay."], data.blocked.length ? "bad" : "good");
+  }
+
+  document.querySelectorAll("[data-replay]").forEach((button) => {
+    button.addEventListener("click", () => replay(button.dataset.replay.split(",").filter((id) => id)));
+  });
+  const replaySelected = document.getElementById("replay-selected");
+  if (replaySelected) replaySelected.addEventListener("click", () => replay(selected()));
+
+  const exportSelected = document.getElementById("export-selected");
+  if (exportSelected) {
+    exportSelected.addEventListener("click", () => {
+      const ids = selected();
+      if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+      window.location.assign("/admin/dead-letters/export?ids=" + encodeURIComponent(ids.join(",")));
+    });
+  }
+
+  const purge = document.getElementById("purge-selected");
+  if (purge) {
+    purge.addEventListener("click", async () => {
+      const ids = selected();
+      if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
+      const confirm = document.getElementById("purge-confirm").value;
+      const { status, data } = await postJson("/admin/dead-letters/purge", { ids, confirm });
+      if (status !== 200) { say(["Not purged: " + (data.error || status)], "bad"); return; }
+      say(["Purged " + data.purged.length + ": " + data.purged.join(", ")], "good");
+    });
+  }
+}
+
+// Tenant health: polls the JSON twin every 5 s and rewrites the cells as text.
+function setupHealth() {
+  const at = document.getElementById("health-at");
+  if (!at) return;
+  const num = (v, digits, unit) => (v === null || v === undefined) ? null : v.toFixed(digits) + (unit || "");
+  // Past the histogram's last bucket a quantile is only known to be at least that bound.
+  const lag = (t, v) => {
+    if (v === null || v === undefined) return "—";
+    if (t.lag_beyond_secs !== null && v >= t.lag_beyond_secs) return "≥ " + v + " s";
+    return v.toFixed(3) + " s";
+  };
+  const tenantCells = {
+    written_per_min: (t) => num(t.written_per_min, 1) || "sampling…",
+    retried_per_min: (t) => num(t.retried_per_min, 1) || "sampling…",
+    dead_lettered_per_min: (t) => num(t.dead_lettered_per_min, 1) || "sampling…",
+    lag_p50_secs: (t) => lag(t, t.lag_p50_secs),
+    lag_p99_secs: (t) => lag(t, t.lag_p99_secs),
+    circuit: (t) => t.circuit
+      + (t.next_probe_in_secs !== null ? ", next probe in " + Math.round(t.next_probe_in_secs) + " s" : "")
+      + (t.sign_in_refused ? " (" + t.sign_in_refused + ")" : ""),
+    api_used: (t) => t.api_used !== null ? (t.api_used * 100).toFixed(1) + " %" : "not reported yet",
+    last_write_seen: (t) => t.last_write_seen || "none since start",
+  };
+  async function refresh() {
+    try {
+      const response = await fetch(at.dataset.health, { credentials: "same-origin" });
+      if (!response.ok) { at.textContent = "Refresh failed: HTTP " + response.status; return; }
+      const health = await response.json();
+      health.tenants.forEach((t) => {
+        const row = Array.from(document.querySelectorAll("#tenant-health tr[data-tenant]"))
+          .find((r) => r.dataset.tenant === t.tenant);
+        if (!row) return;
+        Object.entries(tenantCells).forEach(([key, show]) => {
+          const cell = row.querySelector("[data-k=" + key + "]");
+          if (cell) cell.textContent = show(t);
+        });
+      });
+      health.queues.forEach((q) => {
+        const row = Array.from(document.querySelectorAll("#queues tr[data-queue]"))
+          .find((r) => r.dataset.queue === q.queue);
+        if (!row) return;
+        row.querySelector("[data-k=messages]").textContent = q.messages !== null ? String(q.messages) : q.error;
+        row.querySelector("[data-k=consumers]").textContent = q.consumers !== null ? String(q.consumers) : "—";
+      });
+      at.textContent = "Read at " + health.at;
+    } catch (e) {
+      at.textContent = "Refresh failed: " + e;
+    }
+  }
+  setInterval(refresh, 5000);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupFilters();
   setupEditor();
+  setupDeadLetters();
+  setupHealth();
 });

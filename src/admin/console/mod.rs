@@ -8,14 +8,14 @@ use std::sync::LazyLock;
 
 use axum::Form;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use minijinja::{Environment, context};
 use serde::Deserialize;
 
-use super::{AdminState, access, mapping_file, overview};
+use super::{AdminState, access, dead_letters, mapping_file, overview};
 use crate::plan::samples::SAMPLES;
 
 /// No inline script or style, nothing from elsewhere, no framing.
@@ -40,6 +40,15 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("fields.html", include_str!("templates/fields.html")),
         ("mapping.html", include_str!("templates/mapping.html")),
         ("checks.html", include_str!("templates/checks.html")),
+        ("health.html", include_str!("templates/health.html")),
+        (
+            "dead_letters.html",
+            include_str!("templates/dead_letters.html"),
+        ),
+        (
+            "dead_letter.html",
+            include_str!("templates/dead_letter.html"),
+        ),
     ] {
         env.add_template(name, source)
             .expect("the console's templates compile");
@@ -238,6 +247,74 @@ async fn checks_page(State(state): State<AdminState>, Path(tenant): Path<String>
     )
 }
 
+async fn dead_letters_page(
+    State(state): State<AdminState>,
+    Query(query): Query<dead_letters::Query>,
+) -> Response {
+    let (listing, error) = match dead_letters::matching(&state.dlq, &query).await {
+        Ok(letters) => (
+            Some(dead_letters::listing(&state, &letters).await),
+            String::new(),
+        ),
+        Err(e) => (None, e.to_string()),
+    };
+    let (groups, letters) = listing.map(|l| (l.groups, l.letters)).unwrap_or_default();
+    let query_string = query.to_query_string();
+    let filtered = [
+        &query.tenant,
+        &query.reason,
+        &query.since,
+        &query.until,
+        &query.q,
+    ]
+    .iter()
+    .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()));
+    page(
+        "dead_letters.html",
+        context! {
+            query => ser(&query), query_string, filtered, groups => ser(&groups), letters => ser(&letters),
+            cli_list => dead_letters::cli_twin("list", &query), error, logout => state.gate.needs_login()
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct Reveal {
+    #[serde(default)]
+    reveal: Option<String>,
+}
+
+async fn dead_letter_page(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(reveal): Query<Reveal>,
+) -> Response {
+    let reveal = matches!(reveal.reveal.as_deref(), Some("1" | "true" | "yes"));
+    let (detail, error) = match dead_letters::detail(&state, &state.dlq, &id, reveal).await {
+        Ok(d) => (Some(d), String::new()),
+        Err(e) => (None, e.to_string()),
+    };
+    let mut response = page(
+        "dead_letter.html",
+        context! { id, d => ser(&detail), error, logout => state.gate.needs_login() },
+    );
+    if detail.is_none() {
+        *response.status_mut() = StatusCode::NOT_FOUND;
+    }
+    response
+}
+
+/// The health page: the first reading server-rendered, then refreshed by the script from
+/// `/admin/health`.
+async fn health_page(State(state): State<AdminState>) -> Response {
+    let health =
+        super::health::health(&state.sampler, &state.metrics, &state.tenants, &state.dlq).await;
+    page(
+        "health.html",
+        context! { h => ser(&health), logout => state.gate.needs_login() },
+    )
+}
+
 /// The console's routes.
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -250,4 +327,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/ui/tenants/{tenant}/objects/{sobject}", get(fields_page))
         .route("/ui/tenants/{tenant}/mapping", get(mapping_page))
         .route("/ui/tenants/{tenant}/checks", get(checks_page))
+        .route("/ui/health", get(health_page))
+        .route("/ui/dead-letters", get(dead_letters_page))
+        .route("/ui/dead-letters/{id}", get(dead_letter_page))
 }

@@ -1,0 +1,439 @@
+//! The Operations console's dead letters in a real browser (Chromium through chromedriver) and
+//! over HTTP: a booking dead-lettered for a field the integration user cannot write, grouped with
+//! its fix; replay blocked until the Salesforce admin grants it, then replayed into the org and
+//! gone from the queue; a superseded dead letter marked and replayed as a no-op; markup in a body
+//! shown as text; purge only with its typed confirmation; off loopback, nothing without the token.
+
+mod common;
+
+use std::time::Duration;
+
+use common::browser::Browser;
+use common::{TestEnv, sample, wait_until};
+use fantoccini::Locator;
+use portals_crm::dlq::DeadLetter;
+use portals_crm::emulator::OrgSpec;
+use serde_json::{Value, json};
+
+/// Saves a screenshot for the README when `PORTALS_CRM_SCREENSHOTS` is set.
+async fn shot(browser: &Browser, name: &str) {
+    if std::env::var_os("PORTALS_CRM_SCREENSHOTS").is_some() {
+        browser
+            .screenshot(&format!("tests/screenshots/{name}.png"))
+            .await;
+    }
+}
+
+async fn phone_access(env: &TestEnv, access: &str) {
+    env.field_access("Lead.Phone", access).await;
+}
+
+async fn dead_letters(env: &TestEnv) -> Vec<DeadLetter> {
+    env.list_dead_letters().await
+}
+
+/// GET `url`, answered as JSON.
+async fn get(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// POST `body` as JSON to `url`: the status and the JSON answer.
+async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let answer = http.post(url).json(&body).send().await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap())
+}
+
+async fn wait_dead_letters(env: &TestEnv, n: usize) -> Vec<DeadLetter> {
+    wait_until("dead letters", Duration::from_secs(30), || async {
+        let letters = dead_letters(env).await;
+        if letters.len() == n {
+            Ok(letters)
+        } else {
+            Err(format!("{letters:#?}"))
+        }
+    })
+    .await
+}
+
+async fn booking_version(env: &TestEnv) -> serde_json::Value {
+    let bookings = env.records("BookMe__Booking__c").await;
+    assert_eq!(bookings.len(), 1, "{bookings:?}");
+    bookings[0]["BookMe__Version__c"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
+    let env = TestEnv::start_from_files("ops-dlq", OrgSpec::demo(), |_| {}).await;
+    let Some(browser) = Browser::start("ops_dead_letters").await else {
+        env.finish().await;
+        return;
+    };
+    let base = env.http_url();
+    let c = &browser.client;
+
+    // The integration user cannot write Lead.Phone: the booking is dead-lettered.
+    phone_access(&env, "none").await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.publish("meeting.booked", b"<b id=injected>not an event</b>")
+        .await;
+    wait_dead_letters(&env, 2).await;
+
+    c.goto(&format!("{base}/ui/dead-letters")).await.unwrap();
+    let group = browser
+        .wait_text("#groups tbody tr:first-child", "Lead.Phone")
+        .await;
+    assert!(group.contains("salesforce_invalid_field"), "{group}");
+    assert!(group.contains("Still there"), "{group}");
+    assert!(
+        group.contains("Fix: grant Edit on Lead.Phone"),
+        "the fix text of mapping validate: {group}"
+    );
+    shot(&browser, "dead-letters").await;
+    // Looking consumed nothing.
+    assert_eq!(dead_letters(&env).await.len(), 2);
+
+    // Replay is blocked while the permission is missing.
+    browser
+        .click("#groups tbody tr:first-child [data-replay]")
+        .await;
+    let blocked = browser
+        .wait_text("#dlq-result", "Blocked evt_01JD6Q7M1V3S6")
+        .await;
+    assert!(
+        blocked.contains("Fix: grant Edit on Lead.Phone"),
+        "{blocked}"
+    );
+    assert_eq!(
+        dead_letters(&env).await.len(),
+        2,
+        "a blocked replay keeps it"
+    );
+    assert!(env.records("Lead").await.is_empty());
+
+    // One in full: headers, the Salesforce error, the body pretty and masked.
+    c.goto(&format!("{base}/ui/dead-letters/evt_01JD6Q7M1V3S6"))
+        .await
+        .unwrap();
+    let error = browser.wait_text("#sf-error", "INVALID_FIELD").await;
+    assert!(error.contains("No such column 'Phone'"), "{error}");
+    let body = browser.text("#body").await;
+    assert!(body.contains("j***@globex.example"), "{body}");
+    assert!(!body.contains("jane.doe@"), "{body}");
+    assert!(body.contains("[phone]"), "{body}");
+    let headers = browser.text("#headers").await;
+    assert!(
+        headers.contains("x-portals-booking-id bk_7Q2M9"),
+        "{headers}"
+    );
+    shot(&browser, "dead-letter").await;
+    browser.click("#reveal").await;
+    browser.wait_text("#body", "jane.doe@globex.example").await;
+
+    // The Salesforce admin grants it; the page says the cause is gone; replay goes.
+    phone_access(&env, "edit").await;
+    c.goto(&format!(
+        "{base}/ui/dead-letters?reason=salesforce_invalid_field"
+    ))
+    .await
+    .unwrap();
+    browser
+        .wait_text("#groups tbody tr:first-child", "Fixed")
+        .await;
+    browser
+        .click("#groups tbody tr:first-child [data-replay]")
+        .await;
+    browser
+        .wait_text("#dlq-result", "Replayed 1 (confirmed by the broker")
+        .await;
+    let lead = wait_until("the Lead in the org", Duration::from_secs(20), || async {
+        let leads = env.records("Lead").await;
+        leads
+            .iter()
+            .find(|l| l["Email"] == "jane.doe@globex.example")
+            .cloned()
+            .ok_or_else(|| format!("{leads:?}"))
+    })
+    .await;
+    assert_eq!(lead["Phone"], "+47 555 01234");
+    let left = dead_letters(&env).await;
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0].reason, "invalid_event");
+
+    // Markup in a body shows as text; purge needs its confirmation.
+    c.goto(&format!("{base}/ui/dead-letters/{}", left[0].id))
+        .await
+        .unwrap();
+    browser
+        .wait_text("#body", "<b id=injected>not an event</b>")
+        .await;
+    assert!(c.find(Locator::Id("injected")).await.is_err());
+    c.goto(&format!("{base}/ui/dead-letters")).await.unwrap();
+    browser.click("#letters input[name=pick]").await;
+    browser.click("#purge-selected").await;
+    browser
+        .wait_text("#dlq-result", "Not purged: confirm: type \"purge 1\"")
+        .await;
+    assert_eq!(dead_letters(&env).await.len(), 1);
+    browser.type_into("#purge-confirm", "purge 1").await;
+    browser.click("#purge-selected").await;
+    browser.wait_text("#dlq-result", "Purged 1").await;
+    assert!(dead_letters(&env).await.is_empty());
+
+    // A dead letter superseded by a newer version: v2 fails, v3 is written after the grant.
+    phone_access(&env, "none").await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
+    wait_dead_letters(&env, 1).await;
+    phone_access(&env, "edit").await;
+    env.publish("meeting.cancelled", &sample("cancelled")).await;
+    wait_until("version 3 in the org", Duration::from_secs(20), || async {
+        let version = booking_version(&env).await;
+        if version == 3 {
+            Ok(())
+        } else {
+            Err(format!("{version}"))
+        }
+    })
+    .await;
+    let records_before = (
+        env.records("Lead").await,
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+    );
+    c.goto(&format!("{base}/ui/dead-letters")).await.unwrap();
+    browser
+        .wait_text("#groups tbody tr:first-child", "1 superseded")
+        .await;
+    c.goto(&format!("{base}/ui/dead-letters/evt_01JD6RB2K8Q0T"))
+        .await
+        .unwrap();
+    browser
+        .wait_text("main", "superseded by v3: replay changes nothing")
+        .await;
+    shot(&browser, "dead-letter-superseded").await;
+    browser.click("[data-replay]").await;
+    browser
+        .wait_text("#dlq-result", "Already superseded by a newer version")
+        .await;
+    wait_until("the replay settled", Duration::from_secs(20), || async {
+        let outcomes = env.outcomes();
+        match outcomes.get("superseded") {
+            Some(1) => Ok(()),
+            _ => Err(format!("{outcomes:?}")),
+        }
+    })
+    .await;
+    assert!(dead_letters(&env).await.is_empty());
+    assert_eq!(booking_version(&env).await, 3);
+    let records_after = (
+        env.records("Lead").await,
+        env.records("Event").await,
+        env.records("BookMe__Booking__c").await,
+    );
+    assert_eq!(records_before, records_after, "the replay changed nothing");
+
+    browser.close().await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
+    let env = TestEnv::start_from_files("ops-api", OrgSpec::demo(), |_| {}).await;
+    phone_access(&env, "none").await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    wait_dead_letters(&env, 1).await;
+    let base = env.http_url();
+    let http = reqwest::Client::new();
+
+    let listing = get(
+        &http,
+        format!("{base}/admin/dead-letters?tenant=acme&q=bk_7Q2M9"),
+    )
+    .await;
+    assert_eq!(listing["groups"][0]["field"], "Lead.Phone", "{listing}");
+    assert_eq!(listing["groups"][0]["cause"]["state"], "still_there");
+    assert_eq!(listing["letters"][0]["version"], 1);
+    assert!(
+        listing["cli"]
+            .as_str()
+            .unwrap()
+            .starts_with("portals-crm dlq list --tenant acme --json")
+    );
+    let none = get(&http, format!("{base}/admin/dead-letters?q=bk_other")).await;
+    assert_eq!(none["letters"], json!([]));
+
+    let shown = get(
+        &http,
+        format!("{base}/admin/dead-letters/evt_01JD6Q7M1V3S6"),
+    )
+    .await;
+    assert!(
+        shown["body"]
+            .as_str()
+            .unwrap()
+            .contains("j***@globex.example")
+    );
+    assert_eq!(shown["headers"]["x-portals-sf-error-code"], "INVALID_FIELD");
+
+    let export = http
+        .get(format!(
+            "{base}/admin/dead-letters/export?ids=evt_01JD6Q7M1V3S6"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(export.lines().count(), 1);
+    let line: Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    assert_eq!(line["booking_id"], "bk_7Q2M9");
+
+    let (status, refused) = post(
+        &http,
+        format!("{base}/admin/dead-letters/purge"),
+        json!({"ids": ["evt_01JD6Q7M1V3S6"], "confirm": "yes"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    let (_, blocked) = post(
+        &http,
+        format!("{base}/admin/dead-letters/replay"),
+        json!({"ids": ["evt_01JD6Q7M1V3S6"]}),
+    )
+    .await;
+    assert_eq!(blocked["replayed"], json!([]), "{blocked}");
+    assert_eq!(blocked["blocked"][0]["id"], "evt_01JD6Q7M1V3S6");
+    assert_eq!(
+        dead_letters(&env).await.len(),
+        1,
+        "looking and refusals kept it"
+    );
+
+    // The override replays despite the cause: it fails again and is dead-lettered again.
+    let (_, forced) = post(
+        &http,
+        format!("{base}/admin/dead-letters/replay"),
+        json!({"ids": ["evt_01JD6Q7M1V3S6"], "override": true}),
+    )
+    .await;
+    assert_eq!(forced["replayed"], json!(["evt_01JD6Q7M1V3S6"]), "{forced}");
+    env.wait_settled(2).await;
+    wait_dead_letters(&env, 1).await;
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn off_loopback_the_dead_letters_need_the_token() {
+    let (env, token_file) = TestEnv::start_off_loopback("ops-login", "ops-s3cret").await;
+    let base = env.http_url();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/ui/dead-letters", "/ui/dead-letters/evt_01JD6Q7M1V3S6"] {
+        let answer = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 303, "{path}");
+        assert_eq!(answer.headers()["location"], "/ui/login");
+    }
+    for path in [
+        "/admin/dead-letters",
+        "/admin/dead-letters/export",
+        "/admin/dead-letters/evt_01JD6Q7M1V3S6",
+    ] {
+        let answer = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 401, "{path}");
+    }
+    for path in ["/admin/dead-letters/replay", "/admin/dead-letters/purge"] {
+        let answer = http
+            .post(format!("{base}{path}"))
+            .header("origin", &base)
+            .json(&json!({"ids": ["x"], "confirm": "purge 1"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 401, "{path}");
+    }
+    let _ = std::fs::remove_file(token_file);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_health_refreshes_live_with_rates_lag_circuit_and_queues() {
+    let env = TestEnv::start_from_files("ops-health", OrgSpec::demo(), |_| {}).await;
+    let base = env.http_url();
+    let http = reqwest::Client::new();
+    // The worker attaches to the work queue shortly after the start.
+    let health = wait_until("the worker consuming", Duration::from_secs(30), || async {
+        let health = get(&http, format!("{base}/admin/health")).await;
+        if health["queues"][0]["consumers"].as_u64() >= Some(1) {
+            Ok(health)
+        } else {
+            Err(health.to_string())
+        }
+    })
+    .await;
+    let acme = health["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .cloned()
+        .unwrap();
+    assert_eq!(acme["circuit"], "closed", "{acme}");
+    assert_eq!(acme["last_write_seen"], Value::Null);
+    let queues = health["queues"].as_array().unwrap();
+    assert_eq!(queues[0]["role"], "work");
+    assert_eq!(queues[0]["queue"], env.topology.work_queue.as_str());
+    assert_eq!(
+        queues.len(),
+        env.topology.tiers.len() + 2,
+        "work, each retry tier, dead letters"
+    );
+    assert_eq!(queues.last().unwrap()["messages"], 0);
+
+    let Some(browser) = Browser::start("ops_health").await else {
+        env.finish().await;
+        return;
+    };
+    let c = &browser.client;
+    c.goto(&format!("{base}/ui/health")).await.unwrap();
+    let row = "#tenant-health tr[data-tenant=acme]";
+    browser
+        .wait_text(
+            &format!("{row} [data-k=last_write_seen]"),
+            "none since start",
+        )
+        .await;
+    // Without reloading the page: a booking is written, another dead-lettered.
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.publish("meeting.booked", b"not an event").await;
+    env.wait_settled(2).await;
+    let written = wait_until("a live write rate", Duration::from_secs(30), || async {
+        let text = browser
+            .text(&format!("{row} [data-k=written_per_min]"))
+            .await;
+        match text.parse::<f64>() {
+            Ok(rate) if rate > 0.0 => Ok(rate),
+            _ => Err(text),
+        }
+    })
+    .await;
+    assert!(written > 0.0);
+    let seen = browser
+        .text(&format!("{row} [data-k=last_write_seen]"))
+        .await;
+    assert!(seen.starts_with("20"), "a timestamp: {seen}");
+    // The sample event's time is days old: past the last bucket, the lag is shown as a floor.
+    let lag = browser.text(&format!("{row} [data-k=lag_p99_secs]")).await;
+    assert_eq!(lag, "≥ 300 s");
+    let dead_row = format!(
+        "#queues tr[data-queue=\"{}\"] [data-k=messages]",
+        env.topology.dead_queue
+    );
+    browser.wait_text(&dead_row, "1").await;
+    shot(&browser, "health").await;
+    browser.close().await;
+    env.finish().await;
+}
