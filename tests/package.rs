@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use portals_crm::config::Action;
 use portals_crm::config::tenant::TenantConfig;
+use portals_crm::config::{Action, Parent};
 use portals_crm::emulator::org::{OrgSpec, SObjectSpec};
 
 const NAMESPACE: &str = "BookMe__";
@@ -201,6 +201,17 @@ fn fls_fields(org: &OrgSpec, tenants: &[TenantConfig]) -> BTreeSet<String> {
             object.fields.iter().any(|f| &f.name == field && f.nillable)
         })
         .map(|(sobject, field)| format!("{sobject}.{field}"))
+        // A parent relation (IsParent) makes the attendee the Event's Who: it sets WhoId.
+        .chain(
+            tenants
+                .iter()
+                .filter(|t| {
+                    t.relations
+                        .as_ref()
+                        .is_some_and(|r| r.parent == Parent::First)
+                })
+                .map(|_| "Event.WhoId".to_owned()),
+        )
         .collect()
 }
 
@@ -222,10 +233,10 @@ fn needed_objects(tenants: &[TenantConfig]) -> BTreeMap<String, String> {
                 *entry = letters.to_owned();
             }
         }
-        if tenant.relations.is_some() {
-            needed
-                .entry("Event".to_owned())
-                .or_insert_with(|| "CRU".to_owned());
+        // Events have no object permissions: "Edit Events" creates, edits and deletes them,
+        // and EventRelation follows it (a relation dropped in a newer version is deleted).
+        if needed.contains_key("Event") || tenant.relations.is_some() {
+            needed.insert("Event".to_owned(), "CRUD".to_owned());
         }
     }
     needed

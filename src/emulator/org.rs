@@ -59,6 +59,16 @@ pub struct OrgSettings {
     /// JWT audiences accepted besides the emulator's own base URL.
     #[serde(default)]
     pub login_audiences: Vec<String>,
+    /// Setup → Email Address Internationalization ("Allow international email addresses").
+    /// Off, an Email field takes ASCII addresses only: a non-ASCII character anywhere (`josé@…`,
+    /// `…@bücher.example`) is refused with 400 `INVALID_EMAIL_ADDRESS` "`<label>`: invalid email
+    /// address: `<value>`", fields `[<name>]`; a punycoded domain (`xn--bcher-kva.example`) is
+    /// ASCII and accepted. On, UTF-8 addresses are accepted in the local part and the domain.
+    /// Orgs created in Summer '20 or later have it on by default, hence the default here; an
+    /// older org, or one whose admin turned it off, has it off.
+    /// <https://help.salesforce.com/s/articleView?id=sales.emailadmin_eai_set_up.htm>
+    #[serde(default = "yes")]
+    pub email_address_internationalization: bool,
 }
 
 fn default_daily_limit() -> u64 {

@@ -588,6 +588,11 @@ enum OrgChange {
     },
     /// `{"user", "active"}`.
     UserActive { user: String, active: bool },
+    /// `{"email_address_internationalization": bool}`: Setup → Email Address
+    /// Internationalization.
+    EmailAddressInternationalization {
+        email_address_internationalization: bool,
+    },
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -634,6 +639,12 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
             .map(|()| false),
         OrgChange::UserActive { user, active } => {
             spec.set_user_active(&user, active).map(|()| false)
+        }
+        OrgChange::EmailAddressInternationalization {
+            email_address_internationalization,
+        } => {
+            spec.org.email_address_internationalization = email_address_internationalization;
+            Ok(false)
         }
     };
     match changed {

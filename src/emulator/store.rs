@@ -168,11 +168,14 @@ fn is_text(field_type: &str) -> bool {
     )
 }
 
-fn looks_like_email(value: &str) -> bool {
+/// An address an Email field takes: `local@domain.tld`, no spaces; non-ASCII characters only
+/// with Email Address Internationalization on (`internationalized`).
+fn looks_like_email(value: &str, internationalized: bool) -> bool {
     let Some((local, domain)) = value.split_once('@') else {
         return false;
     };
-    !local.is_empty()
+    (internationalized || value.is_ascii())
+        && !local.is_empty()
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
@@ -785,7 +788,10 @@ impl Store {
                         &[name],
                     ));
                 }
-                if t == "email" && !text.is_empty() && !looks_like_email(&text) {
+                if t == "email"
+                    && !text.is_empty()
+                    && !looks_like_email(&text, ctx.org.org.email_address_internationalization)
+                {
                     return Err(err(
                         "INVALID_EMAIL_ADDRESS",
                         format!("{}: invalid email address: {text}", field.label),
@@ -1119,9 +1125,14 @@ mod tests {
 
     #[test]
     fn email_shapes() {
-        assert!(looks_like_email("jane.doe@globex.example"));
-        assert!(!looks_like_email("jane.doe"));
-        assert!(!looks_like_email("a@b"));
-        assert!(!looks_like_email("a b@c.d"));
+        assert!(looks_like_email("jane.doe@globex.example", false));
+        assert!(!looks_like_email("jane.doe", false));
+        assert!(!looks_like_email("a@b", false));
+        assert!(!looks_like_email("a b@c.d", false));
+        assert!(looks_like_email("ann@xn--bcher-kva.example", false));
+        assert!(!looks_like_email("ann@bücher.example", false));
+        assert!(!looks_like_email("josé@example.org", false));
+        assert!(looks_like_email("ann@bücher.example", true));
+        assert!(looks_like_email("josé@example.org", true));
     }
 }
