@@ -28,6 +28,10 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `portals_crm_dead_letters_total{tenant,reason}`
     pub dead_letters: IntCounterVec,
+    /// `portals_crm_refused_values_total{tenant,sobject,field,treatment}`: field values the org
+    /// refused that a booking wrote anyway, `treatment` `punycoded` (the domain, IDNA) or
+    /// `dropped` (the record written without the field, as the mapping's `invalid_value` says).
+    pub refused_values: IntCounterVec,
     /// `portals_crm_circuit_open{tenant}`
     pub circuit_open: IntGaugeVec,
     /// `portals_crm_tenant_file_rejected{tenant}`
@@ -135,6 +139,11 @@ impl Metrics {
             "Events dead-lettered, by reason.",
             &["tenant", "reason"],
         );
+        let refused_values = counter(
+            "portals_crm_refused_values_total",
+            "Field values the org refused, written punycoded or dropped, by field.",
+            &["tenant", "sobject", "field", "treatment"],
+        );
         let circuit_open = IntGaugeVec::new(
             Opts::new(
                 "portals_crm_circuit_open",
@@ -209,6 +218,7 @@ impl Metrics {
             api_usage_ratio,
             retries,
             dead_letters,
+            refused_values,
             circuit_open,
             tenant_file_rejected,
             salesforce_auth_refused,
