@@ -143,3 +143,39 @@ async fn the_fail_choice_dead_letters_the_booking_naming_the_field() {
     assert_eq!(lead_email(&leads, "Guest0"), "ann@xn--bcher-kva.example");
     env.finish().await;
 }
+
+#[tokio::test]
+async fn a_multiday_booking_needs_multiday_events_in_the_org() {
+    let env = TestEnv::start("multiday").await;
+    let two_days = |id: &str| {
+        let mut v: Value = serde_json::from_slice(&booking(id, &["max@globex.example"])).unwrap();
+        let starts = OffsetDateTime::parse(
+            v["data"]["starts_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        let ends = (starts + time::Duration::days(2))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        v["data"]["ends_at"] = json!(ends);
+        serde_json::to_vec(&v).unwrap()
+    };
+    env.publish("meeting.booked", &two_days("bk_multi_1")).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].reason, "salesforce_field_integrity_exception");
+    assert!(
+        dead[0]
+            .message
+            .contains("Duration must be between 0 and 1440 minutes"),
+        "{}",
+        dead[0].message
+    );
+    assert!(env.records("Event").await.is_empty());
+
+    let on = json!({"multiday_events": true});
+    assert_eq!(env.post_json("/__emulator/org", on).await, 200);
+    env.publish("meeting.booked", &two_days("bk_multi_2")).await;
+    env.wait_settled(2).await;
+    assert_eq!(env.records("Event").await.len(), 1);
+    env.finish().await;
+}

@@ -593,6 +593,8 @@ enum OrgChange {
     EmailAddressInternationalization {
         email_address_internationalization: bool,
     },
+    /// `{"multiday_events": bool}`: Setup → Activity Settings → Enable Multiday Events.
+    MultidayEvents { multiday_events: bool },
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -644,6 +646,10 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
             email_address_internationalization,
         } => {
             spec.org.email_address_internationalization = email_address_internationalization;
+            Ok(false)
+        }
+        OrgChange::MultidayEvents { multiday_events } => {
+            spec.org.multiday_events = multiday_events;
             Ok(false)
         }
     };

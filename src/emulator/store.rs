@@ -929,6 +929,20 @@ impl Store {
                     &["EndDateTime"],
                 )]);
             }
+            let minutes = match (start.and_then(parse_datetime), end.and_then(parse_datetime)) {
+                (Some(start), Some(end)) => Some((end - start).whole_minutes()),
+                _ => duration.and_then(Value::as_i64),
+            };
+            let max = ctx.org.org.max_event_minutes();
+            if let Some(minutes) = minutes
+                && minutes > max
+            {
+                return Err(vec![err(
+                    "FIELD_INTEGRITY_EXCEPTION",
+                    format!("Duration must be between 0 and {max} minutes: Duration"),
+                    &["DurationInMinutes"],
+                )]);
+            }
             let who_is_lead = record
                 .fields
                 .get("WhoId")
