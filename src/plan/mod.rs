@@ -12,6 +12,7 @@
 //! on the built-in sample events it is a validation problem ([`samples`]).
 
 pub mod invalid_values;
+pub mod org_settings;
 pub mod relations;
 pub mod samples;
 pub mod validate;
