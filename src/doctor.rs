@@ -410,6 +410,12 @@ pub async fn check_tenant(
             )),
         }
     }
+    for warning in crate::plan::org_settings::warnings(tenant, &describes) {
+        checks.push(pass(
+            format!("org setting {}", warning.setting),
+            warning.to_string(),
+        ));
+    }
     let problems = validate(tenant, &describes);
     let mapping_ok = problems.is_empty();
     if problems.is_empty() {

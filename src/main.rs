@@ -247,6 +247,11 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
                 for problem in &found {
                     println!("{problem}");
                 }
+                for warning in
+                    tenants::org_setting_warnings(&caches, &loaded.config, &loaded.client).await?
+                {
+                    println!("tenant {}: warning: {warning}", loaded.config.tenant);
+                }
                 problems += found.len();
             }
             anyhow::ensure!(problems == 0, "{problems} mapping problems");

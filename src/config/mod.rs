@@ -11,8 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 pub use tenant::{
-    Action, AuthConfig, DuplicateRulePolicy, Parent, RecordMapping, RelationsMapping, TenantConfig,
-    TenantSource,
+    Action, AuthConfig, DuplicateRulePolicy, InvalidValue, Parent, RecordMapping, RelationsMapping,
+    TenantConfig, TenantSource,
 };
 
 /// Every problem found in a configuration, one per line.

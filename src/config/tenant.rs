@@ -150,6 +150,30 @@ pub struct RecordMapping {
     /// Field name → template or constant.
     #[serde(default)]
     pub fields: BTreeMap<String, serde_json::Value>,
+    /// What happens to a field value the org refuses although the mapping rendered it (an
+    /// address an Email field cannot take, see [`InvalidValue`]): for every field of this
+    /// record, unless [`RecordMapping::invalid_value_fields`] names the field.
+    #[serde(default)]
+    pub invalid_value: InvalidValue,
+    /// Field name → what happens to a value of that field the org refuses.
+    #[serde(default)]
+    pub invalid_value_fields: BTreeMap<String, InvalidValue>,
+}
+
+/// What a booking does with a value the org refuses for one field (`INVALID_EMAIL_ADDRESS`),
+/// once what can be repaired is: an internationalized domain is written punycoded (IDNA,
+/// `ann@bücher.example` → `ann@xn--bcher-kva.example`), which every org takes; a non-ASCII
+/// local part (`josé@…`) has no ASCII form, and an org without Email Address
+/// Internationalization refuses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidValue {
+    /// Write the record without the field: the booking is kept, the field counted in
+    /// `portals_crm_fields_dropped_total` and logged (value masked).
+    #[default]
+    Drop,
+    /// Fail the booking: dead-lettered as `salesforce_<errorCode>`, naming the field.
+    Fail,
 }
 
 /// Which of a booking's records `EventRelation` relates to its Event, and how. Salesforce

@@ -59,6 +59,35 @@ pub struct OrgSettings {
     /// JWT audiences accepted besides the emulator's own base URL.
     #[serde(default)]
     pub login_audiences: Vec<String>,
+    /// Setup → Email Address Internationalization ("Allow international email addresses").
+    /// Off, an Email field takes ASCII addresses only: a non-ASCII character anywhere (`josé@…`,
+    /// `…@bücher.example`) is refused with 400 `INVALID_EMAIL_ADDRESS` "`<label>`: invalid email
+    /// address: `<value>`", fields `[<name>]`; a punycoded domain (`xn--bcher-kva.example`) is
+    /// ASCII and accepted. On, UTF-8 addresses are accepted in the local part and the domain.
+    /// Orgs created in Summer '20 or later have it on by default, hence the default here; an
+    /// older org, or one whose admin turned it off, has it off.
+    /// <https://help.salesforce.com/s/articleView?id=sales.emailadmin_eai_set_up.htm>
+    #[serde(default = "yes")]
+    pub email_address_internationalization: bool,
+    /// Setup → Activity Settings → "Enable Multiday Events". Off, an event lasts at most a day:
+    /// a longer one is refused with 400 `FIELD_INTEGRITY_EXCEPTION` "Duration must be between 0
+    /// and 1440 minutes: Duration", fields `[DurationInMinutes]`; on, up to 14 days (the same
+    /// refusal with 20160 minutes, the wording by analogy). Default off, as in an org nobody has
+    /// configured for multiday events.
+    /// <https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_event.htm>
+    #[serde(default)]
+    pub multiday_events: bool,
+}
+
+impl OrgSettings {
+    /// The longest event the org takes, in minutes (see [`OrgSettings::multiday_events`]).
+    pub fn max_event_minutes(&self) -> i64 {
+        if self.multiday_events {
+            14 * 24 * 60
+        } else {
+            24 * 60
+        }
+    }
 }
 
 fn default_daily_limit() -> u64 {

@@ -619,6 +619,13 @@ enum OrgChange {
     },
     /// `{"user", "active"}`.
     UserActive { user: String, active: bool },
+    /// `{"email_address_internationalization": bool}`: Setup → Email Address
+    /// Internationalization.
+    EmailAddressInternationalization {
+        email_address_internationalization: bool,
+    },
+    /// `{"multiday_events": bool}`: Setup → Activity Settings → Enable Multiday Events.
+    MultidayEvents { multiday_events: bool },
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -665,6 +672,16 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
             .map(|()| false),
         OrgChange::UserActive { user, active } => {
             spec.set_user_active(&user, active).map(|()| false)
+        }
+        OrgChange::EmailAddressInternationalization {
+            email_address_internationalization,
+        } => {
+            spec.org.email_address_internationalization = email_address_internationalization;
+            Ok(false)
+        }
+        OrgChange::MultidayEvents { multiday_events } => {
+            spec.org.multiday_events = multiday_events;
+            Ok(false)
         }
     };
     match changed {

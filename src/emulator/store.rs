@@ -168,11 +168,14 @@ fn is_text(field_type: &str) -> bool {
     )
 }
 
-fn looks_like_email(value: &str) -> bool {
+/// An address an Email field takes: `local@domain.tld`, no spaces; non-ASCII characters only
+/// with Email Address Internationalization on (`internationalized`).
+fn looks_like_email(value: &str, internationalized: bool) -> bool {
     let Some((local, domain)) = value.split_once('@') else {
         return false;
     };
-    !local.is_empty()
+    (internationalized || value.is_ascii())
+        && !local.is_empty()
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
@@ -785,7 +788,10 @@ impl Store {
                         &[name],
                     ));
                 }
-                if t == "email" && !text.is_empty() && !looks_like_email(&text) {
+                if t == "email"
+                    && !text.is_empty()
+                    && !looks_like_email(&text, ctx.org.org.email_address_internationalization)
+                {
                     return Err(err(
                         "INVALID_EMAIL_ADDRESS",
                         format!("{}: invalid email address: {text}", field.label),
@@ -921,6 +927,20 @@ impl Store {
                     "FIELD_INTEGRITY_EXCEPTION",
                     "End Date Time: End time can't be before the start time",
                     &["EndDateTime"],
+                )]);
+            }
+            let minutes = match (start.and_then(parse_datetime), end.and_then(parse_datetime)) {
+                (Some(start), Some(end)) => Some((end - start).whole_minutes()),
+                _ => duration.and_then(Value::as_i64),
+            };
+            let max = ctx.org.org.max_event_minutes();
+            if let Some(minutes) = minutes
+                && minutes > max
+            {
+                return Err(vec![err(
+                    "FIELD_INTEGRITY_EXCEPTION",
+                    format!("Duration must be between 0 and {max} minutes: Duration"),
+                    &["DurationInMinutes"],
                 )]);
             }
             let who_is_lead = record
@@ -1119,9 +1139,14 @@ mod tests {
 
     #[test]
     fn email_shapes() {
-        assert!(looks_like_email("jane.doe@globex.example"));
-        assert!(!looks_like_email("jane.doe"));
-        assert!(!looks_like_email("a@b"));
-        assert!(!looks_like_email("a b@c.d"));
+        assert!(looks_like_email("jane.doe@globex.example", false));
+        assert!(!looks_like_email("jane.doe", false));
+        assert!(!looks_like_email("a@b", false));
+        assert!(!looks_like_email("a b@c.d", false));
+        assert!(looks_like_email("ann@xn--bcher-kva.example", false));
+        assert!(!looks_like_email("ann@bücher.example", false));
+        assert!(!looks_like_email("josé@example.org", false));
+        assert!(looks_like_email("ann@bücher.example", true));
+        assert!(looks_like_email("josé@example.org", true));
     }
 }

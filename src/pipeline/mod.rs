@@ -10,13 +10,18 @@ use time::OffsetDateTime;
 use crate::batch::{BatcherStopped, GraphOutcome};
 use crate::enrich::{LedgerEntry, enrich};
 use crate::event::{self, BookingEvent, InvalidEvent};
-use crate::plan::PlanError;
+use crate::plan::{PlanError, invalid_values};
 use crate::salesforce::SalesforceError;
 use crate::salesforce::circuit::CircuitOpen;
 use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
 use crate::sharing::SharingProblem;
 use crate::telemetry::metrics::Metrics;
 use crate::tenants::{Registry, Tenant, TenantBusy};
+
+/// Times one booking's graph is sent again with refused values repaired
+/// ([`invalid_values::repair`]): each round repairs at least one field, and a graph has at most
+/// 500 nodes; past this the booking fails with the org's error.
+const MAX_REPAIR_ROUNDS: usize = 16;
 
 /// Who a message is about, for logs and dead-letter headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -222,9 +227,10 @@ impl Pipeline {
             .filter(|n| n.method == "DELETE")
             .cloned()
             .collect();
+        let mut sent = nodes.clone();
         let mut outcome = match tenant
             .batcher
-            .submit(&booking.booking_id, booking.version, nodes.clone())
+            .submit(&booking.booking_id, booking.version, sent.clone())
             .await
         {
             Ok(outcome) => outcome,
@@ -235,14 +241,32 @@ impl Pipeline {
         {
             // A replay: what the mapping deletes is gone already, which rolled the graph back.
             // Write the rest without the deletes.
-            let rest: Vec<Subrequest> = nodes
-                .iter()
-                .filter(|n| n.method != "DELETE")
-                .cloned()
-                .collect();
+            sent.retain(|n| n.method != "DELETE");
             outcome = match tenant
                 .batcher
-                .submit(&booking.booking_id, booking.version, rest)
+                .submit(&booking.booking_id, booking.version, sent.clone())
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
+            };
+        }
+        // A value the org refused for one field (INVALID_EMAIL_ADDRESS) rolled the graph back:
+        // send it again repaired (punycoded domain) or without the field, as the mapping says.
+        // Each round repairs at least one field of one node, so the rounds are bounded.
+        let mut rounds = 0;
+        while let GraphOutcome::Answered(result) = &outcome
+            && !result.is_successful
+            && rounds < MAX_REPAIR_ROUNDS
+            && let Some((repaired, repairs)) =
+                invalid_values::repair(result, &sent, &tenant.mapping)
+        {
+            self.record_repairs(event, &sobjects, &repairs);
+            sent = repaired;
+            rounds += 1;
+            outcome = match tenant
+                .batcher
+                .submit(&booking.booking_id, booking.version, sent.clone())
                 .await
             {
                 Ok(outcome) => outcome,
@@ -264,7 +288,7 @@ impl Pipeline {
             GraphOutcome::Answered(result) => {
                 // A refusal by record-level security reads like an ordinary error code
                 // (DUPLICATE_VALUE, INSUFFICIENT_ACCESS_*): tell it apart, to name its fix.
-                match crate::sharing::diagnose(&tenant.client, caches, &result, &nodes).await {
+                match crate::sharing::diagnose(&tenant.client, caches, &result, &sent).await {
                     Some(problem) => Outcome::Failed(Failure::Sharing {
                         problem,
                         cause: result.root_error(),
@@ -274,6 +298,37 @@ impl Pipeline {
                     }),
                 }
             }
+        }
+    }
+
+    /// Counts and logs each refused value written punycoded or dropped (the value itself is
+    /// personal data and stays out of the log).
+    fn record_repairs(
+        &self,
+        event: &BookingEvent,
+        sobjects: &[(String, String)],
+        repairs: &[invalid_values::Repair],
+    ) {
+        for repair in repairs {
+            let sobject = sobjects
+                .iter()
+                .find(|(r, _)| *r == repair.reference_id)
+                .map_or("?", |(_, s)| s.as_str());
+            self.metrics
+                .refused_values
+                .with_label_values(&[&event.tenant, sobject, &repair.field, repair.treatment])
+                .inc();
+            tracing::warn!(
+                tenant = %event.tenant,
+                booking_id = %event.booking.booking_id,
+                node = %repair.reference_id,
+                sobject,
+                field = %repair.field,
+                error_code = %repair.error_code,
+                treatment = repair.treatment,
+                "the org refused a field value; the booking is written with it {}",
+                if repair.treatment == "dropped" { "left out (mapping: invalid_value = \"drop\")" } else { "punycoded" }
+            );
         }
     }
 

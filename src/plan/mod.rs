@@ -11,6 +11,8 @@
 //! template over either fails that booking alone (a permanent `mapping_error` naming the field);
 //! on the built-in sample events it is a validation problem ([`samples`]).
 
+pub mod invalid_values;
+pub mod org_settings;
 pub mod relations;
 pub mod samples;
 pub mod validate;
@@ -69,6 +71,8 @@ struct CompiledRecord {
     external_id_field: String,
     external_id: FieldTemplate,
     fields: Vec<(String, FieldTemplate)>,
+    invalid_value: crate::config::InvalidValue,
+    invalid_value_fields: std::collections::BTreeMap<String, crate::config::InvalidValue>,
 }
 
 /// A tenant's mapping, compiled.
@@ -403,6 +407,8 @@ impl CompiledMapping {
                     external_id_field: record.external_id_field.clone(),
                     external_id,
                     fields,
+                    invalid_value: record.invalid_value,
+                    invalid_value_fields: record.invalid_value_fields.clone(),
                 });
             }
         }
@@ -446,6 +452,34 @@ impl CompiledMapping {
                 .map(Value::String)
                 .map_err(fail),
         }
+    }
+
+    /// What the mapping says happens to a value of `field` the org refuses, for the graph node
+    /// `reference_id` (`lead_0` is a record of `ref = "lead"` with `for_each`). A node no
+    /// mapping record wrote (an EventRelation) fails.
+    pub fn invalid_value_for(
+        &self,
+        reference_id: &str,
+        field: &str,
+    ) -> crate::config::InvalidValue {
+        self.records
+            .iter()
+            .find(|r| {
+                if r.per_attendee {
+                    reference_id
+                        .strip_prefix(r.reference.as_str())
+                        .and_then(|rest| rest.strip_prefix('_'))
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                } else {
+                    reference_id == r.reference
+                }
+            })
+            .map_or(crate::config::InvalidValue::Fail, |r| {
+                r.invalid_value_fields
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case(field))
+                    .map_or(r.invalid_value, |(_, treatment)| *treatment)
+            })
     }
 
     /// The relations mapping, if the tenant relates records to the Event.

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// `portals_crm_tenant_busy_total{tenant}`: messages parked in the first retry tier
     /// because their tenant had its limit of messages in flight (one extra publish each).
     pub tenant_busy: IntCounterVec,
+    /// `portals_crm_refused_values_total{tenant,sobject,field,treatment}`: field values the org
+    /// refused that a booking wrote anyway, `treatment` `punycoded` (the domain, IDNA) or
+    /// `dropped` (the record written without the field, as the mapping's `invalid_value` says).
+    pub refused_values: IntCounterVec,
     /// `portals_crm_circuit_open{tenant}`
     pub circuit_open: IntGaugeVec,
     /// `portals_crm_tenant_file_rejected{tenant}`
@@ -144,6 +148,11 @@ impl Metrics {
              had its limit of events in flight (each costs one extra broker publish).",
             &["tenant"],
         );
+        let refused_values = counter(
+            "portals_crm_refused_values_total",
+            "Field values the org refused, written punycoded or dropped, by field.",
+            &["tenant", "sobject", "field", "treatment"],
+        );
         let circuit_open = IntGaugeVec::new(
             Opts::new(
                 "portals_crm_circuit_open",
@@ -219,6 +228,7 @@ impl Metrics {
             retries,
             dead_letters,
             tenant_busy,
+            refused_values,
             circuit_open,
             tenant_file_rejected,
             salesforce_auth_refused,

@@ -22,7 +22,7 @@ use crate::plan::CompiledMapping;
 use crate::salesforce::{CircuitBreaker, OrgEndpoint, SalesforceClient, SalesforceError};
 use crate::telemetry::metrics::Metrics;
 
-pub use org_check::check_against_org;
+pub use org_check::{check_against_org, org_setting_warnings};
 pub use reload::Reloader;
 
 /// One configured tenant, ready to process events.

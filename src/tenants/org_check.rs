@@ -30,6 +30,22 @@ pub async fn check_against_org(
     Ok(validate(config, &describes))
 }
 
+/// What `config`'s data can meet in org settings the API does not report
+/// ([`crate::plan::org_settings`]), from the cached describes.
+pub async fn org_setting_warnings(
+    caches: &Caches,
+    config: &TenantConfig,
+    client: &SalesforceClient,
+) -> Result<Vec<crate::plan::org_settings::OrgSettingWarning>, SalesforceError> {
+    let mut describes = HashMap::new();
+    for record in &config.records {
+        if let Some(describe) = caches.describe(client, &record.sobject).await? {
+            describes.insert(record.sobject.clone(), describe);
+        }
+    }
+    Ok(crate::plan::org_settings::warnings(config, &describes))
+}
+
 /// Checks every tenant at start and then every `every` (none: once), until `cancel`. A start
 /// never waits for (or fails on) an org, and a slow org never holds up a shutdown: each check
 /// is raced against `cancel`.
