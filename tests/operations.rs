@@ -478,8 +478,12 @@ async fn sigterm_under_load_leaves_nothing_committed_unacked() {
         0,
         "committed bookings were redelivered: {outcomes:?}"
     );
+    // Under a backlog a tenant at its limit of messages in flight parks the excess in the first
+    // retry tier (`tenant_busy`, settled as `retried`); parked messages come back and are written.
+    let mut written_or_parked = outcomes.clone();
+    written_or_parked.remove("retried");
     assert_eq!(
-        outcomes,
+        written_or_parked,
         BTreeMap::from([("written".to_owned(), (total - committed) as u64)]),
         "the restarted worker writes exactly what the first one had not committed"
     );
@@ -531,7 +535,7 @@ fn unsafe_kill(pid: i32) -> i32 {
         .unwrap_or(1)
 }
 
-/// Newest version of every valid booking in the stream (invalid ones are dead-lettered).
+/// Newest version of every valid booking in the stream (invalid events are dead-lettered).
 fn expected_bookings(messages: &[portals_crm::demo::Message]) -> BTreeMap<String, u64> {
     let mut newest = BTreeMap::new();
     for m in messages {
@@ -541,9 +545,8 @@ fn expected_bookings(messages: &[portals_crm::demo::Message]) -> BTreeMap<String
         if portals_crm::event::decode(&m.body, 1 << 20).is_err() || v["tenantid"] == "nobody" {
             continue;
         }
-        if v["data"]["attendees"][0]["email"] == "broken@localhost" {
-            continue;
-        }
+        // `broken@localhost`, which Salesforce refuses, is dropped from its Lead as the shipped
+        // mappings' `invalid_value = "drop"` says: that booking is written too.
         let id = v["data"]["booking_id"].as_str().unwrap().to_owned();
         let version = v["data"]["version"].as_u64().unwrap();
         let e = newest.entry(id).or_insert(version);
