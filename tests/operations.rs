@@ -251,15 +251,7 @@ async fn sigterm_under_load_drains_in_time_and_loses_nothing() {
     env.stop_service().await;
     let tenants = env.write_tenant_files();
     let messages = scenario(1500, "sigterm", 11);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
-        .args(["run"])
-        .envs(env.binary_env())
-        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
-        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "10")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker(&env, &tenants, 10);
     for m in &messages {
         env.publish(&m.routing_key, &m.body).await;
     }
@@ -331,16 +323,7 @@ async fn sigterm_with_a_slow_org_exits_within_the_drain_deadline() {
         let body = portals_crm::demo::simple_booking(run, i, "acme");
         env.publish("meeting.booked", &body).await;
     }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
-        .args(["run"])
-        .envs(env.binary_env())
-        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
-        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker(&env, &tenants, 1);
     // The worker has taken the bookings and waits on the org.
     wait_until(
         "the bookings taken by the worker",
@@ -387,16 +370,7 @@ async fn sigterm_under_load_leaves_nothing_committed_unacked() {
         let body = portals_crm::demo::simple_booking(run, i, tenant);
         env.publish("meeting.booked", &body).await;
     }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
-        .args(["run"])
-        .envs(env.binary_env())
-        .env("PORTALS_CRM_TENANTS_DIR", &tenants)
-        .env("PORTALS_CRM_WORKER_DRAIN_SECS", "20")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker(&env, &tenants, 20);
     wait_until(
         "the worker busy writing",
         Duration::from_secs(30),
@@ -525,6 +499,25 @@ fn queue_depth(queue: &str) -> Option<(u64, u64)> {
             let unacked = fields.next()?.trim().parse().ok()?;
             Some((ready, unacked))
         })
+}
+
+/// The service binary (`run`) on `env`'s queues, with the tenant files in `tenants` and a
+/// drain deadline of `drain_secs`; killed if the test ends first.
+fn spawn_worker(
+    env: &TestEnv,
+    tenants: &std::path::Path,
+    drain_secs: u64,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run"])
+        .envs(env.binary_env())
+        .env("PORTALS_CRM_TENANTS_DIR", tenants)
+        .env("PORTALS_CRM_WORKER_DRAIN_SECS", drain_secs.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 fn unsafe_kill(pid: i32) -> i32 {
