@@ -387,10 +387,14 @@ fn demo_log_file(_: &Command) -> Option<std::path::PathBuf> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_file = demo_log_file(&cli.command);
-    if let Err(error) = telemetry::logging::init(cli.log_format, log_file.as_deref()) {
-        eprintln!("error: cannot open the log file: {error}");
-        return ExitCode::FAILURE;
-    }
+    // Held to the end: dropping it writes out the log lines still queued.
+    let _log_guard = match telemetry::logging::init(cli.log_format, log_file.as_deref()) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("error: cannot open the log file: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

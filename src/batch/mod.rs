@@ -280,6 +280,11 @@ async fn plan_relations(
         let Some(wanted) = &g.wanted else { continue };
         let cached = if fresh {
             None
+        } else if g.submission.version == 1 {
+            // Nothing to read: only a graph of version 1 creates the Event, so it has no
+            // relations yet; a replay whose first send did commit fails on the duplicate
+            // relation and comes back here `fresh` (see `crate::enrich::relations`).
+            Some(Vec::new())
         } else {
             relater
                 .caches

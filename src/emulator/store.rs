@@ -39,6 +39,9 @@ pub struct Store {
     /// (sObject, field, lower-cased value) → records, for external id and unique fields. A
     /// non-unique external id can match several records (an upsert then answers 300).
     key_index: HashMap<(String, String, String), Vec<String>>,
+    /// Event id → its EventRelation ids, in the order they were indexed: the relation rules
+    /// and the Who of an event look at its own relations, never at all of them.
+    relations_by_event: HashMap<String, Vec<String>>,
     next_serial: u64,
     journal: Vec<Undo>,
 }
@@ -359,9 +362,23 @@ impl Store {
                 ids.push(id.to_owned());
             }
         }
+        if let Some(event_id) = relation_event(record) {
+            let ids = self.relations_by_event.entry(event_id).or_default();
+            if !ids.iter().any(|x| x == id) {
+                ids.push(id.to_owned());
+            }
+        }
     }
 
     fn unindex(&mut self, id: &str, record: &Record, org: &OrgSpec) {
+        if let Some(event_id) = relation_event(record)
+            && let Some(ids) = self.relations_by_event.get_mut(&event_id)
+        {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                self.relations_by_event.remove(&event_id);
+            }
+        }
         for (key, _) in Self::index_keys(record, org.sobject(&record.sobject)) {
             if let Some(ids) = self.key_index.get_mut(&key) {
                 ids.retain(|x| x != id);
@@ -569,12 +586,16 @@ impl Store {
         &'a self,
         event_id: &'a str,
     ) -> impl Iterator<Item = (&'a str, &'a Record)> {
-        self.by_object
-            .get("EventRelation")
+        let mut ids: Vec<&'a String> = self
+            .relations_by_event
+            .get(event_id)
             .into_iter()
-            .flat_map(BTreeMap::values)
+            .flatten()
+            .collect();
+        // Creation order, as a query over all relations would list them.
+        ids.sort_by_key(|id| self.serial_of.get(id.as_str()).copied().unwrap_or_default());
+        ids.into_iter()
             .filter_map(|id| self.records.get(id).map(|r| (id.as_str(), r)))
-            .filter(move |(_, r)| r.fields.get("EventId").and_then(Value::as_str) == Some(event_id))
     }
 
     /// Keeps the event's `WhoId` equal to its (first) parent relation: with Shared Activities

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use crate::batch::{BatcherStopped, GraphOutcome};
 use crate::enrich::{LedgerEntry, enrich};
 use crate::event::{self, BookingEvent, InvalidEvent};
+use crate::plan::relations::NODE_PREFIX;
 use crate::plan::{PlanError, invalid_values};
 use crate::salesforce::SalesforceError;
 use crate::salesforce::circuit::CircuitOpen;
@@ -347,7 +348,14 @@ impl Pipeline {
                 .iter()
                 .find(|(r, _)| *r == node.reference_id)
                 .map(|(_, s)| s.as_str())
-                .unwrap_or("?");
+                .unwrap_or_else(|| {
+                    // The batcher adds the relation nodes after planning (crate::plan::relations).
+                    if node.reference_id.starts_with(NODE_PREFIX) {
+                        "EventRelation"
+                    } else {
+                        "?"
+                    }
+                });
             tracing::info!(
                 target: "portals_crm::audit",
                 tenant = %event.tenant,

@@ -59,6 +59,31 @@ enum FieldTemplate {
     Expression(String),
     /// Any other template: renders to a string.
     Template(String),
+    /// An [`Expression`](FieldTemplate::Expression) that is only a path into the context
+    /// (`booking.title`, `attendee.email`): read without running a template, which is most
+    /// fields of a mapping and most of the cost of planning a booking. A path that does not
+    /// end in a scalar (or not within the size cap) falls back to the template, so errors and
+    /// values are exactly the template's.
+    Path {
+        /// The context's keys, from the root (`attendee`, `email`).
+        path: Vec<String>,
+        /// The compiled template of the same expression.
+        template: String,
+    },
+}
+
+/// The segments of `expr` when it is a plain dotted path of names (`attendee.email`).
+fn plain_path(expr: &str) -> Option<Vec<String>> {
+    let segments: Vec<String> = expr.trim().split('.').map(str::to_owned).collect();
+    let name = |s: &String| {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !matches!(s.as_str(), "none" | "true" | "false" | "None" | "True" | "False")
+    };
+    segments.iter().all(name).then_some(segments)
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +257,27 @@ fn is_template(text: &str) -> bool {
     text.contains("{{") || text.contains("{%")
 }
 
+/// The scalar at `path` in `ctx` as JSON, as the `portals_crm_typed` filter would give it;
+/// `None` when the path is undefined, not a scalar, or a string over the size cap (the template
+/// then answers, with its error).
+fn read_path(ctx: &minijinja::Value, path: &[String]) -> Option<Value> {
+    use minijinja::value::ValueKind;
+    let mut value = ctx.clone();
+    for segment in path {
+        value = value.get_attr(segment).ok()?;
+        if value.is_undefined() {
+            return None;
+        }
+    }
+    match value.kind() {
+        ValueKind::String if value.as_str().is_some_and(|s| s.len() <= MAX_RENDERED_BYTES) => {
+            serde_json::to_value(&value).ok()
+        }
+        ValueKind::None | ValueKind::Bool | ValueKind::Number => serde_json::to_value(&value).ok(),
+        _ => None,
+    }
+}
+
 /// `@{name.` references inside a constant.
 fn references(text: &str) -> Vec<&str> {
     text.match_indices("@{")
@@ -358,7 +404,13 @@ impl CompiledMapping {
                             template_name.clone(),
                             format!("{{{{ ({expr}) | portals_crm_typed }}}}"),
                         ) {
-                            Ok(()) => Some(FieldTemplate::Expression(template_name)),
+                            Ok(()) => Some(match plain_path(expr) {
+                                Some(path) => FieldTemplate::Path {
+                                    path,
+                                    template: template_name,
+                                },
+                                None => FieldTemplate::Expression(template_name),
+                            }),
                             Err(e) => {
                                 problems.push(at(field, e.to_string(), SYNTAX_FIX));
                                 None
@@ -442,6 +494,10 @@ impl CompiledMapping {
         };
         match template {
             FieldTemplate::Constant(value) => Ok(value.clone()),
+            FieldTemplate::Path { path, template } => match read_path(ctx, path) {
+                Some(value) => Ok(value),
+                None => self.render(record, field, &FieldTemplate::Expression(template.clone()), ctx),
+            },
             FieldTemplate::Expression(name) => {
                 // Strict undefined behaviour makes an unknown name an error here, not a null.
                 let json = self.render_bounded(name, ctx).map_err(fail)?;
@@ -763,6 +819,45 @@ mod tests {
         assert_eq!(ev["Description"], "2026-11-20T10:15:00.500Z");
         let booking = nodes[2].body.as_ref().unwrap();
         assert_eq!(booking["BookMe__Starts_At__c"], "2026-12-01T14:00:00.000Z");
+    }
+
+    #[test]
+    fn a_plain_path_reads_what_its_template_renders() {
+        assert_eq!(
+            plain_path(" attendee.email "),
+            Some(vec!["attendee".to_owned(), "email".to_owned()])
+        );
+        assert_eq!(plain_path("attendee.email | lower"), None);
+        assert_eq!(plain_path("booking.answers['x']"), None);
+        assert_eq!(plain_path("none"), None);
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let event = event("booked-group");
+        let booking = to_value(&event.booking);
+        for attendee in &event.booking.attendees {
+            let ctx = minijinja::context! {
+                booking => booking.clone(),
+                attendee => to_value(attendee),
+            };
+            for expr in [
+                "attendee.email",
+                "attendee.phone",
+                "attendee.company",
+                "booking.version",
+                "booking.title",
+                "booking.portal.name",
+            ] {
+                let template = format!("{{{{ ({expr}) | portals_crm_typed }}}}");
+                let rendered: Value = serde_json::from_str(
+                    &mapping.env.render_str(&template, &ctx).unwrap(),
+                )
+                .unwrap();
+                let path = plain_path(expr).unwrap();
+                assert_eq!(read_path(&ctx, &path), Some(rendered), "{expr}");
+            }
+            for unread in ["attendee.nickname", "booking.portal", "booking.attendees"] {
+                assert_eq!(read_path(&ctx, &plain_path(unread).unwrap()), None, "{unread}");
+            }
+        }
     }
 
     #[test]

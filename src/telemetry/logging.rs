@@ -1,10 +1,11 @@
 //! Logging: JSON in production, pretty for people; PII masked before it reaches a log line.
 
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -18,8 +19,15 @@ pub enum LogFormat {
 /// Installs the global subscriber, writing to stderr, or to the file `to` (created or
 /// appended) when given — the demo keeps its terminal for the progress bar and the summary.
 /// The level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<()> {
-    let writer = match to {
+///
+/// Lines are formatted where they are logged and written by a thread of their own, through a
+/// buffer flushed whenever that thread has caught up: a worker writing thousands of audit
+/// records a second makes a few `write(2)` calls instead of one per line, and never waits on a
+/// slow terminal or log collector unless the queue of lines is full. It is not lossy: a full
+/// queue makes the logger wait, since the audit trail must be complete. Keep the guard until
+/// the process ends; dropping it writes out what is queued.
+pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard> {
+    let sink: Box<dyn Write + Send> = match to {
         Some(path) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -28,10 +36,14 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<()> {
                 .create(true)
                 .append(true)
                 .open(path)?;
-            BoxMakeWriter::new(std::sync::Mutex::new(file))
+            Box::new(BufWriter::new(file))
         }
-        None => BoxMakeWriter::new(std::io::stderr),
+        None => Box::new(BufWriter::new(std::io::stderr())),
     };
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("portals-crm-log")
+        .finish(sink);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -46,7 +58,7 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<()> {
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
-    Ok(())
+    Ok(guard)
 }
 
 /// `jane.doe@globex.example` → `j***@globex.example`.
