@@ -164,6 +164,12 @@ fn duplicate_rule_choice(tenant: &TenantConfig) -> Check {
              standard Lead rule of a new org) are saved and show in the org's duplicate reports; \
              a rule set to Block still fails the booking (salesforce_duplicates_detected)",
         ),
+        DuplicateRulePolicy::RelateToExisting => pass(
+            name,
+            "duplicate_rule = \"relate_to_existing\": a booking whose Lead an active duplicate \
+             rule matches is written related to the matched Lead (or Contact) instead, and no \
+             new Lead is created; counted in portals_crm_duplicates_related_total",
+        ),
         DuplicateRulePolicy::Fail => pass(
             name,
             "duplicate_rule = \"fail\": a booking whose Lead an active duplicate rule matches \
@@ -171,6 +177,107 @@ fn duplicate_rule_choice(tenant: &TenantConfig) -> Check {
              salesforce_duplicates_detected naming the matched records",
         ),
     }
+}
+
+/// The org's active duplicate rules on the objects the mapping writes, and what the tenant's
+/// choice does with each. They are read from the setup object `DuplicateRule` (`DeveloperName`,
+/// `MasterLabel`, `SobjectType`, `IsActive`: API 35.0 and later), which only a user with "View
+/// Setup and Configuration" may query; for anyone else Salesforce answers 400 `INVALID_TYPE`, and
+/// the rules are then the admin's to check in Setup → Duplicate Rules. The object does not say
+/// whether a rule blocks or alerts (that is in its metadata), so both outcomes are named.
+/// <https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_duplicaterule.htm>
+async fn duplicate_rules(tenant: &TenantConfig, client: &SalesforceClient) -> Vec<Check> {
+    use crate::config::{Action, DuplicateRulePolicy};
+    let mut objects: Vec<&str> = Vec::new();
+    for record in tenant.records.iter().filter(|r| r.action == Action::Upsert) {
+        if !objects.contains(&record.sobject.as_str()) {
+            objects.push(&record.sobject);
+        }
+    }
+    if objects.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<String> = objects
+        .iter()
+        .map(|o| crate::enrich::soql_quote(o))
+        .collect();
+    let soql = format!(
+        "SELECT DeveloperName, MasterLabel, SobjectType FROM DuplicateRule \
+         WHERE IsActive = true AND SobjectType IN ({})",
+        list.join(", ")
+    );
+    let rows = match client.query(&soql).await {
+        Ok(rows) => rows,
+        Err(SalesforceError::Api { errors, .. })
+            if errors.iter().any(|e| e.error_code == "INVALID_TYPE") =>
+        {
+            return vec![pass(
+                "active duplicate rules",
+                "the integration user cannot read the org's duplicate rules (the DuplicateRule \
+                 object needs \"View Setup and Configuration\"); the choice above applies to \
+                 whatever rules Setup → Duplicate Rules shows active for Lead (a new org has the \
+                 standard Lead rule on)",
+            )];
+        }
+        Err(error) => {
+            return vec![fail(
+                "active duplicate rules",
+                error.to_string(),
+                "retry; if it persists, check the org's status",
+            )];
+        }
+    };
+    let text = |row: &serde_json::Map<String, serde_json::Value>, field: &str| {
+        row.get(field)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if rows.is_empty() {
+        return vec![pass(
+            "active duplicate rules",
+            format!(
+                "none on {}: no booking meets a duplicate rule",
+                objects.join(", ")
+            ),
+        )];
+    }
+    rows.iter()
+        .map(|row| {
+            let sobject = text(row, "SobjectType");
+            let effect = match tenant.org.duplicate_rule {
+                DuplicateRulePolicy::SaveAnyway => format!(
+                    "save_anyway: a {sobject} it matches is saved anyway if the rule alerts; if \
+                     it blocks, the booking is dead-lettered (salesforce_duplicates_detected)"
+                ),
+                DuplicateRulePolicy::RelateToExisting
+                    if crate::plan::duplicates::WHO_TYPES.contains(&sobject.as_str()) =>
+                {
+                    format!(
+                        "relate_to_existing: a {sobject} it matches is not created; the booking \
+                         is written related to the matched {sobject} (or, failing that, the \
+                         matched Lead or Contact); the integration user needs Read on the \
+                         matched object"
+                    )
+                }
+                DuplicateRulePolicy::RelateToExisting => format!(
+                    "relate_to_existing: a {sobject} it matches is written as the matched \
+                     {sobject}; a match of another object fails the booking, naming it"
+                ),
+                DuplicateRulePolicy::Fail => format!(
+                    "fail: a booking whose {sobject} it matches is dead-lettered \
+                     (salesforce_duplicates_detected) naming the matched records"
+                ),
+            };
+            pass(
+                format!("duplicate rule {}", text(row, "DeveloperName")),
+                format!(
+                    "\"{}\" is active on {sobject}; {effect}",
+                    text(row, "MasterLabel")
+                ),
+            )
+        })
+        .collect()
 }
 
 /// A booking the sharing probe renders through the tenant's own mapping (never committed).
@@ -438,6 +545,7 @@ pub async fn check_tenant(
         checks.push(version_guard(client).await);
     }
     checks.push(duplicate_rule_choice(tenant));
+    checks.extend(duplicate_rules(tenant, client).await);
     if mapping_ok {
         checks.push(sharing(tenant, client, caches, &me).await);
     }

@@ -39,15 +39,6 @@ fn lead_email(leads: &[Value], first_name: &str) -> Value {
         .clone()
 }
 
-async fn metrics(env: &TestEnv) -> String {
-    reqwest::get(format!("{}/metrics", env.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn internationalized_addresses_keep_the_booking_punycoded_or_without_the_field() {
     let env = TestEnv::start("eai-drop").await;
@@ -69,7 +60,7 @@ async fn internationalized_addresses_keep_the_booking_punycoded_or_without_the_f
     assert_eq!(lead_email(&leads, "Guest1"), "ann@xn--bcher-kva.example");
     assert_eq!(env.records("Event").await.len(), 1);
     assert_eq!(env.records("BookMe__Booking__c").await.len(), 1);
-    let text = metrics(&env).await;
+    let text = env.metrics().await;
     for treatment in ["dropped", "punycoded"] {
         let line = format!(
             "portals_crm_refused_values_total{{field=\"Email\",sobject=\"Lead\",tenant=\"acme\",treatment=\"{treatment}\"}} 1"

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::enrich::Caches;
 use crate::enrich::relations::RelationsEntry;
+use crate::plan::duplicates::Related;
 use crate::plan::relations::{Change, Existing, NODE_PREFIX, RelationSpec, Wanted, changes};
 use crate::salesforce::model::{Graph, GraphRequest, GraphResult, Subrequest};
 use crate::salesforce::{SalesforceClient, SalesforceError};
@@ -56,6 +57,9 @@ struct Submission {
     booking_id: String,
     version: u64,
     nodes: Vec<Subrequest>,
+    /// Records of the mapping written as existing records (left out of `nodes`), for the
+    /// relations.
+    related: Vec<Related>,
     reply: oneshot::Sender<GraphOutcome>,
 }
 
@@ -102,18 +106,22 @@ impl Batcher {
         Self { tenant, tx }
     }
 
-    /// Submits a booking's graph and waits for its outcome.
+    /// Submits a booking's graph and waits for its outcome. `related` are the records of the
+    /// mapping written as existing ones (a duplicate rule's matches), which the Event is
+    /// related to in their place.
     pub async fn submit(
         &self,
         booking_id: &str,
         version: u64,
         nodes: Vec<Subrequest>,
+        related: Vec<Related>,
     ) -> Result<GraphOutcome, BatcherStopped> {
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             booking_id: booking_id.to_owned(),
             version,
             nodes,
+            related,
             reply,
         };
         self.tx
@@ -385,7 +393,7 @@ async fn send(client: &SalesforceClient, relater: Option<&Relater>, batch: Vec<S
     let mut graphs: Vec<Outgoing> = batch
         .into_iter()
         .map(|submission| Outgoing {
-            wanted: relater.and_then(|r| r.spec.wanted(&submission.nodes)),
+            wanted: relater.and_then(|r| r.spec.wanted(&submission.nodes, &submission.related)),
             submission,
             changes: Vec::new(),
         })
@@ -431,6 +439,7 @@ mod tests {
                 booking_id: booking.into(),
                 version,
                 nodes: vec![],
+                related: vec![],
                 reply,
             });
         }

@@ -57,7 +57,7 @@ pub struct OrgConfig {
     #[serde(default)]
     pub ca_cert_file: Option<PathBuf>,
     /// What a booking does when the org's duplicate rules match a record it writes:
-    /// `save_anyway` (the default) or `fail` (see [`DuplicateRulePolicy`]).
+    /// `save_anyway` (the default), `relate_to_existing` or `fail` (see [`DuplicateRulePolicy`]).
     #[serde(default)]
     pub duplicate_rule: DuplicateRulePolicy,
 }
@@ -317,6 +317,13 @@ pub enum DuplicateRulePolicy {
     /// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/headers_duplicaterules.htm>
     #[default]
     SaveAnyway,
+    /// Send no header; when a rule refuses a record with `DUPLICATES_DETECTED`, write the
+    /// booking with the matched record in its place: the Event and every reference to the
+    /// refused record point at the existing Lead or Contact, and the new record is not created
+    /// (see [`crate::plan::duplicates`] for which match is taken and when none can be). The
+    /// choice is remembered, so later versions of the booking do not meet the rule again. A
+    /// rule set to **block** is handled the same way.
+    RelateToExisting,
     /// Send no header: a match fails the booking, dead-lettered as
     /// `salesforce_duplicates_detected` with the matched record ids in its message.
     Fail,
@@ -327,7 +334,7 @@ impl DuplicateRulePolicy {
     pub fn header(self) -> Option<(&'static str, String)> {
         match self {
             Self::SaveAnyway => Some(("Sforce-Duplicate-Rule-Header", "allowSave=true".into())),
-            Self::Fail => None,
+            Self::RelateToExisting | Self::Fail => None,
         }
     }
 
@@ -335,6 +342,7 @@ impl DuplicateRulePolicy {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SaveAnyway => "save_anyway",
+            Self::RelateToExisting => "relate_to_existing",
             Self::Fail => "fail",
         }
     }

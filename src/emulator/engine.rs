@@ -230,6 +230,7 @@ impl OrgState {
             user_id,
             now: OffsetDateTime::now_utc(),
             allow_save: self.allow_save,
+            version: None,
         };
         ctx.record_access(record) > RecordAccess::None
     }
@@ -331,7 +332,7 @@ impl OrgState {
             }
         };
         match (method, &rest[1..]) {
-            ("POST", []) => match self.write(username, &object, None, fields) {
+            ("POST", []) => match self.write(username, version, &object, None, fields) {
                 Ok((id, _)) => {
                     let mut reply =
                         Reply::json(201, json!({"id": id, "success": true, "errors": []}));
@@ -365,7 +366,7 @@ impl OrgState {
                         .record_json(version, username, &id)
                         .map(|v| Reply::json(200, v))
                         .unwrap_or_else(Reply::not_found),
-                    "PATCH" => match self.write(username, &object, Some(id), fields) {
+                    "PATCH" => match self.write(username, version, &object, Some(id), fields) {
                         Ok(_) => Reply::empty(204),
                         Err(errors) => Reply::record_errors(errors),
                     },
@@ -451,7 +452,7 @@ impl OrgState {
                 } else {
                     body.remove(&key_field.name);
                 }
-                match self.write(username, object, existing, &body) {
+                match self.write(username, version, object, existing, &body) {
                     Ok((id, created)) => {
                         let mut reply = Reply::json(
                             if created { 201 } else { 200 },
@@ -473,6 +474,7 @@ impl OrgState {
     fn write(
         &mut self,
         username: &str,
+        version: &str,
         object: &SObjectSpec,
         id: Option<String>,
         body: &Map<String, Value>,
@@ -496,6 +498,7 @@ impl OrgState {
             user_id,
             now: OffsetDateTime::now_utc(),
             allow_save: self.allow_save,
+            version: Some(version),
         };
         match id {
             Some(id) => store.update(&ctx, object, &id, body).map(|()| (id, false)),
@@ -522,6 +525,7 @@ impl OrgState {
                 .unwrap_or_default(),
             now: OffsetDateTime::now_utc(),
             allow_save: self.allow_save,
+            version: None,
         };
         match store.delete(&ctx, object, id) {
             Ok(()) => Reply::empty(204),

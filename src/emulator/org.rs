@@ -270,6 +270,13 @@ pub struct ValidationRule {
 pub struct DuplicateRule {
     /// Developer name, e.g. `Standard_Lead_Duplicate_Rule`.
     pub name: String,
+    /// Rule name (`MasterLabel`), e.g. `Standard Rule for Leads with Duplicate Contacts`;
+    /// defaults to the developer name.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Active (`IsActive`); an inactive rule checks nothing but is listed by a query.
+    #[serde(default = "yes")]
+    pub active: bool,
     /// The object whose saves it checks.
     pub sobject: String,
     /// The matching rule's developer name, e.g. `Standard_Lead_Match_Rule_v1_0`.

@@ -198,6 +198,8 @@ pub struct Ctx<'a> {
     pub now: OffsetDateTime,
     /// The request carried `Sforce-Duplicate-Rule-Header: allowSave=true`.
     pub allow_save: bool,
+    /// The REST API version of a save, for the record URLs of its answer (none on reads).
+    pub version: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -250,6 +252,33 @@ impl Store {
                 org,
             );
             ids.insert(user.username.to_ascii_lowercase(), id);
+        }
+        // The org's duplicate rules as the setup object `DuplicateRule` reads them (SOQL),
+        // when the org file declares that object.
+        if let Some(prefix) = org.sobject("DuplicateRule").map(|o| o.key_prefix.clone()) {
+            for rule in &org.duplicate_rules {
+                let id = store.allocate(&prefix);
+                let mut fields = Map::new();
+                fields.insert("Id".into(), Value::String(id.clone()));
+                fields.insert("DeveloperName".into(), rule.name.clone().into());
+                fields.insert(
+                    "MasterLabel".into(),
+                    rule.label
+                        .clone()
+                        .unwrap_or_else(|| rule.name.clone())
+                        .into(),
+                );
+                fields.insert("SobjectType".into(), rule.sobject.clone().into());
+                fields.insert("IsActive".into(), rule.active.into());
+                store.insert_raw(
+                    id,
+                    Record {
+                        sobject: "DuplicateRule".into(),
+                        fields,
+                    },
+                    org,
+                );
+            }
         }
         store.journal.clear();
         (store, ids)
@@ -1018,7 +1047,7 @@ impl Store {
             .org
             .duplicate_rules
             .iter()
-            .filter(|r| r.sobject == object.name)
+            .filter(|r| r.active && r.sobject == object.name)
         {
             let action = if own_id.is_some() {
                 rule.on_edit
@@ -1068,7 +1097,16 @@ impl Store {
                             "additionalInformation": [],
                             "fieldDiffs": [],
                             "matchConfidence": 100.0,
-                            "record": {"attributes": {"type": target}, "Id": id},
+                            "record": {
+                                "attributes": {
+                                    "type": target,
+                                    "url": format!(
+                                        "/services/data/v{}/sobjects/{target}/{id}",
+                                        ctx.version.unwrap_or("66.0")
+                                    ),
+                                },
+                                "Id": id,
+                            },
                         })
                     })
                     .collect();

@@ -7,6 +7,7 @@
 //! before the next start), and an entry that does not decode is treated as a miss and
 //! overwritten.
 
+pub mod duplicates;
 pub mod relations;
 
 use std::sync::Arc;
@@ -96,6 +97,9 @@ pub struct Caches {
     /// `tenant/booking_id` → the Event's relations after the last graph written (see
     /// [`relations`]); expired with the ledger entry of the same key.
     relations: sled::Tree,
+    /// `tenant/sObject/field/key` → the existing record a duplicate rule matched, written in
+    /// that record's place (see [`duplicates`]).
+    duplicates: sled::Tree,
     describes: sled::Tree,
     tenants: sled::Tree,
     db: sled::Db,
@@ -190,6 +194,7 @@ impl Caches {
             users: db.open_tree("users")?,
             ledger: db.open_tree("ledger")?,
             relations: db.open_tree("relations")?,
+            duplicates: db.open_tree("duplicates")?,
             describes: db.open_tree("describe")?,
             tenants: db.open_tree("tenants")?,
             db,

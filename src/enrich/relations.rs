@@ -96,6 +96,7 @@ impl Caches {
                     .map(|row| Existing {
                         id: text(row.get("Id")),
                         key: relation_key(row, &types),
+                        relation_id: text(row.get("RelationId")),
                         is_parent: row.get("IsParent") == Some(&Value::Bool(true)),
                         is_invitee: row.get("IsInvitee") == Some(&Value::Bool(true)),
                     })

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use crate::batch::{BatcherStopped, GraphOutcome};
+use crate::config::DuplicateRulePolicy;
+use crate::enrich::duplicates::Choice;
 use crate::enrich::{LedgerEntry, enrich};
 use crate::event::{self, BookingEvent, InvalidEvent};
+use crate::plan::duplicates::Related;
 use crate::plan::relations::NODE_PREFIX;
-use crate::plan::{PlanError, invalid_values};
+use crate::plan::{PlanError, duplicates, invalid_values, sobject_of};
 use crate::salesforce::SalesforceError;
 use crate::salesforce::circuit::CircuitOpen;
 use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
@@ -23,6 +26,14 @@ use crate::tenants::{Registry, Tenant, TenantBusy};
 /// ([`invalid_values::repair`]): each round repairs at least one field, and a graph has at most
 /// 500 nodes; past this the booking fails with the org's error.
 const MAX_REPAIR_ROUNDS: usize = 16;
+
+/// A refused graph, repaired to be sent again.
+enum Repaired {
+    /// Refused values punycoded or left out.
+    Values(Vec<Subrequest>, Vec<invalid_values::Repair>),
+    /// A record a duplicate rule matched, replaced by the existing record.
+    Related(Vec<Subrequest>, Related),
+}
 
 /// Who a message is about, for logs and dead-letter headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,13 +121,6 @@ fn already_deleted(result: &GraphResult, deletes: &[Subrequest]) -> bool {
         && result
             .root_error()
             .is_some_and(|e| e.error_code == "NOT_FOUND")
-}
-
-fn sobject_of(url: &str) -> &str {
-    url.split("/sobjects/")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("?")
 }
 
 impl Pipeline {
@@ -228,10 +232,23 @@ impl Pipeline {
             .filter(|n| n.method == "DELETE")
             .cloned()
             .collect();
-        let mut sent = nodes.clone();
+        let relating = tenant.config.org.duplicate_rule == DuplicateRulePolicy::RelateToExisting;
+        // Records already known to be duplicates of existing ones are written as those from
+        // the start: the next version does not meet the rule again.
+        let (mut sent, mut related) = if relating {
+            self.remembered_duplicates(&event.tenant, nodes.clone())
+        } else {
+            (nodes.clone(), Vec::new())
+        };
+        let remembered = related.clone();
         let mut outcome = match tenant
             .batcher
-            .submit(&booking.booking_id, booking.version, sent.clone())
+            .submit(
+                &booking.booking_id,
+                booking.version,
+                sent.clone(),
+                related.clone(),
+            )
             .await
         {
             Ok(outcome) => outcome,
@@ -245,34 +262,68 @@ impl Pipeline {
             sent.retain(|n| n.method != "DELETE");
             outcome = match tenant
                 .batcher
-                .submit(&booking.booking_id, booking.version, sent.clone())
+                .submit(
+                    &booking.booking_id,
+                    booking.version,
+                    sent.clone(),
+                    related.clone(),
+                )
                 .await
             {
                 Ok(outcome) => outcome,
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
             };
         }
-        // A value the org refused for one field (INVALID_EMAIL_ADDRESS) rolled the graph back:
-        // send it again repaired (punycoded domain) or without the field, as the mapping says.
-        // Each round repairs at least one field of one node, so the rounds are bounded.
+        // A graph the org refused for one record or value it can do without is sent again,
+        // repaired: a refused value (INVALID_EMAIL_ADDRESS) punycoded or left out, as the
+        // mapping says; a record a duplicate rule matched (DUPLICATES_DETECTED) replaced by the
+        // existing record, as the tenant's duplicate_rule says. Each round repairs at least
+        // one field or removes one node, so the rounds are bounded.
         let mut rounds = 0;
         while let GraphOutcome::Answered(result) = &outcome
             && !result.is_successful
             && rounds < MAX_REPAIR_ROUNDS
-            && let Some((repaired, repairs)) =
-                invalid_values::repair(result, &sent, &tenant.mapping)
+            && let Some(repaired) = self.repair(tenant, relating, result, &sent).await
         {
-            self.record_repairs(event, &sobjects, &repairs);
-            sent = repaired;
+            match repaired {
+                Repaired::Values(nodes, repairs) => {
+                    self.record_repairs(event, &sobjects, &repairs);
+                    sent = nodes;
+                }
+                Repaired::Related(nodes, one) => {
+                    self.record_related(event, &one);
+                    related.push(one);
+                    sent = nodes;
+                }
+            }
             rounds += 1;
             outcome = match tenant
                 .batcher
-                .submit(&booking.booking_id, booking.version, sent.clone())
+                .submit(
+                    &booking.booking_id,
+                    booking.version,
+                    sent.clone(),
+                    related.clone(),
+                )
                 .await
             {
                 Ok(outcome) => outcome,
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
             };
+        }
+        if let GraphOutcome::Answered(result) = &outcome {
+            let caches = self.tenants.caches();
+            if result.is_successful {
+                for one in &related {
+                    caches.duplicate_put(&event.tenant, one);
+                }
+            } else {
+                // A remembered record may be gone (deleted, merged): the next attempt asks the
+                // org again.
+                for one in &remembered {
+                    caches.duplicate_forget(&event.tenant, &one.record);
+                }
+            }
         }
         match &outcome {
             GraphOutcome::RequestFailed(error) => tenant.observe(Some(error)),
@@ -283,7 +334,7 @@ impl Pipeline {
             GraphOutcome::Collapsed => Outcome::Collapsed,
             GraphOutcome::RequestFailed(error) => Outcome::Failed(Failure::Salesforce(error)),
             GraphOutcome::Answered(result) if result.is_successful => {
-                self.record_write(event, &result, &sobjects);
+                self.record_write(event, &result, &sobjects, &related);
                 Outcome::Written
             }
             GraphOutcome::Answered(result) => {
@@ -300,6 +351,109 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// The nodes to send again after `result` refused a value or a record the tenant lets be
+    /// repaired (see the loop in [`Pipeline::write`]); `None` when the refusal is of another
+    /// kind, or the tenant says it fails the booking.
+    async fn repair(
+        &self,
+        tenant: &Tenant,
+        relating: bool,
+        result: &GraphResult,
+        sent: &[Subrequest],
+    ) -> Option<Repaired> {
+        if let Some((nodes, repairs)) = invalid_values::repair(result, sent, &tenant.mapping) {
+            return Some(Repaired::Values(nodes, repairs));
+        }
+        if !relating {
+            return None;
+        }
+        let (reference, error) = duplicates::refused(result)?;
+        let own = sobject_of(&sent.iter().find(|n| n.reference_id == reference)?.url);
+        let (sobject, id) = duplicates::choose(own, &error.duplicate_matches())?;
+        // A lookup that takes only the refused record's own type (a Lead lookup) cannot point
+        // at a match of the other Who type: it is written empty, as no such record exists.
+        let mut cleared = Vec::new();
+        if sobject != own {
+            for (node, node_sobject, field) in duplicates::referring_fields(sent, &reference) {
+                let describe = self
+                    .tenants
+                    .caches()
+                    .describe(&tenant.client, &node_sobject)
+                    .await
+                    .ok()
+                    .flatten()?;
+                let takes = describe
+                    .fields
+                    .iter()
+                    .find(|f| f.name == field)
+                    .is_some_and(|f| f.reference_to.contains(&sobject));
+                if !takes {
+                    cleared.push((node, field));
+                }
+            }
+        }
+        let rule = duplicates::rule_of(&error);
+        let (nodes, one) = duplicates::relate(sent, &reference, (&sobject, &id), &rule, &cleared)?;
+        Some(Repaired::Related(nodes, one))
+    }
+
+    /// `nodes` with every record already written as an existing one (a remembered duplicate
+    /// rule match) left out and its references pointed at that record.
+    fn remembered_duplicates(
+        &self,
+        tenant: &str,
+        nodes: Vec<Subrequest>,
+    ) -> (Vec<Subrequest>, Vec<Related>) {
+        let caches = self.tenants.caches();
+        let known: Vec<(String, Choice)> = nodes
+            .iter()
+            .filter(|n| n.method == "PATCH")
+            .filter_map(|n| {
+                let record = crate::plan::relations::keyed(&n.url)?;
+                Some((
+                    n.reference_id.clone(),
+                    caches.duplicate_get(tenant, &record)?,
+                ))
+            })
+            .collect();
+        let mut nodes = nodes;
+        let mut related = Vec::new();
+        for (reference, choice) in known {
+            // Chosen for the same mapping: what could not point at the record then is
+            // written empty now (a changed mapping that refuses it forgets the choice).
+            if let Some((next, one)) = duplicates::relate(
+                &nodes,
+                &reference,
+                (&choice.sobject, &choice.id),
+                &choice.rule,
+                &choice.cleared,
+            ) {
+                nodes = next;
+                related.push(one);
+            }
+        }
+        (nodes, related)
+    }
+
+    /// Logs a record written as the existing record a duplicate rule matched.
+    fn record_related(&self, event: &BookingEvent, related: &Related) {
+        let cleared: Vec<String> = related
+            .cleared
+            .iter()
+            .map(|(n, f)| format!("{n}.{f}"))
+            .collect();
+        tracing::info!(
+            tenant = %event.tenant,
+            booking_id = %event.booking.booking_id,
+            node = %related.reference_id,
+            sobject = %related.sobject,
+            record_id = %related.id,
+            duplicate_rule = %related.rule,
+            cleared = ?cleared,
+            "a duplicate rule matched an existing record; the booking is written related to it"
+        );
     }
 
     /// Counts and logs each refused value written punycoded or dropped (the value itself is
@@ -339,9 +493,28 @@ impl Pipeline {
         event: &BookingEvent,
         result: &GraphResult,
         sobjects: &[(String, String)],
+        related: &[Related],
     ) {
         let booking = &event.booking;
         let mut record_ids = Vec::new();
+        for one in related {
+            tracing::info!(
+                target: "portals_crm::audit",
+                tenant = %event.tenant,
+                booking_id = %booking.booking_id,
+                version = booking.version,
+                node = %one.reference_id,
+                sobject = %one.sobject,
+                record_id = %one.id,
+                duplicate_rule = %one.rule,
+                "salesforce write related to an existing record"
+            );
+            self.metrics
+                .duplicates_related
+                .with_label_values(&[event.tenant.as_str(), one.sobject.as_str()])
+                .inc();
+            record_ids.push((one.reference_id.clone(), one.id.clone()));
+        }
         for node in &result.graph_response.composite_response {
             let Some(id) = node.record_id() else { continue };
             let sobject = sobjects

@@ -54,16 +54,7 @@ pub fn repair(
     nodes: &[Subrequest],
     mapping: &CompiledMapping,
 ) -> Option<(Vec<Subrequest>, Vec<Repair>)> {
-    let (reference_id, error) =
-        result
-            .graph_response
-            .composite_response
-            .iter()
-            .find_map(|node| {
-                node.node_error()
-                    .filter(|e| REPAIRABLE.contains(&e.error_code.as_str()))
-                    .map(|e| (node.reference_id.clone(), e))
-            })?;
+    let (reference_id, error) = result.node_error_of(REPAIRABLE)?;
     if error.fields.is_empty() {
         return None;
     }

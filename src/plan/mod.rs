@@ -11,6 +11,7 @@
 //! template over either fails that booking alone (a permanent `mapping_error` naming the field);
 //! on the built-in sample events it is a validation problem ([`samples`]).
 
+pub mod duplicates;
 pub mod invalid_values;
 pub mod org_settings;
 pub mod relations;
@@ -750,6 +751,14 @@ fn check_relations(
         ));
     }
     problems
+}
+
+/// The sObject of a node's URL (`/services/data/v66.0/sobjects/Lead/…` → `Lead`).
+pub fn sobject_of(url: &str) -> &str {
+    url.split("/sobjects/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("?")
 }
 
 #[cfg(test)]

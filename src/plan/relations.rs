@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::duplicates::Related;
 use crate::config::{Parent, RelationsMapping};
 use crate::salesforce::model::Subrequest;
 
@@ -43,7 +44,7 @@ impl From<&RelationsMapping> for RelationSpec {
 }
 
 /// A record of the graph: its sObject, external id field and key (as in the node's URL).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Keyed {
     /// sObject, e.g. `Lead`.
     pub sobject: String,
@@ -75,6 +76,9 @@ pub struct WantedRelation {
     pub is_parent: bool,
     /// `IsInvitee`.
     pub is_invitee: bool,
+    /// The existing record related in place of the mapping's (a duplicate rule's match, see
+    /// [`super::duplicates`]): its id, written as the relation's `RelationId`.
+    pub existing_id: Option<String>,
 }
 
 /// A relation that exists in the org.
@@ -89,6 +93,10 @@ pub struct Existing {
     pub is_parent: bool,
     /// `IsInvitee`.
     pub is_invitee: bool,
+    /// The related record's id (`RelationId`); empty in a cache entry written before it was
+    /// kept, or for a relation created to a node of the graph.
+    #[serde(default)]
+    pub relation_id: String,
 }
 
 /// The node of a graph for one relation change, and what exists after it commits.
@@ -102,7 +110,7 @@ pub struct Change {
 }
 
 /// `/services/data/vXX.X/sobjects/{O}/{Field}/{key}` → (O, Field, decoded key).
-fn keyed(url: &str) -> Option<Keyed> {
+pub(crate) fn keyed(url: &str) -> Option<Keyed> {
     let rest = url.split("/sobjects/").nth(1)?;
     let mut parts = rest.splitn(3, '/');
     let (sobject, field, key) = (parts.next()?, parts.next()?, parts.next()?);
@@ -116,30 +124,50 @@ fn keyed(url: &str) -> Option<Keyed> {
 }
 
 impl RelationSpec {
-    /// What `nodes` (a booking's planned graph) want related; `None` when the graph does not
-    /// upsert the Event (not written, or deleted — its relations go with it).
-    pub fn wanted(&self, nodes: &[Subrequest]) -> Option<Wanted> {
+    /// What `nodes` (a booking's planned graph) want related, with `related` (records of the
+    /// mapping written as existing ones, left out of `nodes`) in their attendee's place; `None`
+    /// when the graph does not upsert the Event (not written, or deleted — its relations go
+    /// with it).
+    pub fn wanted(&self, nodes: &[Subrequest], related: &[Related]) -> Option<Wanted> {
         let event = nodes
             .iter()
             .find(|n| n.reference_id == self.event && n.method == "PATCH")?;
         let prefix = format!("{}_", self.records);
-        let relations = nodes
+        let index =
+            |reference: &str| -> Option<usize> { reference.strip_prefix(&prefix)?.parse().ok() };
+        let mut relations: Vec<(usize, WantedRelation)> = nodes
             .iter()
             .filter(|n| n.method == "PATCH")
             .filter_map(|n| {
-                let index: usize = n.reference_id.strip_prefix(&prefix)?.parse().ok()?;
-                Some((index, n))
+                Some((
+                    index(&n.reference_id)?,
+                    n.reference_id.clone(),
+                    keyed(&n.url)?,
+                    None,
+                ))
             })
-            .filter_map(|(index, n)| {
-                Some(WantedRelation {
-                    reference: n.reference_id.clone(),
-                    record: keyed(&n.url)?,
+            .chain(related.iter().filter_map(|r| {
+                Some((
+                    index(&r.reference_id)?,
+                    r.reference_id.clone(),
+                    r.record.clone(),
+                    Some(r.id.clone()),
+                ))
+            }))
+            .map(|(index, reference, record, existing_id)| {
+                let relation = WantedRelation {
+                    reference,
+                    record,
                     is_parent: self.parent_first && index == 0,
                     is_invitee: self.invitees,
-                })
+                    existing_id,
+                };
+                (index, relation)
             })
-            .filter(|r| r.is_parent || r.is_invitee)
+            .filter(|(_, r)| r.is_parent || r.is_invitee)
             .collect();
+        relations.sort_by_key(|(index, _)| *index);
+        let relations = relations.into_iter().map(|(_, r)| r).collect();
         Some(Wanted {
             event_ref: event.reference_id.clone(),
             event: keyed(&event.url)?,
@@ -150,30 +178,38 @@ impl RelationSpec {
 
 /// The relation nodes that turn `existing` into `wanted`: deletes first (a parent removed
 /// before another is set, as Salesforce allows one lead as parent), then updates, then creates.
-/// Two wanted records with one key (an attendee listed twice) get one relation.
+/// Two wanted records with one key (an attendee listed twice), or written as one existing
+/// record (two attendees a duplicate rule matched to the same Contact), get one relation.
 pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec<Change> {
     let base = format!("/services/data/v{api_version}/sobjects/EventRelation");
     let event_ref = &wanted.event_ref;
     let mut seen: Vec<&str> = Vec::new();
+    let mut seen_ids: Vec<&str> = Vec::new();
     let wanted: Vec<&WantedRelation> = wanted
         .relations
         .iter()
         .filter(|r| {
-            let first = !seen.iter().any(|k| k.eq_ignore_ascii_case(&r.record.key));
+            let first = !seen.iter().any(|k| k.eq_ignore_ascii_case(&r.record.key))
+                && r.existing_id
+                    .as_deref()
+                    .is_none_or(|id| !seen_ids.contains(&id));
             seen.push(&r.record.key);
+            seen_ids.extend(r.existing_id.as_deref());
             first
         })
         .collect();
-    let find = |key: &str| {
-        wanted
-            .iter()
-            .find(|w| !key.is_empty() && w.record.key.eq_ignore_ascii_case(key))
+    // A relation to an existing record (a duplicate rule's match) is known by that record's
+    // id: the record has the mapping's key only if the mapping wrote it.
+    let is = |w: &WantedRelation, e: &Existing| {
+        (!e.key.is_empty() && w.record.key.eq_ignore_ascii_case(&e.key))
+            || (!e.relation_id.is_empty() && w.existing_id.as_deref() == Some(&e.relation_id))
     };
+    let find = |current: &Existing| wanted.iter().find(|w| is(w, current));
     let mut deletes = Vec::new();
     let mut updates = Vec::new();
     let mut creates = Vec::new();
     for (n, current) in existing.iter().enumerate() {
-        match find(&current.key) {
+        match find(current) {
             None if !current.key.is_empty() => deletes.push(Change {
                 node: Some(Subrequest {
                     method: "DELETE".into(),
@@ -198,6 +234,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                     body: Some(json!({"IsParent": w.is_parent, "IsInvitee": w.is_invitee})),
                 }),
                 after: Some(Existing {
+                    key: w.record.key.clone(),
                     is_parent: w.is_parent,
                     is_invitee: w.is_invitee,
                     ..current.clone()
@@ -206,12 +243,13 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
         }
     }
     for w in &wanted {
-        if existing
-            .iter()
-            .any(|e| e.key.eq_ignore_ascii_case(&w.record.key))
-        {
+        if existing.iter().any(|e| is(w, e)) {
             continue;
         }
+        let relation = w
+            .existing_id
+            .clone()
+            .unwrap_or_else(|| format!("@{{{}.id}}", w.reference));
         creates.push(Change {
             node: Some(Subrequest {
                 method: "POST".into(),
@@ -219,7 +257,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                 reference_id: format!("{NODE_PREFIX}{}", w.reference),
                 body: Some(json!({
                     "EventId": format!("@{{{}.id}}", event_ref),
-                    "RelationId": format!("@{{{}.id}}", w.reference),
+                    "RelationId": relation,
                     "IsParent": w.is_parent,
                     "IsInvitee": w.is_invitee,
                 })),
@@ -229,6 +267,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                 key: w.record.key.clone(),
                 is_parent: w.is_parent,
                 is_invitee: w.is_invitee,
+                relation_id: w.existing_id.clone().unwrap_or_default(),
             }),
         });
     }
@@ -256,7 +295,7 @@ pub fn lookup_query(event: &Keyed, records: &[(String, String)], event_keys: &[S
         format!(", TYPEOF Relation{whens} END")
     };
     format!(
-        "SELECT Id, IsParent, IsInvitee, Event.{field}{relation} FROM EventRelation \
+        "SELECT Id, RelationId, IsParent, IsInvitee, Event.{field}{relation} FROM EventRelation \
          WHERE Event.{field} IN ({})",
         keys.join(", "),
         field = event.field,
@@ -311,6 +350,7 @@ mod tests {
             key: format!("acme:{email}"),
             is_parent,
             is_invitee: true,
+            relation_id: String::new(),
         }
     }
 
@@ -324,7 +364,7 @@ mod tests {
 
     #[test]
     fn a_new_group_booking_creates_one_relation_per_attendee_the_first_as_parent() {
-        let wanted = spec().wanted(&graph(&["a@x", "b@x", "c@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["a@x", "b@x", "c@x"]), &[]).unwrap();
         assert_eq!(wanted.event.key, "bk_1");
         let changes = changes("66.0", &wanted, &[]);
         assert_eq!(
@@ -345,7 +385,7 @@ mod tests {
 
     #[test]
     fn the_same_attendees_need_no_node() {
-        let wanted = spec().wanted(&graph(&["a@x", "b@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["a@x", "b@x"]), &[]).unwrap();
         let now = [
             existing("0RE1", "a@x", true),
             existing("0RE2", "b@x", false),
@@ -357,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_reschedule_deletes_the_removed_moves_the_parent_and_adds_the_new() {
-        let wanted = spec().wanted(&graph(&["b@x", "c@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["b@x", "c@x"]), &[]).unwrap();
         let now = [
             existing("0RE1", "a@x", true),
             existing("0RE2", "B@X", false),
@@ -385,7 +425,7 @@ mod tests {
 
     #[test]
     fn relations_the_mapping_did_not_make_are_left_alone() {
-        let wanted = spec().wanted(&graph(&["a@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["a@x"]), &[]).unwrap();
         let now = [
             existing("0RE1", "a@x", true),
             Existing {
@@ -393,14 +433,68 @@ mod tests {
                 key: String::new(),
                 is_parent: false,
                 is_invitee: true,
+                relation_id: "003000000000009AAA".into(),
             },
         ];
         assert!(shape(&changes("66.0", &wanted, &now)).is_empty());
     }
 
     #[test]
+    fn an_existing_record_in_an_attendees_place_is_related_by_its_id_once() {
+        let mut nodes = graph(&["a@x", "b@x"]);
+        let lead_0 = nodes.remove(0);
+        let related = [Related {
+            reference_id: "lead_0".into(),
+            record: keyed(&lead_0.url).unwrap(),
+            sobject: "Contact".into(),
+            id: "003000000000001AAA".into(),
+            rule: "Standard_Lead_Duplicate_Rule".into(),
+            cleared: vec![],
+        }];
+        let wanted = spec().wanted(&nodes, &related).unwrap();
+        assert_eq!(
+            wanted
+                .relations
+                .iter()
+                .map(|r| (r.reference.as_str(), r.is_parent))
+                .collect::<Vec<_>>(),
+            [("lead_0", true), ("lead_1", false)],
+            "in attendee order, the first still the Who"
+        );
+        let created = changes("66.0", &wanted, &[]);
+        let body = created[0].node.as_ref().unwrap().body.as_ref().unwrap();
+        assert_eq!(body["RelationId"], "003000000000001AAA");
+        assert_eq!(created[0].after.as_ref().unwrap().key, "acme:a@x");
+        // Read back from the org the relation has no key of the mapping, only its RelationId.
+        let now = [Existing {
+            id: "0RE1".into(),
+            key: String::new(),
+            is_parent: true,
+            is_invitee: true,
+            relation_id: "003000000000001AAA".into(),
+        }];
+        assert_eq!(
+            shape(&changes("66.0", &wanted, &now)),
+            [("POST".into(), "rel_lead_1".into())]
+        );
+        // Two attendees matched to the same Contact: one relation.
+        let lead_1 = nodes.remove(0);
+        let mut both = related.to_vec();
+        both.push(Related {
+            reference_id: "lead_1".into(),
+            record: keyed(&lead_1.url).unwrap(),
+            ..related[0].clone()
+        });
+        let wanted = spec().wanted(&nodes, &both).unwrap();
+        assert_eq!(
+            shape(&changes("66.0", &wanted, &[])),
+            [("POST".into(), "rel_lead_0".into())]
+        );
+    }
+
+    #[test]
     fn an_attendee_listed_twice_gets_one_relation() {
-        let wanted = spec().wanted(&graph(&["a@x", "A@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["a@x", "A@x"]), &[]).unwrap();
         assert_eq!(shape(&changes("66.0", &wanted, &[])).len(), 1);
     }
 
@@ -408,12 +502,12 @@ mod tests {
     fn no_event_upsert_means_no_relations() {
         let mut nodes = graph(&["a@x"]);
         nodes.last_mut().unwrap().method = "DELETE".into();
-        assert_eq!(spec().wanted(&nodes), None);
+        assert_eq!(spec().wanted(&nodes, &[]), None);
     }
 
     #[test]
     fn the_lookup_reads_every_booking_in_one_query() {
-        let wanted = spec().wanted(&graph(&["a@x"])).unwrap();
+        let wanted = spec().wanted(&graph(&["a@x"]), &[]).unwrap();
         let q = lookup_query(
             &wanted.event,
             &[("Lead".into(), "BookMe__Lead_Key__c".into())],
@@ -421,7 +515,8 @@ mod tests {
         );
         assert_eq!(
             q,
-            "SELECT Id, IsParent, IsInvitee, Event.BookMe__Booking_Id__c, TYPEOF Relation WHEN \
+            "SELECT Id, RelationId, IsParent, IsInvitee, Event.BookMe__Booking_Id__c, TYPEOF \
+             Relation WHEN \
              Lead THEN BookMe__Lead_Key__c END FROM EventRelation WHERE \
              Event.BookMe__Booking_Id__c IN ('bk_1', 'o\\'k')"
         );

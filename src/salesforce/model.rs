@@ -353,6 +353,18 @@ impl GraphResult {
         }
         placeholder
     }
+
+    /// The first node whose own error has one of `codes`, and that error.
+    pub fn node_error_of(&self, codes: &[&str]) -> Option<(String, ApiError)> {
+        self.graph_response
+            .composite_response
+            .iter()
+            .find_map(|node| {
+                node.node_error()
+                    .filter(|e| codes.contains(&e.error_code.as_str()))
+                    .map(|e| (node.reference_id.clone(), e))
+            })
+    }
 }
 
 /// Body of a Composite Graph response.

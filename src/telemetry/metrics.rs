@@ -35,6 +35,11 @@ pub struct Metrics {
     /// refused that a booking wrote anyway, `treatment` `punycoded` (the domain, IDNA) or
     /// `dropped` (the record written without the field, as the mapping's `invalid_value` says).
     pub refused_values: IntCounterVec,
+    /// `portals_crm_duplicates_related_total{tenant,sobject}`: records of a mapping a duplicate
+    /// rule matched to an existing record, written as that record (`sobject`, `Lead` or
+    /// `Contact`) under `duplicate_rule = "relate_to_existing"`: bookings attached to records
+    /// the org already had.
+    pub duplicates_related: IntCounterVec,
     /// `portals_crm_circuit_open{tenant}`
     pub circuit_open: IntGaugeVec,
     /// `portals_crm_tenant_file_rejected{tenant}`
@@ -153,6 +158,11 @@ impl Metrics {
             "Field values the org refused, written punycoded or dropped, by field.",
             &["tenant", "sobject", "field", "treatment"],
         );
+        let duplicates_related = counter(
+            "portals_crm_duplicates_related_total",
+            "Records a duplicate rule matched, written as the existing record, by its sObject.",
+            &["tenant", "sobject"],
+        );
         let circuit_open = IntGaugeVec::new(
             Opts::new(
                 "portals_crm_circuit_open",
@@ -229,6 +239,7 @@ impl Metrics {
             dead_letters,
             tenant_busy,
             refused_values,
+            duplicates_related,
             circuit_open,
             tenant_file_rejected,
             salesforce_auth_refused,

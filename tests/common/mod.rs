@@ -307,6 +307,26 @@ impl TestEnv {
     /// Creates a record as the demo org's integration user (a record "a sales rep typed in"),
     /// through the REST API; returns its id.
     pub async fn create_record(&self, sobject: &str, fields: Value) -> String {
+        let token = self.token().await;
+        let response = self
+            .http
+            .post(format!(
+                "{}/services/data/v66.0/sobjects/{sobject}",
+                self.emulator.base_url
+            ))
+            .bearer_auth(token)
+            .json(&fields)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// An access token of the demo org's integration user (client credentials).
+    pub async fn token(&self) -> String {
         let token: Value = self
             .http
             .post(format!("{}/services/oauth2/token", self.emulator.base_url))
@@ -321,21 +341,19 @@ impl TestEnv {
             .json()
             .await
             .unwrap();
-        let response = self
-            .http
-            .post(format!(
-                "{}/services/data/v66.0/sobjects/{sobject}",
-                self.emulator.base_url
-            ))
-            .bearer_auth(token["access_token"].as_str().unwrap())
-            .json(&fields)
+        token["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The service's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.http_url()))
             .send()
             .await
-            .unwrap();
-        let status = response.status();
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(status, 201, "{body}");
-        body["id"].as_str().unwrap().to_owned()
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Sets the integration user's access (`none`, `read`, `edit`) to `field` (`Object.Field`) in
