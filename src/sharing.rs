@@ -126,6 +126,121 @@ impl SharingProblem {
     }
 }
 
+impl SharingProblem {
+    /// The problem a dead letter's message states (its [`fmt::Display`], `condition; fix: …`),
+    /// for re-checking it against the org later; None when the message is not one of ours.
+    pub fn from_message(message: &str) -> Option<Self> {
+        let rest = message.strip_prefix(TIER)?.strip_prefix(": ")?;
+        let condition = rest.split("; fix: ").next().unwrap_or(rest);
+        let words: Vec<&str> = condition.split(' ').collect();
+        match words.as_slice() {
+            [
+                "the",
+                sobject,
+                record_id,
+                "with",
+                "this",
+                key_field,
+                "exists",
+                ..,
+            ] => Some(Self::RecordNotVisible {
+                sobject: (*sobject).to_owned(),
+                key_field: (*key_field).to_owned(),
+                record_id: (*record_id).to_owned(),
+            }),
+            [
+                "the",
+                "integration",
+                "user",
+                "can",
+                "see",
+                "this",
+                sobject,
+                "but",
+                ..,
+            ] => Some(Self::RecordReadOnly {
+                sobject: (*sobject).to_owned(),
+            }),
+            ["the", sobject, "refers", "to", referenced, record_id, ..] => {
+                Some(Self::ReferenceNotVisible {
+                    sobject: (*sobject).to_owned(),
+                    record_id: record_id.trim_end_matches(',').to_owned(),
+                    referenced: (*referenced != "record").then(|| (*referenced).to_owned()),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A sharing problem asked of the org as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recheck {
+    /// The integration user still cannot see the record.
+    StillThere,
+    /// It sees the record now.
+    Gone,
+    /// The org cannot be asked about this one without writing: why.
+    CannotCheck(String),
+}
+
+/// Asks the org whether the integration user sees the record the problem names, now: a query
+/// runs under the user's sharing, so it returns a record only once shared. A read-only record
+/// cannot be asked about: the error names no record, and edit access is granted per record.
+pub async fn recheck(
+    client: &SalesforceClient,
+    problem: &SharingProblem,
+) -> Result<Recheck, crate::salesforce::SalesforceError> {
+    let (sobject, record_id) = match problem {
+        SharingProblem::RecordNotVisible {
+            sobject, record_id, ..
+        } => (sobject.clone(), record_id),
+        SharingProblem::ReferenceNotVisible {
+            record_id,
+            referenced,
+            ..
+        } => {
+            let referenced = match referenced {
+                Some(name) => Some(name.clone()),
+                None => client
+                    .describe_global()
+                    .await?
+                    .sobjects
+                    .into_iter()
+                    .find(|o| {
+                        o.key_prefix
+                            .as_deref()
+                            .is_some_and(|p| record_id.starts_with(p))
+                    })
+                    .map(|o| o.name),
+            };
+            match referenced {
+                Some(name) => (name, record_id),
+                None => {
+                    return Ok(Recheck::CannotCheck(format!(
+                        "the integration user sees no object whose ids start like {record_id}"
+                    )));
+                }
+            }
+        }
+        SharingProblem::RecordReadOnly { sobject } => {
+            return Ok(Recheck::CannotCheck(format!(
+                "Salesforce's error names no {sobject} record, and edit access is granted per \
+                 record, so it cannot be asked without writing"
+            )));
+        }
+    };
+    let soql = format!(
+        "SELECT Id FROM {sobject} WHERE Id = {}",
+        crate::enrich::soql_quote(record_id)
+    );
+    Ok(if client.query(&soql).await?.is_empty() {
+        Recheck::StillThere
+    } else {
+        Recheck::Gone
+    })
+}
+
 /// The dead-letter message: the condition, then the fix.
 impl fmt::Display for SharingProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -287,6 +402,40 @@ mod tests {
             reference.fix().contains("to Lead records"),
             "{}",
             reference.fix()
+        );
+    }
+
+    #[test]
+    fn a_dead_letters_message_reads_back_as_its_problem() {
+        for problem in [
+            SharingProblem::RecordNotVisible {
+                sobject: "Event".into(),
+                key_field: "BookMe__Booking_Id__c".into(),
+                record_id: "00U5g00000000AAAAA".into(),
+            },
+            SharingProblem::RecordReadOnly {
+                sobject: "Event".into(),
+            },
+            SharingProblem::ReferenceNotVisible {
+                sobject: "Event".into(),
+                record_id: "00Q5g0000000001".into(),
+                referenced: Some("Lead".into()),
+            },
+            SharingProblem::ReferenceNotVisible {
+                sobject: "Event".into(),
+                record_id: "00Q5g0000000001".into(),
+                referenced: None,
+            },
+        ] {
+            assert_eq!(
+                SharingProblem::from_message(&problem.to_string()),
+                Some(problem.clone()),
+                "{problem}"
+            );
+        }
+        assert_eq!(
+            SharingProblem::from_message("Unable to create/update fields"),
+            None
         );
     }
 

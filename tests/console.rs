@@ -10,7 +10,7 @@ use common::browser::Browser;
 use common::{TestEnv, sample, wait_until};
 use fantoccini::Locator;
 use portals_crm::emulator::OrgSpec;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Saves a screenshot for the README when `PORTALS_CRM_SCREENSHOTS` is set.
 async fn shot(browser: &Browser, name: &str) {
@@ -224,7 +224,12 @@ async fn a_post_with_a_foreign_origin_is_refused() {
         }
         request.send()
     };
-    for path in ["/admin/reload", "/admin/tenants/acme/probe", "/ui/logout"] {
+    for path in [
+        "/admin/reload",
+        "/admin/tenants/acme/probe",
+        "/admin/tenants/acme/recheck",
+        "/ui/logout",
+    ] {
         let refused = post(path, Some("https://evil.example".into()))
             .await
             .unwrap();
@@ -324,5 +329,176 @@ async fn off_loopback_nothing_opens_without_the_token() {
         browser.close().await;
     }
     let _ = std::fs::remove_file(token_file);
+    env.finish().await;
+}
+
+/// Every request the emulator answered so far, all endpoints.
+async fn org_requests(env: &TestEnv) -> u64 {
+    let stats = env.get_json("/__emulator/stats").await;
+    stats["requests"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_overview_shows_the_last_check_and_a_refused_sign_in_with_its_fix() {
+    let env = TestEnv::start_from_files("console-signin", OrgSpec::demo(), |_| {}).await;
+    let base = env.http_url();
+    let acme_of = |tenants: Value| {
+        tenants
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == "acme")
+            .cloned()
+            .unwrap()
+    };
+    let acme = acme_of(env.admin_get("/admin/tenants").await);
+    assert!(
+        acme["checked_at"].as_str().unwrap().starts_with("20"),
+        "{acme}"
+    );
+    assert_eq!(acme["sign_in_refused"], Value::Null);
+    // Page loads show the last check: they ask no org.
+    let before = org_requests(&env).await;
+    env.admin_get("/admin/tenants").await;
+    env.admin_get("/admin/tenants").await;
+    assert_eq!(
+        org_requests(&env).await,
+        before,
+        "no org asked on a page load"
+    );
+    let (status, rechecked) = env
+        .admin_post("/admin/tenants/acme/recheck", json!({}))
+        .await;
+    assert_eq!(status, 200, "{rechecked}");
+    assert_eq!(rechecked["valid"], true, "{rechecked}");
+    assert!(
+        org_requests(&env).await > before,
+        "the re-check asked the org"
+    );
+
+    // The integration user is deactivated (and its session ends): the re-check meets the
+    // refused sign-in and the overview shows it with Salesforce's words and the fix.
+    env.integration_user_active(false).await;
+    let Some(browser) = Browser::start("overview_sign_in").await else {
+        env.finish().await;
+        return;
+    };
+    let c = &browser.client;
+    c.goto(&format!("{base}/ui")).await.unwrap();
+    browser
+        .wait_text("main", "Mapping valid against the org")
+        .await;
+    assert!(
+        c.find(Locator::Css("[data-sign-in-refused]"))
+            .await
+            .is_err()
+    );
+    browser.click("[data-recheck=acme]").await;
+    let banner = browser
+        .wait_text(
+            "section:has([data-recheck=acme]) [data-sign-in-refused]",
+            "user is inactive",
+        )
+        .await;
+    assert!(banner.contains("salesforce_auth_inactive_user"), "{banner}");
+    assert!(
+        banner.contains("Fix: reactivate the integration user (Setup → Users)"),
+        "the doctor's fix: {banner}"
+    );
+    browser.wait_text("main", "refused by Salesforce").await;
+    shot(&browser, "overview-sign-in-refused").await;
+    let acme = acme_of(env.admin_get("/admin/tenants").await);
+    assert_eq!(
+        acme["sign_in_refused"]["reason"], "salesforce_auth_inactive_user",
+        "{acme}"
+    );
+    assert_eq!(acme["sign_in_refused"]["description"], "user is inactive");
+    assert!(
+        env.service()
+            .metrics
+            .render()
+            .contains("portals_crm_salesforce_auth_refused{reason=\"salesforce_auth_inactive_user\",tenant=\"acme\"} 1")
+    );
+    browser.close().await;
+    env.integration_user_active(true).await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_preview_renders_a_recent_dead_letters_body_without_consuming_it() {
+    let env = TestEnv::start_from_files("console-dlq-preview", OrgSpec::demo(), |_| {}).await;
+    // The integration user cannot write Lead.Phone: the booking is dead-lettered.
+    env.field_access("Lead.Phone", "none").await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    wait_until("the dead letter", Duration::from_secs(30), || async {
+        match env.list_dead_letters().await.len() {
+            1 => Ok(()),
+            n => Err(format!("{n} dead letters")),
+        }
+    })
+    .await;
+    env.field_access("Lead.Phone", "edit").await;
+    let base = env.http_url();
+    let preview = |body: Value| env.admin_post("/admin/tenants/acme/preview", body);
+    let (status, masked) = preview(json!({"dead_letter": "evt_01JD6Q7M1V3S6"})).await;
+    assert_eq!(status, 200, "{masked}");
+    assert!(
+        masked["source"]
+            .as_str()
+            .unwrap()
+            .contains("dead letter evt_01JD6Q7M1V3S6"),
+        "{masked}"
+    );
+    let text = masked.to_string();
+    assert!(text.contains("j***@globex.example"), "{text}");
+    assert!(!text.contains("jane.doe@"), "masked: {text}");
+    assert!(!text.contains("555 01234"), "masked: {text}");
+    let (_, revealed) = preview(json!({"dead_letter": "evt_01JD6Q7M1V3S6", "reveal": true})).await;
+    assert!(revealed.to_string().contains("jane.doe@globex.example"));
+    let (status, missing) = preview(json!({"dead_letter": "evt_nope"})).await;
+    assert_eq!(status, 404, "{missing}");
+    assert_eq!(
+        env.list_dead_letters().await.len(),
+        1,
+        "looking consumed nothing"
+    );
+
+    let Some(browser) = Browser::start("preview_dead_letter").await else {
+        env.finish().await;
+        return;
+    };
+    let c = &browser.client;
+    c.goto(&format!("{base}/ui/tenants/acme/mapping"))
+        .await
+        .unwrap();
+    browser.wait_text("#status", "Valid against the org").await;
+    let choice = c.find(Locator::Css("#dead-letter")).await.unwrap();
+    assert!(
+        choice
+            .text()
+            .await
+            .unwrap()
+            .contains("evt_01JD6Q7M1V3S6 — salesforce_invalid_field, booking bk_7Q2M9"),
+    );
+    choice.select_by_value("evt_01JD6Q7M1V3S6").await.unwrap();
+    browser.click("#preview").await;
+    let out = browser
+        .wait_text(
+            "#preview-out",
+            "Event: the body of dead letter evt_01JD6Q7M1V3S6",
+        )
+        .await;
+    assert!(out.contains("lead_0 — PATCH Lead"), "{out}");
+    assert!(out.contains("\"[phone]\""), "{out}");
+    assert!(out.contains("j***@globex.example"), "{out}");
+    assert!(!out.contains("does not fit"), "{out}");
+    shot(&browser, "mapping-preview-dead-letter").await;
+    browser.close().await;
+    assert_eq!(env.list_dead_letters().await.len(), 1, "still there");
     env.finish().await;
 }

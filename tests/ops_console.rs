@@ -62,6 +62,25 @@ async fn booking_version(env: &TestEnv) -> serde_json::Value {
     bookings[0]["BookMe__Version__c"].clone()
 }
 
+/// Version 2 of the sample booking is dead-lettered (Lead.Phone not writable); version 3 is
+/// written after the grant.
+async fn supersede_v2_with_v3(env: &TestEnv) {
+    phone_access(env, "none").await;
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
+    wait_dead_letters(env, 1).await;
+    phone_access(env, "edit").await;
+    env.publish("meeting.cancelled", &sample("cancelled")).await;
+    wait_until("version 3 in the org", Duration::from_secs(20), || async {
+        let bookings = env.records("BookMe__Booking__c").await;
+        match bookings.first() {
+            Some(b) if b["BookMe__Version__c"] == 3 => Ok(()),
+            _ => Err(format!("{bookings:?}")),
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
     let env = TestEnv::start_from_files("ops-dlq", OrgSpec::demo(), |_| {}).await;
@@ -89,6 +108,9 @@ async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
         group.contains("Fix: grant Edit on Lead.Phone"),
         "the fix text of mapping validate: {group}"
     );
+    // A cause the org cannot tell about says so, rather than passing for fixed.
+    let groups = browser.wait_text("#groups", "Cannot be re-checked").await;
+    assert!(groups.contains("the event itself is invalid"), "{groups}");
     shot(&browser, "dead-letters").await;
     // Looking consumed nothing.
     assert_eq!(dead_letters(&env).await.len(), 2);
@@ -180,22 +202,8 @@ async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
     browser.wait_text("#dlq-result", "Purged 1").await;
     assert!(dead_letters(&env).await.is_empty());
 
-    // A dead letter superseded by a newer version: v2 fails, v3 is written after the grant.
-    phone_access(&env, "none").await;
-    env.publish("meeting.rescheduled", &sample("rescheduled"))
-        .await;
-    wait_dead_letters(&env, 1).await;
-    phone_access(&env, "edit").await;
-    env.publish("meeting.cancelled", &sample("cancelled")).await;
-    wait_until("version 3 in the org", Duration::from_secs(20), || async {
-        let version = booking_version(&env).await;
-        if version == 3 {
-            Ok(())
-        } else {
-            Err(format!("{version}"))
-        }
-    })
-    .await;
+    // A dead letter superseded by a newer version.
+    supersede_v2_with_v3(&env).await;
     let records_before = (
         env.records("Lead").await,
         env.records("Event").await,
@@ -209,7 +217,10 @@ async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
         .await
         .unwrap();
     browser
-        .wait_text("main", "superseded by v3: replay changes nothing")
+        .wait_text(
+            "main",
+            "superseded by v3 (the org holds it): replay changes nothing",
+        )
         .await;
     shot(&browser, "dead-letter-superseded").await;
     browser.click("[data-replay]").await;
@@ -435,5 +446,237 @@ async fn tenant_health_refreshes_live_with_rates_lag_circuit_and_queues() {
     browser.wait_text(&dead_row, "1").await;
     shot(&browser, "health").await;
     browser.close().await;
+    env.finish().await;
+}
+
+/// Publishes `body` straight into the dead-letter queue with `x-portals-*` headers, as the
+/// worker would have dead-lettered it.
+async fn plant_dead_letter(env: &TestEnv, headers: &[(&str, &str)], body: &[u8]) {
+    let mut table = lapin::types::FieldTable::default();
+    for (name, value) in headers {
+        table.insert(
+            (*name).into(),
+            lapin::types::AMQPValue::LongString((*value).into()),
+        );
+    }
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/cloudevents+json".into())
+        .with_headers(table);
+    env.publisher
+        .publish("", &env.topology.dead_queue, body, properties)
+        .await
+        .expect("planted dead letter confirmed and routed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_is_superseded_when_the_org_holds_a_newer_version_the_ledger_never_saw() {
+    let mut env = TestEnv::start_from_files("ops-org-version", OrgSpec::demo(), |_| {}).await;
+    supersede_v2_with_v3(&env).await;
+    // A fresh worker: its ledger never saw version 3; only the org knows.
+    env.restart_service_without_cache().await;
+    let listing = env.admin_get("/admin/dead-letters").await;
+    let letter = &listing["letters"][0];
+    assert_eq!(letter["id"], "evt_01JD6RB2K8Q0T", "{listing}");
+    assert_eq!(letter["version"], 2, "{listing}");
+    assert_eq!(letter["superseded_by"], 3, "{listing}");
+    assert_eq!(letter["superseded_in"], "org", "{listing}");
+    assert_eq!(listing["groups"][0]["superseded"], 1, "{listing}");
+    assert_eq!(listing["groups"][0]["versions_unasked"], Value::Null);
+
+    if let Some(browser) = Browser::start("ops_org_version").await {
+        let base = env.http_url();
+        browser
+            .client
+            .goto(&format!("{base}/ui/dead-letters"))
+            .await
+            .unwrap();
+        let row = browser
+            .wait_text("#letters tbody", "superseded by v3 (in the org)")
+            .await;
+        assert!(row.contains("replay changes nothing"), "{row}");
+        browser
+            .wait_text("#groups tbody tr:first-child", "1 superseded")
+            .await;
+        shot(&browser, "dead-letters-superseded-in-org").await;
+        browser.close().await;
+    }
+
+    let (_, replayed) = env
+        .admin_post(
+            "/admin/dead-letters/replay",
+            json!({"ids": ["evt_01JD6RB2K8Q0T"]}),
+        )
+        .await;
+    assert_eq!(
+        replayed["superseded"],
+        json!(["evt_01JD6RB2K8Q0T"]),
+        "{replayed}"
+    );
+    env.wait_settled(1).await;
+    assert_eq!(
+        booking_version(&env).await,
+        3,
+        "the org's version guard kept version 3"
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_sharing_cause_is_rechecked_against_the_org_before_a_replay() {
+    let env = TestEnv::start("ops-sharing").await;
+    let org_change = |change: Value| env.post_json("/__emulator/org", change);
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    // Private: the reschedule's Event upsert cannot see the host's Event.
+    let private = json!({"sobject": "Event", "sharing_model": "Private"});
+    assert_eq!(org_change(private).await, 200);
+    env.publish("meeting.rescheduled", &sample("rescheduled"))
+        .await;
+    env.wait_settled(2).await;
+    wait_dead_letters(&env, 1).await;
+    let listing = env.admin_get("/admin/dead-letters").await;
+    let group = &listing["groups"][0];
+    assert_eq!(
+        group["reason"], "salesforce_sharing_record_not_visible",
+        "{listing}"
+    );
+    assert_eq!(group["cause"]["state"], "still_there", "{listing}");
+    let fix = group["cause"]["problems"][0]["fix"].as_str().unwrap();
+    assert!(fix.contains("\"Modify All\" on Event"), "{fix}");
+    let (_, blocked) = env
+        .admin_post("/admin/dead-letters/replay", json!({"ids": group["ids"]}))
+        .await;
+    assert_eq!(blocked["replayed"], json!([]), "{blocked}");
+    assert_eq!(blocked["blocked"].as_array().unwrap().len(), 1, "{blocked}");
+
+    // The Salesforce admin shares the records: the query now returns the Event.
+    let modify_all =
+        json!({"permission_set": "BookMe_Integration_User", "object": "Event", "access": "CRUDM"});
+    assert_eq!(org_change(modify_all).await, 200);
+    let listing = env.admin_get("/admin/dead-letters").await;
+    assert_eq!(listing["groups"][0]["cause"]["state"], "gone", "{listing}");
+    let ids = json!({"ids": listing["groups"][0]["ids"]});
+    let (_, replayed) = env.admin_post("/admin/dead-letters/replay", ids).await;
+    assert_eq!(
+        replayed["replayed"].as_array().unwrap().len(),
+        1,
+        "{replayed}"
+    );
+    env.wait_settled(3).await;
+    assert_eq!(
+        env.outcomes().get("written"),
+        Some(&2),
+        "{:?}",
+        env.outcomes()
+    );
+    assert!(dead_letters(&env).await.is_empty());
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn a_refused_sign_in_is_tried_again_before_a_replay_and_unknown_causes_say_so() {
+    let env = TestEnv::start_from_files("ops-signin", OrgSpec::demo(), |_| {}).await;
+    plant_dead_letter(
+        &env,
+        &[
+            ("x-portals-reason", "salesforce_auth_inactive_user"),
+            (
+                "x-portals-message",
+                "Salesforce refuses the sign-in: user is inactive",
+            ),
+            ("x-portals-tenant", "acme"),
+            ("x-portals-event-id", "evt_signin"),
+        ],
+        &sample("booked"),
+    )
+    .await;
+    plant_dead_letter(
+        &env,
+        &[
+            (
+                "x-portals-reason",
+                "salesforce_field_custom_validation_exception",
+            ),
+            (
+                "x-portals-message",
+                "event: Subject must not say <b>urgent</b>",
+            ),
+            ("x-portals-tenant", "acme"),
+            ("x-portals-event-id", "evt_validation"),
+        ],
+        &sample("booked"),
+    )
+    .await;
+    wait_dead_letters(&env, 2).await;
+    let group_of = |listing: &Value, reason: &str| {
+        listing["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["reason"] == reason)
+            .cloned()
+            .unwrap_or_else(|| panic!("no group {reason}: {listing}"))
+    };
+
+    // The sign-in works: the cause is gone.
+    let listing = env.admin_get("/admin/dead-letters").await;
+    let signin = group_of(&listing, "salesforce_auth_inactive_user");
+    assert_eq!(signin["cause"]["state"], "gone", "{signin}");
+    let validation = group_of(&listing, "salesforce_field_custom_validation_exception");
+    assert_eq!(validation["cause"]["state"], "cannot_check", "{validation}");
+
+    // The user is deactivated and its token expired: tried now, refused, with the fix.
+    env.integration_user_active(false).await;
+    let listing = env.admin_get("/admin/dead-letters").await;
+    let signin = group_of(&listing, "salesforce_auth_inactive_user");
+    assert_eq!(signin["cause"]["state"], "still_there", "{signin}");
+    let problem = &signin["cause"]["problems"][0];
+    assert!(
+        problem["problem"]
+            .as_str()
+            .unwrap()
+            .contains("user is inactive"),
+        "{problem}"
+    );
+    assert_eq!(
+        problem["fix"],
+        "reactivate the integration user (Setup → Users)"
+    );
+    let (_, blocked) = env
+        .admin_post("/admin/dead-letters/replay", json!({"ids": ["evt_signin"]}))
+        .await;
+    assert_eq!(blocked["blocked"][0]["id"], "evt_signin", "{blocked}");
+
+    // In the browser: the cause that cannot be checked says so, its markup inert.
+    if let Some(browser) = Browser::start("ops_cannot_check").await {
+        let base = env.http_url();
+        browser
+            .client
+            .goto(&format!("{base}/ui/dead-letters"))
+            .await
+            .unwrap();
+        let groups = browser.wait_text("#groups", "Cannot be re-checked").await;
+        assert!(groups.contains("Still there"), "{groups}");
+        assert!(
+            groups.contains("reactivate the integration user"),
+            "{groups}"
+        );
+        let letters = browser.wait_text("#letters", "<b>urgent</b>").await;
+        assert!(letters.contains("evt_validation"), "{letters}");
+        assert!(
+            browser
+                .client
+                .find(Locator::Css("#letters b"))
+                .await
+                .is_err()
+        );
+        browser.close().await;
+    }
+    assert_eq!(
+        dead_letters(&env).await.len(),
+        2,
+        "looking consumed nothing"
+    );
+    env.integration_user_active(true).await;
     env.finish().await;
 }

@@ -1,24 +1,26 @@
 //! Dead letters for the Operations console and its JSON twins: grouped by tenant × reason ×
-//! Salesforce field with the fix, searched, shown in full (masked), replayed after their cause
-//! was re-checked against the org as it is now, purged with a typed confirmation, exported.
+//! Salesforce field with the fix, searched, shown in full (masked), marked when a newer version
+//! superseded them (in this worker's ledger or in the org, [`super::superseded`]), replayed
+//! after their cause was re-checked against the org as it is now ([`super::causes`]), purged
+//! with a typed confirmation, exported.
 //!
 //! Everything reads the dead-letter queue through [`crate::dlq::Dlq`], which fetches
 //! unacknowledged and hands every message back when its channel closes: looking never consumes
 //! (unlike RabbitMQ's own "Get messages", which the management UI calls destructive). A replay
 //! removes a dead letter only after the broker confirmed its copy on the work queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::causes::{self, Cause, CauseState};
+use super::superseded::{self, VersionTarget};
 use super::{AdminState, ProblemView};
 use crate::amqp::Topology;
 use crate::dlq::{DeadLetter, Dlq, DlqError, Filter};
-use crate::plan::validate::MappingProblem;
 use crate::telemetry::logging::redact;
-use crate::tenants::check_against_org;
 
 /// Where the dead-letter queue is: the service's broker URL and topology. A connection is opened
 /// per request ([`Dlq::open`]) and closed after it, so a console left open holds nothing.
@@ -138,19 +140,6 @@ pub fn field_of(letter: &DeadLetter) -> Option<String> {
     })
 }
 
-/// Whether `problem` is about `field` (`Object.Field`, `Field`, or a comma-separated list).
-fn concerns(problem: &MappingProblem, field: &str) -> bool {
-    field
-        .split(',')
-        .map(str::trim)
-        .any(|f| match f.split_once('.') {
-            Some(_) => problem.target.eq_ignore_ascii_case(f),
-            None => problem
-                .field()
-                .is_some_and(|name| name.eq_ignore_ascii_case(f)),
-        })
-}
-
 /// A dead letter in a list: no body.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -166,8 +155,10 @@ pub struct Summary {
     pub booking_id: Option<String>,
     /// The booking version the event carries.
     pub version: Option<u64>,
-    /// The newer version already written (ledger), when one is: replaying changes nothing.
+    /// The newer version already written, when one is: replaying changes nothing.
     pub superseded_by: Option<u64>,
+    /// Who knows of it: `org` (the org holds it) or `ledger` (this worker wrote it).
+    pub superseded_in: Option<&'static str>,
     /// Attempts made.
     pub attempts: i64,
     /// Last failure, RFC 3339.
@@ -191,21 +182,10 @@ pub struct Group {
     pub ids: Vec<String>,
     /// How many of them a newer version already superseded: replaying those changes nothing.
     pub superseded: usize,
+    /// Why the org was not asked for newer versions (the ledger still was), if it was not.
+    pub versions_unasked: Option<String>,
     /// The cause re-checked against the org now.
     pub cause: Cause,
-}
-
-/// A group's cause, re-checked against the org as it is now.
-#[derive(Debug, Clone, Serialize)]
-pub struct Cause {
-    /// `still_there` (replay is blocked), `gone` (the check passes now) or `not_checked` (no
-    /// check for this reason, or the org could not be asked).
-    pub state: &'static str,
-    /// The problems the mapping check finds for the field now, each with its fix (the same text
-    /// `portals-crm mapping validate` and the mapping page give).
-    pub problems: Vec<ProblemView>,
-    /// In words.
-    pub detail: String,
 }
 
 /// The event's booking id and version, if the body is an event.
@@ -225,6 +205,7 @@ fn superseded_by(state: &AdminState, letter: &DeadLetter, version: Option<u64>) 
 
 fn summary(state: &AdminState, letter: &DeadLetter) -> Summary {
     let version = booking_version(letter);
+    let superseded_by = superseded_by(state, letter, version);
     Summary {
         id: letter.id.clone(),
         tenant: letter.tenant.clone(),
@@ -232,76 +213,11 @@ fn summary(state: &AdminState, letter: &DeadLetter) -> Summary {
         field: field_of(letter),
         booking_id: letter.booking_id.clone(),
         version,
-        superseded_by: superseded_by(state, letter, version),
+        superseded_by,
+        superseded_in: superseded_by.map(|_| "ledger"),
         attempts: letter.attempts,
         last_failure: letter.last_failure.clone(),
         message: redact(&letter.message),
-    }
-}
-
-/// The mapping problems of each tenant named, against its org now; `Err` for a tenant whose org
-/// could not be asked (or that is not configured).
-async fn org_problems(
-    state: &AdminState,
-    tenants: impl Iterator<Item = String>,
-) -> HashMap<String, Result<Vec<MappingProblem>, String>> {
-    let mut out = HashMap::new();
-    for tenant in tenants {
-        if out.contains_key(&tenant) {
-            continue;
-        }
-        let found = match state.tenants.get(&tenant) {
-            Some(t) => check_against_org(state.tenants.caches(), &t.config, &t.client)
-                .await
-                .map_err(|e| format!("the org could not be asked: {e}")),
-            None => Err(format!("no tenant {tenant} is configured")),
-        };
-        out.insert(tenant, found);
-    }
-    out
-}
-
-fn cause_of(field: Option<&str>, problems: Option<&Result<Vec<MappingProblem>, String>>) -> Cause {
-    let Some(field) = field else {
-        return Cause {
-            state: "not_checked",
-            problems: Vec::new(),
-            detail: "this reason names no Salesforce field, so there is nothing to re-check in the org; see the message".into(),
-        };
-    };
-    match problems {
-        Some(Ok(problems)) => {
-            let found: Vec<ProblemView> = problems
-                .iter()
-                .filter(|p| concerns(p, field))
-                .map(ProblemView::from)
-                .collect();
-            if found.is_empty() {
-                Cause {
-                    state: "gone",
-                    problems: found,
-                    detail: format!(
-                        "{field} now passes the mapping check as the integration user: replay should succeed"
-                    ),
-                }
-            } else {
-                Cause {
-                    state: "still_there",
-                    problems: found,
-                    detail: format!("{field} still fails as the integration user"),
-                }
-            }
-        }
-        Some(Err(e)) => Cause {
-            state: "not_checked",
-            problems: Vec::new(),
-            detail: e.clone(),
-        },
-        None => Cause {
-            state: "not_checked",
-            problems: Vec::new(),
-            detail: "not checked".into(),
-        },
     }
 }
 
@@ -325,39 +241,128 @@ pub(crate) async fn matching(
     Ok(listed?.into_iter().filter(|l| query.matches(l)).collect())
 }
 
-/// The listing of `letters`, each group's cause re-checked against its org.
+/// How many of a tenant's dead letters the mapping editor offers as preview events.
+pub const RECENT: usize = 20;
+
+/// A dead letter the mapping editor offers as a preview event: no body, nothing personal.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recent {
+    /// Dead-letter id.
+    pub id: String,
+    /// Reason code.
+    pub reason: String,
+    /// Booking id.
+    pub booking_id: Option<String>,
+    /// Last failure, RFC 3339.
+    pub last_failure: Option<String>,
+}
+
+/// The [`RECENT`] newest dead letters of `tenant`, newest first, read without consuming.
+pub(crate) async fn recent(source: &DlqSource, tenant: &str) -> Result<Vec<Recent>, DlqError> {
+    let query = Query {
+        tenant: Some(tenant.to_owned()),
+        ..Query::default()
+    };
+    let mut letters = matching(source, &query).await?;
+    letters.sort_by(|a, b| b.last_failure.cmp(&a.last_failure));
+    Ok(letters
+        .into_iter()
+        .take(RECENT)
+        .map(|l| Recent {
+            id: l.id,
+            reason: l.reason,
+            booking_id: l.booking_id,
+            last_failure: l.last_failure,
+        })
+        .collect())
+}
+
+/// Marks the summaries (of one group of `tenant`) whose booking the org already holds at the
+/// same or a newer version: one query for the group ([`superseded::org_versions`]). `Err`: why
+/// the org was not asked.
+async fn mark_superseded_in_org(
+    state: &AdminState,
+    tenant: &str,
+    summaries: &mut [&mut Summary],
+) -> Result<(), String> {
+    let mut booking_ids: Vec<&str> = summaries
+        .iter()
+        .filter(|s| s.version.is_some())
+        .filter_map(|s| s.booking_id.as_deref())
+        .collect();
+    booking_ids.sort_unstable();
+    booking_ids.dedup();
+    if booking_ids.is_empty() {
+        return Ok(());
+    }
+    let t = state
+        .tenants
+        .get(tenant)
+        .ok_or_else(|| format!("no tenant {tenant} is configured"))?;
+    let target = VersionTarget::of(&t.config)
+        .ok_or("the mapping writes no record keyed by the booking id with its version")?;
+    let found = superseded::org_versions(&t.client, &target, &booking_ids)
+        .await
+        .map_err(|e| format!("the org could not be asked for newer versions: {e}"))?;
+    for s in summaries.iter_mut() {
+        let (Some(version), Some(booking)) = (s.version, s.booking_id.as_deref()) else {
+            continue;
+        };
+        if let Some(&held) = found.get(booking).filter(|held| **held >= version) {
+            s.superseded_by = Some(s.superseded_by.map_or(held, |ledger| ledger.max(held)));
+            s.superseded_in = Some("org");
+        }
+    }
+    Ok(())
+}
+
+/// The listing of `letters`: each group's superseded dead letters (ledger or org) and its
+/// cause re-checked against its org.
 pub(crate) async fn listing(state: &AdminState, letters: &[DeadLetter]) -> Listing {
-    let summaries: Vec<Summary> = letters.iter().map(|l| summary(state, l)).collect();
-    let mut grouped: BTreeMap<(String, String, Option<String>), Vec<String>> = BTreeMap::new();
-    for s in &summaries {
+    let mut summaries: Vec<Summary> = letters.iter().map(|l| summary(state, l)).collect();
+    let mut grouped: BTreeMap<(String, String, Option<String>), Vec<usize>> = BTreeMap::new();
+    for (i, s) in summaries.iter().enumerate() {
         grouped
             .entry((s.tenant.clone(), s.reason.clone(), s.field.clone()))
             .or_default()
-            .push(s.id.clone());
+            .push(i);
     }
-    let checked = org_problems(
-        state,
-        grouped
-            .keys()
-            .filter(|(_, _, field)| field.is_some())
-            .map(|(tenant, _, _)| tenant.clone()),
-    )
-    .await;
-    let mut groups: Vec<Group> = grouped
-        .into_iter()
-        .map(|((tenant, reason, field), ids)| Group {
-            cause: cause_of(field.as_deref(), checked.get(&tenant)),
-            superseded: summaries
+    let mut asked = causes::Asked::default();
+    let mut groups = Vec::new();
+    for ((tenant, reason, field), members) in grouped {
+        let mut mine: Vec<&mut Summary> = summaries
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| members.contains(i))
+            .map(|(_, s)| s)
+            .collect();
+        let versions_unasked = mark_superseded_in_org(state, &tenant, &mut mine)
+            .await
+            .err();
+        let group_letters: Vec<&DeadLetter> = members.iter().map(|&i| &letters[i]).collect();
+        let cause = causes::recheck(
+            state,
+            &mut asked,
+            &tenant,
+            &reason,
+            field.as_deref(),
+            &group_letters,
+        )
+        .await;
+        groups.push(Group {
+            superseded: members
                 .iter()
-                .filter(|s| s.superseded_by.is_some() && ids.contains(&s.id))
+                .filter(|&&i| summaries[i].superseded_by.is_some())
                 .count(),
+            ids: members.iter().map(|&i| summaries[i].id.clone()).collect(),
+            count: members.len(),
+            versions_unasked,
+            cause,
             tenant,
             reason,
             field,
-            count: ids.len(),
-            ids,
-        })
-        .collect();
+        });
+    }
     groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     Listing {
         groups,
@@ -423,9 +428,9 @@ pub(crate) async fn detail(
         .into_iter()
         .next()
         .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
-    let summary = summary(state, &letter);
-    let checked = org_problems(state, summary.field.iter().map(|_| summary.tenant.clone())).await;
-    let cause = cause_of(summary.field.as_deref(), checked.get(&summary.tenant));
+    let mut listing = listing(state, std::slice::from_ref(&letter)).await;
+    let summary = listing.letters.remove(0);
+    let cause = listing.groups.remove(0).cause;
     let mut headers = BTreeMap::new();
     for (name, value) in [
         ("x-portals-reason", Some(letter.reason.clone())),
@@ -471,6 +476,8 @@ pub struct ReplayAnswer {
     pub replayed: Vec<String>,
     /// Of those, already superseded by a newer version (the version guard makes them no-ops).
     pub superseded: Vec<String>,
+    /// Of those, whose cause cannot be re-checked against the org (replayed unchecked).
+    pub unchecked: Vec<String>,
     /// Kept, because their cause is still there (and no override): each with why and the fix.
     pub blocked: Vec<Blocked>,
     /// Asked for but not in the queue (any more).
@@ -507,8 +514,12 @@ pub(crate) async fn replay(
     let listing = listing(state, &letters).await;
     let mut blocked = Vec::new();
     let mut go = Vec::new();
+    let mut unchecked = Vec::new();
     for group in &listing.groups {
-        if group.cause.state == "still_there" && !request.override_cause {
+        if group.cause.state == CauseState::CannotCheck {
+            unchecked.extend(group.ids.iter().cloned());
+        }
+        if group.cause.state == CauseState::StillThere && !request.override_cause {
             blocked.extend(group.ids.iter().map(|id| Blocked {
                 id: id.clone(),
                 detail: group.cause.detail.clone(),
@@ -530,6 +541,7 @@ pub(crate) async fn replay(
         .filter(|l| l.superseded_by.is_some() && go.contains(&l.id))
         .map(|l| l.id.clone())
         .collect();
+    unchecked.retain(|id| go.contains(id));
     let replayed = if go.is_empty() {
         Vec::new()
     } else {
@@ -542,9 +554,11 @@ pub(crate) async fn replay(
         dlq.close().await;
         result?.into_iter().map(|l| l.id).collect()
     };
+    unchecked.retain(|id| replayed.contains(id));
     Ok(ReplayAnswer {
         replayed,
         superseded,
+        unchecked,
         blocked,
         missing,
     })
@@ -621,16 +635,6 @@ mod tests {
         }
     }
 
-    fn problem(target: &str) -> MappingProblem {
-        MappingProblem {
-            tenant: "acme".into(),
-            record: "lead".into(),
-            target: target.into(),
-            problem: "not createable".into(),
-            fix: "grant Edit".into(),
-        }
-    }
-
     #[test]
     fn the_field_comes_from_the_fields_list_else_from_invalid_fields_message() {
         assert_eq!(
@@ -650,27 +654,6 @@ mod tests {
             Some("Phone")
         );
         assert_eq!(field_of(&letter("503", None)), None);
-    }
-
-    #[test]
-    fn a_problem_concerns_its_field_with_or_without_the_object() {
-        let p = problem("Lead.Phone");
-        assert!(concerns(&p, "Lead.Phone"));
-        assert!(concerns(&p, "Title,Phone"));
-        assert!(!concerns(&p, "Contact.Phone"));
-        assert!(!concerns(&p, "Title"));
-    }
-
-    #[test]
-    fn the_cause_is_still_there_while_the_check_finds_the_field_and_gone_after() {
-        let still = cause_of(Some("Lead.Phone"), Some(&Ok(vec![problem("Lead.Phone")])));
-        assert_eq!(still.state, "still_there");
-        assert_eq!(still.problems[0].fix, "grant Edit");
-        let gone = cause_of(Some("Lead.Phone"), Some(&Ok(vec![problem("Lead.Title")])));
-        assert_eq!(gone.state, "gone");
-        let unasked = cause_of(Some("Lead.Phone"), Some(&Err("down".into())));
-        assert_eq!(unasked.state, "not_checked");
-        assert_eq!(cause_of(None, None).state, "not_checked");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! [`MAX_BODY_BYTES`].
 
 pub mod access;
+pub mod causes;
 pub mod console;
 pub mod dead_letters;
 pub mod health;
 pub mod mapping_file;
+pub mod superseded;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,8 +32,10 @@ use crate::plan::CompiledMapping;
 use crate::plan::samples;
 use crate::plan::validate::{MappingProblem, constant_problem};
 use crate::salesforce::model::{Graph, GraphRequest};
+use crate::salesforce::signin::SignInRefused;
+use crate::telemetry::logging::mask_email;
 use crate::telemetry::metrics::Metrics;
-use crate::tenants::{Registry, Reloader, Tenant, check_against_org};
+use crate::tenants::{Registry, Reloader, Tenant, check_against_org, recheck};
 use mapping_file::MappingModel;
 
 /// The largest request body the admin API and the console accept: a tenant file or a pasted
@@ -78,6 +82,27 @@ impl AdminState {
     }
 }
 
+/// A refused sign-in, as the overview shows it.
+#[derive(Debug, Serialize)]
+pub struct SignInView {
+    /// `salesforce_auth_<error>` (the reason label of `portals_crm_salesforce_auth_refused`).
+    pub reason: &'static str,
+    /// Salesforce's `error_description`, verbatim.
+    pub description: String,
+    /// What to do: the fix `portals-crm doctor` gives.
+    pub fix: &'static str,
+}
+
+impl From<SignInRefused> for SignInView {
+    fn from(refused: SignInRefused) -> Self {
+        Self {
+            reason: refused.reason_code(),
+            fix: refused.fix(),
+            description: refused.description,
+        }
+    }
+}
+
 /// One tenant's health, as the overview shows it.
 #[derive(Debug, Serialize)]
 pub struct TenantHealth {
@@ -93,19 +118,25 @@ pub struct TenantHealth {
     pub records: Vec<(String, String)>,
     /// The file on disk does not load: the problems, while the running (last good) copy stays.
     pub rejected_file: Vec<String>,
-    /// The mapping's problems against the org now (permission drift), or why it was not asked.
+    /// The mapping's problems against the org (permission drift) at the last check.
     pub drift: Vec<MappingProblem>,
-    /// The org could not be asked.
+    /// The org could not be asked at the last check.
     pub org_error: Option<String>,
+    /// When the org was last checked (UTC, RFC 3339): at start, by the periodic re-check
+    /// (`cache.describe_refresh_secs`), at a reload, or on demand.
+    pub checked_at: String,
     /// The tenant's circuit is open (paused).
     pub circuit_open: bool,
+    /// Salesforce refuses the integration user's sign-in (the tenant is paused until it works).
+    pub sign_in_refused: Option<SignInView>,
     /// Share of the org's daily API requests used, as last reported by the org (0–1).
     pub api_used: Option<f64>,
     /// The share above which the tenant is paused.
     pub api_quota_share: f64,
 }
 
-/// The health of every tenant: file state, drift, circuit, quota.
+/// The health of every tenant: file state, drift (the last check against the org, which runs
+/// once here only for a tenant not checked since the start), circuit, refused sign-in, quota.
 pub async fn overview(state: &AdminState) -> Vec<TenantHealth> {
     let mut out = Vec::new();
     for tenant in state.tenants.all() {
@@ -117,11 +148,10 @@ pub async fn overview(state: &AdminState) -> Vec<TenantHealth> {
             },
             None => Vec::new(),
         };
-        let (drift, org_error) =
-            match check_against_org(state.tenants.caches(), config, &tenant.client).await {
-                Ok(found) => (found, None),
-                Err(e) => (Vec::new(), Some(e.to_string())),
-            };
+        let last = match state.tenants.org_checks().get(&config.tenant) {
+            Some(last) => last,
+            None => recheck(&state.tenants, &tenant).await,
+        };
         out.push(TenantHealth {
             tenant: config.tenant.clone(),
             login_url: config.org.login_url.clone(),
@@ -136,19 +166,40 @@ pub async fn overview(state: &AdminState) -> Vec<TenantHealth> {
                 .map(|r| (r.reference.clone(), r.sobject.clone()))
                 .collect(),
             rejected_file,
-            drift,
-            org_error,
+            drift: last.problems,
+            org_error: last.org_error,
+            checked_at: last.at,
             circuit_open: state
                 .metrics
                 .circuit_open
                 .with_label_values(&[config.tenant.as_str()])
                 .get()
                 > 0,
+            sign_in_refused: tenant.breaker.refused_sign_in().map(SignInView::from),
             api_used: tenant.client.api_usage().map(|u| u.ratio()),
             api_quota_share: config.limits.api_quota_share,
         });
     }
     out
+}
+
+/// `POST /admin/tenants/{tenant}/recheck`: checks the tenant's mapping against its org now
+/// (the overview otherwise shows the last periodic check); the new last check.
+async fn recheck_tenant(State(state): State<AdminState>, Path(tenant): Path<String>) -> Response {
+    let t = match state.tenant(&tenant) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let last = recheck(&state.tenants, &t).await;
+    axum::Json(json!({
+        "tenant": tenant,
+        "checked_at": last.at,
+        "valid": last.org_error.is_none() && last.problems.is_empty(),
+        "problems": last.problems.iter().map(ProblemView::from).collect::<Vec<_>>(),
+        "org_error": last.org_error,
+        "sign_in_refused": t.breaker.refused_sign_in().map(SignInView::from),
+    }))
+    .into_response()
 }
 
 async fn list_tenants(State(state): State<AdminState>) -> Response {
@@ -335,6 +386,13 @@ struct Proposed {
     /// A pasted CloudEvent (JSON text), instead of a sample.
     #[serde(default)]
     event: Option<String>,
+    /// The id of one of the tenant's dead letters: its body is the event (read without
+    /// consuming it). Preview only.
+    #[serde(default)]
+    dead_letter: Option<String>,
+    /// Show a dead letter's emails and phone numbers in the preview unmasked.
+    #[serde(default)]
+    reveal: bool,
 }
 
 fn proposed_config(state: &AdminState, t: &Tenant, body: &Proposed) -> Result<Proposal, Refusal> {
@@ -385,23 +443,11 @@ async fn preview(
         Ok(found) => found,
         Err(refused) => return *refused,
     };
-    let mut event = match &body.event {
-        Some(text) => {
-            match crate::event::decode(text.as_bytes(), crate::event::DEFAULT_MAX_BODY_BYTES) {
-                Ok(e) => e,
-                Err(e) => {
-                    return error(StatusCode::UNPROCESSABLE_ENTITY, format!("the event: {e}"));
-                }
-            }
-        }
-        None => {
-            let name = body.sample.as_deref().unwrap_or("booked");
-            match samples::sample(name) {
-                Some(e) => e,
-                None => return error(StatusCode::NOT_FOUND, format!("no sample event {name:?}")),
-            }
-        }
+    let chosen = match chosen_event(&state, &tenant, &body).await {
+        Ok(chosen) => chosen,
+        Err(refused) => return refused.into_response(),
     };
+    let mut event = chosen.event;
     event.tenant = tenant.clone();
     let enrichment = crate::enrich::enrich(&event, &t.client, state.tenants.caches())
         .await
@@ -417,7 +463,8 @@ async fn preview(
         }
     };
     let mut records = Vec::new();
-    for node in &nodes {
+    let mut nodes = nodes;
+    for node in &mut nodes {
         let sobject = node.url.split('/').nth(5).unwrap_or_default().to_owned();
         let describe = state
             .tenants
@@ -426,32 +473,33 @@ async fn preview(
             .await
             .ok()
             .flatten();
-        let fields: Vec<Value> = node
-            .body
-            .as_ref()
-            .and_then(Value::as_object)
-            .map(|body| {
-                body.iter()
-                    .map(|(name, value)| {
-                        let field = describe.as_ref().and_then(|d| d.field(name));
-                        let reference = value.as_str().is_some_and(|s| s.starts_with("@{"));
-                        let problem = match field {
-                            None => Some("the integration user cannot see this field".to_owned()),
-                            Some(_) if reference => None,
-                            Some(f) => constant_problem(f, value),
-                        };
-                        json!({
-                            "field": name,
-                            "value": value,
-                            "type": field.map(|f| f.field_type.clone()),
-                            "length": field.map(|f| f.length),
-                            "fits": problem.is_none(),
-                            "why": problem,
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut fields = Vec::new();
+        if let Some(body) = node.body.as_mut().and_then(Value::as_object_mut) {
+            for (name, value) in body.iter_mut() {
+                let field = describe.as_ref().and_then(|d| d.field(name));
+                let reference = value.as_str().is_some_and(|s| s.starts_with("@{"));
+                let problem = match field {
+                    None => Some("the integration user cannot see this field".to_owned()),
+                    Some(_) if reference => None,
+                    Some(f) => constant_problem(f, value),
+                };
+                // Judged on the real value, shown masked when it is a real booking's.
+                if chosen.masked && !reference {
+                    *value = masked(value, field.map(|f| f.field_type.as_str()));
+                }
+                fields.push(json!({
+                    "field": name,
+                    "value": value,
+                    "type": field.map(|f| f.field_type.clone()),
+                    "length": field.map(|f| f.length),
+                    "fits": problem.is_none(),
+                    "why": problem,
+                }));
+            }
+        }
+        if chosen.masked {
+            node.url = mask_emails(&node.url, '/');
+        }
         records.push(json!({
             "reference_id": node.reference_id,
             "method": node.method,
@@ -466,7 +514,115 @@ async fn preview(
             composite_request: nodes,
         }],
     };
-    axum::Json(json!({"records": records, "graph": graph})).into_response()
+    axum::Json(json!({
+        "records": records,
+        "graph": graph,
+        "source": chosen.source,
+        "masked": chosen.masked,
+    }))
+    .into_response()
+}
+
+/// A dead letter's rendered value as the preview shows it: a dead letter is a customer's real
+/// booking, so (as on the dead-letter page) a phone field's value is masked whole and any email
+/// address in text is masked; dates and numbers stay readable.
+fn masked(value: &Value, field_type: Option<&str>) -> Value {
+    match (value, field_type) {
+        (Value::String(_), Some("phone")) => json!("[phone]"),
+        (Value::String(text), _) => json!(mask_emails(text, ' ')),
+        _ => value.clone(),
+    }
+}
+
+/// `text` with each `separator`-separated part that holds an email address masked (a URL's
+/// external-id segment, a word).
+fn mask_emails(text: &str, separator: char) -> String {
+    text.split(separator)
+        .map(|part| {
+            if part.contains('@') {
+                mask_email(part)
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(&separator.to_string())
+}
+
+/// The event a preview renders, and where it came from.
+struct ChosenEvent {
+    event: crate::event::BookingEvent,
+    /// In words, for the page: "sample booked", "the pasted event", "dead letter <id> …".
+    source: String,
+    /// Whether the rendered values are to be masked (a dead letter's, unless revealed).
+    masked: bool,
+}
+
+/// The preview's event: a dead letter of `tenant` (read without consuming), a pasted event, or
+/// a built-in sample (`booked` when none is named).
+async fn chosen_event(
+    state: &AdminState,
+    tenant: &str,
+    body: &Proposed,
+) -> Result<ChosenEvent, Refusal> {
+    let decode = |text: &str, what: &str| {
+        crate::event::decode(text.as_bytes(), crate::event::DEFAULT_MAX_BODY_BYTES)
+            .map_err(|e| Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("{what}: {e}")))
+    };
+    if let Some(id) = body.dead_letter.as_deref().filter(|id| !id.is_empty()) {
+        let query = dead_letters::Query {
+            tenant: Some(tenant.to_owned()),
+            ids: Some(id.to_owned()),
+            ..dead_letters::Query::default()
+        };
+        let letter = dead_letters::matching(&state.dlq, &query)
+            .await
+            .map_err(|e| Refusal(StatusCode::BAD_GATEWAY, e.to_string()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Refusal(
+                    StatusCode::NOT_FOUND,
+                    format!("no dead letter {id} of tenant {tenant} (replayed or purged since?)"),
+                )
+            })?;
+        return Ok(ChosenEvent {
+            event: decode(&letter.body, &format!("the body of dead letter {id}"))?,
+            source: format!(
+                "the body of dead letter {id} ({}, last failed {}){}",
+                letter.reason,
+                letter
+                    .last_failure
+                    .as_deref()
+                    .unwrap_or("at an unknown time"),
+                if body.reveal {
+                    ""
+                } else {
+                    "; emails and phone numbers masked"
+                }
+            ),
+            masked: !body.reveal,
+        });
+    }
+    if let Some(text) = &body.event {
+        return Ok(ChosenEvent {
+            event: decode(text, "the event")?,
+            source: "the pasted event".into(),
+            masked: false,
+        });
+    }
+    let name = body.sample.as_deref().unwrap_or("booked");
+    match samples::sample(name) {
+        Some(event) => Ok(ChosenEvent {
+            event,
+            source: format!("sample {name}"),
+            masked: false,
+        }),
+        None => Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("no sample event {name:?}"),
+        )),
+    }
 }
 
 /// The doctor's rollback probe for the proposed mapping and a sample event: nothing written.
@@ -766,6 +922,7 @@ pub fn router(
         .route("/admin/tenants/{tenant}/probe", post(probe))
         .route("/admin/tenants/{tenant}/diff", post(diff))
         .route("/admin/tenants/{tenant}/doctor", get(doctor_report))
+        .route("/admin/tenants/{tenant}/recheck", post(recheck_tenant))
         .route("/admin/reload", post(reload))
         .route("/admin/health", get(health_report))
         .route("/admin/dead-letters", get(dead_letter_list))

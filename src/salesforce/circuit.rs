@@ -155,6 +155,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// The refused sign-in the breaker remembers (until a request succeeds): Salesforce's
+    /// description and, through [`SignInRefused::fix`], the same fix `doctor` gives.
+    pub fn refused_sign_in(&self) -> Option<SignInRefused> {
+        self.lock().refused.clone()
+    }
+
     /// Whether a request may go to Salesforce now.
     pub fn allow(&self) -> Result<(), CircuitOpen> {
         let mut inner = self.lock();
@@ -334,6 +340,7 @@ mod tests {
         )
         .unwrap();
         b.refuse_sign_in(&refused);
+        assert_eq!(b.refused_sign_in(), Some(refused.clone()));
         let open = b.allow().unwrap_err();
         assert_eq!(open.sign_in, Some(OAuthErrorCode::InvalidGrant));
         assert_eq!(
@@ -351,6 +358,7 @@ mod tests {
         );
         b.record_success();
         assert_eq!(b.allow(), Ok(()));
+        assert_eq!(b.refused_sign_in(), None);
         assert_eq!(
             vec.with_label_values(&["acme", "salesforce_auth_invalid_grant"])
                 .get(),

@@ -22,7 +22,7 @@ use crate::plan::CompiledMapping;
 use crate::salesforce::{CircuitBreaker, OrgEndpoint, SalesforceClient, SalesforceError};
 use crate::telemetry::metrics::Metrics;
 
-pub use org_check::{check_against_org, org_setting_warnings};
+pub use org_check::{LastCheck, OrgChecks, check_against_org, org_setting_warnings, recheck};
 pub use reload::Reloader;
 
 /// One configured tenant, ready to process events.
@@ -259,6 +259,7 @@ pub struct Registry {
     /// tenant it started with until it settles.
     tenants: std::sync::RwLock<HashMap<String, Arc<Tenant>>>,
     caches: Caches,
+    org_checks: OrgChecks,
     metrics: Arc<Metrics>,
     settings: TenantSettings,
     tracker: TaskTracker,
@@ -279,6 +280,7 @@ impl Registry {
         let registry = Self {
             tenants: std::sync::RwLock::default(),
             caches,
+            org_checks: OrgChecks::default(),
             metrics,
             settings,
             tracker: tracker.clone(),
@@ -369,6 +371,11 @@ impl Registry {
         &self.caches
     }
 
+    /// Each tenant's last check of its mapping against its org.
+    pub fn org_checks(&self) -> &OrgChecks {
+        &self.org_checks
+    }
+
     /// Replaces every tenant at once with `configs`, after compiling each mapping and checking
     /// it against its org. Any problem rejects the whole change and the running tenants stay.
     /// An org that cannot be reached does not block a reload (its mapping is checked when the
@@ -376,8 +383,11 @@ impl Registry {
     pub async fn replace(&self, configs: Vec<TenantConfig>) -> Result<Vec<String>, Vec<String>> {
         let loaded = load_tenants(configs, self.settings.timeout, &self.metrics)?;
         let mut problems = Vec::new();
+        let mut checked = Vec::new();
         for tenant in &loaded {
-            match check_against_org(&self.caches, &tenant.config, &tenant.client).await {
+            let result = check_against_org(&self.caches, &tenant.config, &tenant.client).await;
+            checked.push((tenant.config.tenant.clone(), result.clone()));
+            match result {
                 Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
                 Err(error) => tracing::warn!(
                     tenant = %tenant.config.tenant,
@@ -388,6 +398,11 @@ impl Registry {
         }
         if !problems.is_empty() {
             return Err(problems);
+        }
+        // Only an accepted change replaces the last checks: a refused one leaves the running
+        // mappings, whose checks still hold.
+        for (tenant, result) in &checked {
+            self.org_checks.record(tenant, result);
         }
         let names: Vec<String> = loaded.iter().map(|t| t.config.tenant.clone()).collect();
         let built = self.build(loaded);

@@ -294,6 +294,42 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// GET `path` of the service's HTTP port (the admin API), as JSON.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.http_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POST `body` to `path` of the service's HTTP port: the status and the JSON answer.
+    pub async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let answer = self
+            .http
+            .post(format!("{}{path}", self.http_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        (status, answer.json().await.unwrap())
+    }
+
+    /// Activates or deactivates the integration user (Setup → Users); deactivating also expires
+    /// the tokens issued, so the next request must sign in again and meets the refusal.
+    pub async fn integration_user_active(&self, active: bool) {
+        let user = serde_json::json!({"user": "integration@bookme-demo.example", "active": active});
+        assert_eq!(self.post_json("/__emulator/org", user).await, 200);
+        if !active {
+            let expire = serde_json::json!({"expire_tokens": true});
+            assert_eq!(self.post_json("/__emulator/faults", expire).await, 200);
+        }
+    }
+
     pub async fn post_json(&self, path: &str, body: Value) -> reqwest::StatusCode {
         self.http
             .post(format!("{}{path}", self.emulator.base_url))

@@ -186,7 +186,10 @@ function setupEditor() {
     soon();
   });
 
+  // A recent dead letter's body when one is chosen, else the sample, else the pasted event.
   function chosenEvent() {
+    const letter = document.getElementById("dead-letter");
+    if (letter && letter.value) return { dead_letter: letter.value };
     const sample = document.getElementById("sample").value;
     const pasted = document.getElementById("pasted").value;
     return sample ? { sample } : { event: pasted };
@@ -197,6 +200,7 @@ function setupEditor() {
     out.textContent = "Rendering…";
     const { status: code, data } = await postJson(base + "/preview", Object.assign({ mapping: model() }, chosenEvent()));
     out.textContent = "";
+    if (data.source) out.appendChild(el("p", "Event: " + data.source, "hint"));
     if (code !== 200) {
       out.appendChild(el("p", "No preview: " + (data.error || (data.problems || []).map((p) => p.target + ": " + p.problem).join("; ")), "bad"));
       return;
@@ -312,6 +316,9 @@ function setupDeadLetters() {
     if (data.replayed.length) {
       lines.push("Replayed " + data.replayed.length + " (confirmed by the broker, removed from the dead letters): " + data.replayed.join(", "));
     }
+    if (data.unchecked.length) {
+      lines.push("Replayed without a re-check (their cause cannot be checked against the org): " + data.unchecked.join(", "));
+    }
     if (data.superseded.length) {
       lines.push("Already superseded by a newer version, so they change nothing: " + data.superseded.join(", "));
     }
@@ -402,8 +409,27 @@ function setupHealth() {
   setInterval(refresh, 5000);
 }
 
+// The tenants overview: re-check one tenant against its org now, then show the new reading.
+function setupRecheck() {
+  document.querySelectorAll("[data-recheck]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      const result = button.parentNode.querySelector("[data-recheck-result]");
+      result.textContent = "Checking against the org…";
+      button.disabled = true;
+      const { status, data } = await postJson("/admin/tenants/" + encodeURIComponent(button.dataset.recheck) + "/recheck", {});
+      if (status !== 200) {
+        result.textContent = "Not checked: " + data.error;
+        button.disabled = false;
+        return;
+      }
+      window.location.reload();
+    });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupFilters();
+  setupRecheck();
   setupEditor();
   setupDeadLetters();
   setupHealth();

@@ -229,9 +229,16 @@ async fn mapping_page(State(state): State<AdminState>, Path(tenant): Path<String
         }
     }
     let samples: Vec<&str> = SAMPLES.iter().map(|(n, _)| *n).collect();
+    let (recent, recent_error) = match dead_letters::recent(&state.dlq, &tenant).await {
+        Ok(recent) => (recent, String::new()),
+        Err(e) => (Vec::new(), e.to_string()),
+    };
     page(
         "mapping.html",
-        context! { tenant, records => ser(&records), writable, samples, error, logout => state.gate.needs_login() },
+        context! {
+            tenant, records => ser(&records), writable, samples, recent => ser(&recent), recent_error,
+            error, logout => state.gate.needs_login()
+        },
     )
 }
 
