@@ -236,9 +236,9 @@ impl Pipeline {
         // Records already known to be duplicates of existing ones are written as those from
         // the start: the next version does not meet the rule again.
         let (mut sent, mut related) = if relating {
-            self.remembered_duplicates(&event.tenant, nodes.clone())
+            self.remembered_duplicates(&event.tenant, nodes)
         } else {
-            (nodes.clone(), Vec::new())
+            (nodes, Vec::new())
         };
         let remembered = related.clone();
         let mut outcome = match tenant
