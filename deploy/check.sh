@@ -34,6 +34,14 @@ keda = list(yaml.safe_load_all(open("k8s/keda-scaledobject.yaml")))
 scaled = next(d for d in keda if d["kind"] == "ScaledObject")
 trigger = scaled["spec"]["triggers"][0]
 assert trigger["type"] == "rabbitmq" and trigger["metadata"]["protocol"] == "http", "KEDA must use protocol: http (counts unacked)"
+import re
+meta = trigger["metadata"]
+assert meta.get("useRegex") == "true" and meta.get("operation") == "sum", "KEDA must sum the shared and the tenant queues"
+queues = re.compile(meta["queueName"])
+for name in ["crm.sync", "crm.sync.t.acme"]:
+    assert queues.search(name), f"KEDA must count {name}"
+for name in ["crm.retry.5s", "crm.dead", "crm.sync.route"]:
+    assert not queues.search(name), f"KEDA must not count {name}"
 compose = yaml.safe_load(open("compose/docker-compose.yml"))
 services = compose["services"]
 for name in ["rabbitmq", "emulator", "worker-1", "worker-2", "prometheus", "grafana"]:

@@ -24,18 +24,18 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::amqp::{self, Topology};
-use crate::config::Config;
+use crate::config::{Config, TenantConfig};
 use crate::demo::simple_booking;
 use crate::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
 
@@ -125,6 +125,16 @@ fn now_ms() -> u64 {
 }
 
 /// Publishes with confirms, a window of messages in flight at a time.
+/// The body's `tenantid`, which the bench publishes as the tenant header too, as the booking
+/// platform does (README, "How the booking platform publishes").
+fn tenant_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Tenant {
+        tenantid: Option<String>,
+    }
+    serde_json::from_slice::<Tenant>(body).ok()?.tenantid
+}
+
 async fn publish_all(
     channel: &Channel,
     exchange: &str,
@@ -140,9 +150,7 @@ async fn publish_all(
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 &body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/cloudevents+json".into()),
+                amqp::event_properties(tenant_of(&body).as_deref()).with_delivery_mode(2),
             )
             .await?;
         pending.push(confirm);
@@ -419,6 +427,11 @@ impl Stage {
     }
 
     async fn finish(self, channel: &Channel) {
+        let tenants = TenantConfig::load_dir(&self.dir.join("tenants")).unwrap_or_default();
+        let _ = self
+            .topology
+            .delete_tenants(channel, tenants.iter().map(|t| t.tenant.as_str()))
+            .await;
         let _ = self.topology.delete(channel).await;
         self.emulator.stop().await;
         let _ = std::fs::remove_dir_all(self.dir);
@@ -638,9 +651,7 @@ async fn latency(bench: &Bench<'_>, run: &str, secs: u64) -> Result<(f64, f64), 
     for i in 0..n {
         ticker.tick().await;
         published_at.push(now_ms());
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/cloudevents+json".into());
+        let properties = amqp::event_properties(Some("acme")).with_delivery_mode(2);
         channel
             .basic_publish(
                 stage.topology.exchange.as_str().into(),

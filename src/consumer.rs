@@ -1,33 +1,63 @@
-//! The AMQP consumer: connects (with backoff), declares the topology, consumes the work queue
-//! with manual acks and per-consumer prefetch, hands each delivery to the [`Pipeline`], has
-//! [`outcome::decide`] say its fate and the [`Settler`] carry it out, reconnects on loss, and
-//! drains on shutdown. In-flight messages of a lost connection are simply redelivered: every
-//! write is an idempotent upsert.
+//! The AMQP consumer: connects (with backoff), declares the topology, consumes the shared work
+//! queue and every configured tenant's queue with manual acks and per-consumer prefetch, hands
+//! each delivery to the [`Pipeline`], has [`outcome::decide`] say its fate and the [`Settler`]
+//! carry it out, reconnects on loss, and drains on shutdown. In-flight messages of a lost
+//! connection are simply redelivered: every write is an idempotent upsert.
+//!
+//! # One consumer per queue, one set of permits
+//!
+//! All consumers share one channel and the worker's concurrency permits. Each tenant queue's
+//! consumer has the tenant's limit of messages in flight as its prefetch (see
+//! [`crate::tenants::Tenant::try_slot`]), so the broker never hands a worker more of one
+//! tenant's queue than the tenant may process; the shared queue keeps `amqp.prefetch`.
+//!
+//! The loop holds at most one permit while it waits, and waits on every consumer at once (their
+//! streams merged), taking whichever delivery comes first. A delivery from the shared queue
+//! whose tenant is at its limit is parked ([`Admission::Park`]); one from a tenant's queue waits
+//! for a slot of its tenant instead ([`Admission::Wait`]), so the tenant's backlog stays in its
+//! queue (parking goes through a retry tier, which leads to the shared queue).
+//!
+//! Why no consumer can starve the others, and nothing can deadlock: a permit is held either by
+//! that one wait, which any consumer's delivery ends, or by a task processing one delivery.
+//! Such a task may wait for one thing only, a slot of its own tenant, and slots are returned by
+//! that tenant's writes already in flight, which wait for nothing but Salesforce (answer or
+//! timeout); then the task settles (a confirmed publish or an ack) and releases its permit. So
+//! every permit comes back, and a consumer with nothing to deliver holds none. A tenant holds at
+//! most its queue's prefetch plus its limit of permits (its limit each: waiting, in flight).
+//!
+//! Reloads: a tenant added gets its queue, bindings and consumer; a removed tenant's bindings
+//! go first (its new events reach the shared queue), then its consumer is cancelled and what
+//! the broker had already sent it is handed back to its queue (`basic.nack` with requeue), which
+//! is kept: it may hold bookings.
 //!
 //! # Shutdown order and its guarantee
 //!
-//! On `cancel`: (1) take no more deliveries and `basic.cancel` the consumer, so the broker sends
+//! On `cancel`: (1) take no more deliveries and `basic.cancel` every consumer, so the broker sends
 //! no more; (2) drain: every message already taken is processed and settled (acked once
 //! Salesforce committed its graph) until `drain`; (3) if the drain deadline passes, stop the
 //! batchers (they send what they hold, then refuse new graphs) and keep waiting, the channel
 //! still open, for the requests on the wire until `grace` − [`CLOSE_BUDGET`]: a graph Salesforce
 //! commits then is still acked; (4) the settle barrier (see [`settle_barrier`]): a synchronous
-//! round trip through the work queue that returns only once the queue has taken in every ack
-//! sent before it; (5) close the connection, which hands back every message not acked.
+//! round trip through every queue consumed on the channel (the shared one and each tenant's)
+//! that returns only once each has taken in every ack sent before it; (5) close the connection,
+//! which hands back every message not acked.
 //!
 //! Guarantee: after a graceful stop, every message whose graph Salesforce answered as committed
 //! before step (4) is acked at the queue, so no committed booking is redelivered. Only a request
 //! still unanswered at the end of the grace can commit unacked; it is redelivered and rewritten
 //! idempotently (or counted superseded).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::stream::{self, BoxStream, SelectAll};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
@@ -42,6 +72,7 @@ use crate::retry_policy::Reconnect;
 use crate::telemetry::http::Readiness;
 use crate::telemetry::logging::redact;
 use crate::telemetry::metrics::Metrics;
+use crate::tenants::Admission;
 
 /// Worker settings taken from [`crate::config::Config`].
 #[derive(Clone)]
@@ -50,7 +81,8 @@ pub struct WorkerSettings {
     pub url: secrecy::SecretString,
     /// Heartbeat interval, seconds.
     pub heartbeat_secs: u16,
-    /// Per-consumer prefetch (unacked deliveries the broker may push to this worker).
+    /// Prefetch of the shared queue's consumer (unacked deliveries the broker may push to this
+    /// worker from it); each tenant queue's consumer has the tenant's in-flight limit instead.
     pub prefetch: u16,
     /// Messages processed at once.
     pub concurrency: usize,
@@ -94,13 +126,23 @@ impl Consumer {
         let mut backoff = Reconnect::new(Duration::from_millis(200), Duration::from_secs(30));
         let permits = Arc::new(Semaphore::new(settings.concurrency));
         let mut first = true;
+        // The tenants whose queues the last connection consumed: one removed while the
+        // connection was down still has its bindings removed.
+        let mut known = Vec::new();
         while !cancel.is_cancelled() {
             if !first {
                 self.metrics.amqp_reconnects.inc();
             }
             first = false;
             let session = self
-                .consume_once(&settings, &permits, &cancel, &stop_batchers, &mut backoff)
+                .consume_once(
+                    &settings,
+                    &permits,
+                    &cancel,
+                    &stop_batchers,
+                    &mut backoff,
+                    &mut known,
+                )
                 .await;
             self.readiness.set_broker(false);
             self.metrics.amqp_connected.set(0);
@@ -123,6 +165,7 @@ impl Consumer {
         cancel: &CancellationToken,
         stop_batchers: &CancellationToken,
         backoff: &mut Reconnect,
+        known: &mut Vec<String>,
     ) -> Result<(), lapin::Error> {
         let topology = &self.topology;
         // The queue in the name tells ops (and `rabbitmqctl list_connections`) which worker it is.
@@ -131,27 +174,38 @@ impl Consumer {
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
         let channel = connection.create_channel().await?;
-        // Per-consumer QoS: global QoS on a quorum queue closes the connection.
-        channel
-            .basic_qos(settings.prefetch, BasicQosOptions { global: false })
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                topology.work_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let mut feeds = Feeds::new(channel);
+        feeds.shared = Some(
+            feeds
+                .consume(&topology.work_queue, settings.prefetch)
+                .await?,
+        );
+        let registry = self.pipeline.tenants();
+        let mut names = registry.watch_names();
+        let tenant_prefetch = u16::try_from(registry.in_flight_limit()).unwrap_or(u16::MAX);
+        let wanted = names.borrow_and_update().clone();
+        for gone in known.iter().filter(|t| !wanted.contains(t)) {
+            topology.forget_tenant(publisher.channel(), gone).await?;
+        }
+        feeds
+            .follow(topology, publisher.channel(), &wanted, tenant_prefetch)
             .await?;
         self.readiness.set_broker(true);
         self.metrics.amqp_connected.set(1);
         backoff.reset();
-        tracing::info!(queue = %topology.work_queue, prefetch = settings.prefetch, "consuming");
-        let settler = Settler::new(publisher, topology.clone());
+        tracing::info!(
+            queue = %topology.work_queue,
+            prefetch = settings.prefetch,
+            tenant_queues = feeds.tenants.len(),
+            tenant_prefetch,
+            "consuming"
+        );
+        let settler = Settler::new(publisher.clone(), topology.clone());
         let in_flight = TaskTracker::new();
+        let mut following = true;
         let result = loop {
             // Wait for a slot first, so a delivery is only taken when it can start; both waits
-            // race the shutdown.
+            // race the shutdown. One permit waits for every consumer at once (module docs).
             let permit = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
                 permit = permits.clone().acquire_owned() => match permit {
@@ -159,34 +213,60 @@ impl Consumer {
                     Err(_) => break Ok(()),
                 },
             };
-            tokio::select! {
+            let (delivery, admission) = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
-                next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let consumer = self.clone();
-                        let settler = settler.clone();
-                        in_flight.spawn(async move {
-                            consumer.handle(delivery, &settler).await;
-                            drop(permit);
-                        });
+                changed = names.changed(), if following => {
+                    match changed {
+                        Ok(()) => {
+                            let wanted = names.borrow_and_update().clone();
+                            if let Err(error) = feeds
+                                .follow(topology, publisher.channel(), &wanted, tenant_prefetch)
+                                .await
+                            {
+                                break Err(error);
+                            }
+                        }
+                        // The registry is gone, so is any reload: the tenants stay as they are.
+                        Err(_) => following = false,
                     }
-                    Some(Err(error)) => break Err(error),
-                    None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                        lapin::ConnectionState::Closed,
-                    ))),
+                    continue;
                 }
-            }
+                next = feeds.streams.next() => match next {
+                    Some((tag, Some(Ok(delivery)))) => {
+                        if feeds.retiring.contains(&tag) {
+                            // A removed tenant's: back to its queue, which is kept.
+                            if let Err(error) = delivery
+                                .acker
+                                .nack(BasicNackOptions { requeue: true, multiple: false })
+                                .await
+                            {
+                                break Err(error);
+                            }
+                            continue;
+                        }
+                        (delivery, feeds.admission(&tag))
+                    }
+                    Some((_, Some(Err(error)))) => break Err(error),
+                    Some((tag, None)) if feeds.retiring.remove(&tag) => continue,
+                    // The broker cancelled a consumer we did not (its queue was deleted) or
+                    // the connection closed: start over, declaring everything again.
+                    Some((_, None)) | None => break Err(lapin::Error::from(
+                        lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+                    )),
+                }
+            };
+            let consumer = self.clone();
+            let settler = settler.clone();
+            in_flight.spawn(async move {
+                consumer.handle(delivery, admission, &settler).await;
+                drop(permit);
+            });
         };
+        *known = feeds.tenants.keys().cloned().collect();
         in_flight.close();
         if cancel.is_cancelled() {
-            self.stop(
-                &channel,
-                deliveries.tag().as_str(),
-                &in_flight,
-                settings,
-                stop_batchers,
-            )
-            .await;
+            self.stop(&mut feeds, &in_flight, settings, stop_batchers)
+                .await;
         } else if tokio::time::timeout(settings.drain, in_flight.wait())
             .await
             .is_err()
@@ -206,21 +286,24 @@ impl Consumer {
         result
     }
 
-    /// Steps (1) to (4) of the shutdown order in the module documentation.
+    /// Steps (1) to (4) of the shutdown order in the module documentation (`feeds` is `&mut`
+    /// only because its streams are not `Sync`).
     async fn stop(
         &self,
-        channel: &Channel,
-        consumer_tag: &str,
+        feeds: &mut Feeds,
         in_flight: &TaskTracker,
         settings: &WorkerSettings,
         stop_batchers: &CancellationToken,
     ) {
         let started = tokio::time::Instant::now();
-        if let Err(error) = channel
-            .basic_cancel(consumer_tag.into(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(%error, "could not cancel the consumer; the connection close will");
+        for tag in feeds.tags.values() {
+            if let Err(error) = feeds
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(%error, "could not cancel a consumer; the connection close will");
+            }
         }
         let drained = |deadline| async move {
             let done = tokio::time::timeout_at(deadline, in_flight.wait())
@@ -243,12 +326,13 @@ impl Consumer {
                 );
             }
         }
-        match tokio::time::timeout(
-            STEP_TIMEOUT,
-            settle_barrier(channel, &self.topology.work_queue),
-        )
-        .await
-        {
+        let barriers = async {
+            for queue in &feeds.consumed {
+                settle_barrier(&feeds.channel, queue).await?;
+            }
+            Ok::<(), lapin::Error>(())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, barriers).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::warn!(%error, "settle barrier failed; acks sent last may be redelivered")
@@ -258,7 +342,7 @@ impl Consumer {
     }
 
     /// Processes one delivery and settles it; the only caller of [`Settler::settle`].
-    async fn handle(&self, delivery: Delivery, settler: &Settler) {
+    async fn handle(&self, delivery: Delivery, admission: Admission, settler: &Settler) {
         let started = Instant::now();
         self.metrics.inflight.inc();
         let attempt = dead_letter::attempts(delivery.properties.headers().as_ref()) + 1;
@@ -270,7 +354,10 @@ impl Consumer {
             attempt
         );
         async {
-            let processed = self.pipeline.process(&delivery.data).await;
+            let processed = self
+                .pipeline
+                .process_admitted(&delivery.data, admission)
+                .await;
             let span = tracing::Span::current();
             let info = processed.info;
             span.record("tenant", info.tenant.as_str());
@@ -330,7 +417,128 @@ impl Consumer {
     }
 }
 
-/// Returns once the work queue has taken in every ack sent on `channel` before it, so that a
+/// One consumer's deliveries, tagged with its consumer tag; `None` once the broker ended it.
+type Feed = BoxStream<'static, (Arc<str>, Option<Result<Delivery, lapin::Error>>)>;
+
+/// The consumers of one connection, all on one channel: the shared queue's and one per
+/// configured tenant (see the module documentation).
+struct Feeds {
+    channel: Channel,
+    /// Every consumer's deliveries, merged.
+    streams: SelectAll<Feed>,
+    /// Consumer tag by queue, of the consumers still taking deliveries.
+    tags: HashMap<String, String>,
+    /// Queue by tenant, of the tenants whose queue is consumed.
+    tenants: BTreeMap<String, String>,
+    /// Tags of consumers cancelled for a removed tenant, until the broker ends them: what they
+    /// still deliver goes back to the queue.
+    retiring: HashSet<Arc<str>>,
+    /// Every queue consumed on the channel, for the settle barrier.
+    consumed: BTreeSet<String>,
+    /// The shared queue's consumer tag.
+    shared: Option<Arc<str>>,
+}
+
+impl Feeds {
+    fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            streams: SelectAll::new(),
+            tags: HashMap::new(),
+            tenants: BTreeMap::new(),
+            retiring: HashSet::new(),
+            consumed: BTreeSet::new(),
+            shared: None,
+        }
+    }
+
+    /// What a delivery of consumer `tag` does when its tenant is at its limit: parked from the
+    /// shared queue, waiting from a tenant's queue (see [`Admission`]).
+    fn admission(&self, tag: &Arc<str>) -> Admission {
+        if self.shared.as_ref() == Some(tag) {
+            Admission::Park
+        } else {
+            Admission::Wait
+        }
+    }
+
+    /// Consumes `queue` with its own prefetch. Per-consumer QoS (`global = false`) applies to
+    /// the consumers started after it on the channel; global QoS on a quorum queue closes the
+    /// connection (`rabbitmq-notes.md` §1).
+    async fn consume(&mut self, queue: &str, prefetch: u16) -> Result<Arc<str>, lapin::Error> {
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let tag: Arc<str> = consumer.tag().as_str().into();
+        let end = tag.clone();
+        let tagged = tag.clone();
+        self.streams.push(
+            consumer
+                .map(move |delivery| (tagged.clone(), Some(delivery)))
+                .chain(stream::once(async move { (end, None) }))
+                .boxed(),
+        );
+        self.tags.insert(queue.to_owned(), tag.to_string());
+        self.consumed.insert(queue.to_owned());
+        Ok(tag)
+    }
+
+    /// Consumes the queue of every tenant in `wanted` not consumed yet (declaring it and its
+    /// bindings on `declare`), and stops consuming the others, their bindings removed first.
+    async fn follow(
+        &mut self,
+        topology: &Topology,
+        declare: &Channel,
+        wanted: &[String],
+        prefetch: u16,
+    ) -> Result<(), lapin::Error> {
+        for tenant in wanted {
+            if self.tenants.contains_key(tenant) {
+                continue;
+            }
+            match topology.declare_tenant(declare, tenant).await? {
+                Some(queue) => {
+                    self.consume(&queue, prefetch).await?;
+                    tracing::info!(%tenant, %queue, "consuming the tenant's queue");
+                    self.tenants.insert(tenant.clone(), queue);
+                }
+                None => tracing::warn!(
+                    %tenant,
+                    "tenant id too long for a queue name; its events use the shared queue"
+                ),
+            }
+        }
+        let removed: Vec<(String, String)> = self
+            .tenants
+            .iter()
+            .filter(|(tenant, _)| !wanted.contains(tenant))
+            .map(|(t, q)| (t.clone(), q.clone()))
+            .collect();
+        for (tenant, queue) in removed {
+            topology.forget_tenant(declare, &tenant).await?;
+            if let Some(tag) = self.tags.remove(&queue) {
+                self.retiring.insert(tag.as_str().into());
+                self.channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await?;
+            }
+            tracing::info!(%tenant, %queue, "tenant removed; its queue is kept and no longer consumed");
+            self.tenants.remove(&tenant);
+        }
+        Ok(())
+    }
+}
+
+/// Returns once `queue` has taken in every ack sent on `channel` before it, so that a
 /// connection closed afterwards cannot lose them.
 ///
 /// Why it is needed: an ack is not answered in AMQP 0-9-1, and a RabbitMQ quorum queue does not
@@ -343,7 +551,7 @@ impl Consumer {
 /// burst of acks (a Composite Graph answers up to 75 bookings at once), so closing right after it
 /// redelivered committed bookings.
 ///
-/// How: `basic.get` on the work queue is a synchronous command through the same Raft log. It is
+/// How: `basic.get` on the queue is a synchronous command through the same Raft log. It is
 /// answered after everything the channel forwarded before it was applied, and the queue's
 /// progress reports for those commands reach the channel before the answer, which makes the
 /// channel forward the held acks before it handles anything we send after the answer (RabbitMQ 4

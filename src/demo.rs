@@ -425,8 +425,12 @@ pub async fn run(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     for message in &messages {
-        let properties = lapin::BasicProperties::default()
-            .with_content_type("application/cloudevents+json".into());
+        // As the platform would: the tenant header beside the body's `tenantid` (none on a
+        // body that is not JSON, which reaches the shared queue).
+        let tenant = serde_json::from_slice::<serde_json::Value>(&message.body)
+            .ok()
+            .and_then(|v| v["tenantid"].as_str().map(str::to_owned));
+        let properties = amqp::event_properties(tenant.as_deref());
         publisher
             .publish(
                 &topology.exchange,
@@ -482,7 +486,16 @@ pub async fn run(
         );
         stop.await;
     }
+    let tenant_ids: Vec<String> = service
+        .tenants
+        .all()
+        .iter()
+        .map(|t| t.config.tenant.clone())
+        .collect();
     service.shutdown().await;
+    let _ = topology
+        .delete_tenants(publisher.channel(), tenant_ids.iter().map(String::as_str))
+        .await;
     let _ = topology.delete(publisher.channel()).await;
     let _ = connection.close(200, "demo done".into()).await;
     emulator.stop().await;

@@ -121,7 +121,9 @@ fn table_str(table: &FieldTable, name: &str) -> Option<String> {
     header_str(Some(table), name)
 }
 
-fn broker_death(headers: Option<&FieldTable>, work_queue: &str) -> Option<BrokerDeath> {
+/// The broker's record of dead-lettering the message from a queue workers consume (the shared
+/// work queue or a tenant queue, see [`Topology::is_consumed`]).
+fn broker_death(headers: Option<&FieldTable>, topology: &Topology) -> Option<BrokerDeath> {
     let Some(AMQPValue::FieldArray(deaths)) = headers?.inner().get("x-death") else {
         return None;
     };
@@ -130,7 +132,7 @@ fn broker_death(headers: Option<&FieldTable>, work_queue: &str) -> Option<Broker
             return None;
         };
         let queue = table_str(death, "queue")?;
-        if queue != work_queue {
+        if !topology.is_consumed(&queue) {
             return None;
         }
         let time = match death.inner().get("time") {
@@ -243,7 +245,7 @@ fn describe(table: Option<&FieldTable>, body: &[u8], topology: &Topology) -> Dea
     };
     // Our headers on a message the broker dead-lettered are from an earlier retry: the broker's
     // cause comes first, the failure portals-crm saw before it is kept in the message.
-    if let Some(death) = broker_death(table, &topology.work_queue) {
+    if let Some(death) = broker_death(table, topology) {
         let cause = death.cause(topology.delivery_limit);
         letter.message = if letter.reason.is_empty() {
             cause
@@ -505,6 +507,16 @@ mod tests {
             letter.last_failure.as_deref(),
             Some("2026-11-18T11:06:40.000Z")
         );
+    }
+
+    #[test]
+    fn a_tenant_queue_dead_letter_is_the_brokers_too() {
+        let topology = topology();
+        let queue = topology.tenant_queue("acme").unwrap();
+        let table = with_deaths(FieldTable::default(), vec![death(&queue, "delivery_limit")]);
+        let letter = describe(Some(&table), BOOKED, &topology);
+        assert_eq!(letter.reason, "delivery_limit");
+        assert_eq!(letter.routing_key.as_deref(), Some("meeting.booked"));
     }
 
     #[test]

@@ -291,11 +291,16 @@ impl Sampler {
     }
 }
 
-/// The depth and consumers of every queue of the topology, by passive declares on a connection
-/// opened for this and closed after.
-pub async fn queues(source: &DlqSource) -> Vec<QueueDepth> {
+/// The depth and consumers of every queue of the topology, the queues of `tenants` included,
+/// by passive declares on a connection opened for this and closed after.
+pub async fn queues(source: &DlqSource, tenants: &[String]) -> Vec<QueueDepth> {
     let topology = &source.topology;
     let mut wanted = vec![("work".to_owned(), topology.work_queue.clone())];
+    for tenant in tenants {
+        if let Some(queue) = topology.tenant_queue(tenant) {
+            wanted.push((format!("tenant {tenant}"), queue));
+        }
+    }
     for tier in &topology.tiers {
         wanted.push((
             format!("retry {}", crate::amqp::topology::delay_label(tier.delay)),
@@ -367,9 +372,10 @@ pub async fn health(
     source: &DlqSource,
 ) -> Health {
     let tenants = sampler.read(metrics, registry);
+    let names = registry.watch_names().borrow().clone();
     Health {
         tenants,
-        queues: queues(source).await,
+        queues: queues(source, &names).await,
         at: now_text(),
     }
 }

@@ -95,6 +95,25 @@ impl Publisher {
     }
 }
 
+/// The properties of a booking event as the booking platform publishes it (README, "How the
+/// booking platform publishes"): the structured-mode content type and, when the publisher knows
+/// the tenant, the tenant header the broker routes on ([`topology::TENANT_HEADER`]).
+pub fn event_properties(tenant: Option<&str>) -> BasicProperties {
+    let properties =
+        BasicProperties::default().with_content_type("application/cloudevents+json".into());
+    match tenant {
+        Some(tenant) => {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                topology::TENANT_HEADER.into(),
+                AMQPValue::LongString(tenant.into()),
+            );
+            properties.with_headers(headers)
+        }
+        None => properties,
+    }
+}
+
 /// A string header, whether sent as a long or short string.
 pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     match headers?.inner().get(name)? {

@@ -458,6 +458,11 @@ impl Config {
                 problems.push(format!("{name}: must not be empty"));
             }
         }
+        // The work queue's name is the stem of the route exchange's and the tenant queues'
+        // (`<work_queue>.shared`, `<work_queue>.t.<tenant>`), which RabbitMQ limits to 255 bytes.
+        if self.amqp.work_queue.len() + ".shared".len() > crate::amqp::topology::MAX_NAME_BYTES {
+            problems.push("amqp.work_queue: at most 248 bytes (names are built on it)".into());
+        }
         if self.amqp.prefetch == 0 {
             problems.push("amqp.prefetch: must be at least 1".into());
         }

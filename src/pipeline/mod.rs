@@ -20,7 +20,7 @@ use crate::salesforce::circuit::CircuitOpen;
 use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
 use crate::sharing::SharingProblem;
 use crate::telemetry::metrics::Metrics;
-use crate::tenants::{Registry, Tenant, TenantBusy};
+use crate::tenants::{Admission, Registry, Tenant, TenantBusy};
 
 /// Times one booking's graph is sent again with refused values repaired
 /// ([`invalid_values::repair`]): each round repairs at least one field, and a graph has at most
@@ -145,8 +145,15 @@ impl Pipeline {
         }
     }
 
-    /// Processes one message body; never fails, never panics: every failure is an [`Outcome`].
+    /// Processes one message body from the shared queue (a busy tenant's message is parked);
+    /// never fails, never panics: every failure is an [`Outcome`].
     pub async fn process(&self, body: &[u8]) -> Processed {
+        self.process_admitted(body, Admission::Park).await
+    }
+
+    /// As [`Pipeline::process`], with what the message does when its tenant is at its limit
+    /// of messages in flight.
+    pub async fn process_admitted(&self, body: &[u8], admission: Admission) -> Processed {
         let event = match event::decode(body, self.max_body_bytes) {
             Ok(event) => event,
             Err(invalid) => {
@@ -181,7 +188,7 @@ impl Pipeline {
         };
         let outcome = match self.tenants.get(&event.tenant) {
             None => Outcome::Failed(Failure::UnknownTenant(event.tenant.clone())),
-            Some(tenant) => self.write(&tenant, &event).await,
+            Some(tenant) => self.write(&tenant, &event, admission).await,
         };
         Processed {
             info,
@@ -190,7 +197,7 @@ impl Pipeline {
         }
     }
 
-    async fn write(&self, tenant: &Tenant, event: &BookingEvent) -> Outcome {
+    async fn write(&self, tenant: &Tenant, event: &BookingEvent, admission: Admission) -> Outcome {
         let booking = &event.booking;
         let caches = self.tenants.caches();
         if let Some(applied) = caches.ledger_get(&event.tenant, &booking.booking_id)
@@ -202,7 +209,7 @@ impl Pipeline {
             return Outcome::Failed(Failure::CircuitOpen(open));
         }
         // Held until the write is answered: the tenant's share of the work in flight.
-        let _slot = match tenant.try_slot() {
+        let _slot = match tenant.slot(admission).await {
             Ok(slot) => slot,
             Err(busy) => {
                 self.metrics

@@ -56,6 +56,18 @@ pub struct TenantBusy {
     pub limit: usize,
 }
 
+/// What a message does when its tenant already has its limit of messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Answer [`TenantBusy`] at once, so the message is parked: for the shared queue, where
+    /// waiting would hold up the other tenants' messages behind it.
+    Park,
+    /// Wait for a slot: for a tenant's own queue, whose consumer's prefetch (the tenant's
+    /// limit) already bounds how many wait. Parking it would move the tenant's backlog to the
+    /// shared queue, where it holds up everyone again.
+    Wait,
+}
+
 impl Tenant {
     /// A slot for one message in flight, held until the message's write is answered; without
     /// waiting: a tenant at its limit answers [`TenantBusy`] at once.
@@ -63,9 +75,27 @@ impl Tenant {
         self.slots
             .clone()
             .try_acquire_owned()
-            .map_err(|_| TenantBusy {
-                limit: self.slot_limit,
-            })
+            .map_err(|_| self.busy())
+    }
+
+    /// A slot as `admission` says: at once or [`TenantBusy`], or once one is free (slots are
+    /// returned as writes are answered, which needs no other slot, so the wait ends).
+    pub async fn slot(&self, admission: Admission) -> Result<OwnedSemaphorePermit, TenantBusy> {
+        match admission {
+            Admission::Park => self.try_slot(),
+            Admission::Wait => self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| self.busy()),
+        }
+    }
+
+    fn busy(&self) -> TenantBusy {
+        TenantBusy {
+            limit: self.slot_limit,
+        }
     }
 
     /// Feeds the breaker with what a Salesforce call showed about the org: a request limit hit
@@ -264,6 +294,9 @@ pub struct Registry {
     settings: TenantSettings,
     tracker: TaskTracker,
     batch_stop: CancellationToken,
+    /// The configured tenant ids, sorted: the consumer follows it to consume one queue per
+    /// tenant ([`crate::consumer`]).
+    names: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 impl Registry {
@@ -285,10 +318,29 @@ impl Registry {
             settings,
             tracker: tracker.clone(),
             batch_stop: batch_stop.clone(),
+            names: tokio::sync::watch::Sender::new(Vec::new()),
         };
         let built = registry.build(tenants);
-        *registry.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        registry.swap(built);
         registry
+    }
+
+    /// Installs `built` as the running tenants and announces their ids.
+    fn swap(&self, built: HashMap<String, Arc<Tenant>>) {
+        let mut names: Vec<String> = built.keys().cloned().collect();
+        names.sort();
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        self.names.send_replace(names);
+    }
+
+    /// The configured tenant ids (sorted), now and after every reload.
+    pub fn watch_names(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.names.subscribe()
+    }
+
+    /// Each tenant's limit of messages in flight in this worker (the same for every tenant).
+    pub fn in_flight_limit(&self) -> usize {
+        self.settings.batch.tenant_in_flight()
     }
 
     fn build(&self, tenants: Vec<LoadedTenant>) -> HashMap<String, Arc<Tenant>> {
@@ -406,7 +458,7 @@ impl Registry {
         }
         let names: Vec<String> = loaded.iter().map(|t| t.config.tenant.clone()).collect();
         let built = self.build(loaded);
-        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = built;
+        self.swap(built);
         Ok(names)
     }
 }

@@ -237,14 +237,48 @@ impl TestEnv {
         self.service.as_ref().expect("service running")
     }
 
-    /// Publishes like the booking platform does.
+    /// Publishes like the booking platform does: the body's `tenantid` as the tenant header
+    /// too (none on a body without one).
     pub async fn publish(&self, routing_key: &str, body: &[u8]) {
-        let properties = lapin::BasicProperties::default()
-            .with_content_type("application/cloudevents+json".into());
+        let tenant = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["tenantid"].as_str().map(str::to_owned));
+        self.publish_with(routing_key, body, tenant.as_deref())
+            .await;
+    }
+
+    /// Publishes with the tenant header `tenant`, or none.
+    pub async fn publish_with(&self, routing_key: &str, body: &[u8], tenant: Option<&str>) {
+        let properties = amqp::event_properties(tenant);
         self.publisher
             .publish(&self.topology.exchange, routing_key, body, properties)
             .await
             .expect("publish confirmed and routed");
+    }
+
+    /// Messages ready in `queue` and its consumers (a passive declare on a channel of its own).
+    pub async fn queue_state(&self, queue: &str) -> (u32, u32) {
+        self.queue_exists(queue)
+            .await
+            .unwrap_or_else(|| panic!("queue {queue} exists"))
+    }
+
+    /// As [`TestEnv::queue_state`], `None` if there is no such queue.
+    pub async fn queue_exists(&self, queue: &str) -> Option<(u32, u32)> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "read".into()).await;
+        Some((declared.message_count(), declared.consumer_count()))
     }
 
     /// Settled events so far (all outcomes).
@@ -467,9 +501,21 @@ impl TestEnv {
 
     /// Stops everything and deletes what the test created.
     pub async fn finish(mut self) {
+        let mut tenants: Vec<String> = self.tenants.iter().map(|t| t.tenant.clone()).collect();
         if let Some(service) = self.service.take() {
+            tenants.extend(
+                service
+                    .tenants
+                    .all()
+                    .iter()
+                    .map(|t| t.config.tenant.clone()),
+            );
             service.shutdown().await;
         }
+        self.topology
+            .delete_tenants(self.publisher.channel(), tenants.iter().map(String::as_str))
+            .await
+            .unwrap();
         self.topology
             .delete(self.publisher.channel())
             .await
