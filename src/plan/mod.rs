@@ -82,7 +82,10 @@ fn plain_path(expr: &str) -> Option<Vec<String>> {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !matches!(s.as_str(), "none" | "true" | "false" | "None" | "True" | "False")
+            && !matches!(
+                s.as_str(),
+                "none" | "true" | "false" | "None" | "True" | "False"
+            )
     };
     segments.iter().all(name).then_some(segments)
 }
@@ -271,7 +274,11 @@ fn read_path(ctx: &minijinja::Value, path: &[String]) -> Option<Value> {
         }
     }
     match value.kind() {
-        ValueKind::String if value.as_str().is_some_and(|s| s.len() <= MAX_RENDERED_BYTES) => {
+        ValueKind::String
+            if value
+                .as_str()
+                .is_some_and(|s| s.len() <= MAX_RENDERED_BYTES) =>
+        {
             serde_json::to_value(&value).ok()
         }
         ValueKind::None | ValueKind::Bool | ValueKind::Number => serde_json::to_value(&value).ok(),
@@ -497,7 +504,12 @@ impl CompiledMapping {
             FieldTemplate::Constant(value) => Ok(value.clone()),
             FieldTemplate::Path { path, template } => match read_path(ctx, path) {
                 Some(value) => Ok(value),
-                None => self.render(record, field, &FieldTemplate::Expression(template.clone()), ctx),
+                None => self.render(
+                    record,
+                    field,
+                    &FieldTemplate::Expression(template.clone()),
+                    ctx,
+                ),
             },
             FieldTemplate::Expression(name) => {
                 // Strict undefined behaviour makes an unknown name an error here, not a null.
@@ -856,15 +868,18 @@ mod tests {
                 "booking.portal.name",
             ] {
                 let template = format!("{{{{ ({expr}) | portals_crm_typed }}}}");
-                let rendered: Value = serde_json::from_str(
-                    &mapping.env.render_str(&template, &ctx).unwrap(),
-                )
-                .unwrap();
+                let rendered: Value =
+                    serde_json::from_str(&mapping.env.render_str(&template, &ctx).unwrap())
+                        .unwrap();
                 let path = plain_path(expr).unwrap();
                 assert_eq!(read_path(&ctx, &path), Some(rendered), "{expr}");
             }
             for unread in ["attendee.nickname", "booking.portal", "booking.attendees"] {
-                assert_eq!(read_path(&ctx, &plain_path(unread).unwrap()), None, "{unread}");
+                assert_eq!(
+                    read_path(&ctx, &plain_path(unread).unwrap()),
+                    None,
+                    "{unread}"
+                );
             }
         }
     }
