@@ -395,6 +395,11 @@ impl Stage {
                 std::fs::write(tenants.join(path.file_name().unwrap_or_default()), text)?;
             }
         }
+        // A service that ran before has declared its tenants' queues: the bookings published
+        // below are routed to them as in production, not to the shared queue.
+        for tenant in TenantConfig::load_dir(&tenants).unwrap_or_default() {
+            topology.declare_tenant(channel, &tenant.tenant).await?;
+        }
         let env = vec![
             ("PORTALS_CRM_AMQP_EXCHANGE".into(), amqp.exchange.clone()),
             (

@@ -397,10 +397,19 @@ async fn tenant_health_refreshes_live_with_rates_lag_circuit_and_queues() {
     let queues = health["queues"].as_array().unwrap();
     assert_eq!(queues[0]["role"], "work");
     assert_eq!(queues[0]["queue"], env.topology.work_queue.as_str());
+    let tenant_queues: Vec<&Value> = queues
+        .iter()
+        .filter(|q| q["role"].as_str().is_some_and(|r| r.starts_with("tenant ")))
+        .collect();
+    let acme_queue = env.topology.tenant_queue("acme").unwrap();
+    assert!(
+        tenant_queues.iter().any(|q| q["queue"] == acme_queue.as_str()),
+        "acme's own queue is listed: {queues:?}"
+    );
     assert_eq!(
         queues.len(),
-        env.topology.tiers.len() + 2,
-        "work, each retry tier, dead letters"
+        env.topology.tiers.len() + 2 + tenant_queues.len(),
+        "work, each tenant's queue, each retry tier, dead letters"
     );
     assert_eq!(queues.last().unwrap()["messages"], 0);
 
