@@ -403,7 +403,9 @@ async fn tenant_health_refreshes_live_with_rates_lag_circuit_and_queues() {
         .collect();
     let acme_queue = env.topology.tenant_queue("acme").unwrap();
     assert!(
-        tenant_queues.iter().any(|q| q["queue"] == acme_queue.as_str()),
+        tenant_queues
+            .iter()
+            .any(|q| q["queue"] == acme_queue.as_str()),
         "acme's own queue is listed: {queues:?}"
     );
     assert_eq!(
