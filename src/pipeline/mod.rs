@@ -248,16 +248,16 @@ impl Pipeline {
             (nodes, Vec::new())
         };
         let remembered = related.clone();
-        let mut outcome = match tenant
-            .batcher
-            .submit(
+        // Each send, first or repaired, submits the nodes as they are now.
+        let submit = |sent: &[Subrequest], related: &[Related]| {
+            tenant.batcher.submit(
                 &booking.booking_id,
                 booking.version,
-                sent.clone(),
-                related.clone(),
+                sent.to_vec(),
+                related.to_vec(),
             )
-            .await
-        {
+        };
+        let mut outcome = match submit(&sent, &related).await {
             Ok(outcome) => outcome,
             Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
         };
@@ -267,16 +267,7 @@ impl Pipeline {
             // A replay: what the mapping deletes is gone already, which rolled the graph back.
             // Write the rest without the deletes.
             sent.retain(|n| n.method != "DELETE");
-            outcome = match tenant
-                .batcher
-                .submit(
-                    &booking.booking_id,
-                    booking.version,
-                    sent.clone(),
-                    related.clone(),
-                )
-                .await
-            {
+            outcome = match submit(&sent, &related).await {
                 Ok(outcome) => outcome,
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
             };
@@ -304,16 +295,7 @@ impl Pipeline {
                 }
             }
             rounds += 1;
-            outcome = match tenant
-                .batcher
-                .submit(
-                    &booking.booking_id,
-                    booking.version,
-                    sent.clone(),
-                    related.clone(),
-                )
-                .await
-            {
+            outcome = match submit(&sent, &related).await {
                 Ok(outcome) => outcome,
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
             };
