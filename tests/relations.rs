@@ -96,6 +96,11 @@ async fn every_attendee_is_related_once_through_replays_reschedules_and_lost_cac
         ),
         "the first attendee is the Who, everyone an invitee"
     );
+    assert_eq!(
+        queries(&env).await,
+        1,
+        "the host's user lookup only: a first version reads no relations"
+    );
 
     // A duplicate of the same event: nothing new.
     env.publish("meeting.booked", &event("bk_rel", 1, &["ann", "bob", "cy"]))
