@@ -74,6 +74,9 @@ impl Default for BenchSizes {
 pub struct Report {
     /// Bare lapin consume + ack rate (messages/s).
     pub bare_consume_ack_per_s: f64,
+    /// The bare consumer's CPU time per message (µs; user + system of the bench process while
+    /// it consumed, no emulator running).
+    pub bare_cpu_us_per_message: f64,
     /// portals-crm bookings/s, zero-latency emulator.
     pub bookings_per_s: f64,
     /// portals-crm bookings/s, 100 ms emulator latency.
@@ -167,12 +170,20 @@ async fn publish_all(
     Ok(count)
 }
 
+/// The bare consumer's rate (messages/s) and its CPU time per message (seconds).
+struct Bare {
+    rate: f64,
+    cpu_per_message: f64,
+}
+
+/// A lapin consumer that only acks, on a quorum queue with the worker's prefetch: the limit of
+/// the broker on this machine, and (its CPU per message) the floor of any lapin consumer's.
 async fn bare_consume_ack(
     config: &Config,
     channel: &Channel,
     run: &str,
     n: usize,
-) -> Result<f64, BenchError> {
+) -> Result<Bare, BenchError> {
     let queue = format!("bench.bare.{run}");
     let mut args = FieldTable::default();
     args.insert(
@@ -205,6 +216,9 @@ async fn bare_consume_ack(
         )
         .await?;
     let started = Instant::now();
+    // No emulator runs yet: the process's CPU is the consumer's (its task and lapin's I/O
+    // thread).
+    let cpu_before = cpu::stat_secs("/proc/self/stat");
     let mut seen = 0;
     while seen < n {
         match consumer.next().await {
@@ -217,11 +231,15 @@ async fn bare_consume_ack(
         }
     }
     let rate = seen as f64 / started.elapsed().as_secs_f64();
+    let cpu_per_message = (cpu::stat_secs("/proc/self/stat") - cpu_before) / seen.max(1) as f64;
     let _ = connection.close(200, "bench".into()).await;
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
-    Ok(rate)
+    Ok(Bare {
+        rate,
+        cpu_per_message,
+    })
 }
 
 /// A worker process on the bench's queues.
@@ -235,7 +253,8 @@ impl Worker {
         // A port of its own, known in advance, so the bench can read the worker's metrics.
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = tokio::process::Command::new(exe)
-            .arg("run")
+            // As the production image runs it (deploy/Dockerfile).
+            .args(["--log-format", "json", "run"])
             .envs(env.iter().cloned())
             .env("PORTALS_CRM_HTTP_LISTEN", http.to_string())
             // The audit trail is part of the work measured: one record per write, as in production.
@@ -858,6 +877,46 @@ pub async fn fairness_only(
     result
 }
 
+/// Only the CPU figures (`portals-crm bench --cpu`): the bare consumer, then one zero-latency
+/// saturation run; a table of rates and CPU per message.
+pub async fn cpu_only(
+    config: &Config,
+    exe: &Path,
+    sizes: BenchSizes,
+) -> Result<String, BenchError> {
+    let bench = Bench::open(config, exe).await?;
+    let run = bench.run.clone();
+    let result = async {
+        let bare = bare_consume_ack(config, &bench.channel, &run, sizes.bare).await?;
+        let fast = saturation(
+            &bench,
+            &format!("{run}-sat"),
+            sizes.saturation,
+            1,
+            FaultSpec::default(),
+        )
+        .await?;
+        Ok(format!(
+            "| measurement | value |\n|---|---|\n\
+             | bare lapin consume+ack | {:.0} msg/s, {:.1} µs CPU per message |\n\
+             | portals-crm, zero-latency emulator | {:.0} bookings/s ({:.2} × bare) |\n\
+             | worker CPU per booking | {:.1} µs |\n\
+             | emulator CPU per booking | {:.1} µs |\n\
+             | API calls per booking | {:.4} |",
+            bare.rate,
+            bare.cpu_per_message * 1e6,
+            fast.rate,
+            fast.rate / bare.rate.max(1.0),
+            fast.worker_cpu_per_booking * 1e6,
+            fast.emulator_cpu_per_booking * 1e6,
+            fast.calls_per_booking,
+        ))
+    }
+    .await;
+    bench.close().await;
+    result
+}
+
 impl std::fmt::Display for Fairness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -1006,7 +1065,8 @@ pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Repor
     let fairness = fairness(&bench, &format!("{run}-fair"), sizes).await?;
     bench.close().await;
     let report = Report {
-        bare_consume_ack_per_s: bare.round(),
+        bare_consume_ack_per_s: bare.rate.round(),
+        bare_cpu_us_per_message: (bare.cpu_per_message * 1e7).round() / 10.0,
         bookings_per_s: fast.rate.round(),
         bookings_per_s_100ms: slow.rate.round(),
         api_calls_per_booking: (fast.calls_per_booking * 10_000.0).round() / 10_000.0,
@@ -1038,6 +1098,11 @@ impl std::fmt::Display for Report {
             f,
             "| bare lapin consume+ack (quorum, same prefetch) | {:.0} msg/s | the limit |",
             self.bare_consume_ack_per_s
+        )?;
+        writeln!(
+            f,
+            "| bare consumer's CPU per message | {:.1} µs | (a lapin consumer's floor) |",
+            self.bare_cpu_us_per_message
         )?;
         writeln!(
             f,

@@ -63,6 +63,9 @@ pub enum Command {
         /// neighbour's backlog).
         #[arg(long)]
         fairness: bool,
+        /// Instead: only the CPU figures (the bare consumer and one zero-latency run).
+        #[arg(long)]
+        cpu: bool,
         /// With --scaling: the emulator's latency per request.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,

@@ -99,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             quick,
             scaling,
             fairness,
+            cpu,
             latency_ms,
         } => {
             let config = Config::load(&cli.config)?;
@@ -126,6 +127,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 portals_crm::bench::BenchSizes::default()
             };
             let exe = std::env::current_exe().context("locating the portals-crm binary")?;
+            if cpu {
+                println!(
+                    "{}",
+                    portals_crm::bench::cpu_only(&config, &exe, sizes).await?
+                );
+                return Ok(());
+            }
             if fairness {
                 let row = portals_crm::bench::fairness_only(&config, &exe, sizes).await?;
                 println!("| measurement | value | target |\n|---|---|---|\n{row}");

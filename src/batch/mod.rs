@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::enrich::Caches;
-use crate::enrich::relations::RelationsEntry;
 use crate::plan::duplicates::Related;
 use crate::plan::relations::{Change, Existing, NODE_PREFIX, RelationSpec, Wanted, changes};
 use crate::salesforce::model::{Graph, GraphRequest, GraphResult, Subrequest};
@@ -44,8 +43,9 @@ impl BatchLimits {
 /// What happened to one submitted graph.
 #[derive(Debug)]
 pub enum GraphOutcome {
-    /// Salesforce answered for this graph (successful or not).
-    Answered(GraphResult),
+    /// Salesforce answered for this graph (successful or not); with the Event's relations as
+    /// a successful graph left them (for the ledger), when the tenant maps relations.
+    Answered(GraphResult, Option<Vec<Existing>>),
     /// A newer version of the same booking was in the same batch.
     Collapsed,
     /// The whole request failed.
@@ -56,7 +56,10 @@ pub enum GraphOutcome {
 struct Submission {
     booking_id: String,
     version: u64,
-    nodes: Vec<Subrequest>,
+    /// Shared with the submitter, which keeps them to read the answer against.
+    nodes: Arc<Vec<Subrequest>>,
+    /// The Event's relations as the ledger has them for the previous version, if it does.
+    relations_before: Option<Vec<Existing>>,
     /// Records of the mapping written as existing records (left out of `nodes`), for the
     /// relations.
     related: Vec<Related>,
@@ -108,19 +111,23 @@ impl Batcher {
 
     /// Submits a booking's graph and waits for its outcome. `related` are the records of the
     /// mapping written as existing ones (a duplicate rule's matches), which the Event is
-    /// related to in their place.
+    /// related to in their place. The nodes are shared, not copied: the submitter keeps them.
+    /// `relations_before` is what the ledger entry of version `version - 1` says the Event's
+    /// relations are (see [`crate::enrich::relations`] for why that is enough).
     pub async fn submit(
         &self,
         booking_id: &str,
         version: u64,
-        nodes: Vec<Subrequest>,
+        nodes: Arc<Vec<Subrequest>>,
         related: Vec<Related>,
+        relations_before: Option<Vec<Existing>>,
     ) -> Result<GraphOutcome, BatcherStopped> {
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             booking_id: booking_id.to_owned(),
             version,
             nodes,
+            relations_before,
             related,
             reply,
         };
@@ -229,10 +236,13 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn nodes(&self) -> Vec<Subrequest> {
-        let mut nodes = self.submission.nodes.clone();
-        nodes.extend(self.changes.iter().filter_map(|c| c.node.clone()));
-        nodes
+    /// The booking's nodes, then its relation nodes; borrowed, as they are only serialised.
+    fn nodes(&self) -> Vec<&Subrequest> {
+        self.submission
+            .nodes
+            .iter()
+            .chain(self.changes.iter().filter_map(|c| c.node.as_ref()))
+            .collect()
     }
 
     /// True when the graph failed on one of its relation nodes: the relations it was planned on
@@ -246,7 +256,7 @@ impl Outgoing {
     }
 
     /// The relations after the graph committed, with the ids Salesforce gave the new ones.
-    fn committed(&self, result: &GraphResult) -> Option<RelationsEntry> {
+    fn committed(&self, result: &GraphResult) -> Option<Vec<Existing>> {
         self.wanted.as_ref()?;
         let relations = self
             .changes
@@ -266,23 +276,19 @@ impl Outgoing {
                 Some(after)
             })
             .collect();
-        Some(RelationsEntry {
-            version: self.submission.version,
-            relations,
-        })
+        Some(relations)
     }
 }
 
 /// Plans the relation changes of `graphs` whose relations are unknown or must be re-read:
-/// from the cache when `fresh` is false and it has the previous version, else with one query
-/// for all of them.
+/// from the ledger's entry of the previous version when `fresh` is false and it has one, else
+/// with one query for all of them.
 async fn plan_relations(
     client: &SalesforceClient,
     relater: &Relater,
     graphs: &mut [Outgoing],
     fresh: bool,
 ) -> Result<(), SalesforceError> {
-    let tenant = client.tenant();
     let mut misses = Vec::new();
     for (i, g) in graphs.iter_mut().enumerate() {
         let Some(wanted) = &g.wanted else { continue };
@@ -294,9 +300,9 @@ async fn plan_relations(
             // relation and comes back here `fresh` (see `crate::enrich::relations`).
             Some(Vec::new())
         } else {
-            relater
-                .caches
-                .relations_for(tenant, &g.submission.booking_id, g.submission.version)
+            let known = g.submission.relations_before.take();
+            relater.caches.count_relations_hit(known.is_some());
+            known
         };
         match cached {
             Some(existing) => g.changes = changes(&relater.api_version, wanted, &existing),
@@ -369,22 +375,24 @@ async fn send_once(
                 )));
             continue;
         };
+        let mut relations = None;
         if let Some(relater) = relater {
-            let tenant = client.tenant();
-            let booking = &g.submission.booking_id;
             if result.is_successful {
+                relations = g.committed(&result);
+            } else if g.failed_on_relation(&result) {
                 relater
                     .caches
-                    .relations_put(tenant, booking, g.committed(&result).as_ref());
-            } else if g.failed_on_relation(&result) {
-                relater.caches.relations_put(tenant, booking, None);
+                    .forget_relations(client.tenant(), &g.submission.booking_id);
                 if retry {
                     again.push(g);
                     continue;
                 }
             }
         }
-        let _ = g.submission.reply.send(GraphOutcome::Answered(result));
+        let _ = g
+            .submission
+            .reply
+            .send(GraphOutcome::Answered(result, relations));
     }
     again
 }
@@ -438,7 +446,8 @@ mod tests {
             batch.push(Submission {
                 booking_id: booking.into(),
                 version,
-                nodes: vec![],
+                nodes: Arc::default(),
+                relations_before: None,
                 related: vec![],
                 reply,
             });

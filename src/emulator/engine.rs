@@ -2,9 +2,11 @@
 //! Composite Graph nodes, so all three behave the same way.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rand::Rng;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
@@ -113,8 +115,9 @@ pub struct Call<'a> {
 
 /// The org's mutable state. Held under one mutex; no call awaits while holding it.
 pub struct OrgState {
-    /// The org model (permissions change at run time).
-    pub spec: OrgSpec,
+    /// The org model (permissions change at run time, through [`Arc::make_mut`]). Shared so
+    /// that a call can hold an object's description while it changes the store.
+    pub spec: Arc<OrgSpec>,
     /// Stored records.
     pub store: Store,
     /// username (lower case) → User Id.
@@ -142,7 +145,7 @@ impl OrgState {
     pub fn new(spec: OrgSpec) -> Self {
         let (store, user_ids) = Store::with_users(&spec);
         Self {
-            spec,
+            spec: Arc::new(spec),
             store,
             user_ids,
             api_used: 0,
@@ -306,11 +309,8 @@ impl OrgState {
         rest: &[&str],
         body: Option<&Value>,
     ) -> Reply {
-        let Some(object) = rest
-            .first()
-            .and_then(|name| self.spec.sobject(name))
-            .cloned()
-        else {
+        let spec = Arc::clone(&self.spec);
+        let Some(object) = rest.first().and_then(|name| spec.sobject(name)) else {
             return Reply::not_found();
         };
         let readable = self
@@ -332,7 +332,7 @@ impl OrgState {
             }
         };
         match (method, &rest[1..]) {
-            ("POST", []) => match self.write(username, version, &object, None, fields) {
+            ("POST", []) => match self.write(username, version, object, None, fields) {
                 Ok((id, _)) => {
                     let mut reply =
                         Reply::json(201, json!({"id": id, "success": true, "errors": []}));
@@ -366,16 +366,16 @@ impl OrgState {
                         .record_json(version, username, &id)
                         .map(|v| Reply::json(200, v))
                         .unwrap_or_else(Reply::not_found),
-                    "PATCH" => match self.write(username, version, &object, Some(id), fields) {
+                    "PATCH" => match self.write(username, version, object, Some(id), fields) {
                         Ok(_) => Reply::empty(204),
                         Err(errors) => Reply::record_errors(errors),
                     },
-                    "DELETE" => self.delete(username, &object, &id),
+                    "DELETE" => self.delete(username, object, &id),
                     _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
                 }
             }
             (method, [field, value]) => {
-                self.external_id_call(username, version, method, &object, field, value, fields)
+                self.external_id_call(username, version, method, object, field, value, fields)
             }
             _ => Reply::not_found(),
         }
@@ -871,7 +871,7 @@ impl OrgState {
     }
 
     fn composite(&mut self, username: &str, body: Option<&Value>) -> Reply {
-        let request: CompositeRequest = match body.cloned().map(serde_json::from_value) {
+        let request: CompositeRequest = match body.map(CompositeRequest::deserialize) {
             Some(Ok(r)) => r,
             Some(Err(e)) => return Reply::error(400, "JSON_PARSER_ERROR", e.to_string()),
             None => return Reply::error(400, "JSON_PARSER_ERROR", "body required"),
@@ -927,12 +927,25 @@ impl OrgState {
         Reply::json(200, json!({"compositeResponse": results}))
     }
 
+    /// `POST /composite/graph` with a body already read as a graph request (what the server
+    /// does for the hot path, instead of reading it into a `Value` first); as
+    /// [`OrgState::execute`] otherwise.
+    pub fn execute_graph(&mut self, username: &str, request: GraphRequest, meta: Meta) -> Reply {
+        self.allow_save = meta.allow_save;
+        let reply = self.run_graphs(username, request, meta);
+        self.store.commit();
+        reply
+    }
+
     fn graph(&mut self, username: &str, body: Option<&Value>, meta: Meta) -> Reply {
-        let request: GraphRequest = match body.cloned().map(serde_json::from_value) {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => return Reply::error(400, "JSON_PARSER_ERROR", e.to_string()),
-            None => return Reply::error(400, "JSON_PARSER_ERROR", "body required"),
-        };
+        match body.map(GraphRequest::deserialize) {
+            Some(Ok(request)) => self.run_graphs(username, request, meta),
+            Some(Err(e)) => Reply::error(400, "JSON_PARSER_ERROR", e.to_string()),
+            None => Reply::error(400, "JSON_PARSER_ERROR", "body required"),
+        }
+    }
+
+    fn run_graphs(&mut self, username: &str, request: GraphRequest, meta: Meta) -> Reply {
         let nodes: usize = request
             .graphs
             .iter()

@@ -706,12 +706,17 @@ impl OrgSpec {
         if !field.nillable || sobject.eq_ignore_ascii_case("EventRelation") {
             return FieldAccess::Edit;
         }
-        let key = format!("{sobject}.{}", field.name);
+        // Keys are `Object.Field`; compared in their two parts, without building the key.
+        let is_this = |key: &str| {
+            key.split_once('.').is_some_and(|(object, name)| {
+                object.eq_ignore_ascii_case(sobject) && name.eq_ignore_ascii_case(&field.name)
+            })
+        };
         self.user_sets(user)
             .filter_map(|set| {
                 set.fields
                     .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(&key))
+                    .find(|(name, _)| is_this(name))
                     .map(|(_, access)| match access.as_str() {
                         "edit" => FieldAccess::Edit,
                         "read" => FieldAccess::Read,

@@ -743,11 +743,12 @@ impl Store {
                 ));
                 continue;
             }
-            let Some(field) = object
+            let Some((field, access)) = object
                 .fields
                 .iter()
                 .find(|f| f.name.eq_ignore_ascii_case(name))
-                .filter(|f| ctx.org.field_access(ctx.user, &object.name, f) != FieldAccess::None)
+                .map(|f| (f, ctx.org.field_access(ctx.user, &object.name, f)))
+                .filter(|(_, access)| *access != FieldAccess::None)
             else {
                 errors.push(err(
                     "INVALID_FIELD",
@@ -761,8 +762,7 @@ impl Store {
             } else {
                 field.updateable
             };
-            if !writable || ctx.org.field_access(ctx.user, &object.name, field) != FieldAccess::Edit
-            {
+            if !writable || access != FieldAccess::Edit {
                 errors.push(err(
                     "INVALID_FIELD_FOR_INSERT_UPDATE",
                     format!(

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CacheConfig, TenantSource};
 use crate::event::BookingEvent;
+use crate::plan::relations::Existing;
 use crate::salesforce::model::SObjectDescribe;
 use crate::salesforce::{Described, SalesforceClient, SalesforceError};
 use crate::telemetry::metrics::Metrics;
@@ -54,13 +55,38 @@ struct UserEntry {
     expires_at: u64,
 }
 
-/// The last snapshot written for a booking, and the record ids it produced.
+/// The last snapshot written for a booking, the record ids it produced, and the relations its
+/// Event was left with (see [`relations`]): one sled entry, written once per booking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Version applied.
     pub version: u64,
     /// referenceId → record id.
     pub record_ids: Vec<(String, String)>,
+    /// The Event's relations after this version's graph committed; `None` when unknown (a
+    /// tenant without a relations mapping, or forgotten after a graph failed on them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relations: Option<Vec<Existing>>,
+}
+
+/// Bytes of the big-endian version that prefixes a stored ledger entry (its JSON follows), so
+/// that "never lower the version" is decided without decoding the entry.
+const VERSION_PREFIX: usize = 8;
+
+/// The version a stored ledger entry holds, `None` for bytes of another shape (an older
+/// release's entry is JSON from its first byte).
+fn stored_version(bytes: &[u8]) -> Option<u64> {
+    if bytes.get(VERSION_PREFIX) != Some(&b'{') {
+        return None;
+    }
+    Some(u64::from_be_bytes(
+        bytes.get(..VERSION_PREFIX)?.try_into().ok()?,
+    ))
+}
+
+/// The JSON part of a stored ledger entry.
+fn stored_json(bytes: &[u8]) -> &[u8] {
+    bytes.get(VERSION_PREFIX..).unwrap_or_default()
 }
 
 /// A ledger entry as stored: with when it was written, for expiry.
@@ -94,9 +120,6 @@ type LookupLocks =
 pub struct Caches {
     users: sled::Tree,
     ledger: sled::Tree,
-    /// `tenant/booking_id` → the Event's relations after the last graph written (see
-    /// [`relations`]); expired with the ledger entry of the same key.
-    relations: sled::Tree,
     /// `tenant/sObject/field/key` → the existing record a duplicate rule matched, written in
     /// that record's place (see [`duplicates`]).
     duplicates: sled::Tree,
@@ -190,10 +213,11 @@ impl Caches {
         negative_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, sled::Error> {
+        // Relations used to have a tree of their own; they are part of the ledger entry now.
+        let _ = db.drop_tree("relations");
         Ok(Self {
             users: db.open_tree("users")?,
             ledger: db.open_tree("ledger")?,
-            relations: db.open_tree("relations")?,
             duplicates: db.open_tree("duplicates")?,
             describes: db.open_tree("describe")?,
             tenants: db.open_tree("tenants")?,
@@ -289,7 +313,8 @@ impl Caches {
             .get(key(tenant, booking_id))
             .ok()
             .flatten()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            .filter(|bytes| stored_version(bytes).is_some())
+            .and_then(|bytes| serde_json::from_slice(stored_json(&bytes)).ok());
         self.metrics.cache("ledger", entry.is_some());
         entry
     }
@@ -301,13 +326,15 @@ impl Caches {
             entry,
             written_at: now_secs(),
         };
-        let Ok(bytes) = serde_json::to_vec(&stamped) else {
+        let mut bytes = entry.version.to_be_bytes().to_vec();
+        if serde_json::to_writer(&mut bytes, &stamped).is_err() {
             return;
-        };
+        }
         let result = self.ledger.fetch_and_update(&k, |old| {
+            // An entry of another shape (an older release's) is a miss: overwritten.
             let keep_old = old
-                .and_then(|o| serde_json::from_slice::<LedgerEntry>(o).ok())
-                .is_some_and(|o| o.version > entry.version);
+                .and_then(stored_version)
+                .is_some_and(|version| version > entry.version);
             if keep_old {
                 old.map(<[u8]>::to_vec)
             } else {
@@ -338,7 +365,8 @@ impl Caches {
             if seen == limit {
                 return (removed, Some(k.to_vec()));
             }
-            let written_at = serde_json::from_slice::<Stamp>(&v).map_or(0, |s| s.written_at);
+            let written_at =
+                serde_json::from_slice::<Stamp>(stored_json(&v)).map_or(0, |s| s.written_at);
             // Only if unchanged since read: a version written meanwhile stays.
             if written_at < cutoff
                 && self
@@ -346,7 +374,6 @@ impl Caches {
                     .compare_and_swap(&k, Some(&v), None::<&[u8]>)
                     .is_ok_and(|swapped| swapped.is_ok())
             {
-                let _ = self.relations.remove(&k);
                 removed += 1;
             }
         }
@@ -411,7 +438,8 @@ pub async fn enrich(
     let email = event.booking.host.email.to_lowercase();
     let host_user_id = match caches.user_get(&event.tenant, &email) {
         Some(entry) => entry.user_id,
-        None => caches.lookup_user(client, &event.tenant, &email).await?,
+        // Boxed: a miss is rare, and its future would otherwise be part of every message's.
+        None => Box::pin(caches.lookup_user(client, &event.tenant, &email)).await?,
     };
     Ok(Enrichment {
         host_user_id,
@@ -537,6 +565,7 @@ mod tests {
             &LedgerEntry {
                 version: 1,
                 record_ids: vec![],
+                relations: None,
             },
         );
         assert_eq!(caches.ledger_get("acme", "bk_1").unwrap().version, 1);
@@ -563,6 +592,7 @@ mod tests {
         let entry = LedgerEntry {
             version: 1,
             record_ids: vec![("lead".into(), "00Q000000000001AAA".into())],
+            relations: Some(vec![]),
         };
         for id in ["bk_1", "bk_2", "bk_3"] {
             caches.ledger_put("acme", id, &entry);
@@ -598,6 +628,7 @@ mod tests {
         let entry = |version| LedgerEntry {
             version,
             record_ids: vec![],
+            relations: None,
         };
         caches.ledger_put("acme", "bk_1", &entry(3));
         caches.ledger_put("acme", "bk_1", &entry(2));
@@ -609,6 +640,38 @@ mod tests {
         assert_eq!(caches.ledger_get("acme", "bk_2"), None);
         caches.ledger_put("acme", "bk_2", &entry(1));
         assert_eq!(caches.ledger_get("acme", "bk_2").unwrap().version, 1);
+        // An older release's entry (JSON without the version prefix) is a miss, overwritten.
+        caches
+            .ledger
+            .insert(
+                key("acme", "bk_3"),
+                &br#"{"version":9,"record_ids":[],"written_at":1}"#[..],
+            )
+            .unwrap();
+        assert_eq!(caches.ledger_get("acme", "bk_3"), None);
+        caches.ledger_put("acme", "bk_3", &entry(2));
+        assert_eq!(caches.ledger_get("acme", "bk_3").unwrap().version, 2);
+        // The relations travel with the entry.
+        let related = LedgerEntry {
+            relations: Some(vec![Existing {
+                id: "0RE000000000001AAA".into(),
+                key: "acme:ann@x.example".into(),
+                is_parent: true,
+                is_invitee: true,
+                relation_id: "00Q000000000001AAA".into(),
+            }]),
+            ..entry(4)
+        };
+        caches.ledger_put("acme", "bk_3", &related);
+        assert_eq!(caches.ledger_get("acme", "bk_3"), Some(related.clone()));
+        caches.forget_relations("acme", "bk_3");
+        assert_eq!(
+            caches.ledger_get("acme", "bk_3"),
+            Some(LedgerEntry {
+                relations: None,
+                ..related
+            })
+        );
         caches.user_put("acme", "gone@x.example", None);
         assert_eq!(
             caches.user_get("acme", "gone@x.example").unwrap().user_id,

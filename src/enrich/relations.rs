@@ -1,6 +1,7 @@
 //! What relations a booking's Event has in the org, for [`crate::plan::relations`]: from the
-//! sled `relations` tree in the steady state (no API call), or, on a miss, from ONE SOQL query
-//! for every booking of a Composite Graph request that missed.
+//! booking's ledger entry in the steady state (no API call; [`super::LedgerEntry::relations`]),
+//! or, on a miss, from ONE SOQL query for every booking of a Composite Graph request that
+//! missed.
 //!
 //! Why this keeps relations exactly once without an external id:
 //! - Version 1 is planned on no relations: only a graph of version 1 can have related the new
@@ -16,51 +17,27 @@
 //!   (`DUPLICATE_VALUE`), and a relation deleted meanwhile answers 404 to its `DELETE`. The
 //!   batcher then forgets the entry, re-reads the org and sends the graph once more.
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Caches, key};
+use super::Caches;
 use crate::plan::relations::{Existing, Keyed, Wanted, lookup_query};
 use crate::salesforce::{SalesforceClient, SalesforceError};
 
-/// A booking's relations as the last graph written left them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelationsEntry {
-    /// The booking version of that graph.
-    pub version: u64,
-    /// The relations.
-    pub relations: Vec<Existing>,
-}
-
 impl Caches {
-    /// The relations to plan version `version` on: the cached entry of version `version - 1`.
-    pub fn relations_for(
-        &self,
-        tenant: &str,
-        booking_id: &str,
-        version: u64,
-    ) -> Option<Vec<Existing>> {
-        let entry = self
-            .relations
-            .get(key(tenant, booking_id))
-            .ok()
-            .flatten()
-            .and_then(|bytes| serde_json::from_slice::<RelationsEntry>(&bytes).ok())
-            .filter(|e| e.version + 1 == version);
-        self.metrics.cache("relations", entry.is_some());
-        entry.map(|e| e.relations)
+    /// Forgets what the ledger entry of a booking says of its Event's relations (a graph
+    /// failed on them: the next plan reads the org).
+    pub fn forget_relations(&self, tenant: &str, booking_id: &str) {
+        let Some(mut entry) = self.ledger_get(tenant, booking_id) else {
+            return;
+        };
+        if entry.relations.take().is_some() {
+            self.ledger_put(tenant, booking_id, &entry);
+        }
     }
 
-    /// Records the relations a committed graph left (`None`: unknown, the entry is dropped).
-    pub fn relations_put(&self, tenant: &str, booking_id: &str, entry: Option<&RelationsEntry>) {
-        let k = key(tenant, booking_id);
-        let result = match entry.map(serde_json::to_vec) {
-            Some(Ok(bytes)) => self.relations.insert(k, bytes).map(drop),
-            Some(Err(_)) | None => self.relations.remove(k).map(drop),
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, "relations cache update failed");
-        }
+    /// Counts a graph planned on the ledger's relations (`hit`) or on the org's.
+    pub fn count_relations_hit(&self, hit: bool) {
+        self.metrics.cache("relations", hit);
     }
 
     /// Reads the relations of several bookings' Events with one query. `wanted` gives each

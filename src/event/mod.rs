@@ -228,18 +228,40 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<BookingEvent, InvalidEven
             unknown.push(field);
         }
     };
+    // Most events decode: read them without tracking the path (which costs about as much as
+    // the decoding itself); only a body that fails is read again, to name the field.
     let json = &mut serde_json::Deserializer::from_str(text);
-    let deserializer = serde_ignored::Deserializer::new(json, &mut collect);
-    let envelope: Envelope = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path == "?" || path.is_empty() {
-            "$".to_owned()
-        } else {
-            path
-        };
-        invalid(field, e.into_inner().to_string())
-    })?;
+    let decoded: Result<Envelope, _> = serde_ignored::deserialize(&mut *json, &mut collect)
+        .and_then(|envelope| {
+            // Nothing but whitespace may follow the event (RFC 8259 §2: one JSON text).
+            json.end()?;
+            Ok(envelope)
+        });
+    let envelope = match decoded {
+        Ok(envelope) => envelope,
+        Err(error) => return Err(locate(text, error)),
+    };
     validate(envelope, unknown)
+}
+
+/// The error of a body that did not decode, naming the field it failed at (read again with
+/// the path tracked); `$` when it failed after the event, on trailing characters.
+fn locate(text: &str, error: serde_json::Error) -> InvalidEvent {
+    let json = &mut serde_json::Deserializer::from_str(text);
+    let mut ignore = |_: serde_ignored::Path<'_>| {};
+    let deserializer = serde_ignored::Deserializer::new(json, &mut ignore);
+    match serde_path_to_error::deserialize::<_, Envelope>(deserializer) {
+        Ok(_) => invalid("$", error.to_string()),
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." || path == "?" || path.is_empty() {
+                "$".to_owned()
+            } else {
+                path
+            };
+            invalid(field, e.into_inner().to_string())
+        }
+    }
 }
 
 fn validate(envelope: Envelope, unknown_fields: Vec<String>) -> Result<BookingEvent, InvalidEvent> {
@@ -404,6 +426,21 @@ mod tests {
         );
         let big = mutate(|v| v["data"]["title"] = "x".repeat(DEFAULT_MAX_BODY_BYTES).into());
         assert_eq!(field_of(&big), "$");
+    }
+
+    #[test]
+    fn one_json_text_only_and_the_error_names_where() {
+        // RFC 8259 §2: a body is one JSON text; what follows it is not part of the event.
+        let trailing = format!("{BOOKED} {{\"id\": \"another\"}}");
+        let error = decode(trailing.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap_err();
+        assert_eq!(error.field, "$");
+        assert!(error.reason.contains("trailing characters"), "{error}");
+        assert!(decode(format!("{BOOKED}\n\n").as_bytes(), DEFAULT_MAX_BODY_BYTES).is_ok());
+        // The fast path's error is replaced by the tracked one: it names the nested field.
+        let wrong = BOOKED.replace("\"version\": 1", "\"version\": \"one\"");
+        assert_ne!(wrong, BOOKED);
+        let error = decode(wrong.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap_err();
+        assert_eq!(error.field, "data.version");
     }
 
     #[test]

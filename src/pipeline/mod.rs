@@ -13,7 +13,7 @@ use crate::enrich::duplicates::Choice;
 use crate::enrich::{LedgerEntry, enrich};
 use crate::event::{self, BookingEvent, InvalidEvent};
 use crate::plan::duplicates::Related;
-use crate::plan::relations::NODE_PREFIX;
+use crate::plan::relations::{Existing, NODE_PREFIX};
 use crate::plan::{PlanError, duplicates, invalid_values, sobject_of};
 use crate::salesforce::SalesforceError;
 use crate::salesforce::circuit::CircuitOpen;
@@ -200,11 +200,17 @@ impl Pipeline {
     async fn write(&self, tenant: &Tenant, event: &BookingEvent, admission: Admission) -> Outcome {
         let booking = &event.booking;
         let caches = self.tenants.caches();
-        if let Some(applied) = caches.ledger_get(&event.tenant, &booking.booking_id)
-            && applied.version >= booking.version
+        let applied = caches.ledger_get(&event.tenant, &booking.booking_id);
+        if applied
+            .as_ref()
+            .is_some_and(|a| a.version >= booking.version)
         {
             return Outcome::AlreadyApplied;
         }
+        // What the previous version left the Event's relations as, when the ledger knows.
+        let relations_before = applied
+            .filter(|a| a.version + 1 == booking.version)
+            .and_then(|a| a.relations);
         if let Err(open) = tenant.breaker.allow() {
             return Outcome::Failed(Failure::CircuitOpen(open));
         }
@@ -242,31 +248,34 @@ impl Pipeline {
         let relating = tenant.config.org.duplicate_rule == DuplicateRulePolicy::RelateToExisting;
         // Records already known to be duplicates of existing ones are written as those from
         // the start: the next version does not meet the rule again.
-        let (mut sent, mut related) = if relating {
+        let (sent, mut related) = if relating {
             self.remembered_duplicates(&event.tenant, nodes)
         } else {
             (nodes, Vec::new())
         };
+        // Shared with the batcher, which serialises them without a copy.
+        let mut sent = Arc::new(sent);
         let remembered = related.clone();
         // Each send, first or repaired, submits the nodes as they are now.
-        let submit = |sent: &[Subrequest], related: &[Related]| {
+        let submit = |sent: &Arc<Vec<Subrequest>>, related: &[Related]| {
             tenant.batcher.submit(
                 &booking.booking_id,
                 booking.version,
-                sent.to_vec(),
+                sent.clone(),
                 related.to_vec(),
+                relations_before.clone(),
             )
         };
         let mut outcome = match submit(&sent, &related).await {
             Ok(outcome) => outcome,
             Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
         };
-        if let GraphOutcome::Answered(result) = &outcome
+        if let GraphOutcome::Answered(result, _) = &outcome
             && already_deleted(result, &deletes)
         {
             // A replay: what the mapping deletes is gone already, which rolled the graph back.
             // Write the rest without the deletes.
-            sent.retain(|n| n.method != "DELETE");
+            Arc::make_mut(&mut sent).retain(|n| n.method != "DELETE");
             outcome = match submit(&sent, &related).await {
                 Ok(outcome) => outcome,
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
@@ -278,20 +287,22 @@ impl Pipeline {
         // existing record, as the tenant's duplicate_rule says. Each round repairs at least
         // one field or removes one node, so the rounds are bounded.
         let mut rounds = 0;
-        while let GraphOutcome::Answered(result) = &outcome
+        while let GraphOutcome::Answered(result, _) = &outcome
             && !result.is_successful
             && rounds < MAX_REPAIR_ROUNDS
-            && let Some(repaired) = self.repair(tenant, relating, result, &sent).await
+            // Boxed, as every rarely taken path here: a future held across an await is part of
+            // every message's task, which is moved on each spawn.
+            && let Some(repaired) = Box::pin(self.repair(tenant, relating, result, &sent)).await
         {
             match repaired {
                 Repaired::Values(nodes, repairs) => {
                     self.record_repairs(event, &sobjects, &repairs);
-                    sent = nodes;
+                    sent = Arc::new(nodes);
                 }
                 Repaired::Related(nodes, one) => {
                     self.record_related(event, &one);
                     related.push(one);
-                    sent = nodes;
+                    sent = Arc::new(nodes);
                 }
             }
             rounds += 1;
@@ -300,7 +311,7 @@ impl Pipeline {
                 Err(stopped) => return Outcome::Failed(Failure::ShuttingDown(stopped)),
             };
         }
-        if let GraphOutcome::Answered(result) = &outcome {
+        if let GraphOutcome::Answered(result, _) = &outcome {
             let caches = self.tenants.caches();
             if result.is_successful {
                 for one in &related {
@@ -316,20 +327,27 @@ impl Pipeline {
         }
         match &outcome {
             GraphOutcome::RequestFailed(error) => tenant.observe(Some(error)),
-            GraphOutcome::Answered(_) => tenant.observe(None),
+            GraphOutcome::Answered(..) => tenant.observe(None),
             GraphOutcome::Collapsed => {}
         }
         match outcome {
             GraphOutcome::Collapsed => Outcome::Collapsed,
             GraphOutcome::RequestFailed(error) => Outcome::Failed(Failure::Salesforce(error)),
-            GraphOutcome::Answered(result) if result.is_successful => {
-                self.record_write(event, &result, &sobjects, &related);
+            GraphOutcome::Answered(result, relations) if result.is_successful => {
+                self.record_write(event, &result, &sobjects, &related, relations);
                 Outcome::Written
             }
-            GraphOutcome::Answered(result) => {
+            GraphOutcome::Answered(result, _) => {
                 // A refusal by record-level security reads like an ordinary error code
                 // (DUPLICATE_VALUE, INSUFFICIENT_ACCESS_*): tell it apart, to name its fix.
-                match crate::sharing::diagnose(&tenant.client, caches, &result, &sent).await {
+                match Box::pin(crate::sharing::diagnose(
+                    &tenant.client,
+                    caches,
+                    &result,
+                    &sent,
+                ))
+                .await
+                {
                     Some(problem) => Outcome::Failed(Failure::Sharing {
                         problem,
                         cause: result.root_error(),
@@ -476,13 +494,15 @@ impl Pipeline {
         }
     }
 
-    /// The audit record of each record written, the ledger entry, and the event's lag.
+    /// The audit record of each record written, the ledger entry (with the Event's
+    /// `relations` as the graph left them), and the event's lag.
     fn record_write(
         &self,
         event: &BookingEvent,
         result: &GraphResult,
         sobjects: &[(String, String)],
         related: &[Related],
+        relations: Option<Vec<Existing>>,
     ) {
         let booking = &event.booking;
         let mut record_ids = Vec::new();
@@ -536,6 +556,7 @@ impl Pipeline {
             &LedgerEntry {
                 version: booking.version,
                 record_ids,
+                relations,
             },
         );
         let lag = (OffsetDateTime::now_utc() - event.time)

@@ -253,7 +253,8 @@ impl TokenCache {
         if let Some(error) = slot.recent_failure() {
             return Fetched::cached(Err(error));
         }
-        let minted = mint(http, login_url, credentials, 1).await;
+        // Boxed: minting is rare, and its future would be part of every request's otherwise.
+        let minted = Box::pin(mint(http, login_url, credentials, 1)).await;
         Fetched {
             token: slot.store(minted),
             minted: true,
@@ -277,7 +278,7 @@ impl TokenCache {
         if let Some(error) = slot.recent_failure() {
             return Fetched::cached(Err(error));
         }
-        let minted = mint(http, login_url, credentials, stale.generation + 1).await;
+        let minted = Box::pin(mint(http, login_url, credentials, stale.generation + 1)).await;
         Fetched {
             token: slot.store(minted),
             minted: true,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode, header};
 use secrecy::ExposeSecret;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -234,9 +235,17 @@ impl SalesforceClient {
         kind: &'static str,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&(impl Serialize + ?Sized)>,
         headers: &[(&str, String)],
     ) -> Result<(StatusCode, header::HeaderMap, bytes::Bytes), SalesforceError> {
+        // Serialised once, straight to bytes (not through a `Value`), and reused by a replay.
+        let body = body
+            .map(|b| serde_json::to_vec(b).map(bytes::Bytes::from))
+            .transpose()
+            .map_err(|e| SalesforceError::Decode {
+                kind,
+                message: e.to_string(),
+            })?;
         let mut token = self.token().await?;
         let mut replayed = false;
         loop {
@@ -249,8 +258,10 @@ impl SalesforceClient {
             for (name, value) in headers {
                 request = request.header(*name, value);
             }
-            if let Some(body) = body {
-                request = request.json(body);
+            if let Some(body) = &body {
+                request = request
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
             }
             let started = Instant::now();
             let response = request.send().await;
@@ -323,16 +334,18 @@ impl SalesforceClient {
         kind: &'static str,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, SalesforceError> {
         let (_, _, bytes) = self.send(kind, method, path, body, &[]).await?;
         decode(kind, &bytes)
     }
 
     /// `POST /composite/graph`. Refuses more than 75 graphs or 500 nodes, as Salesforce would.
-    pub async fn composite_graph(
+    /// The nodes may be owned or borrowed (`GraphRequest<&Subrequest>`): they are only
+    /// serialised.
+    pub async fn composite_graph<N: Serialize>(
         &self,
-        request: &GraphRequest,
+        request: &GraphRequest<N>,
     ) -> Result<GraphResponse, SalesforceError> {
         let nodes: usize = request
             .graphs
@@ -346,16 +359,12 @@ impl SalesforceClient {
                 request.graphs.len()
             )));
         }
-        let body = serde_json::to_value(request).map_err(|e| SalesforceError::Decode {
-            kind: "graph",
-            message: e.to_string(),
-        })?;
         let path = format!("{}/composite/graph", self.data_path());
         // Graph nodes carry no headers of their own; the top-level one covers every node.
         let headers: Vec<(&str, String)> =
             self.endpoint.duplicate_rule.header().into_iter().collect();
         let (_, _, bytes) = self
-            .send("graph", Method::POST, &path, Some(&body), &headers)
+            .send("graph", Method::POST, &path, Some(request), &headers)
             .await?;
         let response: GraphResponse = decode("graph", &bytes)?;
         self.metrics
@@ -377,12 +386,8 @@ impl SalesforceClient {
                 request.composite_request.len()
             )));
         }
-        let body = serde_json::to_value(request).map_err(|e| SalesforceError::Decode {
-            kind: "composite",
-            message: e.to_string(),
-        })?;
         let path = format!("{}/composite", self.data_path());
-        self.send_json("composite", Method::POST, &path, Some(&body))
+        self.send_json("composite", Method::POST, &path, Some(request))
             .await
     }
 
@@ -433,7 +438,7 @@ impl SalesforceClient {
             .map(|since| vec![("If-Modified-Since", since.to_owned())])
             .unwrap_or_default();
         let (status, response_headers, bytes) = self
-            .send("describe", Method::GET, &path, None, &headers)
+            .send("describe", Method::GET, &path, None::<&Value>, &headers)
             .await?;
         if status == StatusCode::NOT_MODIFIED {
             return Ok(Described::NotModified);
@@ -452,7 +457,8 @@ impl SalesforceClient {
     /// `GET /sobjects` (describeGlobal).
     pub async fn describe_global(&self) -> Result<DescribeGlobal, SalesforceError> {
         let path = format!("{}/sobjects", self.data_path());
-        self.send_json("describe", Method::GET, &path, None).await
+        self.send_json("describe", Method::GET, &path, None::<&Value>)
+            .await
     }
 
     /// `GET /query?q=…`, following `nextRecordsUrl` until done.
@@ -464,7 +470,9 @@ impl SalesforceClient {
         let mut path = format!("{}/query?q={}", self.data_path(), query);
         let mut records = Vec::new();
         loop {
-            let page: QueryPage = self.send_json("query", Method::GET, &path, None).await?;
+            let page: QueryPage = self
+                .send_json("query", Method::GET, &path, None::<&Value>)
+                .await?;
             records.extend(page.records);
             match page.next_records_url {
                 Some(next) if !page.done => path = next,
@@ -476,8 +484,9 @@ impl SalesforceClient {
     /// `GET /limits`.
     pub async fn limits(&self) -> Result<BTreeMap<String, Limit>, SalesforceError> {
         let path = format!("{}/limits", self.data_path());
-        let raw: BTreeMap<String, Value> =
-            self.send_json("limits", Method::GET, &path, None).await?;
+        let raw: BTreeMap<String, Value> = self
+            .send_json("limits", Method::GET, &path, None::<&Value>)
+            .await?;
         Ok(raw
             .into_iter()
             .filter_map(|(name, value)| Some((name, serde_json::from_value(value).ok()?)))

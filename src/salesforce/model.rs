@@ -202,21 +202,23 @@ pub struct Subrequest {
     pub body: Option<Value>,
 }
 
-/// One graph: nodes that commit or roll back together.
+/// One graph: nodes that commit or roll back together. `N` is [`Subrequest`], or
+/// `&Subrequest` for a request serialised from nodes held elsewhere (the batcher's, which are
+/// not copied to be sent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Graph {
+pub struct Graph<N = Subrequest> {
     /// Unique within the request, < 40 characters, no `.`.
     pub graph_id: String,
     /// The nodes, in execution order.
-    pub composite_request: Vec<Subrequest>,
+    pub composite_request: Vec<N>,
 }
 
 /// Body of `POST /composite/graph`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GraphRequest {
+pub struct GraphRequest<N = Subrequest> {
     /// The graphs of this request.
-    pub graphs: Vec<Graph>,
+    pub graphs: Vec<Graph<N>>,
 }
 
 /// Result of one subrequest inside a Composite or Composite Graph response.

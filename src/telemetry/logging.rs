@@ -1,6 +1,6 @@
 //! Logging: JSON in production, pretty for people; PII masked before it reaches a log line.
 
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::path::Path;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
@@ -48,7 +48,9 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
-        .with_ansi(to.is_none())
+        // Colours only for a person at a terminal: escape codes in a file or a container's log
+        // are noise to whoever reads it, and cost a formatting pass per field.
+        .with_ansi(to.is_none() && std::io::stderr().is_terminal())
         .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
