@@ -616,17 +616,18 @@ impl OrgSpec {
                 .objects
                 .iter()
                 .find(|(name, _)| name.eq_ignore_ascii_case(sobject))
-                .map(|(_, letters)| letters.to_ascii_uppercase())
+                .map(|(_, letters)| letters)
             else {
                 continue;
             };
+            let has = |letter: u8| letters.bytes().any(|b| b.eq_ignore_ascii_case(&letter));
             // Salesforce grants Modify All only with Read, Edit, Delete and View All.
-            let modify_all = letters.contains('M');
-            access.create |= letters.contains('C');
-            access.read |= letters.contains('R') || !letters.is_empty();
-            access.edit |= letters.contains('U') || modify_all;
-            access.delete |= letters.contains('D') || modify_all;
-            access.view_all |= letters.contains('V') || modify_all;
+            let modify_all = has(b'M');
+            access.create |= has(b'C');
+            access.read |= has(b'R') || !letters.is_empty();
+            access.edit |= has(b'U') || modify_all;
+            access.delete |= has(b'D') || modify_all;
+            access.view_all |= has(b'V') || modify_all;
             access.modify_all |= modify_all;
         }
         access
@@ -702,6 +703,17 @@ impl OrgSpec {
         if !self.object_access(user, sobject).read {
             return FieldAccess::None;
         }
+        self.field_level_access(user, sobject, field)
+    }
+
+    /// [`OrgSpec::field_access`] for a caller that already knows `user` can read `sobject`
+    /// (a write checks that once, not once per field).
+    pub fn field_level_access(
+        &self,
+        user: &UserSpec,
+        sobject: &str,
+        field: &FieldSpec,
+    ) -> FieldAccess {
         // EventRelation's fields are not under field-level security.
         if !field.nillable || sobject.eq_ignore_ascii_case("EventRelation") {
             return FieldAccess::Edit;
