@@ -111,6 +111,14 @@ struct TenantEntry {
     stored_at: u64,
 }
 
+/// Most host look-ups kept in memory in front of sled: a tenant has few hosts and every
+/// booking asks for one, so this spares a sled read and a decode per booking. Cleared when
+/// full, as a cache may be.
+const RECENT_USERS: usize = 10_000;
+
+/// The in-memory front of the `users` tree (same keys and entries).
+type RecentUsers = Arc<std::sync::RwLock<std::collections::HashMap<Vec<u8>, UserEntry>>>;
+
 /// Per-key locks of in-progress user look-ups.
 type LookupLocks =
     Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>>;
@@ -133,6 +141,8 @@ pub struct Caches {
     /// otherwise send one identical SOQL query per booking. A std Mutex, held only to clone
     /// the per-key lock out of the map.
     lookups: LookupLocks,
+    /// Host → User Id answers read or written lately ([`RECENT_USERS`]).
+    recent_users: RecentUsers,
 }
 
 fn now_secs() -> u64 {
@@ -226,6 +236,7 @@ impl Caches {
             negative_ttl,
             metrics,
             lookups: Arc::default(),
+            recent_users: Arc::default(),
         })
     }
 
@@ -381,15 +392,40 @@ impl Caches {
     }
 
     fn user_get(&self, tenant: &str, email: &str) -> Option<UserEntry> {
-        let entry = self
-            .users
-            .get(key(tenant, email))
-            .ok()
-            .flatten()
-            .and_then(|bytes| serde_json::from_slice::<UserEntry>(&bytes).ok())
-            .filter(|e| e.expires_at > now_secs());
+        let k = key(tenant, email);
+        let now = now_secs();
+        let recent = self
+            .recent_users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&k)
+            .cloned();
+        let entry = match recent {
+            Some(entry) => Some(entry),
+            None => {
+                let stored = self
+                    .users
+                    .get(&k)
+                    .ok()
+                    .flatten()
+                    .and_then(|bytes| serde_json::from_slice::<UserEntry>(&bytes).ok());
+                if let Some(entry) = &stored {
+                    self.remember_user(k, entry.clone());
+                }
+                stored
+            }
+        }
+        .filter(|e| e.expires_at > now);
         self.metrics.cache("user", entry.is_some());
         entry
+    }
+
+    fn remember_user(&self, k: Vec<u8>, entry: UserEntry) {
+        let mut recent = self.recent_users.write().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_USERS {
+            recent.clear();
+        }
+        recent.insert(k, entry);
     }
 
     fn user_put(&self, tenant: &str, email: &str, user_id: Option<String>) {
@@ -402,11 +438,13 @@ impl Caches {
             user_id,
             expires_at: now_secs() + ttl.as_secs(),
         };
+        let k = key(tenant, email);
         if let Ok(bytes) = serde_json::to_vec(&entry)
-            && let Err(error) = self.users.insert(key(tenant, email), bytes)
+            && let Err(error) = self.users.insert(k.clone(), bytes)
         {
             tracing::warn!(%error, "user cache update failed");
         }
+        self.remember_user(k, entry);
     }
 }
 
@@ -613,6 +651,45 @@ mod tests {
         }
         drop(caches);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn host_answers_are_served_from_memory_and_still_expire() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-users-{}", std::process::id()));
+        let caches = Caches::open(&test_config(&dir), Arc::new(Metrics::new())).unwrap();
+        caches.user_put("acme", "sara@x.example", Some("005000000000001AAA".into()));
+        // Gone from sled: the answer comes from the in-memory front.
+        caches.users.clear().unwrap();
+        assert_eq!(
+            caches.user_get("acme", "sara@x.example").unwrap().user_id,
+            Some("005000000000001AAA".into())
+        );
+        // An expired answer is a miss wherever it is kept.
+        caches.remember_user(
+            key("acme", "old@x.example"),
+            UserEntry {
+                user_id: None,
+                expires_at: now_secs() - 1,
+            },
+        );
+        assert_eq!(caches.user_get("acme", "old@x.example"), None);
+        // Read from sled once, then kept.
+        caches
+            .users
+            .insert(
+                key("acme", "ann@x.example"),
+                serde_json::to_vec(&UserEntry {
+                    user_id: Some("005000000000002AAA".into()),
+                    expires_at: now_secs() + 60,
+                })
+                .unwrap(),
+            )
+            .unwrap();
+        assert!(caches.user_get("acme", "ann@x.example").is_some());
+        caches.users.clear().unwrap();
+        assert!(caches.user_get("acme", "ann@x.example").is_some());
+        drop(caches);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

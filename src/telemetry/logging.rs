@@ -53,9 +53,13 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard
         .with_ansi(to.is_none() && std::io::stderr().is_terminal())
         .with_writer(writer);
     let _ = match format {
+        // The current span (a message's event id, tenant, booking, attempt) on every line;
+        // not the list of enclosing spans as well, which repeated it (a message has one span)
+        // and cost a second decode and encode of its fields per line.
         LogFormat::Json => builder
             .json()
             .with_current_span(true)
+            .with_span_list(false)
             .flatten_event(true)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
