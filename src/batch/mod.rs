@@ -74,7 +74,7 @@ pub struct Relater {
     pub spec: RelationSpec,
     /// The REST API version of the relation nodes.
     pub api_version: String,
-    /// The relations cache.
+    /// The caches: a graph that failed on its relations forgets the ledger's copy of them.
     pub caches: Caches,
 }
 
