@@ -61,16 +61,118 @@ enum FieldTemplate {
     /// Any other template: renders to a string.
     Template(String),
     /// An [`Expression`](FieldTemplate::Expression) that is only a path into the context
-    /// (`booking.title`, `attendee.email`): read without running a template, which is most
-    /// fields of a mapping and most of the cost of planning a booking. A path that does not
-    /// end in a scalar (or not within the size cap) falls back to the template, so errors and
-    /// values are exactly the template's.
+    /// (`booking.title`, `attendee.email`), maybe through `| lower`: read without running a
+    /// template, which is most fields of a mapping and most of the cost of planning a booking.
+    /// A path that does not end in a scalar (a string, for `lower`; or not within the size cap)
+    /// falls back to the template, so errors and values are exactly the template's.
     Path {
         /// The context's keys, from the root (`attendee`, `email`).
         path: Vec<String>,
+        /// Through minijinja's `lower` filter.
+        lower: bool,
         /// The compiled template of the same expression.
         template: String,
     },
+    /// A [`Template`](FieldTemplate::Template) made only of text and such paths
+    /// (`{{ tenant }}:{{ attendee.email | lower }}`): joined without running the template when
+    /// every path ends in a string, else rendered by it (same fallback as `Path`).
+    Text {
+        /// The text and the paths, in order.
+        pieces: Vec<Piece>,
+        /// The compiled template of the same text.
+        template: String,
+    },
+}
+
+/// One piece of a [`FieldTemplate::Text`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Text as written.
+    Literal(String),
+    /// `{{ path }}` or `{{ path | lower }}`.
+    Path {
+        /// The context's keys, from the root.
+        path: Vec<String>,
+        /// Through `lower`.
+        lower: bool,
+    },
+}
+
+/// `expr` as a plain path, maybe through `| lower` (`attendee.email | lower`).
+fn path_expression(expr: &str) -> Option<(Vec<String>, bool)> {
+    match expr.split_once('|') {
+        None => Some((plain_path(expr)?, false)),
+        Some((path, filter)) if filter.trim() == "lower" => Some((plain_path(path)?, true)),
+        Some(_) => None,
+    }
+}
+
+/// The pieces of a template made only of text and `{{ path }}` / `{{ path | lower }}`; `None`
+/// for anything else: tags, comments, whitespace control (`{{-`), or a final newline (which
+/// minijinja drops), so that joining the pieces is exactly what the template renders.
+fn text_pieces(text: &str) -> Option<Vec<Piece>> {
+    if text.contains("{%") || text.contains("{#") || text.ends_with('\n') {
+        return None;
+    }
+    let mut pieces = Vec::new();
+    let literal = |text: &str, pieces: &mut Vec<Piece>| {
+        (!text.contains("}}")).then(|| {
+            if !text.is_empty() {
+                pieces.push(Piece::Literal(text.to_owned()));
+            }
+        })
+    };
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        literal(&rest[..start], &mut pieces)?;
+        let after = &rest[start + 2..];
+        let end = after.find("}}")?;
+        let expr = &after[..end];
+        if expr.starts_with(['-', '+']) || expr.ends_with(['-', '+']) {
+            return None;
+        }
+        let (path, lower) = path_expression(expr)?;
+        pieces.push(Piece::Path { path, lower });
+        rest = &after[end + 2..];
+    }
+    literal(rest, &mut pieces)?;
+    Some(pieces)
+}
+
+/// The value at `path` in `ctx`, `None` when a segment is undefined.
+fn value_at(ctx: &minijinja::Value, path: &[String]) -> Option<minijinja::Value> {
+    let mut value = ctx.clone();
+    for segment in path {
+        value = value.get_attr(segment).ok()?;
+        if value.is_undefined() {
+            return None;
+        }
+    }
+    Some(value)
+}
+
+/// What the template of `pieces` renders, when every path ends in a string and the whole is
+/// within [`MAX_RENDERED_BYTES`]; `None` otherwise (the template then answers).
+fn join_pieces(ctx: &minijinja::Value, pieces: &[Piece]) -> Option<String> {
+    let mut out = String::new();
+    for piece in pieces {
+        match piece {
+            Piece::Literal(text) => out.push_str(text),
+            Piece::Path { path, lower } => {
+                let value = value_at(ctx, path)?;
+                let text = value.as_str()?;
+                if *lower {
+                    out.push_str(&text.to_lowercase());
+                } else {
+                    out.push_str(text);
+                }
+            }
+        }
+        if out.len() > MAX_RENDERED_BYTES {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 /// The segments of `expr` when it is a plain dotted path of names (`attendee.email`).
@@ -261,17 +363,18 @@ fn is_template(text: &str) -> bool {
     text.contains("{{") || text.contains("{%")
 }
 
-/// The scalar at `path` in `ctx` as JSON, as the `portals_crm_typed` filter would give it;
-/// `None` when the path is undefined, not a scalar, or a string over the size cap (the template
-/// then answers, with its error).
-fn read_path(ctx: &minijinja::Value, path: &[String]) -> Option<Value> {
+/// The scalar at `path` in `ctx` as JSON, as the `portals_crm_typed` filter would give it
+/// (after `lower`, when `lower`: then only a string is read); `None` when the path is
+/// undefined, not such a scalar, or a string over the size cap (the template then answers,
+/// with its error).
+fn read_path(ctx: &minijinja::Value, path: &[String], lower: bool) -> Option<Value> {
     use minijinja::value::ValueKind;
-    let mut value = ctx.clone();
-    for segment in path {
-        value = value.get_attr(segment).ok()?;
-        if value.is_undefined() {
-            return None;
-        }
+    let value = value_at(ctx, path)?;
+    if lower {
+        return value
+            .as_str()
+            .filter(|s| s.len() <= MAX_RENDERED_BYTES)
+            .map(|s| Value::String(s.to_lowercase()));
     }
     match value.kind() {
         ValueKind::String
@@ -412,9 +515,10 @@ impl CompiledMapping {
                             template_name.clone(),
                             format!("{{{{ ({expr}) | portals_crm_typed }}}}"),
                         ) {
-                            Ok(()) => Some(match plain_path(expr) {
-                                Some(path) => FieldTemplate::Path {
+                            Ok(()) => Some(match path_expression(expr) {
+                                Some((path, lower)) => FieldTemplate::Path {
                                     path,
+                                    lower,
                                     template: template_name,
                                 },
                                 None => FieldTemplate::Expression(template_name),
@@ -426,7 +530,13 @@ impl CompiledMapping {
                         };
                     }
                     match env.add_template_owned(template_name.clone(), text.clone()) {
-                        Ok(()) => Some(FieldTemplate::Template(template_name)),
+                        Ok(()) => Some(match text_pieces(text) {
+                            Some(pieces) => FieldTemplate::Text {
+                                pieces,
+                                template: template_name,
+                            },
+                            None => FieldTemplate::Template(template_name),
+                        }),
                         Err(e) => {
                             problems.push(at(field, e.to_string(), SYNTAX_FIX));
                             None
@@ -502,12 +612,25 @@ impl CompiledMapping {
         };
         match template {
             FieldTemplate::Constant(value) => Ok(value.clone()),
-            FieldTemplate::Path { path, template } => match read_path(ctx, path) {
+            FieldTemplate::Path {
+                path,
+                lower,
+                template,
+            } => match read_path(ctx, path, *lower) {
                 Some(value) => Ok(value),
                 None => self.render(
                     record,
                     field,
                     &FieldTemplate::Expression(template.clone()),
+                    ctx,
+                ),
+            },
+            FieldTemplate::Text { pieces, template } => match join_pieces(ctx, pieces) {
+                Some(text) => Ok(Value::String(text)),
+                None => self.render(
+                    record,
+                    field,
+                    &FieldTemplate::Template(template.clone()),
                     ctx,
                 ),
             },
@@ -872,16 +995,96 @@ mod tests {
                     serde_json::from_str(&mapping.env.render_str(&template, &ctx).unwrap())
                         .unwrap();
                 let path = plain_path(expr).unwrap();
-                assert_eq!(read_path(&ctx, &path), Some(rendered), "{expr}");
+                assert_eq!(read_path(&ctx, &path, false), Some(rendered), "{expr}");
             }
             for unread in ["attendee.nickname", "booking.portal", "booking.attendees"] {
                 assert_eq!(
-                    read_path(&ctx, &plain_path(unread).unwrap()),
+                    read_path(&ctx, &plain_path(unread).unwrap(), false),
                     None,
                     "{unread}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn text_and_lower_paths_join_to_what_their_template_renders() {
+        assert_eq!(
+            path_expression(" attendee.email | lower "),
+            Some((vec!["attendee".to_owned(), "email".to_owned()], true))
+        );
+        assert_eq!(path_expression("attendee.email | upper"), None);
+        assert_eq!(path_expression("attendee.email | lower | trim"), None);
+        for not_text in [
+            "{% if x %}a{% endif %}",
+            "{{ a }}{# note #}",
+            "{{- a }}",
+            "{{ a -}}",
+            "{{ a }}\n",
+            "{{ a ~ b }}",
+            "{{ a or 'x' }}:{{ b }}",
+            "a }} b {{ c }}",
+            "{{ a",
+        ] {
+            assert_eq!(text_pieces(not_text), None, "{not_text}");
+        }
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let ctx = minijinja::context! {
+            tenant => "acme",
+            attendee => minijinja::context! {
+                email => "Ann.ÖBERG@Globex.Example",
+                first_name => "Ann",
+                phone => (),
+                seats => 3,
+            },
+        };
+        for text in [
+            "{{ tenant }}:{{ attendee.email | lower }}",
+            "{{attendee.first_name}} <{{ attendee.email }}>",
+            "Dear {{ attendee.first_name }}, {{ attendee.email|lower }} ok",
+        ] {
+            let pieces = text_pieces(text).unwrap();
+            assert_eq!(
+                join_pieces(&ctx, &pieces),
+                Some(mapping.env.render_str(text, &ctx).unwrap()),
+                "{text}"
+            );
+        }
+        // Not a string: the template answers (`none`, a number, an undefined name's error).
+        for text in [
+            "{{ tenant }}:{{ attendee.phone }}",
+            "{{ attendee.seats }} seats",
+            "{{ attendee.nickname }}!",
+        ] {
+            assert_eq!(
+                join_pieces(&ctx, &text_pieces(text).unwrap()),
+                None,
+                "{text}"
+            );
+        }
+        let lowered: Value = serde_json::from_str(
+            &mapping
+                .env
+                .render_str("{{ (attendee.email | lower) | portals_crm_typed }}", &ctx)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            read_path(
+                &ctx,
+                &path_expression("attendee.email | lower").unwrap().0,
+                true
+            ),
+            Some(lowered)
+        );
+        assert_eq!(
+            read_path(
+                &ctx,
+                &path_expression("attendee.phone | lower").unwrap().0,
+                true
+            ),
+            None
+        );
     }
 
     #[test]
