@@ -69,6 +69,27 @@ pub struct LedgerEntry {
     pub relations: Option<Vec<Existing>>,
 }
 
+/// A booking's ledger entry as read ([`Caches::ledger_read`]), with the bytes it was read
+/// from, so that the write after the booking committed replaces it without reading it again.
+#[derive(Debug, Default)]
+pub struct LedgerRead {
+    /// The entry, when one is stored and decodes.
+    pub entry: Option<LedgerEntry>,
+    stored: Option<sled::IVec>,
+}
+
+/// A ledger entry as stored: its version, big-endian, then its JSON with the time it was
+/// written (for expiry); `None` if it does not serialise.
+fn ledger_bytes(entry: &LedgerEntry) -> Option<Vec<u8>> {
+    let stamped = Stamped {
+        entry,
+        written_at: now_secs(),
+    };
+    let mut bytes = entry.version.to_be_bytes().to_vec();
+    serde_json::to_writer(&mut bytes, &stamped).ok()?;
+    Some(bytes)
+}
+
 /// Bytes of the big-endian version that prefixes a stored ledger entry (its JSON follows), so
 /// that "never lower the version" is decided without decoding the entry.
 const VERSION_PREFIX: usize = 8;
@@ -319,33 +340,67 @@ impl Caches {
 
     /// The last version applied for a booking, if known.
     pub fn ledger_get(&self, tenant: &str, booking_id: &str) -> Option<LedgerEntry> {
-        let entry = self
-            .ledger
-            .get(key(tenant, booking_id))
-            .ok()
-            .flatten()
+        self.ledger_read(tenant, booking_id).entry
+    }
+
+    /// A booking's ledger entry, kept with the bytes it was read from for
+    /// [`Caches::ledger_put_over`].
+    pub fn ledger_read(&self, tenant: &str, booking_id: &str) -> LedgerRead {
+        let stored = self.ledger.get(key(tenant, booking_id)).ok().flatten();
+        let entry = stored
+            .as_deref()
             .filter(|bytes| stored_version(bytes).is_some())
-            .and_then(|bytes| serde_json::from_slice(stored_json(&bytes)).ok());
+            .and_then(|bytes| serde_json::from_slice(stored_json(bytes)).ok());
         self.metrics.cache("ledger", entry.is_some());
-        entry
+        LedgerRead { entry, stored }
     }
 
     /// Records a written version, never lowering what is there.
     pub fn ledger_put(&self, tenant: &str, booking_id: &str, entry: &LedgerEntry) {
-        let k = key(tenant, booking_id);
-        let stamped = Stamped {
-            entry,
-            written_at: now_secs(),
+        if let Some(bytes) = ledger_bytes(entry) {
+            self.ledger_update(&key(tenant, booking_id), entry.version, bytes);
+        }
+    }
+
+    /// As [`Caches::ledger_put`], for the entry `read` found before the booking was written:
+    /// replaced in one step while it is still what is stored (the common case, which spares a
+    /// second read of it); when it changed meanwhile, as `ledger_put`.
+    pub fn ledger_put_over(
+        &self,
+        tenant: &str,
+        booking_id: &str,
+        read: &LedgerRead,
+        entry: &LedgerEntry,
+    ) {
+        let Some(bytes) = ledger_bytes(entry) else {
+            return;
         };
-        let mut bytes = entry.version.to_be_bytes().to_vec();
-        if serde_json::to_writer(&mut bytes, &stamped).is_err() {
+        if read
+            .stored
+            .as_deref()
+            .and_then(stored_version)
+            .is_some_and(|version| version > entry.version)
+        {
             return;
         }
-        let result = self.ledger.fetch_and_update(&k, |old| {
+        let k = key(tenant, booking_id);
+        match self
+            .ledger
+            .compare_and_swap(&k, read.stored.as_deref(), Some(bytes.as_slice()))
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_changed)) => self.ledger_update(&k, entry.version, bytes),
+            Err(error) => tracing::warn!(%error, "ledger update failed"),
+        }
+    }
+
+    /// Stores `bytes` (an entry of `version`) at `k` unless a newer version is there.
+    fn ledger_update(&self, k: &[u8], version: u64, bytes: Vec<u8>) {
+        let result = self.ledger.fetch_and_update(k, |old| {
             // An entry of another shape (an older release's) is a miss: overwritten.
             let keep_old = old
                 .and_then(stored_version)
-                .is_some_and(|version| version > entry.version);
+                .is_some_and(|stored| stored > version);
             if keep_old {
                 old.map(<[u8]>::to_vec)
             } else {
@@ -741,6 +796,20 @@ mod tests {
         };
         caches.ledger_put("acme", "bk_3", &related);
         assert_eq!(caches.ledger_get("acme", "bk_3"), Some(related.clone()));
+        // Written over what was read, in one step; a newer version written meanwhile stays.
+        let read = caches.ledger_read("acme", "bk_4");
+        assert_eq!(read.entry, None);
+        caches.ledger_put_over("acme", "bk_4", &read, &entry(1));
+        let read = caches.ledger_read("acme", "bk_4");
+        assert_eq!(read.entry.as_ref().map(|e| e.version), Some(1));
+        caches.ledger_put("acme", "bk_4", &entry(3));
+        caches.ledger_put_over("acme", "bk_4", &read, &entry(2));
+        assert_eq!(caches.ledger_get("acme", "bk_4").unwrap().version, 3);
+        let read = caches.ledger_read("acme", "bk_4");
+        caches.ledger_put_over("acme", "bk_4", &read, &entry(2));
+        assert_eq!(caches.ledger_get("acme", "bk_4").unwrap().version, 3);
+        caches.ledger_put_over("acme", "bk_4", &read, &entry(4));
+        assert_eq!(caches.ledger_get("acme", "bk_4").unwrap().version, 4);
         caches.forget_relations("acme", "bk_3");
         assert_eq!(
             caches.ledger_get("acme", "bk_3"),

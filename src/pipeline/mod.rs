@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use crate::batch::{BatcherStopped, GraphOutcome};
 use crate::config::DuplicateRulePolicy;
 use crate::enrich::duplicates::Choice;
-use crate::enrich::{LedgerEntry, enrich};
+use crate::enrich::{LedgerEntry, LedgerRead, enrich};
 use crate::event::{self, BookingEvent, InvalidEvent};
 use crate::plan::duplicates::Related;
 use crate::plan::relations::{Existing, NODE_PREFIX};
@@ -200,8 +200,9 @@ impl Pipeline {
     async fn write(&self, tenant: &Tenant, event: &BookingEvent, admission: Admission) -> Outcome {
         let booking = &event.booking;
         let caches = self.tenants.caches();
-        let applied = caches.ledger_get(&event.tenant, &booking.booking_id);
+        let applied = caches.ledger_read(&event.tenant, &booking.booking_id);
         if applied
+            .entry
             .as_ref()
             .is_some_and(|a| a.version >= booking.version)
         {
@@ -209,8 +210,10 @@ impl Pipeline {
         }
         // What the previous version left the Event's relations as, when the ledger knows.
         let relations_before = applied
+            .entry
+            .as_ref()
             .filter(|a| a.version + 1 == booking.version)
-            .and_then(|a| a.relations);
+            .and_then(|a| a.relations.clone());
         if let Err(open) = tenant.breaker.allow() {
             return Outcome::Failed(Failure::CircuitOpen(open));
         }
@@ -334,7 +337,7 @@ impl Pipeline {
             GraphOutcome::Collapsed => Outcome::Collapsed,
             GraphOutcome::RequestFailed(error) => Outcome::Failed(Failure::Salesforce(error)),
             GraphOutcome::Answered(result, relations) if result.is_successful => {
-                self.record_write(event, &result, &sobjects, &related, relations);
+                self.record_write(event, &result, &sobjects, &related, relations, &applied);
                 Outcome::Written
             }
             GraphOutcome::Answered(result, _) => {
@@ -495,7 +498,8 @@ impl Pipeline {
     }
 
     /// The audit record of each record written, the ledger entry (with the Event's
-    /// `relations` as the graph left them), and the event's lag.
+    /// `relations` as the graph left them, over the entry `applied` read before), and the
+    /// event's lag.
     fn record_write(
         &self,
         event: &BookingEvent,
@@ -503,6 +507,7 @@ impl Pipeline {
         sobjects: &[(String, String)],
         related: &[Related],
         relations: Option<Vec<Existing>>,
+        applied: &LedgerRead,
     ) {
         let booking = &event.booking;
         let mut record_ids = Vec::new();
@@ -550,9 +555,10 @@ impl Pipeline {
             );
             record_ids.push((node.reference_id.clone(), id.to_owned()));
         }
-        self.tenants.caches().ledger_put(
+        self.tenants.caches().ledger_put_over(
             &event.tenant,
             &booking.booking_id,
+            applied,
             &LedgerEntry {
                 version: booking.version,
                 record_ids,
