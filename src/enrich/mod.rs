@@ -187,6 +187,30 @@ fn sled_config(config: &CacheConfig) -> sled::Config {
         .flush_every_ms(Some(500))
 }
 
+/// How long opening the database waits for the lock a previous handle still holds.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the database, waiting up to [`LOCK_WAIT`] while its file lock is held: sled releases
+/// it from its background I/O threads after the last handle is dropped, so a worker restarted
+/// in place (or a test reopening the directory) can find it held for a moment.
+fn open_waiting_for_lock(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    loop {
+        match config.open() {
+            // sled 0.34 reports a held lock as `ErrorKind::Other` "could not acquire lock on
+            // …" (its config.rs), the OS's WouldBlock only in the text.
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock") && waited < LOCK_WAIT =>
+            {
+                std::thread::sleep(step);
+                waited += step;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Caches {
     /// Opens (or creates) the database at `config.path`. A corrupt or older-format database
     /// holds only caches, so it is moved aside and rebuilt rather than stopping the service.
@@ -198,7 +222,7 @@ impl Caches {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let open = || sled_config(config).open();
+        let open = || open_waiting_for_lock(&sled_config(config));
         let db = match open() {
             Ok(db) => db,
             Err(error @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_))) => {
@@ -744,6 +768,21 @@ mod tests {
         caches.users.clear().unwrap();
         assert!(caches.user_get("acme", "ann@x.example").is_some());
         drop(caches);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn opening_waits_for_a_previous_handle_to_let_go() {
+        let dir = std::env::temp_dir().join(format!("portals-crm-lock-{}", std::process::id()));
+        let first = Caches::open(&test_config(&dir), Arc::new(Metrics::new())).unwrap();
+        let closing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Caches::open(&test_config(&dir), Arc::new(Metrics::new()));
+        closing.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+        drop(second);
         let _ = std::fs::remove_dir_all(dir);
     }
 
