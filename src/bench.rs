@@ -877,6 +877,31 @@ pub async fn fairness_only(
     result
 }
 
+/// Steps 1 and 2 of the full run, which `--cpu` runs alone: the bare consumer, then the
+/// zero-latency saturation run.
+async fn bare_and_zero_latency(
+    config: &Config,
+    bench: &Bench<'_>,
+    sizes: BenchSizes,
+) -> Result<(Bare, Saturation), BenchError> {
+    let run = &bench.run;
+    eprintln!("1/7 bare lapin consume + ack, {} messages", sizes.bare);
+    let bare = bare_consume_ack(config, &bench.channel, run, sizes.bare).await?;
+    eprintln!(
+        "2/7 saturation, {} bookings, zero-latency emulator",
+        sizes.saturation
+    );
+    let fast = saturation(
+        bench,
+        &format!("{run}-sat"),
+        sizes.saturation,
+        1,
+        FaultSpec::default(),
+    )
+    .await?;
+    Ok((bare, fast))
+}
+
 /// Only the CPU figures (`portals-crm bench --cpu`): the bare consumer, then one zero-latency
 /// saturation run; a table of rates and CPU per message.
 pub async fn cpu_only(
@@ -885,17 +910,8 @@ pub async fn cpu_only(
     sizes: BenchSizes,
 ) -> Result<String, BenchError> {
     let bench = Bench::open(config, exe).await?;
-    let run = bench.run.clone();
     let result = async {
-        let bare = bare_consume_ack(config, &bench.channel, &run, sizes.bare).await?;
-        let fast = saturation(
-            &bench,
-            &format!("{run}-sat"),
-            sizes.saturation,
-            1,
-            FaultSpec::default(),
-        )
-        .await?;
+        let (bare, fast) = bare_and_zero_latency(config, &bench, sizes).await?;
         Ok(format!(
             "| measurement | value |\n|---|---|\n\
              | bare lapin consume+ack | {:.0} msg/s, {:.1} µs CPU per message |\n\
@@ -1015,20 +1031,7 @@ fn machine() -> String {
 pub async fn run(config: &Config, exe: &Path, sizes: BenchSizes) -> Result<Report, BenchError> {
     let bench = Bench::open(config, exe).await?;
     let run = &bench.run;
-    eprintln!("1/7 bare lapin consume + ack, {} messages", sizes.bare);
-    let bare = bare_consume_ack(config, &bench.channel, run, sizes.bare).await?;
-    eprintln!(
-        "2/7 saturation, {} bookings, zero-latency emulator",
-        sizes.saturation
-    );
-    let fast = saturation(
-        &bench,
-        &format!("{run}-sat"),
-        sizes.saturation,
-        1,
-        FaultSpec::default(),
-    )
-    .await?;
+    let (bare, fast) = bare_and_zero_latency(config, &bench, sizes).await?;
     eprintln!(
         "  first booking committed {:.0} ms after start",
         fast.cold_start_ms
