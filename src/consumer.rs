@@ -6,10 +6,11 @@
 //!
 //! # One consumer per queue, one set of permits
 //!
-//! All consumers share one channel and the worker's concurrency permits. Each tenant queue's
-//! consumer has the tenant's limit of messages in flight as its prefetch (see
-//! [`crate::tenants::Tenant::try_slot`]), so the broker never hands a worker more of one
-//! tenant's queue than the tenant may process; the shared queue keeps `amqp.prefetch`.
+//! Each consumer has a channel of its own (its deliveries' acks go out in runs, [`Acks`], which
+//! another queue's slow messages must not interrupt); all share the worker's concurrency
+//! permits. Each tenant queue's consumer has the tenant's limit of messages in flight as its
+//! prefetch (see [`crate::tenants::Tenant::try_slot`]), so the broker never hands a worker more
+//! of one tenant's queue than the tenant may process; the shared queue keeps `amqp.prefetch`.
 //!
 //! The loop holds at most one permit while it waits, and waits on every consumer at once (their
 //! streams merged), taking whichever delivery comes first. A delivery from the shared queue
@@ -37,9 +38,10 @@
 //! Salesforce committed its graph) until `drain`; (3) if the drain deadline passes, stop the
 //! batchers (they send what they hold, then refuse new graphs) and keep waiting, the channel
 //! still open, for the requests on the wire until `grace` − [`CLOSE_BUDGET`]: a graph Salesforce
-//! commits then is still acked; (4) the settle barrier (see [`settle_barrier`]): a synchronous
-//! round trip through every queue consumed on the channel (the shared one and each tenant's)
-//! that returns only once each has taken in every ack sent before it; (5) close the connection,
+//! commits then is still acked; (4) the settle barrier (see [`settle_barrier`]): every ack still
+//! held for a run is sent, then a synchronous round trip through every queue consumed (the
+//! shared one and each tenant's, on its channel) returns only once each has taken in every ack
+//! sent before it; (5) close the connection,
 //! which hands back every message not acked.
 //!
 //! Guarantee: after a graceful stop, every message whose graph Salesforce answered as committed
@@ -47,25 +49,25 @@
 //! still unanswered at the end of the grace can commit unacked; it is redelivered and rewritten
 //! idempotently (or counted superseded).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream, SelectAll};
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
 };
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::amqp::{self, Publisher, Topology};
+use crate::amqp::{self, Acks, Publisher, Topology, acks};
 use crate::outcome::{self, Disposition, Reason, Settled, Settler, dead_letter};
 use crate::pipeline::Pipeline;
 use crate::retry_policy::Reconnect;
@@ -173,11 +175,10 @@ impl Consumer {
         let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name).await?;
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
-        let channel = connection.create_channel().await?;
-        let mut feeds = Feeds::new(channel);
+        let mut feeds = Feeds::new(publisher.clone(), topology.clone());
         feeds.shared = Some(
             feeds
-                .consume(&topology.work_queue, settings.prefetch)
+                .consume(&connection, &topology.work_queue, settings.prefetch)
                 .await?,
         );
         let registry = self.pipeline.tenants();
@@ -188,7 +189,7 @@ impl Consumer {
             topology.forget_tenant(publisher.channel(), gone).await?;
         }
         feeds
-            .follow(topology, publisher.channel(), &wanted, tenant_prefetch)
+            .follow(&connection, publisher.channel(), &wanted, tenant_prefetch)
             .await?;
         self.readiness.set_broker(true);
         self.metrics.amqp_connected.set(1);
@@ -200,7 +201,6 @@ impl Consumer {
             tenant_prefetch,
             "consuming"
         );
-        let settler = Settler::new(publisher.clone(), topology.clone());
         let in_flight = TaskTracker::new();
         let mut following = true;
         let result = loop {
@@ -213,14 +213,14 @@ impl Consumer {
                     Err(_) => break Ok(()),
                 },
             };
-            let (delivery, admission) = tokio::select! {
+            let (delivery, admission, settler) = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
                 changed = names.changed(), if following => {
                     match changed {
                         Ok(()) => {
                             let wanted = names.borrow_and_update().clone();
                             if let Err(error) = feeds
-                                .follow(topology, publisher.channel(), &wanted, tenant_prefetch)
+                                .follow(&connection, publisher.channel(), &wanted, tenant_prefetch)
                                 .await
                             {
                                 break Err(error);
@@ -233,18 +233,22 @@ impl Consumer {
                 }
                 next = feeds.streams.next() => match next {
                     Some((tag, Some(Ok(delivery)))) => {
+                        let Some(lane) = feeds.lanes.get(&tag) else {
+                            // Every consumer's stream is pushed with its lane.
+                            continue;
+                        };
                         if feeds.retiring.contains(&tag) {
                             // A removed tenant's: back to its queue, which is kept.
-                            if let Err(error) = delivery
-                                .acker
-                                .nack(BasicNackOptions { requeue: true, multiple: false })
+                            if let Err(error) = lane
+                                .acks
+                                .nack(&delivery, BasicNackOptions { requeue: true, multiple: false })
                                 .await
                             {
                                 break Err(error);
                             }
                             continue;
                         }
-                        (delivery, feeds.admission(&tag))
+                        (delivery, feeds.admission(&tag), lane.settler.clone())
                     }
                     Some((_, Some(Err(error)))) => break Err(error),
                     Some((tag, None)) if feeds.retiring.remove(&tag) => continue,
@@ -256,7 +260,6 @@ impl Consumer {
                 }
             };
             let consumer = self.clone();
-            let settler = settler.clone();
             in_flight.spawn(async move {
                 consumer.handle(delivery, admission, &settler).await;
                 drop(permit);
@@ -283,6 +286,17 @@ impl Consumer {
         if !matches!(closed, Ok(Ok(()))) {
             tracing::debug!("the connection was not closed cleanly; the broker drops it");
         }
+        let acking = feeds.acking.clone();
+        drop(feeds);
+        acking.close();
+        if tokio::time::timeout(STEP_TIMEOUT, acking.wait())
+            .await
+            .is_err()
+        {
+            // Messages still in flight hold the acknowledgements open; their acks find the
+            // channel closed and they are redelivered.
+            tracing::debug!("acknowledgements still open after the connection closed");
+        }
         result
     }
 
@@ -297,9 +311,12 @@ impl Consumer {
     ) {
         let started = tokio::time::Instant::now();
         for tag in feeds.tags.values() {
-            if let Err(error) = feeds
+            let Some(lane) = feeds.lanes.get(tag) else {
+                continue;
+            };
+            if let Err(error) = lane
                 .channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .basic_cancel(tag.as_ref().into(), BasicCancelOptions::default())
                 .await
             {
                 tracing::warn!(%error, "could not cancel a consumer; the connection close will");
@@ -327,8 +344,10 @@ impl Consumer {
             }
         }
         let barriers = async {
-            for queue in &feeds.consumed {
-                settle_barrier(&feeds.channel, queue).await?;
+            for lane in feeds.lanes.values() {
+                // Acks held behind a message still in flight go out now, before the barrier.
+                lane.acks.flush().await;
+                settle_barrier(&lane.channel, &lane.acks, &lane.queue).await?;
             }
             Ok::<(), lapin::Error>(())
         };
@@ -420,35 +439,55 @@ impl Consumer {
 /// One consumer's deliveries, tagged with its consumer tag; `None` once the broker ended it.
 type Feed = BoxStream<'static, (Arc<str>, Option<Result<Delivery, lapin::Error>>)>;
 
-/// The consumers of one connection, all on one channel: the shared queue's and one per
-/// configured tenant (see the module documentation).
-struct Feeds {
+/// One consumer with the channel it has to itself, and what settles its deliveries. Delivery
+/// tags, and so runs of acknowledgements ([`Acks`]), are per channel: on its own channel, a
+/// queue whose messages stay in flight long (a slow org's) never holds back the acks of
+/// another's.
+struct Lane {
     channel: Channel,
+    /// The queue it consumes.
+    queue: String,
+    /// The channel's acknowledgements.
+    acks: Acks,
+    /// Settles its deliveries (through `acks`).
+    settler: Settler,
+}
+
+/// The consumers of one connection, one channel each: the shared queue's and one per configured
+/// tenant (see the module documentation).
+struct Feeds {
+    publisher: Publisher,
+    topology: Arc<Topology>,
     /// Every consumer's deliveries, merged.
     streams: SelectAll<Feed>,
+    /// Every consumer's lane by its consumer tag, kept until the connection closes (a retired
+    /// consumer's messages in flight still settle on its channel).
+    lanes: HashMap<Arc<str>, Lane>,
     /// Consumer tag by queue, of the consumers still taking deliveries.
-    tags: HashMap<String, String>,
+    tags: HashMap<String, Arc<str>>,
     /// Queue by tenant, of the tenants whose queue is consumed.
     tenants: BTreeMap<String, String>,
     /// Tags of consumers cancelled for a removed tenant, until the broker ends them: what they
     /// still deliver goes back to the queue.
     retiring: HashSet<Arc<str>>,
-    /// Every queue consumed on the channel, for the settle barrier.
-    consumed: BTreeSet<String>,
     /// The shared queue's consumer tag.
     shared: Option<Arc<str>>,
+    /// The lanes' acknowledgement tasks, which end with the last handle.
+    acking: TaskTracker,
 }
 
 impl Feeds {
-    fn new(channel: Channel) -> Self {
+    fn new(publisher: Publisher, topology: Arc<Topology>) -> Self {
         Self {
-            channel,
+            publisher,
+            topology,
             streams: SelectAll::new(),
+            lanes: HashMap::new(),
             tags: HashMap::new(),
             tenants: BTreeMap::new(),
             retiring: HashSet::new(),
-            consumed: BTreeSet::new(),
             shared: None,
+            acking: TaskTracker::new(),
         }
     }
 
@@ -462,15 +501,20 @@ impl Feeds {
         }
     }
 
-    /// Consumes `queue` with its own prefetch. Per-consumer QoS (`global = false`) applies to
-    /// the consumers started after it on the channel; global QoS on a quorum queue closes the
-    /// connection (`rabbitmq-notes.md` §1).
-    async fn consume(&mut self, queue: &str, prefetch: u16) -> Result<Arc<str>, lapin::Error> {
-        self.channel
+    /// Consumes `queue` on a channel of its own with its own prefetch. Per-consumer QoS
+    /// (`global = false`): global QoS on a quorum queue closes the connection
+    /// (`rabbitmq-notes.md` §1).
+    async fn consume(
+        &mut self,
+        connection: &Connection,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Arc<str>, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
-        let consumer = self
-            .channel
+        let consumer = channel
             .basic_consume(
                 queue.into(),
                 "".into(),
@@ -487,8 +531,18 @@ impl Feeds {
                 .chain(stream::once(async move { (end, None) }))
                 .boxed(),
         );
-        self.tags.insert(queue.to_owned(), tag.to_string());
-        self.consumed.insert(queue.to_owned());
+        let acks = Acks::start(&self.acking, acks::HOLD);
+        let settler = Settler::new(self.publisher.clone(), self.topology.clone(), acks.clone());
+        self.lanes.insert(
+            tag.clone(),
+            Lane {
+                channel,
+                queue: queue.to_owned(),
+                acks,
+                settler,
+            },
+        );
+        self.tags.insert(queue.to_owned(), tag.clone());
         Ok(tag)
     }
 
@@ -496,7 +550,7 @@ impl Feeds {
     /// bindings on `declare`), and stops consuming the others, their bindings removed first.
     async fn follow(
         &mut self,
-        topology: &Topology,
+        connection: &Connection,
         declare: &Channel,
         wanted: &[String],
         prefetch: u16,
@@ -505,9 +559,9 @@ impl Feeds {
             if self.tenants.contains_key(tenant) {
                 continue;
             }
-            match topology.declare_tenant(declare, tenant).await? {
+            match self.topology.declare_tenant(declare, tenant).await? {
                 Some(queue) => {
-                    self.consume(&queue, prefetch).await?;
+                    self.consume(connection, &queue, prefetch).await?;
                     tracing::info!(%tenant, %queue, "consuming the tenant's queue");
                     self.tenants.insert(tenant.clone(), queue);
                 }
@@ -524,11 +578,13 @@ impl Feeds {
             .map(|(t, q)| (t.clone(), q.clone()))
             .collect();
         for (tenant, queue) in removed {
-            topology.forget_tenant(declare, &tenant).await?;
-            if let Some(tag) = self.tags.remove(&queue) {
-                self.retiring.insert(tag.as_str().into());
-                self.channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            self.topology.forget_tenant(declare, &tenant).await?;
+            if let Some(tag) = self.tags.remove(&queue)
+                && let Some(lane) = self.lanes.get(&tag)
+            {
+                self.retiring.insert(tag.clone());
+                lane.channel
+                    .basic_cancel(tag.as_ref().into(), BasicCancelOptions::default())
                     .await?;
             }
             tracing::info!(%tenant, %queue, "tenant removed; its queue is kept and no longer consumed");
@@ -557,15 +613,15 @@ impl Feeds {
 /// channel forward the held acks before it handles anything we send after the answer (RabbitMQ 4
 /// also forwards held acks before a `basic.cancel`, but ours is sent before the drain). A message
 /// the get takes is handed straight back (`basic.reject` with requeue).
-async fn settle_barrier(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+///
+/// The message taken is a delivery of the channel too: it is rejected through `acks`, so runs of
+/// acknowledgements after it can pass its tag.
+async fn settle_barrier(channel: &Channel, acks: &Acks, queue: &str) -> Result<(), lapin::Error> {
     let taken = channel
         .basic_get(queue.into(), BasicGetOptions { no_ack: false })
         .await?;
     if let Some(message) = taken {
-        message
-            .delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
+        acks.reject(&message.delivery, BasicRejectOptions { requeue: true })
             .await?;
     }
     Ok(())

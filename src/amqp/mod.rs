@@ -1,6 +1,8 @@
-//! AMQP: connection, topology, and a publisher with confirms and routing checks. The consumer
-//! loop lives in [`crate::consumer`], which owns reconnection.
+//! AMQP: connection, topology, a publisher with confirms and routing checks, and consumer
+//! acknowledgements sent in runs ([`Acks`]). The consumer loop lives in [`crate::consumer`],
+//! which owns reconnection.
 
+pub mod acks;
 pub mod topology;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -8,6 +10,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub use acks::Acks;
 pub use topology::{RetryTier, Topology};
 
 /// A publish that did not become durable on the broker.

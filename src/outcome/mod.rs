@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::amqp::{PublishError, Publisher, Topology};
+use crate::amqp::{Acks, PublishError, Publisher, Topology};
 use crate::pipeline::MessageInfo;
 
 /// Where a message ended up (the `outcome` metric label).
@@ -75,11 +75,11 @@ pub enum SettleError {
     ChannelClosed,
 }
 
-/// Acks `delivery`, or says why the broker will redeliver it. lapin answers `Ok(false)` instead
-/// of an error when the delivery's channel closed before the ack was issued: counting that as a
-/// settled message would hide a redelivery.
-async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
-    if delivery.acker.ack(BasicAckOptions::default()).await? {
+/// Acks `delivery` (alone or in a run, [`Acks`]), or says why the broker will redeliver it.
+/// lapin answers `Ok(false)` instead of an error when the delivery's channel closed before the
+/// ack was issued: counting that as a settled message would hide a redelivery.
+async fn ack(acks: &Acks, delivery: &Delivery) -> Result<(), SettleError> {
+    if acks.ack(delivery).await? {
         Ok(())
     } else {
         Err(SettleError::ChannelClosed)
@@ -92,19 +92,22 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-/// Settles deliveries: the topology says where retries and dead letters go.
+/// Settles the deliveries of one channel: the topology says where retries and dead letters go.
 #[derive(Clone)]
 pub struct Settler {
     publisher: Publisher,
     topology: std::sync::Arc<Topology>,
+    acks: Acks,
 }
 
 impl Settler {
-    /// A settler publishing through `publisher`.
-    pub fn new(publisher: Publisher, topology: std::sync::Arc<Topology>) -> Self {
+    /// A settler publishing through `publisher` and acknowledging through `acks` (the
+    /// acknowledgements of the channel the deliveries came on).
+    pub fn new(publisher: Publisher, topology: std::sync::Arc<Topology>, acks: Acks) -> Self {
         Self {
             publisher,
             topology,
+            acks,
         }
     }
 
@@ -117,11 +120,11 @@ impl Settler {
     ) -> Result<Settled, SettleError> {
         match disposition {
             Disposition::Written => {
-                ack(delivery).await?;
+                ack(&self.acks, delivery).await?;
                 Ok(Settled::Written)
             }
             Disposition::Superseded => {
-                ack(delivery).await?;
+                ack(&self.acks, delivery).await?;
                 Ok(Settled::Superseded)
             }
             Disposition::Retry { cause, retry_after } => {
@@ -170,17 +173,21 @@ impl Settler {
     }
 
     async fn hand_back(
+        &self,
         delivery: &Delivery,
         target: &'static str,
         source: PublishError,
     ) -> SettleError {
         // Requeue so another attempt settles it; the delivery limit stops a loop.
-        if let Err(error) = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
+        if let Err(error) = self
+            .acks
+            .nack(
+                delivery,
+                BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                },
+            )
             .await
         {
             return SettleError::Ack(error);
@@ -230,9 +237,9 @@ impl Settler {
             .publish("", queue, &delivery.data, properties)
             .await
         {
-            return Err(Self::hand_back(delivery, "retry", source).await);
+            return Err(self.hand_back(delivery, "retry", source).await);
         }
-        ack(delivery).await?;
+        ack(&self.acks, delivery).await?;
         Ok(Settled::Retried { tier })
     }
 
@@ -249,9 +256,9 @@ impl Settler {
             .publish("", &self.topology.dead_queue, &delivery.data, properties)
             .await
         {
-            return Err(Self::hand_back(delivery, "dead-letter", source).await);
+            return Err(self.hand_back(delivery, "dead-letter", source).await);
         }
-        ack(delivery).await?;
+        ack(&self.acks, delivery).await?;
         Ok(Settled::DeadLettered {
             reason: cause.reason,
         })

@@ -1,0 +1,164 @@
+//! Acknowledgements in runs (`amqp::acks`) against the real broker: a run acks exactly what was
+//! settled, never a delivery still in progress, never one handed back with a nack.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use portals_crm::amqp::Acks;
+use tokio_util::task::TaskTracker;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn quorum_queue(channel: &lapin::Channel, name: &str) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the test queue");
+}
+
+/// What is left in `queue` once every connection that consumed it closed: the bodies, taken
+/// with `basic.get` and acked.
+async fn left_in(channel: &lapin::Channel, queue: &str) -> BTreeSet<String> {
+    let mut left = BTreeSet::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        left.insert(String::from_utf8(message.delivery.data.clone()).unwrap());
+    }
+    left
+}
+
+#[tokio::test]
+async fn runs_ack_what_was_settled_and_nothing_else() {
+    let unique = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let queue = format!("test.acks.{}.{unique}", std::process::id());
+    let admin = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .expect("broker on 127.0.0.1:5672");
+    let channel = admin.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    quorum_queue(&channel, &queue).await;
+    for n in 1..=10 {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let consuming = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let consumer_channel = consuming.create_channel().await.unwrap();
+    consumer_channel
+        .basic_qos(20, BasicQosOptions { global: false })
+        .await
+        .unwrap();
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 10 {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        // Tags rise by one per delivery on the channel, from 1; the body is the tag.
+        assert_eq!(
+            String::from_utf8_lossy(&delivery.data),
+            delivery.delivery_tag.to_string()
+        );
+        deliveries.push(delivery);
+    }
+    let tracker = TaskTracker::new();
+    let acks = Acks::start(&tracker, Duration::from_millis(50));
+    let d = |n: usize| &deliveries[n - 1];
+
+    // 3, 1 and 2 settle together: one run.
+    let (a3, a1, a2) = tokio::join!(acks.ack(d(3)), acks.ack(d(1)), acks.ack(d(2)));
+    assert!(a1.unwrap() && a2.unwrap() && a3.unwrap());
+    // 4 is handed back (the run may pass it, but must not ack it).
+    assert!(
+        acks.nack(
+            d(4),
+            BasicNackOptions {
+                requeue: true,
+                multiple: false
+            }
+        )
+        .await
+        .unwrap()
+    );
+    // 6 and 7 settle behind 5, which is still in progress: after the hold they go alone.
+    let (a6, a7) = tokio::join!(acks.ack(d(6)), acks.ack(d(7)));
+    assert!(a6.unwrap() && a7.unwrap());
+    // 5 closes the gap; 8 and 10 settle while 9 never does.
+    let (a5, a8, a10) = tokio::join!(acks.ack(d(5)), acks.ack(d(8)), acks.ack(d(10)));
+    assert!(a5.unwrap() && a8.unwrap() && a10.unwrap());
+
+    // The settle barrier of `consumer.rs`: a synchronous command through the queue after the
+    // acks, so closing the connection cannot drop them; what it takes goes straight back.
+    acks.flush().await;
+    if let Some(taken) = consumer_channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+    {
+        acks.reject(&taken.delivery, BasicRejectOptions { requeue: true })
+            .await
+            .unwrap();
+    }
+    consuming.close(200, "test done".into()).await.unwrap();
+    drop(acks);
+    tracker.close();
+    tracker.wait().await;
+
+    let left = left_in(&channel, &queue).await;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = admin.close(200, "test done".into()).await;
+    assert_eq!(
+        left,
+        BTreeSet::from(["4".to_owned(), "9".to_owned()]),
+        "only the nacked message and the one never settled are back in the queue"
+    );
+}
