@@ -1,15 +1,19 @@
-//! Micro-benches of the CPU-bound stages: decode, plan, classify.
+//! Micro-benches of the CPU-bound stages: decode, plan, classify; and the emulator's side of a
+//! Composite Graph request, so its CPU per booking can be compared between builds.
 //! `cargo bench --bench pipeline`.
 
 use std::hint::black_box;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portals_crm::config::TenantConfig;
+use portals_crm::emulator::OrgSpec;
+use portals_crm::emulator::engine::{Meta, OrgState};
+use portals_crm::emulator::store::Store;
 use portals_crm::enrich::Enrichment;
 use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
 use portals_crm::plan::CompiledMapping;
 use portals_crm::salesforce::error::classify_api_error;
-use portals_crm::salesforce::model::{ApiError, GraphResponse};
+use portals_crm::salesforce::model::{ApiError, Graph, GraphRequest, GraphResponse};
 
 const BOOKED: &[u8] = include_bytes!("../tests/fixtures/events/booked.json");
 const GROUP: &[u8] = include_bytes!("../tests/fixtures/events/booked-group.json");
@@ -48,5 +52,68 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches);
+/// The emulator answering one request of 75 new group bookings (300 nodes: two Leads, the Event,
+/// the BookMe record and their relations each), on a fresh demo org each time, with the
+/// duplicate-rule header the worker sends by default (`allowSave=true`).
+fn emulator(c: &mut Criterion) {
+    const INTEGRATION: &str = "integration@bookme-demo.example";
+    let mut tenant: TenantConfig =
+        toml::from_str(include_str!("../config/tenants/acme.toml")).unwrap();
+    tenant.tenant = "acme".into();
+    let mapping = CompiledMapping::compile(&tenant).unwrap();
+    let org = OrgSpec::demo();
+    let integration_user_id = Store::with_users(&org).1[INTEGRATION].clone();
+    let enrichment = Enrichment {
+        host_user_id: Some(integration_user_id.clone()),
+        integration_user_id,
+    };
+    let graphs = (0..75)
+        .map(|i| {
+            let mut event: serde_json::Value = serde_json::from_slice(GROUP).unwrap();
+            event["data"]["booking_id"] = format!("bk_bench{i}").into();
+            for (n, attendee) in event["data"]["attendees"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .enumerate()
+            {
+                // Unique people: the demo org's duplicate rule matches Leads by name too.
+                attendee["email"] = format!("a{n}.b{i}@bench.example").into();
+                attendee["last_name"] = format!("Bench{i}x{n}").into();
+            }
+            let event =
+                decode(&serde_json::to_vec(&event).unwrap(), DEFAULT_MAX_BODY_BYTES).unwrap();
+            Graph {
+                graph_id: format!("g{i}"),
+                composite_request: mapping.build_graph(&event, &enrichment).unwrap(),
+            }
+        })
+        .collect();
+    let request = GraphRequest { graphs };
+    let meta = Meta {
+        allow_save: true,
+        ..Meta::default()
+    };
+    let reply = OrgState::new(org.clone()).execute_graph(INTEGRATION, request.clone(), meta);
+    let answer = reply.body.expect("a Composite Graph answer");
+    let failed = answer["graphs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["isSuccessful"] != true);
+    assert!(failed.is_none(), "every graph is written: {failed:?}");
+    c.bench_function("emulator: Composite Graph of 75 new group bookings", |b| {
+        b.iter_batched(
+            || (OrgState::new(org.clone()), request.clone()),
+            |(mut state, request)| {
+                let reply = state.execute_graph(INTEGRATION, request, meta);
+                assert_eq!(reply.status, 200);
+                (state, reply)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+}
+
+criterion_group!(micro, benches, emulator);
 criterion_main!(micro);

@@ -988,7 +988,7 @@ impl OrgState {
                     .iter()
                     .map(|n| halted(&n.reference_id, ROLLED_BACK_MESSAGE))
                     .collect();
-                out.push(json!({"graphId": graph.graph_id, "graphResponse": {"compositeResponse": results}, "isSuccessful": false}));
+                out.push(graph_result(&graph.graph_id, results, false));
                 continue;
             }
             let mark = self.store.mark();
@@ -1041,9 +1041,9 @@ impl OrgState {
                     })
                     .collect();
             }
-            out.push(json!({"graphId": graph.graph_id, "graphResponse": {"compositeResponse": results}, "isSuccessful": successful}));
+            out.push(graph_result(&graph.graph_id, results, successful));
         }
-        Reply::json(200, json!({"graphs": out}))
+        Reply::json(200, object([("graphs", Value::Array(out))]))
     }
 }
 
@@ -1087,6 +1087,29 @@ fn valid_reference_id(reference: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A JSON object of `entries`, built in place: `json!` serialises every interpolated value into a
+/// copy, which for a Composite answer copied every result three times.
+fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+    )
+}
+
+/// One graph's entry in a Composite Graph answer.
+fn graph_result(graph_id: &str, results: Vec<Value>, successful: bool) -> Value {
+    object([
+        ("graphId", Value::String(graph_id.to_owned())),
+        (
+            "graphResponse",
+            object([("compositeResponse", Value::Array(results))]),
+        ),
+        ("isSuccessful", Value::Bool(successful)),
+    ])
+}
+
 fn subresult(reference: &str, reply: &Reply) -> Value {
     let headers: Map<String, Value> = reply
         .headers
@@ -1094,12 +1117,12 @@ fn subresult(reference: &str, reply: &Reply) -> Value {
         .filter(|(name, _)| *name == "Location")
         .map(|(name, value)| ((*name).to_owned(), Value::String(value.clone())))
         .collect();
-    json!({
-        "body": reply.body.clone().unwrap_or(Value::Null),
-        "httpHeaders": headers,
-        "httpStatusCode": reply.status,
-        "referenceId": reference,
-    })
+    object([
+        ("body", reply.body.clone().unwrap_or(Value::Null)),
+        ("httpHeaders", Value::Object(headers)),
+        ("httpStatusCode", Value::from(reply.status)),
+        ("referenceId", Value::String(reference.to_owned())),
+    ])
 }
 
 fn halted(reference: &str, message: &str) -> Value {

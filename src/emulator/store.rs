@@ -640,12 +640,13 @@ impl Store {
             .find(|(_, r)| flag(r, "IsParent"))
             .and_then(|(_, r)| r.fields.get("RelationId").cloned())
             .unwrap_or(Value::Null);
-        let Some(event) = self.records.get(event_id).cloned() else {
+        let Some(event) = self.records.get(event_id) else {
             return;
         };
         if event.fields.get("WhoId").unwrap_or(&Value::Null) == &who {
             return;
         }
+        let event = event.clone();
         let mut changed = event.clone();
         changed.fields.insert("WhoId".into(), who);
         self.replace_raw(event_id, changed, org);
