@@ -261,8 +261,11 @@ impl Consumer {
             };
             let consumer = self.clone();
             in_flight.spawn(async move {
-                consumer.handle(delivery, admission, &settler).await;
-                drop(permit);
+                // The permit goes back once the message's outcome is durable, before its ack's
+                // answer (which may wait for a run of acks); the task stays tracked until then.
+                consumer
+                    .handle(delivery, admission, &settler, move || drop(permit))
+                    .await;
             });
         };
         *known = feeds.tenants.keys().cloned().collect();
@@ -343,25 +346,36 @@ impl Consumer {
                 );
             }
         }
-        let barriers = async {
-            for lane in feeds.lanes.values() {
-                // Acks held behind a message still in flight go out now, before the barrier.
-                lane.acks.flush().await;
-                settle_barrier(&lane.channel, &lane.acks, &lane.queue).await?;
+        // Every lane at once, each on its own channel: one lane's failure (a removed tenant's
+        // queue deleted meanwhile) must not cost the others their barrier, nor their time.
+        let barriers = futures_util::future::join_all(feeds.lanes.values().map(|lane| async {
+            // Acks held behind a message still in flight go out now, before the barrier.
+            lane.acks.flush().await;
+            let barrier = settle_barrier(&lane.channel, &lane.acks, &lane.queue);
+            match tokio::time::timeout(STEP_TIMEOUT, barrier).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(
+                    queue = %lane.queue,
+                    %error,
+                    "settle barrier failed; acks sent last may be redelivered"
+                ),
+                Err(_) => tracing::warn!(
+                    queue = %lane.queue,
+                    "settle barrier timed out; acks sent last may be redelivered"
+                ),
             }
-            Ok::<(), lapin::Error>(())
-        };
-        match tokio::time::timeout(STEP_TIMEOUT, barriers).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "settle barrier failed; acks sent last may be redelivered")
-            }
-            Err(_) => tracing::warn!("settle barrier timed out; acks sent last may be redelivered"),
-        }
+        }));
+        barriers.await;
     }
 
     /// Processes one delivery and settles it; the only caller of [`Settler::settle`].
-    async fn handle(&self, delivery: Delivery, admission: Admission, settler: &Settler) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        admission: Admission,
+        settler: &Settler,
+        release: impl FnOnce() + Send,
+    ) {
         let started = Instant::now();
         self.metrics.inflight.inc();
         let attempt = dead_letter::attempts(delivery.properties.headers().as_ref()) + 1;
@@ -400,7 +414,7 @@ impl Consumer {
                 }
                 Disposition::Written | Disposition::Superseded => {}
             }
-            match settler.settle(&delivery, &info, disposition).await {
+            match settler.settle(&delivery, &info, disposition, release).await {
                 Ok(settled) => {
                     self.count(&info.tenant, processed.type_label, settled);
                     self.metrics

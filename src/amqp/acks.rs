@@ -35,7 +35,7 @@
 //! Each [`Acks::ack`] answers only once the frame covering its delivery was handed to lapin, with
 //! lapin's answer for that frame, so the caller counts a message settled exactly as before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -87,35 +87,37 @@ impl Acks {
     /// Acknowledges `delivery` (of this channel), alone or in a run; answers once the frame
     /// covering it was handed to lapin.
     pub async fn ack(&self, delivery: &Delivery) -> AckAnswer {
+        self.request(delivery).answer().await
+    }
+
+    /// Asks for `delivery`'s acknowledgement now; [`AckRequest::answer`] waits for the frame that
+    /// covers it (up to [`HOLD`] for a delivery settled behind a gap), so a caller can give back
+    /// what it holds for the message first.
+    pub fn request(&self, delivery: &Delivery) -> AckRequest {
         let (answer, answered) = oneshot::channel();
         let command = Command::Ack {
             tag: delivery.delivery_tag,
             acker: delivery.acker.clone(),
             answer,
         };
-        if self.commands.send(command).is_err() {
+        match self.commands.send(command) {
+            Ok(()) => AckRequest::Queued(answered),
             // The task is gone (only while the connection closes): ack directly.
-            return delivery.acker.ack(BasicAckOptions::default()).await;
-        }
-        match answered.await {
-            Ok(answer) => answer,
-            // The task ended without answering: the connection is closing and the broker
-            // redelivers what was not acknowledged.
-            Err(_) => Ok(false),
+            Err(_) => AckRequest::Direct(delivery.acker.clone()),
         }
     }
 
-    /// `basic.nack` for `delivery`, sent now; then the delivery no longer stops a run.
+    /// `basic.nack` for `delivery`, sent now; once sent, the delivery no longer stops a run.
     pub async fn nack(&self, delivery: &Delivery, options: BasicNackOptions) -> AckAnswer {
         let sent = delivery.acker.nack(options).await;
-        self.settled(delivery.delivery_tag);
+        self.settled_if_sent(delivery.delivery_tag, &sent);
         sent
     }
 
-    /// `basic.reject` for `delivery`, sent now; then the delivery no longer stops a run.
+    /// `basic.reject` for `delivery`, sent now; once sent, the delivery no longer stops a run.
     pub async fn reject(&self, delivery: &Delivery, options: BasicRejectOptions) -> AckAnswer {
         let sent = delivery.acker.reject(options).await;
-        self.settled(delivery.delivery_tag);
+        self.settled_if_sent(delivery.delivery_tag, &sent);
         sent
     }
 
@@ -127,9 +129,36 @@ impl Acks {
         }
     }
 
-    fn settled(&self, tag: u64) {
-        // Without the task there is no run to extend.
-        let _ = self.commands.send(Command::Settled { tag });
+    /// A frame not sent leaves the delivery unacknowledged: no run may pass it.
+    fn settled_if_sent(&self, tag: u64, sent: &AckAnswer) {
+        if matches!(sent, Ok(true)) {
+            // Without the task there is no run to extend.
+            let _ = self.commands.send(Command::Settled { tag });
+        }
+    }
+}
+
+/// An acknowledgement asked for ([`Acks::request`]).
+#[must_use = "the delivery counts as settled only once its answer is known"]
+pub enum AckRequest {
+    /// Waiting for its run, or its hold to end.
+    Queued(oneshot::Receiver<AckAnswer>),
+    /// The channel's task is gone: acked on its own when awaited.
+    Direct(Acker),
+}
+
+impl AckRequest {
+    /// lapin's answer for the frame that acknowledged the delivery.
+    pub async fn answer(self) -> AckAnswer {
+        match self {
+            Self::Queued(answered) => match answered.await {
+                Ok(answer) => answer,
+                // The task ended without answering: the connection is closing and the broker
+                // redelivers what was not acknowledged.
+                Err(_) => Ok(false),
+            },
+            Self::Direct(acker) => acker.ack(BasicAckOptions::default()).await,
+        }
     }
 }
 
@@ -212,80 +241,111 @@ struct Round<A, W> {
 /// The settled deliveries above the floor (every tag at or below it is acknowledged or settled
 /// another way), generic over the acker and the waiter so the rules can be tested without a
 /// broker.
+///
+/// Bounded when a gap never closes (a delivery that stays unsettled on an open channel): the
+/// deliveries acked alone behind it are kept as ranges of tags, which coalesce as they arrive in
+/// order, and the held ones in arrival order, so a round costs what it takes, not what is held.
 #[derive(Debug)]
 struct Window<A, W> {
     floor: u64,
-    above: BTreeMap<u64, Held<A, W>>,
+    /// Settled, waiting for their ack, by tag.
+    waiting: BTreeMap<u64, (A, W)>,
+    /// The waiting ones in the order they settled (so, of their hold's end), with that instant;
+    /// an entry whose tag a run took since is skipped when reached.
+    order: VecDeque<(Instant, u64)>,
+    /// Settled by a frame already sent (nacked, rejected, or acked alone), above the floor:
+    /// ranges of tags, first → last (inclusive), never adjacent or overlapping.
+    done: BTreeMap<u64, u64>,
 }
 
 impl<A, W> Default for Window<A, W> {
     fn default() -> Self {
         Self {
             floor: 0,
-            above: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            order: VecDeque::new(),
+            done: BTreeMap::new(),
         }
     }
-}
-
-#[derive(Debug)]
-enum Held<A, W> {
-    /// Waiting for its ack, since the instant.
-    Waiting(A, W, Instant),
-    /// Settled by a frame already sent.
-    Done,
 }
 
 impl<A, W> Window<A, W> {
     /// Records tag `tag` as settled: to be acked (`Some`) or already settled by another frame.
     fn settle(&mut self, tag: u64, ack: Option<(A, W)>, now: Instant) {
-        if tag <= self.floor {
-            // Cannot happen on one channel (each tag is settled once); a run already covers it,
-            // and acking it again would close the channel. The waiter is answered by dropping
-            // it (as a closing channel).
+        if tag <= self.floor || self.is_done(tag) || self.waiting.contains_key(&tag) {
+            // Cannot happen on one channel (each tag is settled once); acking it again would
+            // close the channel. The waiter is answered by dropping it (as a closing channel).
             return;
         }
-        let held = match ack {
-            Some((acker, waiter)) => Held::Waiting(acker, waiter, now),
-            None => Held::Done,
-        };
-        self.above.insert(tag, held);
+        match ack {
+            Some(entry) => {
+                self.waiting.insert(tag, entry);
+                self.order.push_back((now, tag));
+            }
+            None => self.mark_done(tag),
+        }
+    }
+
+    fn is_done(&self, tag: u64) -> bool {
+        self.done
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(_, &last)| tag <= last)
+    }
+
+    /// Adds `tag` (not yet done) to the ranges, joining its neighbours.
+    fn mark_done(&mut self, tag: u64) {
+        let mut first = tag;
+        let mut last = tag;
+        if let Some((&start, &end)) = self.done.range(..tag).next_back()
+            && end + 1 == tag
+        {
+            first = start;
+        }
+        if let Some(end) = self.done.remove(&(tag + 1)) {
+            last = end;
+        }
+        self.done.insert(first, last);
     }
 
     /// When the oldest held delivery must be acked on its own.
-    fn deadline(&self, hold: Duration) -> Option<Instant> {
-        self.above
-            .values()
-            .filter_map(|held| match held {
-                Held::Waiting(_, _, since) => Some(*since + hold),
-                Held::Done => None,
-            })
-            .min()
+    fn deadline(&mut self, hold: Duration) -> Option<Instant> {
+        while let Some(&(since, tag)) = self.order.front() {
+            if self.waiting.contains_key(&tag) {
+                return Some(since + hold);
+            }
+            self.order.pop_front();
+        }
+        None
     }
 
     /// Takes the run that starts right above the floor (one multiple ack for all of it), and,
     /// beyond it, the deliveries held since `hold` ago or longer (all of them when `flush`), to be
-    /// acked alone; those stay recorded as done so a later run can pass them.
+    /// acked alone; those are recorded as done so a later run can pass them.
     fn take(&mut self, now: Instant, hold: Duration, flush: bool) -> Round<A, W> {
         let mut acker = None;
         let mut waiters = Vec::new();
-        while let Some(entry) = self.above.first_entry() {
-            if *entry.key() != self.floor + 1 {
-                break;
-            }
-            self.floor += 1;
-            if let Held::Waiting(a, waiter, _) = entry.remove() {
+        loop {
+            let next = self.floor + 1;
+            if let Some((a, waiter)) = self.waiting.remove(&next) {
+                self.floor = next;
                 acker = Some(a);
                 waiters.push(waiter);
+            } else if let Some(last) = self.done.remove(&next) {
+                self.floor = last;
+            } else {
+                break;
             }
         }
         let mut alone = Vec::new();
-        for held in self.above.values_mut() {
-            let due = match held {
-                Held::Waiting(_, _, since) => flush || now.duration_since(*since) >= hold,
-                Held::Done => false,
-            };
-            if due && let Held::Waiting(a, waiter, _) = std::mem::replace(held, Held::Done) {
-                alone.push((a, waiter));
+        while let Some(&(since, tag)) = self.order.front() {
+            if !flush && now.duration_since(since) < hold {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(entry) = self.waiting.remove(&tag) {
+                alone.push(entry);
+                self.mark_done(tag);
             }
         }
         Round {
@@ -323,7 +383,7 @@ mod tests {
         let round = w.take(now, HOLD, false);
         assert_eq!(round.run, Some((5, vec![4, 5])));
         assert_eq!(w.floor, 5);
-        assert!(w.above.is_empty());
+        assert!(w.waiting.is_empty() && w.done.is_empty());
     }
 
     #[test]
@@ -372,6 +432,33 @@ mod tests {
         let round = w.take(now, HOLD, true);
         assert_eq!(round.run, Some((1, vec![1])));
         assert_eq!(round.alone, vec![(4, 4), (6, 6)]);
+    }
+
+    #[test]
+    fn behind_a_gap_that_never_closes_what_is_kept_stays_small() {
+        let start = Instant::now();
+        let mut w: Window<u64, u64> = Window::default();
+        // Tag 1 never settles; 10,000 more do, in order, each acked alone after its hold.
+        for tag in 2..=10_001 {
+            let now = start + Duration::from_millis(tag);
+            w.settle(tag, Some((tag, tag)), now);
+            let round = w.take(now, HOLD, false);
+            assert!(round.run.is_none());
+        }
+        let round = w.take(start + Duration::from_secs(60), HOLD, false);
+        assert!(round.run.is_none());
+        assert_eq!(w.floor, 0, "nothing passes the unsettled tag 1");
+        assert!(w.waiting.is_empty() && w.order.is_empty());
+        assert_eq!(
+            w.done.iter().collect::<Vec<_>>(),
+            vec![(&2, &10_001)],
+            "one range, not ten thousand entries"
+        );
+        // Once 1 settles, one run passes them all.
+        w.settle(1, Some((1, 1)), start);
+        assert_eq!(w.take(start, HOLD, false).run, Some((1, vec![1])));
+        assert_eq!(w.floor, 10_001);
+        assert!(w.done.is_empty());
     }
 
     #[test]

@@ -75,11 +75,14 @@ pub enum SettleError {
     ChannelClosed,
 }
 
-/// Acks `delivery` (alone or in a run, [`Acks`]), or says why the broker will redeliver it.
+/// Acks `delivery` (alone or in a run, [`Acks`]), or says why the broker will redeliver it;
+/// calls `release` once the ack is asked for, before its answer, which may wait for a run.
 /// lapin answers `Ok(false)` instead of an error when the delivery's channel closed before the
 /// ack was issued: counting that as a settled message would hide a redelivery.
-async fn ack(acks: &Acks, delivery: &Delivery) -> Result<(), SettleError> {
-    if acks.ack(delivery).await? {
+async fn ack(acks: &Acks, delivery: &Delivery, release: impl FnOnce()) -> Result<(), SettleError> {
+    let request = acks.request(delivery);
+    release();
+    if request.answer().await? {
         Ok(())
     } else {
         Err(SettleError::ChannelClosed)
@@ -111,29 +114,37 @@ impl Settler {
         }
     }
 
-    /// Carries out `disposition` for `delivery`.
+    /// Carries out `disposition` for `delivery`. `release` is called once the outcome is
+    /// durable and only the ack's answer is awaited (it may wait up to [`crate::amqp::acks::HOLD`]
+    /// for a run): the caller gives back its concurrency permit there, so held acks do not hold
+    /// the worker's permits. Not called when the message could not be settled.
     pub async fn settle(
         &self,
         delivery: &Delivery,
         info: &MessageInfo,
         disposition: Disposition,
+        release: impl FnOnce() + Send,
     ) -> Result<Settled, SettleError> {
         match disposition {
             Disposition::Written => {
-                ack(&self.acks, delivery).await?;
+                ack(&self.acks, delivery, release).await?;
                 Ok(Settled::Written)
             }
             Disposition::Superseded => {
-                ack(&self.acks, delivery).await?;
+                ack(&self.acks, delivery, release).await?;
                 Ok(Settled::Superseded)
             }
             Disposition::Retry { cause, retry_after } => {
-                self.retry(delivery, info, cause, retry_after, 1).await
+                self.retry(delivery, info, cause, retry_after, 1, release)
+                    .await
             }
             Disposition::Wait { cause, retry_after } => {
-                self.retry(delivery, info, cause, retry_after, 0).await
+                self.retry(delivery, info, cause, retry_after, 0, release)
+                    .await
             }
-            Disposition::DeadLetter(cause) => self.dead_letter(delivery, info, &cause).await,
+            Disposition::DeadLetter(cause) => {
+                self.dead_letter(delivery, info, &cause, release).await
+            }
         }
     }
 
@@ -202,6 +213,7 @@ impl Settler {
         cause: Cause,
         retry_after: Option<Duration>,
         counted: i64,
+        release: impl FnOnce() + Send,
     ) -> Result<Settled, SettleError> {
         let attempt = Self::attempts_so_far(delivery) + counted;
         // A wait is placed by its duration alone, from the first tier.
@@ -220,7 +232,7 @@ impl Settler {
                 ),
                 salesforce: cause.salesforce,
             };
-            return self.dead_letter(delivery, info, &exhausted).await;
+            return self.dead_letter(delivery, info, &exhausted, release).await;
         };
         let tier_delay = self.topology.tiers[tier].delay;
         let properties = self
@@ -239,7 +251,7 @@ impl Settler {
         {
             return Err(self.hand_back(delivery, "retry", source).await);
         }
-        ack(&self.acks, delivery).await?;
+        ack(&self.acks, delivery, release).await?;
         Ok(Settled::Retried { tier })
     }
 
@@ -248,6 +260,7 @@ impl Settler {
         delivery: &Delivery,
         info: &MessageInfo,
         cause: &Cause,
+        release: impl FnOnce() + Send,
     ) -> Result<Settled, SettleError> {
         let attempts = Self::attempts_so_far(delivery) + 1;
         let properties = self.annotated(delivery, info, cause, attempts);
@@ -258,7 +271,7 @@ impl Settler {
         {
             return Err(self.hand_back(delivery, "dead-letter", source).await);
         }
-        ack(&self.acks, delivery).await?;
+        ack(&self.acks, delivery, release).await?;
         Ok(Settled::DeadLettered {
             reason: cause.reason,
         })
