@@ -82,6 +82,68 @@ enum FieldTemplate {
         /// The compiled template of the same text.
         template: String,
     },
+    /// An [`Expression`](FieldTemplate::Expression) `path or path` / `path or 'text'`
+    /// (`attendee.company or 'Unknown'`, `host_user_id or integration_user_id`): read without
+    /// running the template when the left path ends in a string or none and the right one in a
+    /// string or none, else rendered by it (same fallback as `Path`; an undefined name's error
+    /// under strict undefined behaviour stays the template's).
+    Or {
+        /// The left path, from the root.
+        left: Vec<String>,
+        /// What `or` gives when the left is empty or none.
+        right: Alternative,
+        /// The compiled template of the same expression.
+        template: String,
+    },
+}
+
+/// The right side of a [`FieldTemplate::Or`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Alternative {
+    /// Another path.
+    Path(Vec<String>),
+    /// A quoted string, as written between its quotes.
+    Literal(String),
+}
+
+/// `expr` as `path or path` or `path or 'text'` (a string without quotes or backslashes inside).
+fn or_expression(expr: &str) -> Option<(Vec<String>, Alternative)> {
+    let (left, right) = expr.split_once(" or ")?;
+    let left = plain_path(left)?;
+    let right = right.trim();
+    let quoted = ['\'', '"']
+        .iter()
+        .find_map(|&q| right.strip_prefix(q)?.strip_suffix(q))
+        .filter(|text| !text.contains(['\'', '"', '\\']));
+    let right = match quoted {
+        Some(text) => Alternative::Literal(text.to_owned()),
+        None => Alternative::Path(plain_path(right)?),
+    };
+    Some((left, right))
+}
+
+/// What `left or right` gives, as its template would render it, when the left path ends in a
+/// string or none and the right in a string or none (within [`MAX_RENDERED_BYTES`]); `None`
+/// otherwise (the template then answers).
+fn read_or(ctx: &minijinja::Value, left: &[String], right: &Alternative) -> Option<Value> {
+    use minijinja::value::ValueKind;
+    let scalar = |value: minijinja::Value| -> Option<Value> {
+        match value.kind() {
+            ValueKind::None => Some(Value::Null),
+            ValueKind::String => value
+                .as_str()
+                .filter(|s| s.len() <= MAX_RENDERED_BYTES)
+                .map(|s| Value::String(s.to_owned())),
+            _ => None,
+        }
+    };
+    match scalar(value_at(ctx, left)?)? {
+        Value::String(text) if !text.is_empty() => Some(Value::String(text)),
+        _ => match right {
+            Alternative::Literal(text) => Some(Value::String(text.clone())),
+            Alternative::Path(path) => scalar(value_at(ctx, path)?),
+        },
+    }
 }
 
 /// One piece of a [`FieldTemplate::Text`].
@@ -515,13 +577,18 @@ impl CompiledMapping {
                             template_name.clone(),
                             format!("{{{{ ({expr}) | portals_crm_typed }}}}"),
                         ) {
-                            Ok(()) => Some(match path_expression(expr) {
-                                Some((path, lower)) => FieldTemplate::Path {
+                            Ok(()) => Some(match (path_expression(expr), or_expression(expr)) {
+                                (Some((path, lower)), _) => FieldTemplate::Path {
                                     path,
                                     lower,
                                     template: template_name,
                                 },
-                                None => FieldTemplate::Expression(template_name),
+                                (None, Some((left, right))) => FieldTemplate::Or {
+                                    left,
+                                    right,
+                                    template: template_name,
+                                },
+                                (None, None) => FieldTemplate::Expression(template_name),
                             }),
                             Err(e) => {
                                 problems.push(at(field, e.to_string(), SYNTAX_FIX));
@@ -617,6 +684,19 @@ impl CompiledMapping {
                 lower,
                 template,
             } => match read_path(ctx, path, *lower) {
+                Some(value) => Ok(value),
+                None => self.render(
+                    record,
+                    field,
+                    &FieldTemplate::Expression(template.clone()),
+                    ctx,
+                ),
+            },
+            FieldTemplate::Or {
+                left,
+                right,
+                template,
+            } => match read_or(ctx, left, right) {
                 Some(value) => Ok(value),
                 None => self.render(
                     record,
@@ -1004,6 +1084,80 @@ mod tests {
                     "{unread}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn or_reads_what_its_template_renders() {
+        assert_eq!(
+            or_expression(" attendee.company or 'Unknown' "),
+            Some((
+                vec!["attendee".to_owned(), "company".to_owned()],
+                Alternative::Literal("Unknown".to_owned())
+            ))
+        );
+        assert_eq!(
+            or_expression("host_user_id or integration_user_id"),
+            Some((
+                vec!["host_user_id".to_owned()],
+                Alternative::Path(vec!["integration_user_id".to_owned()])
+            ))
+        );
+        for not_or in [
+            "a or b or c",
+            "a or 'it''s'",
+            "a or 'x\\'",
+            "a | lower or b",
+            "a or b | upper",
+            "a or 3",
+            "a and b",
+        ] {
+            assert_eq!(or_expression(not_or), None, "{not_or}");
+        }
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let typed = |expr: &str, ctx: &minijinja::Value| -> Value {
+            let rendered = mapping
+                .env
+                .render_str(&format!("{{{{ ({expr}) | portals_crm_typed }}}}"), ctx)
+                .unwrap();
+            serde_json::from_str(&rendered).unwrap()
+        };
+        let ctx = minijinja::context! {
+            host_user_id => (),
+            integration_user_id => "0055g0000000001AAA",
+            attendee => minijinja::context! {
+                company => "Initech",
+                empty => "",
+                nothing => (),
+                seats => 3,
+                flag => false,
+            },
+        };
+        for expr in [
+            "attendee.company or 'Unknown'",
+            "attendee.empty or 'Unknown'",
+            "attendee.nothing or 'Unknown'",
+            "attendee.nothing or attendee.nothing",
+            "attendee.empty or attendee.company",
+            "host_user_id or integration_user_id",
+            "integration_user_id or host_user_id",
+        ] {
+            let (left, right) = or_expression(expr).unwrap();
+            assert_eq!(
+                read_or(&ctx, &left, &right),
+                Some(typed(expr, &ctx)),
+                "{expr}"
+            );
+        }
+        // Not a string or none on the side read: the template answers.
+        for expr in [
+            "attendee.seats or 'x'",
+            "attendee.flag or 'x'",
+            "attendee.nothing or attendee.seats",
+            "attendee.nickname or 'x'",
+        ] {
+            let (left, right) = or_expression(expr).unwrap();
+            assert_eq!(read_or(&ctx, &left, &right), None, "{expr}");
         }
     }
 
