@@ -718,7 +718,9 @@ impl OrgSpec {
         if !field.nillable || sobject.eq_ignore_ascii_case("EventRelation") {
             return FieldAccess::Edit;
         }
-        // Keys are `Object.Field`; compared in their two parts, without building the key.
+        // Keys are `Object.Field`, case-insensitive as API names are: looked up as spelt first
+        // (one search of the map), then compared in their two parts.
+        let exact = format!("{sobject}.{}", field.name);
         let is_this = |key: &str| {
             key.split_once('.').is_some_and(|(object, name)| {
                 object.eq_ignore_ascii_case(sobject) && name.eq_ignore_ascii_case(&field.name)
@@ -727,9 +729,14 @@ impl OrgSpec {
         self.user_sets(user)
             .filter_map(|set| {
                 set.fields
-                    .iter()
-                    .find(|(name, _)| is_this(name))
-                    .map(|(_, access)| match access.as_str() {
+                    .get(&exact)
+                    .or_else(|| {
+                        set.fields
+                            .iter()
+                            .find(|(name, _)| is_this(name))
+                            .map(|(_, access)| access)
+                    })
+                    .map(|access| match access.as_str() {
                         "edit" => FieldAccess::Edit,
                         "read" => FieldAccess::Read,
                         _ => FieldAccess::None,
