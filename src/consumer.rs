@@ -62,6 +62,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use prometheus::IntCounterVec;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -175,7 +176,11 @@ impl Consumer {
         let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name).await?;
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
-        let mut feeds = Feeds::new(publisher.clone(), topology.clone());
+        let mut feeds = Feeds::new(
+            publisher.clone(),
+            topology.clone(),
+            self.metrics.amqp_acks.clone(),
+        );
         feeds.shared = Some(
             feeds
                 .consume(&connection, &topology.work_queue, settings.prefetch)
@@ -472,6 +477,8 @@ struct Lane {
 struct Feeds {
     publisher: Publisher,
     topology: Arc<Topology>,
+    /// `portals_crm_amqp_acks_total`, for every lane's acknowledgements.
+    acks_counted: IntCounterVec,
     /// Every consumer's deliveries, merged.
     streams: SelectAll<Feed>,
     /// Every consumer's lane by its consumer tag, kept until the connection closes (a retired
@@ -491,10 +498,11 @@ struct Feeds {
 }
 
 impl Feeds {
-    fn new(publisher: Publisher, topology: Arc<Topology>) -> Self {
+    fn new(publisher: Publisher, topology: Arc<Topology>, acks_counted: IntCounterVec) -> Self {
         Self {
             publisher,
             topology,
+            acks_counted,
             streams: SelectAll::new(),
             lanes: HashMap::new(),
             tags: HashMap::new(),
@@ -545,7 +553,7 @@ impl Feeds {
                 .chain(stream::once(async move { (end, None) }))
                 .boxed(),
         );
-        let acks = Acks::start(&self.acking, acks::HOLD);
+        let acks = Acks::start(&self.acking, acks::HOLD, self.acks_counted.clone());
         let settler = Settler::new(self.publisher.clone(), self.topology.clone(), acks.clone());
         self.lanes.insert(
             tag.clone(),

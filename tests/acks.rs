@@ -12,6 +12,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use portals_crm::amqp::Acks;
+use prometheus::{IntCounterVec, Opts};
 use tokio_util::task::TaskTracker;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -108,7 +109,8 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
         deliveries.push(delivery);
     }
     let tracker = TaskTracker::new();
-    let acks = Acks::start(&tracker, Duration::from_millis(50));
+    let counted = IntCounterVec::new(Opts::new("acks", "test"), &["sent"]).unwrap();
+    let acks = Acks::start(&tracker, Duration::from_millis(50), counted.clone());
     let d = |n: usize| &deliveries[n - 1];
 
     // 3, 1 and 2 settle together: one run.
@@ -161,4 +163,10 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
         BTreeSet::from(["4".to_owned(), "9".to_owned()]),
         "only the nacked message and the one never settled are back in the queue"
     );
+    // Eight acked: 6, 7 (behind 5) and 10 (behind 9) alone, the others in runs (unless this
+    // machine stalled past the hold between two of them).
+    let in_run = counted.with_label_values(&["in_run"]).get();
+    let alone = counted.with_label_values(&["alone"]).get();
+    assert_eq!(in_run + alone, 8, "in runs {in_run}, alone {alone}");
+    assert!(alone >= 3, "6, 7 and 10 went alone: {alone}");
 }

@@ -42,6 +42,7 @@ use futures_util::future::join_all;
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -77,10 +78,11 @@ pub struct Acks {
 
 impl Acks {
     /// Starts the task acknowledging one channel's deliveries (on `tracker`), holding
-    /// out-of-order ones for at most `hold`.
-    pub fn start(tracker: &TaskTracker, hold: Duration) -> Self {
+    /// out-of-order ones for at most `hold`, counting them in `counted` by label `sent`:
+    /// `in_run` or `alone` (`portals_crm_amqp_acks_total`).
+    pub fn start(tracker: &TaskTracker, hold: Duration, counted: IntCounterVec) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
-        tracker.spawn(run(receiver, hold));
+        tracker.spawn(run(receiver, hold, Counted::new(&counted)));
         Self { commands }
     }
 
@@ -162,9 +164,24 @@ impl AckRequest {
     }
 }
 
+/// The counters of how deliveries were acknowledged.
+struct Counted {
+    in_run: IntCounter,
+    alone: IntCounter,
+}
+
+impl Counted {
+    fn new(counted: &IntCounterVec) -> Self {
+        Self {
+            in_run: counted.with_label_values(&["in_run"]),
+            alone: counted.with_label_values(&["alone"]),
+        }
+    }
+}
+
 /// The task: takes every command waiting, then sends one round of frames (see [`Window::take`]),
 /// and waits no longer than the oldest held delivery may wait.
-async fn run(mut commands: mpsc::UnboundedReceiver<Command>, hold: Duration) {
+async fn run(mut commands: mpsc::UnboundedReceiver<Command>, hold: Duration, counted: Counted) {
     let mut window = Window::default();
     let mut flushes = Vec::new();
     loop {
@@ -172,7 +189,7 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>, hold: Duration) {
             Some(deadline) => match tokio::time::timeout_at(deadline, commands.recv()).await {
                 Ok(command) => command,
                 Err(_) => {
-                    send(window.take(Instant::now(), hold, false)).await;
+                    send(window.take(Instant::now(), hold, false), &counted).await;
                     continue;
                 }
             },
@@ -180,7 +197,7 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>, hold: Duration) {
         };
         let Some(first) = first else {
             // Every sender is gone: what is held goes out on its own.
-            send(window.take(Instant::now(), hold, true)).await;
+            send(window.take(Instant::now(), hold, true), &counted).await;
             return;
         };
         let now = Instant::now();
@@ -191,7 +208,11 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>, hold: Duration) {
         while let Ok(command) = commands.try_recv() {
             window.apply(command, now, &mut flushes);
         }
-        send(window.take(Instant::now(), hold, !flushes.is_empty())).await;
+        send(
+            window.take(Instant::now(), hold, !flushes.is_empty()),
+            &counted,
+        )
+        .await;
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
@@ -209,8 +230,12 @@ impl Window<Acker, oneshot::Sender<AckAnswer>> {
 }
 
 /// Sends a round's frames together (lapin queues them in this order) and answers each waiter.
-async fn send(round: Round<Acker, oneshot::Sender<AckAnswer>>) {
+async fn send(round: Round<Acker, oneshot::Sender<AckAnswer>>, counted: &Counted) {
     let Round { run, alone } = round;
+    if let Some((_, waiters)) = &run {
+        counted.in_run.inc_by(waiters.len() as u64);
+    }
+    counted.alone.inc_by(alone.len() as u64);
     let multiple = run.map(|(acker, answers)| async move {
         let answer = acker.ack(BasicAckOptions { multiple: true }).await;
         for waiter in answers {

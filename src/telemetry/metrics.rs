@@ -55,6 +55,11 @@ pub struct Metrics {
     pub amqp_connected: IntGauge,
     /// `portals_crm_amqp_reconnects_total`
     pub amqp_reconnects: IntCounter,
+    /// `portals_crm_amqp_acks_total{sent}`: deliveries acknowledged, `in_run` (covered by a
+    /// multiple ack) or `alone` (held behind an unsettled delivery, then acked on its own; a
+    /// rising share means messages settle far out of order, or one is stuck, see
+    /// [`crate::amqp::acks`]).
+    pub amqp_acks: IntCounterVec,
     /// `portals_crm_event_unknown_fields_total{field}`
     pub unknown_fields: crate::event::unknown_fields::UnknownFields,
 }
@@ -147,6 +152,12 @@ impl Metrics {
             "Events dead-lettered, by reason.",
             &["tenant", "reason"],
         );
+        let amqp_acks = counter(
+            "portals_crm_amqp_acks_total",
+            "Deliveries acknowledged: in_run (one multiple ack for a run of them) or alone (held \
+             behind an unsettled delivery, then acked on its own).",
+            &["sent"],
+        );
         let tenant_busy = counter(
             "portals_crm_tenant_busy_total",
             "Events parked in the first retry tier, attempt not counted, because their tenant \
@@ -238,6 +249,7 @@ impl Metrics {
             retries,
             dead_letters,
             tenant_busy,
+            amqp_acks,
             refused_values,
             duplicates_related,
             circuit_open,
