@@ -1,6 +1,7 @@
 //! OAuth 2.0 for the integration user: JWT bearer and client credentials, one cached token per
 //! tenant.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,6 +11,23 @@ use serde::Serialize;
 
 use super::error::SalesforceError;
 use super::model::{OAuthError, TokenResponse};
+
+/// True when `url` is https, or http to a loopback host (the emulator).
+pub fn is_allowed_url(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.scheme() {
+        "https" => true,
+        "http" => match parsed.host() {
+            Some(url::Host::Domain(domain)) => domain == "localhost",
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+            None => false,
+        },
+        _ => false,
+    }
+}
 
 /// How the integration user authenticates. Secrets are `SecretString`, so `Debug` redacts them.
 #[derive(Debug, Clone)]
@@ -165,6 +183,14 @@ pub async fn mint(
             message: "identity URL has no user id".into(),
         })?
         .to_owned();
+    // Checked once, here, where the URL arrives: every request of the token's life goes to it
+    // with the bearer token, and a refreshed token is checked like the first.
+    if !is_allowed_url(&token.instance_url) {
+        return Err(SalesforceError::Refused(format!(
+            "instance URL {} must use https",
+            token.instance_url
+        )));
+    }
     Ok(AccessToken {
         value: SecretString::from(token.access_token),
         instance_url: token.instance_url.trim_end_matches('/').to_owned(),
@@ -289,6 +315,17 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_https_or_loopback() {
+        assert!(is_allowed_url("https://acme.my.salesforce.com"));
+        assert!(is_allowed_url("http://127.0.0.1:7800"));
+        assert!(is_allowed_url("http://localhost:7800"));
+        assert!(is_allowed_url("http://[::1]:7800"));
+        assert!(!is_allowed_url("http://acme.my.salesforce.com"));
+        assert!(!is_allowed_url("http://10.0.0.5:7800"));
+        assert!(!is_allowed_url("ftp://127.0.0.1"));
+    }
 
     #[test]
     fn credentials_debug_redacts_secrets() {

@@ -1,7 +1,6 @@
 //! The Salesforce REST client of one tenant's org.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::auth::{AccessToken, Credentials, TokenCache};
+use super::auth::{AccessToken, Credentials, TokenCache, is_allowed_url};
 use super::error::SalesforceError;
 use super::model::{
     ApiError, CompositeRequest, CompositeResponse, DescribeGlobal, GraphRequest, GraphResponse,
@@ -106,23 +105,6 @@ impl std::fmt::Debug for SalesforceClient {
     }
 }
 
-/// True when `url` is https, or http to a loopback host (the emulator).
-pub fn is_allowed_url(url: &str) -> bool {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return false;
-    };
-    match parsed.scheme() {
-        "https" => true,
-        "http" => match parsed.host() {
-            Some(url::Host::Domain(domain)) => domain == "localhost",
-            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-            None => false,
-        },
-        _ => false,
-    }
-}
-
 /// Percent-encodes one URL path segment (external id values hold `@`, `:`, spaces, `/`).
 pub fn encode_segment(value: &str) -> String {
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -200,14 +182,7 @@ impl SalesforceClient {
         if fetched.minted {
             self.record_token(&fetched.token, started);
         }
-        let token = fetched.token?;
-        if !is_allowed_url(&token.instance_url) {
-            return Err(SalesforceError::Refused(format!(
-                "instance URL {} must use https",
-                token.instance_url
-            )));
-        }
-        Ok(token)
+        fetched.token
     }
 
     fn record_token(&self, result: &Result<Arc<AccessToken>, SalesforceError>, started: Instant) {
@@ -543,17 +518,6 @@ mod tests {
         );
         assert!((usage.ratio() - 0.0036).abs() < 1e-9);
         assert_eq!(ApiUsage::parse("per-app-api-usage=1/2"), None);
-    }
-
-    #[test]
-    fn only_https_or_loopback() {
-        assert!(is_allowed_url("https://acme.my.salesforce.com"));
-        assert!(is_allowed_url("http://127.0.0.1:7800"));
-        assert!(is_allowed_url("http://localhost:7800"));
-        assert!(is_allowed_url("http://[::1]:7800"));
-        assert!(!is_allowed_url("http://acme.my.salesforce.com"));
-        assert!(!is_allowed_url("http://10.0.0.5:7800"));
-        assert!(!is_allowed_url("ftp://127.0.0.1"));
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::format::{FmtSpan, JsonFields};
+
+use super::json_lines::JsonLines;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,13 +56,10 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard
         .with_writer(writer);
     let _ = match format {
         // The current span (a message's event id, tenant, booking, attempt) on every line;
-        // not the list of enclosing spans as well, which repeated it (a message has one span)
-        // and cost a second decode and encode of its fields per line.
+        // not the list of enclosing spans as well, which repeated it (a message has one span).
         LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .flatten_event(true)
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLines)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };

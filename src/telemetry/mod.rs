@@ -2,5 +2,6 @@
 //! observes the pipeline and depends on none of it.
 
 pub mod http;
+pub mod json_lines;
 pub mod logging;
 pub mod metrics;
