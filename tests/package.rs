@@ -330,16 +330,18 @@ fn the_permission_set_is_exactly_what_the_mappings_need_in_package_and_demo_org(
         .find(|p| p.name == "BookMe_Integration_User")
         .expect("the demo org has the package's permission set");
     let demo_fields: BTreeSet<String> = demo
-        .fields
+        .field_permissions()
         .iter()
-        .filter(|(name, _)| !name.starts_with("User."))
+        .filter(|(name, _)| !name.starts_with("user."))
         .map(|(name, access)| {
             assert_eq!(access, "edit", "{name}");
             name.clone()
         })
         .collect();
+    // The emulator keeps field permission keys in lower case (API names are case-insensitive).
+    let fls_keys: BTreeSet<String> = fls.iter().map(|name| name.to_ascii_lowercase()).collect();
     assert_eq!(
-        demo_fields, fls,
+        demo_fields, fls_keys,
         "demo org field permissions vs the mappings"
     );
     let mut demo_objects = demo.objects.clone();

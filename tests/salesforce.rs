@@ -982,8 +982,7 @@ async fn records_by_id_by_external_id_and_several_matches() {
         .find(|p| p.name == "BookMe_Integration_User")
         .unwrap();
     set.objects.insert("Contact".into(), "CRUD".into());
-    set.fields
-        .insert("Contact.Legacy_Id__c".into(), "edit".into());
+    set.grant_field("Contact.Legacy_Id__c", "edit");
     let emulator = start(org).await;
     let client = client(&emulator);
     let mut ids = Vec::new();

@@ -1,6 +1,7 @@
 //! The org's request engine: one `execute` serves plain REST calls, Composite subrequests and
 //! Composite Graph nodes, so all three behave the same way.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -901,7 +902,7 @@ impl OrgState {
             }
             let reply = match resolve_all(&sub.url, sub.body.as_ref(), &outputs, &failed) {
                 Ok((url, body)) => {
-                    self.subrequest(username, &sub.method, &url, body.as_ref(), false)
+                    self.subrequest(username, &sub.method, &url, body.as_deref(), false)
                 }
                 Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
             };
@@ -1011,7 +1012,7 @@ impl OrgState {
                 } else {
                     match resolve_all(&node.url, node.body.as_ref(), &outputs, &[]) {
                         Ok((url, body)) => {
-                            self.subrequest(username, &node.method, &url, body.as_ref(), true)
+                            self.subrequest(username, &node.method, &url, body.as_deref(), true)
                         }
                         Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
                     }
@@ -1220,18 +1221,34 @@ fn resolve_value(
     })
 }
 
-fn resolve_all(
+/// True when a string inside `value` holds a `@{reference.field}`.
+fn mentions_reference(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains("@{"),
+        Value::Array(items) => items.iter().any(mentions_reference),
+        Value::Object(map) => map.values().any(mentions_reference),
+        _ => false,
+    }
+}
+
+/// The node's URL and body with every `@{reference.field}` replaced; a body that mentions none
+/// (most of them) is used as it is, not copied.
+fn resolve_all<'a>(
     url: &str,
-    body: Option<&Value>,
+    body: Option<&'a Value>,
     outputs: &HashMap<String, Value>,
     failed: &[String],
-) -> Result<(String, Option<Value>), String> {
+) -> Result<(String, Option<Cow<'a, Value>>), String> {
     let url = match resolve_string(url, outputs, failed)? {
         Value::String(s) => s,
         other => other.to_string(),
     };
-    let body = body
-        .map(|b| resolve_value(b, outputs, failed))
-        .transpose()?;
+    let body = match body {
+        Some(body) if mentions_reference(body) => {
+            Some(Cow::Owned(resolve_value(body, outputs, failed)?))
+        }
+        Some(body) => Some(Cow::Borrowed(body)),
+        None => None,
+    };
     Ok((url, body))
 }

@@ -233,9 +233,35 @@ pub struct PermissionSet {
     /// its sharing) and `M` (Modify All: read, edit and delete every record).
     #[serde(default)]
     pub objects: BTreeMap<String, String>,
-    /// Field permissions `Object.Field` → `read` | `edit`.
-    #[serde(default)]
-    pub fields: BTreeMap<String, String>,
+    /// Field permissions `object.field` → `read` | `edit`, keys in lower case: API names are
+    /// case-insensitive, and a field's permission is looked up by its key for every field of
+    /// every record written ([`PermissionSet::grant_field`] keeps the keys so).
+    #[serde(default, deserialize_with = "lowercase_keys")]
+    fields: BTreeMap<String, String>,
+}
+
+impl PermissionSet {
+    /// Field permissions: `object.field` in lower case → `read` | `edit` | `none`.
+    pub fn field_permissions(&self) -> &BTreeMap<String, String> {
+        &self.fields
+    }
+
+    /// Sets the permission on `field` (`Object.Field`, any case): `read`, `edit` or `none`.
+    pub fn grant_field(&mut self, field: &str, access: &str) {
+        self.fields
+            .insert(field.to_ascii_lowercase(), access.to_owned());
+    }
+}
+
+/// A map whose keys are API names, with the keys in lower case.
+fn lowercase_keys<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+    Ok(map
+        .into_iter()
+        .map(|(key, value)| (key.to_ascii_lowercase(), value))
+        .collect())
 }
 
 /// A validation rule (the kinds the BookMe package uses).
@@ -718,29 +744,18 @@ impl OrgSpec {
         if !field.nillable || sobject.eq_ignore_ascii_case("EventRelation") {
             return FieldAccess::Edit;
         }
-        // Keys are `Object.Field`, case-insensitive as API names are: looked up as spelt first
-        // (one search of the map), then compared in their two parts.
-        let exact = format!("{sobject}.{}", field.name);
-        let is_this = |key: &str| {
-            key.split_once('.').is_some_and(|(object, name)| {
-                object.eq_ignore_ascii_case(sobject) && name.eq_ignore_ascii_case(&field.name)
-            })
-        };
+        let mut key = String::with_capacity(sobject.len() + 1 + field.name.len());
+        key.push_str(sobject);
+        key.push('.');
+        key.push_str(&field.name);
+        key.make_ascii_lowercase();
         self.user_sets(user)
             .filter_map(|set| {
-                set.fields
-                    .get(&exact)
-                    .or_else(|| {
-                        set.fields
-                            .iter()
-                            .find(|(name, _)| is_this(name))
-                            .map(|(_, access)| access)
-                    })
-                    .map(|access| match access.as_str() {
-                        "edit" => FieldAccess::Edit,
-                        "read" => FieldAccess::Read,
-                        _ => FieldAccess::None,
-                    })
+                set.fields.get(&key).map(|access| match access.as_str() {
+                    "edit" => FieldAccess::Edit,
+                    "read" => FieldAccess::Read,
+                    _ => FieldAccess::None,
+                })
             })
             .max()
             .unwrap_or(FieldAccess::None)
@@ -768,7 +783,7 @@ impl OrgSpec {
                 if !matches!(access, "edit" | "read" | "none") {
                     return Err("field access is edit, read or none".into());
                 }
-                set.fields.insert(field.to_owned(), access.to_owned());
+                set.grant_field(field, access);
             }
             _ => return Err("name exactly one of object or field".into()),
         }
@@ -897,6 +912,22 @@ mod tests {
         assert!(!org.object_access(limited, "Event").delete);
         let contact = org.sobject("Contact").unwrap();
         assert!(org.describe_for(limited, contact).is_none());
+    }
+
+    #[test]
+    fn field_permissions_are_found_whatever_the_case_of_either_name() {
+        let mut org = OrgSpec::demo();
+        let limited = org.user("limited@bookme-demo.example").unwrap().clone();
+        let lead = org.sobject("Lead").unwrap().clone();
+        let phone = lead.fields.iter().find(|f| f.name == "Phone").unwrap();
+        let set = &limited.permission_sets[0];
+        org.set_permission(set, None, Some("LEAD.phone"), "read")
+            .unwrap();
+        assert_eq!(org.field_access(&limited, "lead", phone), FieldAccess::Read);
+        assert_eq!(org.field_access(&limited, "Lead", phone), FieldAccess::Read);
+        let loaded: PermissionSet =
+            toml::from_str("name = \"X\"\n[fields]\n\"Lead.EMAIL\" = \"edit\"\n").unwrap();
+        assert_eq!(loaded.field_permissions()["lead.email"], "edit");
     }
 
     #[test]

@@ -89,19 +89,18 @@ pub fn is_valid_id(id: &str) -> bool {
     }
 }
 
-/// Salesforce's wire format for datetimes.
+/// Salesforce's wire format for datetimes, `2026-12-03T12:00:00.000+0000` (in UTC).
+const WIRE_DATETIME: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]+0000"
+);
+
+/// `at` in Salesforce's wire format for datetimes ([`WIRE_DATETIME`]); every record written
+/// carries a few (`CreatedDate`, `LastModifiedDate`, its own dateTime fields).
 pub fn format_datetime(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}+0000",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        at.millisecond()
-    )
+    at.to_offset(time::UtcOffset::UTC)
+        .format(WIRE_DATETIME)
+        // Cannot fail: every component is in an OffsetDateTime, and its year has 4 digits.
+        .unwrap_or_default()
 }
 
 /// A dateTime as Salesforce reads it: ISO 8601 `yyyy-MM-ddTHH:mm:ss[.SSS]` with `Z` or an
