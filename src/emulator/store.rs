@@ -338,7 +338,9 @@ impl Store {
         while self.journal.len() > mark {
             match self.journal.pop() {
                 Some(Undo::Created(id)) => self.remove_raw(&id, org),
-                Some(Undo::Replaced(id, old)) => self.replace_raw(&id, old, org),
+                Some(Undo::Replaced(id, old)) => {
+                    self.replace_raw(&id, old, org);
+                }
                 Some(Undo::Deleted(id, old)) => self.insert_raw(id, old, org),
                 None => break,
             }
@@ -434,12 +436,15 @@ impl Store {
     }
 
     /// Swaps a record's fields in place (same id, same creation order), re-indexing its keys.
-    fn replace_raw(&mut self, id: &str, record: Record, org: &OrgSpec) {
-        if let Some(old) = self.records.remove(id) {
-            self.unindex(id, &old, org);
+    /// Returns the record replaced.
+    fn replace_raw(&mut self, id: &str, record: Record, org: &OrgSpec) -> Option<Record> {
+        let old = self.records.remove(id);
+        if let Some(old) = &old {
+            self.unindex(id, old, org);
         }
         self.index(id, &record, org);
         self.records.insert(id.to_owned(), record);
+        old
     }
 
     /// Creates a record, enforcing object and field permissions, types, lengths, required
@@ -534,7 +539,6 @@ impl Store {
         let old = self
             .records
             .get(id)
-            .cloned()
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
         if ctx.record_access(&old) < RecordAccess::Edit {
             return Err(vec![read_only()]);
@@ -553,7 +557,7 @@ impl Store {
                 )]);
             }
         }
-        self.check_record_rules(ctx, object, &record, Some(&old))?;
+        self.check_record_rules(ctx, object, &record, Some(old))?;
         self.check_unique(object, &record, Some(id))?;
         self.check_duplicates(ctx, object, &record, Some(id))?;
         record
@@ -563,8 +567,9 @@ impl Store {
             .fields
             .insert("LastModifiedById".into(), ctx.user_id.into());
         let event_id = relation_event(&record);
-        self.replace_raw(id, record, ctx.org);
-        self.journal.push(Undo::Replaced(id.to_owned(), old));
+        if let Some(old) = self.replace_raw(id, record, ctx.org) {
+            self.journal.push(Undo::Replaced(id.to_owned(), old));
+        }
         if let Some(event_id) = event_id {
             self.sync_who(&event_id, ctx.org);
         }
@@ -645,12 +650,11 @@ impl Store {
         if event.fields.get("WhoId").unwrap_or(&Value::Null) == &who {
             return;
         }
-        let event = event.clone();
         let mut changed = event.clone();
         changed.fields.insert("WhoId".into(), who);
-        self.replace_raw(event_id, changed, org);
-        self.journal
-            .push(Undo::Replaced(event_id.to_owned(), event));
+        if let Some(old) = self.replace_raw(event_id, changed, org) {
+            self.journal.push(Undo::Replaced(event_id.to_owned(), old));
+        }
     }
 
     /// EventRelation's rules (O-er): one relation per person and event (a person who is both
