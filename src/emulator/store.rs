@@ -540,7 +540,7 @@ impl Store {
             .records
             .get(id)
             .ok_or_else(|| vec![err("ENTITY_IS_DELETED", "entity is deleted", &[])])?;
-        if ctx.record_access(&old) < RecordAccess::Edit {
+        if ctx.record_access(old) < RecordAccess::Edit {
             return Err(vec![read_only()]);
         }
         let changes = self.validate_fields(ctx, object, body, false)?;
