@@ -658,8 +658,12 @@ mod tests {
 
     #[test]
     fn bodies_are_pretty_and_masked_unless_revealed() {
-        let body = r#"{"data":{"attendees":[{"email":"jane.doe@globex.example","phone":"+47 555 01234","title":"<b>CTO</b>"}]}}"#;
+        let body = r#"{"data":{"starts_at":"2026-12-01T14:00:00Z","attendees":[{"email":"jane.doe@globex.example","phone":"+47 555 01234","title":"<b>CTO</b>"}]}}"#;
         let shown = body_for_people(body, false);
+        assert!(
+            shown.contains("\"2026-12-01T14:00:00Z\""),
+            "a date is not a phone: {shown}"
+        );
         assert!(shown.contains("j***@globex.example"), "{shown}");
         assert!(shown.contains("[phone]"), "{shown}");
         assert!(!shown.contains("jane.doe"), "{shown}");

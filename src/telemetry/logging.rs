@@ -77,8 +77,12 @@ pub fn mask_email(email: &str) -> String {
     }
 }
 
-/// Masks every email address and every run of 6+ digits (phone numbers) in free text, such as
-/// a Salesforce error message that quotes the value it refused.
+/// Masks every email address and every phone number in free text, such as a Salesforce error
+/// message that quotes the value it refused. A phone number is a run of digits (with spaces,
+/// `-`, `(`, `)` between them, maybe after a `+`) holding 6 or more digits and starting a word.
+/// Not masked: digits inside a word, such as a record id (`00Q5g0000000001`), and ISO 8601
+/// dates (`2026-12-01`, also as the start of a dateTime), which a dead letter's booking and
+/// Salesforce's messages about a date hold and which are not personal data.
 pub fn redact(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for (i, word) in text.split(' ').enumerate() {
@@ -91,29 +95,65 @@ pub fn redact(text: &str) -> String {
             out.push_str(word);
         }
     }
-    let mut result = String::with_capacity(out.len());
-    let mut digits = String::new();
-    let flush = |digits: &mut String, result: &mut String| {
-        let count = digits.chars().filter(char::is_ascii_digit).count();
-        if count >= 6 {
+    mask_phones(&out)
+}
+
+/// The phone-number half of [`redact`].
+fn mask_phones(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut result = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let starts_word = i == 0 || !chars[i - 1].is_alphanumeric();
+        let starts_number =
+            c.is_ascii_digit() || (c == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if !(starts_word && starts_number) {
+            result.push(c);
+            i += 1;
+            continue;
+        }
+        if is_iso_date(&chars[i..]) {
+            result.extend(&chars[i..i + ISO_DATE.len()]);
+            i += ISO_DATE.len();
+            continue;
+        }
+        // The run ends at its last digit: a space or bracket after it is not part of it.
+        let mut end = i + 1;
+        let mut after_last_digit = end;
+        while let Some(next) = chars.get(end) {
+            if next.is_ascii_digit() {
+                after_last_digit = end + 1;
+            } else if !matches!(next, ' ' | '-' | '(' | ')') {
+                break;
+            }
+            end += 1;
+        }
+        let run = &chars[i..after_last_digit];
+        if run.iter().filter(|c| c.is_ascii_digit()).count() >= 6 {
             result.push_str("[phone]");
         } else {
-            result.push_str(digits);
+            result.extend(run);
         }
-        digits.clear();
-    };
-    for c in out.chars() {
-        let in_number =
-            c.is_ascii_digit() || (!digits.is_empty() && matches!(c, ' ' | '-' | '(' | ')'));
-        if in_number || (c == '+' && digits.is_empty()) {
-            digits.push(c);
-        } else {
-            flush(&mut digits, &mut result);
-            result.push(c);
-        }
+        i = after_last_digit;
     }
-    flush(&mut digits, &mut result);
     result
+}
+
+/// The shape of an ISO 8601 calendar date, `9` standing for a digit.
+const ISO_DATE: &str = "9999-99-99";
+
+/// True when `chars` starts with an ISO 8601 date not followed by another digit.
+fn is_iso_date(chars: &[char]) -> bool {
+    chars.len() >= ISO_DATE.len()
+        && ISO_DATE.chars().zip(chars).all(|(shape, c)| {
+            if shape == '9' {
+                c.is_ascii_digit()
+            } else {
+                *c == shape
+            }
+        })
+        && !chars.get(ISO_DATE.len()).is_some_and(char::is_ascii_digit)
 }
 
 #[cfg(test)]
@@ -129,5 +169,29 @@ mod tests {
         assert!(!text.contains("555"), "{text}");
         assert!(text.contains("[phone]"), "{text}");
         assert_eq!(redact("version 3 of bk_7Q2M9"), "version 3 of bk_7Q2M9");
+    }
+
+    #[test]
+    fn phones_are_masked_but_not_dates_or_record_ids() {
+        for (text, masked) in [
+            ("call +47 555 01234 now", "call [phone] now"),
+            ("(555) 123-4567.", "([phone]."),
+            ("tel:5550123456x12", "tel:[phone]x12"),
+            ("+4755501234", "[phone]"),
+            (
+                "StartDateTime: value 2026-12-01T14:00:00.000+0000 is invalid",
+                "StartDateTime: value 2026-12-01T14:00:00.000+0000 is invalid",
+            ),
+            ("starts 2026-12-01 14:00:00Z", "starts 2026-12-01 14:00:00Z"),
+            (
+                "insufficient access rights on cross-reference id: 00Q5g0000000001",
+                "insufficient access rights on cross-reference id: 00Q5g0000000001",
+            ),
+            // Not a date: more digits follow, so it is read as a number.
+            ("2026-12-011234", "[phone]"),
+            ("version 12345 of 20", "version 12345 of 20"),
+        ] {
+            assert_eq!(redact(text), masked, "{text}");
+        }
     }
 }
