@@ -391,6 +391,7 @@ impl Consumer {
             booking_id = tracing::field::Empty,
             attempt
         );
+        let unsettled = settler.guard(&delivery);
         async {
             let processed = self
                 .pipeline
@@ -419,6 +420,7 @@ impl Consumer {
                 }
                 Disposition::Written | Disposition::Superseded => {}
             }
+            unsettled.disarm();
             match settler.settle(&delivery, &info, disposition, release).await {
                 Ok(settled) => {
                     self.count(&info.tenant, processed.type_label, settled);

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -50,13 +51,17 @@ async fn left_in(channel: &lapin::Channel, queue: &str) -> BTreeSet<String> {
     left
 }
 
-#[tokio::test]
-async fn runs_ack_what_was_settled_and_nothing_else() {
+/// A queue name no other test uses.
+fn unique_queue() -> String {
     let unique = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let queue = format!("test.acks.{}.{unique}", std::process::id());
+    format!("test.acks.{}.{unique}", std::process::id())
+}
+
+/// A connection and a publishing channel with confirms.
+async fn admin() -> (Connection, lapin::Channel) {
     let admin = Connection::connect(URL, ConnectionProperties::default())
         .await
         .expect("broker on 127.0.0.1:5672");
@@ -65,14 +70,18 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    quorum_queue(&channel, &queue).await;
-    for n in 1..=10 {
+    (admin, channel)
+}
+
+/// Publishes bodies `1` to `n`, confirmed.
+async fn publish_numbers(channel: &lapin::Channel, queue: &str, n: usize) {
+    for body in 1..=n {
         channel
             .basic_publish(
                 "".into(),
-                queue.as_str().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
-                n.to_string().as_bytes(),
+                body.to_string().as_bytes(),
                 BasicProperties::default(),
             )
             .await
@@ -80,18 +89,24 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
             .await
             .unwrap();
     }
+}
 
+/// A consumer of `queue` on a connection of its own, and its first `n` deliveries.
+async fn consume(
+    queue: &str,
+    n: usize,
+) -> (Connection, lapin::Channel, lapin::Consumer, Vec<Delivery>) {
     let consuming = Connection::connect(URL, ConnectionProperties::default())
         .await
         .unwrap();
-    let consumer_channel = consuming.create_channel().await.unwrap();
-    consumer_channel
+    let channel = consuming.create_channel().await.unwrap();
+    channel
         .basic_qos(20, BasicQosOptions { global: false })
         .await
         .unwrap();
-    let mut consumer = consumer_channel
+    let mut consumer = channel
         .basic_consume(
-            queue.as_str().into(),
+            queue.into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -99,7 +114,7 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
         .await
         .unwrap();
     let mut deliveries = Vec::new();
-    while deliveries.len() < 10 {
+    while deliveries.len() < n {
         let delivery = consumer.next().await.unwrap().unwrap();
         // Tags rise by one per delivery on the channel, from 1; the body is the tag.
         assert_eq!(
@@ -108,6 +123,38 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
         );
         deliveries.push(delivery);
     }
+    (consuming, channel, consumer, deliveries)
+}
+
+/// Closes the consuming connection and the acks' task, then takes what is left in `queue`
+/// (see [`left_in`]), deletes it and closes the admin connection.
+async fn finish(
+    consuming: Connection,
+    acks: Acks,
+    tracker: TaskTracker,
+    (admin, channel): (Connection, lapin::Channel),
+    queue: &str,
+) -> BTreeSet<String> {
+    consuming.close(200, "test done".into()).await.unwrap();
+    drop(acks);
+    tracker.close();
+    tracker.wait().await;
+    let left = left_in(&channel, queue).await;
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = admin.close(200, "test done".into()).await;
+    left
+}
+
+#[tokio::test]
+async fn runs_ack_what_was_settled_and_nothing_else() {
+    let queue = unique_queue();
+    let (admin, channel) = admin().await;
+    quorum_queue(&channel, &queue).await;
+    publish_numbers(&channel, &queue, 10).await;
+    let (consuming, consumer_channel, _consumer, deliveries) = consume(&queue, 10).await;
     let tracker = TaskTracker::new();
     let counted = IntCounterVec::new(Opts::new("acks", "test"), &["sent"]).unwrap();
     let acks = Acks::start(&tracker, Duration::from_millis(50), counted.clone());
@@ -147,17 +194,7 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
             .await
             .unwrap();
     }
-    consuming.close(200, "test done".into()).await.unwrap();
-    drop(acks);
-    tracker.close();
-    tracker.wait().await;
-
-    let left = left_in(&channel, &queue).await;
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    let _ = admin.close(200, "test done".into()).await;
+    let left = finish(consuming, acks, tracker, (admin, channel), &queue).await;
     assert_eq!(
         left,
         BTreeSet::from(["4".to_owned(), "9".to_owned()]),
@@ -169,4 +206,51 @@ async fn runs_ack_what_was_settled_and_nothing_else() {
     let alone = counted.with_label_values(&["alone"]).get();
     assert_eq!(in_run + alone, 8, "in runs {in_run}, alone {alone}");
     assert!(alone >= 3, "6, 7 and 10 went alone: {alone}");
+}
+
+#[tokio::test]
+async fn a_delivery_whose_processing_panics_is_handed_back_and_does_not_stop_the_run() {
+    let queue = unique_queue();
+    let (admin, channel) = admin().await;
+    quorum_queue(&channel, &queue).await;
+    publish_numbers(&channel, &queue, 3).await;
+    let (consuming, _consumer_channel, mut consumer, deliveries) = consume(&queue, 3).await;
+    let tracker = TaskTracker::new();
+    let counted = IntCounterVec::new(Opts::new("acks", "test"), &["sent"]).unwrap();
+    // A hold far longer than the test: acks stuck behind 1 would go alone, a minute late.
+    let acks = Acks::start(&tracker, Duration::from_secs(60), counted.clone());
+    let mut deliveries = deliveries.into_iter();
+    let (d1, d2, d3) = (
+        deliveries.next().unwrap(),
+        deliveries.next().unwrap(),
+        deliveries.next().unwrap(),
+    );
+
+    // 1's processing panics while its guard is armed.
+    let processing = {
+        let acks = acks.clone();
+        tokio::spawn(async move {
+            let _unsettled = acks.guard(&d1);
+            panic!("a bug in processing");
+        })
+    };
+    assert!(processing.await.unwrap_err().is_panic());
+    // 2 is settled the ordinary way: its disarmed guard hands nothing back.
+    acks.guard(&d2).disarm();
+    let (a2, a3) = tokio::join!(acks.ack(&d2), acks.ack(&d3));
+    assert!(a2.unwrap() && a3.unwrap());
+    // 1 comes back, redelivered, and is acked after 3 in a run.
+    let again = tokio::time::timeout(Duration::from_secs(120), consumer.next())
+        .await
+        .expect("the message handed back is delivered again")
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.data), "1");
+    assert!(again.redelivered);
+    assert!(acks.ack(&again).await.unwrap());
+    assert_eq!(counted.with_label_values(&["in_run"]).get(), 3);
+    assert_eq!(counted.with_label_values(&["alone"]).get(), 0);
+
+    let left = finish(consuming, acks, tracker, (admin, channel), &queue).await;
+    assert!(left.is_empty(), "every message acked once: {left:?}");
 }

@@ -131,11 +131,61 @@ impl Acks {
         }
     }
 
+    /// A guard for `delivery` while it is processed: dropped before [`Unsettled::disarm`] (the
+    /// processing panicked and is unwinding), it hands the delivery back with `basic.nack`,
+    /// `requeue = true`. Without it the delivery would stay unacknowledged until the channel
+    /// closes, and every ack behind it on the channel would go alone. The broker redelivers it,
+    /// and a work queue's delivery limit dead-letters it after its last attempt (`x-death`
+    /// reason `delivery_limit`, `rabbitmq-notes.md` §1), so a message that crashes the code
+    /// every time ends in the dead-letter queue, not in a loop.
+    pub fn guard(&self, delivery: &Delivery) -> Unsettled {
+        Unsettled {
+            handed_back: Some((self.clone(), delivery.delivery_tag, delivery.acker.clone())),
+        }
+    }
+
     /// A frame not sent leaves the delivery unacknowledged: no run may pass it.
     fn settled_if_sent(&self, tag: u64, sent: &AckAnswer) {
         if matches!(sent, Ok(true)) {
             // Without the task there is no run to extend.
             let _ = self.commands.send(Command::Settled { tag });
+        }
+    }
+}
+
+/// A delivery being processed ([`Acks::guard`]); nacked with requeue if dropped armed.
+#[must_use = "dropped at once, it hands the delivery back"]
+pub struct Unsettled {
+    handed_back: Option<(Acks, u64, Acker)>,
+}
+
+impl Unsettled {
+    /// The delivery's outcome is being settled the ordinary way: nothing to hand back.
+    pub fn disarm(mut self) {
+        self.handed_back = None;
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let Some((acks, tag, acker)) = self.handed_back.take() else {
+            return;
+        };
+        tracing::error!(
+            delivery_tag = tag,
+            "processing ended without settling the message (a panic); handing it back"
+        );
+        // Drop cannot wait for the frame. Only a task unwinding gets here, inside the runtime.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let sent = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+                acks.settled_if_sent(tag, &sent);
+            });
         }
     }
 }

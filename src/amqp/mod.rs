@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-pub use acks::Acks;
+pub use acks::{Acks, Unsettled};
 pub use topology::{RetryTier, Topology};
 
 /// A publish that did not become durable on the broker.

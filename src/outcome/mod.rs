@@ -19,7 +19,7 @@ use lapin::options::BasicNackOptions;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::amqp::{Acks, PublishError, Publisher, Topology};
+use crate::amqp::{Acks, PublishError, Publisher, Topology, Unsettled};
 use crate::pipeline::MessageInfo;
 
 /// Where a message ended up (the `outcome` metric label).
@@ -112,6 +112,12 @@ impl Settler {
             topology,
             acks,
         }
+    }
+
+    /// Guards `delivery` while it is processed, until its outcome goes to [`Settler::settle`]
+    /// ([`Acks::guard`]: a panic before that hands it back to the broker).
+    pub fn guard(&self, delivery: &Delivery) -> Unsettled {
+        self.acks.guard(delivery)
     }
 
     /// Carries out `disposition` for `delivery`. `release` is called once the outcome is
