@@ -230,6 +230,9 @@ impl Slot {
                 Ok(token)
             }
             Err(error) => {
+                // A failed refresh follows a 401: the token held is the one Salesforce refused.
+                // Kept, every request would send it once more before learning of the failure.
+                self.token = None;
                 self.failed = Some((std::time::Instant::now(), error.clone()));
                 Err(error)
             }
@@ -315,6 +318,32 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_refresh_forgets_the_refused_token() {
+        let mut slot = Slot::default();
+        let token = AccessToken {
+            value: SecretString::from("00D!refused"),
+            instance_url: "https://acme.my.salesforce.com".into(),
+            user_id: "005000000000001AAA".into(),
+            generation: 1,
+        };
+        assert!(slot.store(Ok(token)).is_ok());
+        let refused = SalesforceError::Token {
+            status: 400,
+            error: "invalid_grant".into(),
+            description: "expired access/refresh token".into(),
+        };
+        assert!(slot.store(Err(refused)).is_err());
+        assert!(
+            slot.token.is_none(),
+            "the refused token is not handed out again"
+        );
+        assert!(
+            slot.recent_failure().is_some(),
+            "callers get the failure meanwhile"
+        );
+    }
 
     #[test]
     fn only_https_or_loopback() {
