@@ -18,6 +18,8 @@ pub mod relations;
 pub mod samples;
 pub mod validate;
 
+use std::cell::OnceCell;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 use validate::MappingProblem;
@@ -125,23 +127,30 @@ fn or_expression(expr: &str) -> Option<(Vec<String>, Alternative)> {
 /// What `left or right` gives, as its template would render it, when the left path ends in a
 /// string or none and the right in a string or none (within [`MAX_RENDERED_BYTES`]); `None`
 /// otherwise (the template then answers).
-fn read_or(ctx: &minijinja::Value, left: &[String], right: &Alternative) -> Option<Value> {
+fn read_or(ctx: &impl Lookup, left: &[String], right: &Alternative) -> Option<Value> {
     use minijinja::value::ValueKind;
-    let scalar = |value: minijinja::Value| -> Option<Value> {
-        match value.kind() {
-            ValueKind::None => Some(Value::Null),
-            ValueKind::String => value
-                .as_str()
-                .filter(|s| s.len() <= MAX_RENDERED_BYTES)
-                .map(|s| Value::String(s.to_owned())),
-            _ => None,
+    let scalar = |found: Found<'_>| -> Option<Value> {
+        match found {
+            Found::Null => Some(Value::Null),
+            Found::Str(text) => {
+                (text.len() <= MAX_RENDERED_BYTES).then(|| Value::String(text.to_owned()))
+            }
+            Found::Number(_) => None,
+            Found::Template(value) => match value.kind() {
+                ValueKind::None => Some(Value::Null),
+                ValueKind::String => value
+                    .as_str()
+                    .filter(|s| s.len() <= MAX_RENDERED_BYTES)
+                    .map(|s| Value::String(s.to_owned())),
+                _ => None,
+            },
         }
     };
-    match scalar(value_at(ctx, left)?)? {
+    match scalar(ctx.lookup(left)?)? {
         Value::String(text) if !text.is_empty() => Some(Value::String(text)),
         _ => match right {
             Alternative::Literal(text) => Some(Value::String(text.clone())),
-            Alternative::Path(path) => scalar(value_at(ctx, path)?),
+            Alternative::Path(path) => scalar(ctx.lookup(path)?),
         },
     }
 }
@@ -213,15 +222,169 @@ fn value_at(ctx: &minijinja::Value, path: &[String]) -> Option<minijinja::Value>
     Some(value)
 }
 
+/// A value read at a path of the context: a field of the event as it is, or a template value.
+#[derive(Debug)]
+enum Found<'a> {
+    /// A string field.
+    Str(&'a str),
+    /// An optional field that is absent (the template's `none`).
+    Null,
+    /// A number field.
+    Number(u64),
+    /// Anything else, read from the template context.
+    Template(minijinja::Value),
+}
+
+impl Found<'_> {
+    /// The text of a string, whichever way it was read.
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(text) => Some(text),
+            Self::Template(value) => value.as_str(),
+            Self::Null | Self::Number(_) => None,
+        }
+    }
+}
+
+/// Reads a path of the context (`None`: undefined there).
+trait Lookup {
+    fn lookup(&self, path: &[String]) -> Option<Found<'_>>;
+}
+
+impl Lookup for minijinja::Value {
+    fn lookup(&self, path: &[String]) -> Option<Found<'_>> {
+        value_at(self, path).map(Found::Template)
+    }
+}
+
+/// The event's values as the templates see them, converted to template values only when a
+/// template runs, and then once for all the booking's records.
+struct EventValues<'a> {
+    event: &'a BookingEvent,
+    /// `event.time`, canonical.
+    time: String,
+    converted: OnceCell<(minijinja::Value, minijinja::Value)>,
+}
+
+impl<'a> EventValues<'a> {
+    fn new(event: &'a BookingEvent) -> Self {
+        Self {
+            event,
+            time: crate::event::timestamp::canonical(event.time),
+            converted: OnceCell::new(),
+        }
+    }
+
+    /// `event` and `booking` as template values.
+    fn converted(&self) -> &(minijinja::Value, minijinja::Value) {
+        self.converted.get_or_init(|| {
+            (
+                to_value(&EventContext {
+                    id: &self.event.id,
+                    event_type: self.event.kind.cloudevents_type(),
+                    time: &self.time,
+                    source: &self.event.source,
+                }),
+                to_value(&self.event.booking),
+            )
+        })
+    }
+}
+
+/// What the templates of one record see: `tenant`, `event`, `booking`, `attendee` (per-attendee
+/// records), `attendee_index`, `host_user_id` and `integration_user_id`. A path that names a
+/// field of the event (`booking.title`, `attendee.email`) is read from it directly, which is
+/// most of a mapping; the template context is built only when a template runs or another path
+/// is read (`booking.answers.…`), the first time it is needed.
+struct Scope<'a> {
+    tenant: &'a str,
+    values: &'a EventValues<'a>,
+    attendee: Option<&'a Attendee>,
+    attendee_index: usize,
+    enrichment: &'a Enrichment,
+    ctx: OnceCell<minijinja::Value>,
+}
+
+impl<'a> Scope<'a> {
+    /// The template context.
+    fn ctx(&self) -> &minijinja::Value {
+        self.ctx.get_or_init(|| {
+            let (event, booking) = self.values.converted();
+            minijinja::context! {
+                tenant => self.tenant,
+                event => event.clone(),
+                booking => booking.clone(),
+                attendee => self.attendee.map(to_value),
+                attendee_index => self.attendee_index,
+                host_user_id => self.enrichment.host_user_id.as_deref(),
+                integration_user_id => &self.enrichment.integration_user_id,
+            }
+        })
+    }
+
+    /// The field of the event or of the enrichment at `path`, as the template context holds
+    /// it (a string, none or a number); `None` for any other path.
+    fn field(&self, path: &[String]) -> Option<Found<'a>> {
+        let text = |s: &'a str| Some(Found::Str(s));
+        let optional = |s: &'a Option<String>| Some(s.as_deref().map_or(Found::Null, Found::Str));
+        let event = self.values.event;
+        let booking = &event.booking;
+        let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+        match segments.as_slice() {
+            ["tenant"] => text(self.tenant),
+            ["attendee_index"] => Some(Found::Number(self.attendee_index as u64)),
+            ["host_user_id"] => optional(&self.enrichment.host_user_id),
+            ["integration_user_id"] => text(&self.enrichment.integration_user_id),
+            ["event", "id"] => text(&event.id),
+            ["event", "type"] => text(event.kind.cloudevents_type()),
+            ["event", "time"] => text(&self.values.time),
+            ["event", "source"] => text(&event.source),
+            ["booking", "booking_id"] => text(&booking.booking_id),
+            ["booking", "version"] => Some(Found::Number(booking.version)),
+            ["booking", "status"] => text(&booking.status),
+            ["booking", "title"] => text(&booking.title),
+            ["booking", "starts_at"] => text(&booking.starts_at),
+            ["booking", "ends_at"] => text(&booking.ends_at),
+            ["booking", "timezone"] => text(&booking.timezone),
+            ["booking", "location"] => optional(&booking.location),
+            ["booking", "cancel_reason"] => optional(&booking.cancel_reason),
+            ["booking", "portal", "id"] => text(&booking.portal.id),
+            ["booking", "portal", "name"] => text(&booking.portal.name),
+            ["booking", "host", "email"] => text(&booking.host.email),
+            ["booking", "host", "name"] => text(&booking.host.name),
+            ["attendee", name] => {
+                let attendee = self.attendee?;
+                match *name {
+                    "email" => text(&attendee.email),
+                    "first_name" => optional(&attendee.first_name),
+                    "last_name" => text(&attendee.last_name),
+                    "company" => optional(&attendee.company),
+                    "phone" => optional(&attendee.phone),
+                    "title" => optional(&attendee.title),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Lookup for Scope<'_> {
+    fn lookup(&self, path: &[String]) -> Option<Found<'_>> {
+        self.field(path)
+            .or_else(|| value_at(self.ctx(), path).map(Found::Template))
+    }
+}
+
 /// What the template of `pieces` renders, when every path ends in a string and the whole is
 /// within [`MAX_RENDERED_BYTES`]; `None` otherwise (the template then answers).
-fn join_pieces(ctx: &minijinja::Value, pieces: &[Piece]) -> Option<String> {
+fn join_pieces(ctx: &impl Lookup, pieces: &[Piece]) -> Option<String> {
     let mut out = String::new();
     for piece in pieces {
         match piece {
             Piece::Literal(text) => out.push_str(text),
             Piece::Path { path, lower } => {
-                let value = value_at(ctx, path)?;
+                let value = ctx.lookup(path)?;
                 let text = value.as_str()?;
                 if *lower {
                     out.push_str(&text.to_lowercase());
@@ -291,7 +454,7 @@ struct EventContext<'a> {
     id: &'a str,
     #[serde(rename = "type")]
     event_type: &'a str,
-    time: String,
+    time: &'a str,
     source: &'a str,
 }
 
@@ -429,15 +592,23 @@ fn is_template(text: &str) -> bool {
 /// (after `lower`, when `lower`: then only a string is read); `None` when the path is
 /// undefined, not such a scalar, or a string over the size cap (the template then answers,
 /// with its error).
-fn read_path(ctx: &minijinja::Value, path: &[String], lower: bool) -> Option<Value> {
+fn read_path(ctx: &impl Lookup, path: &[String], lower: bool) -> Option<Value> {
     use minijinja::value::ValueKind;
-    let value = value_at(ctx, path)?;
+    let found = ctx.lookup(path)?;
     if lower {
-        return value
+        return found
             .as_str()
             .filter(|s| s.len() <= MAX_RENDERED_BYTES)
             .map(|s| Value::String(s.to_lowercase()));
     }
+    let value = match found {
+        Found::Str(text) => {
+            return (text.len() <= MAX_RENDERED_BYTES).then(|| Value::String(text.to_owned()));
+        }
+        Found::Null => return Some(Value::Null),
+        Found::Number(n) => return Some(Value::from(n)),
+        Found::Template(value) => value,
+    };
     match value.kind() {
         ValueKind::String
             if value
@@ -670,7 +841,7 @@ impl CompiledMapping {
         record: &CompiledRecord,
         field: &str,
         template: &FieldTemplate,
-        ctx: &minijinja::Value,
+        ctx: &Scope<'_>,
     ) -> Result<Value, PlanError> {
         let fail = |message: String| PlanError {
             record: record.reference.clone(),
@@ -716,11 +887,11 @@ impl CompiledMapping {
             },
             FieldTemplate::Expression(name) => {
                 // Strict undefined behaviour makes an unknown name an error here, not a null.
-                let json = self.render_bounded(name, ctx).map_err(fail)?;
+                let json = self.render_bounded(name, ctx.ctx()).map_err(fail)?;
                 serde_json::from_str(&json).map_err(|e| fail(e.to_string()))
             }
             FieldTemplate::Template(name) => self
-                .render_bounded(name, ctx)
+                .render_bounded(name, ctx.ctx())
                 .map(Value::String)
                 .map_err(fail),
         }
@@ -786,15 +957,8 @@ impl CompiledMapping {
         enrichment: &Enrichment,
     ) -> Result<Vec<Subrequest>, PlanError> {
         let mut deletes = Vec::new();
-        let time = crate::event::timestamp::canonical(event.time);
-        // Everything but the attendee is the same for every record: convert it once.
-        let event_value = to_value(&EventContext {
-            id: &event.id,
-            event_type: event.kind.cloudevents_type(),
-            time,
-            source: &event.source,
-        });
-        let booking_value = to_value(&event.booking);
+        // Everything but the attendee is the same for every record: converted once, if at all.
+        let values = EventValues::new(event);
         let mut nodes = Vec::new();
         for record in &self.records {
             let attendees: Vec<(usize, Option<&Attendee>)> = if record.per_attendee {
@@ -809,20 +973,19 @@ impl CompiledMapping {
                 vec![(0, None)]
             };
             for (index, attendee) in attendees {
-                let ctx = minijinja::context! {
-                    tenant => &self.tenant,
-                    event => event_value.clone(),
-                    booking => booking_value.clone(),
-                    attendee => attendee.map(to_value),
-                    attendee_index => index,
-                    host_user_id => enrichment.host_user_id.as_deref(),
-                    integration_user_id => &enrichment.integration_user_id,
+                let ctx = Scope {
+                    tenant: &self.tenant,
+                    values: &values,
+                    attendee,
+                    attendee_index: index,
+                    enrichment,
+                    ctx: OnceCell::new(),
                 };
                 if let Some(when) = &record.when {
                     let keep = self
                         .env
                         .compile_expression(when)
-                        .and_then(|e| e.eval(&ctx))
+                        .and_then(|e| e.eval(ctx.ctx()))
                         .map_err(|e| PlanError {
                             record: record.reference.clone(),
                             field: "when".into(),
@@ -991,6 +1154,89 @@ mod tests {
     fn event(name: &str) -> BookingEvent {
         let text = std::fs::read_to_string(format!("tests/fixtures/events/{name}.json")).unwrap();
         decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
+    }
+
+    /// Every path a [`Scope`] reads from the event itself gives what the template context
+    /// holds at that path (rendered through the typed filter, so types count), for every
+    /// sample event, each attendee and none, with and without a host user.
+    #[test]
+    fn fields_read_from_the_event_are_what_the_template_context_holds() {
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let paths = [
+            "tenant",
+            "attendee_index",
+            "host_user_id",
+            "integration_user_id",
+            "event.id",
+            "event.type",
+            "event.time",
+            "event.source",
+            "booking.booking_id",
+            "booking.version",
+            "booking.status",
+            "booking.title",
+            "booking.starts_at",
+            "booking.ends_at",
+            "booking.timezone",
+            "booking.location",
+            "booking.cancel_reason",
+            "booking.portal.id",
+            "booking.portal.name",
+            "booking.host.email",
+            "booking.host.name",
+            "attendee.email",
+            "attendee.first_name",
+            "attendee.last_name",
+            "attendee.company",
+            "attendee.phone",
+            "attendee.title",
+        ];
+        let mut compared = 0;
+        for name in ["booked", "booked-group", "cancelled", "rescheduled"] {
+            let event = event(name);
+            let values = EventValues::new(&event);
+            for host_user_id in [None, Some("005000000000001AAA".to_owned())] {
+                let enrichment = Enrichment {
+                    host_user_id,
+                    integration_user_id: "005000000000002AAA".into(),
+                };
+                let attendees = event.booking.attendees.iter().map(Some).chain([None]);
+                for (index, attendee) in attendees.enumerate() {
+                    let scope = Scope {
+                        tenant: "acme",
+                        values: &values,
+                        attendee,
+                        attendee_index: index,
+                        enrichment: &enrichment,
+                        ctx: OnceCell::new(),
+                    };
+                    for expr in paths {
+                        let path = plain_path(expr).unwrap();
+                        let Some(found) = scope.field(&path) else {
+                            assert!(attendee.is_none() && expr.starts_with("attendee."));
+                            continue;
+                        };
+                        let typed = match found {
+                            Found::Str(text) => Value::String(text.to_owned()),
+                            Found::Null => Value::Null,
+                            Found::Number(n) => Value::from(n),
+                            Found::Template(_) => panic!("{expr} read from the context"),
+                        };
+                        let template = format!("{{{{ ({expr}) | portals_crm_typed }}}}");
+                        let rendered: Value = serde_json::from_str(
+                            &mapping.env.render_str(&template, scope.ctx()).unwrap(),
+                        )
+                        .unwrap();
+                        assert_eq!(typed, rendered, "{name}: {expr}");
+                        compared += 1;
+                    }
+                    // Other paths are read from the template context.
+                    let answers = plain_path("booking.answers").unwrap();
+                    assert!(matches!(scope.lookup(&answers), Some(Found::Template(_))));
+                }
+            }
+        }
+        assert!(compared > 200, "{compared}");
     }
 
     #[test]
