@@ -423,6 +423,7 @@ struct CompiledRecord {
     sobject: String,
     delete: bool,
     per_attendee: bool,
+    /// The template of its `when`: renders `1` when the record is written.
     when: Option<String>,
     external_id_field: String,
     external_id: FieldTemplate,
@@ -799,11 +800,21 @@ impl CompiledMapping {
                     "remove its fields, or make it an upsert",
                 ));
             }
-            if let Some(when) = &record.when
-                && let Err(e) = env.compile_expression(when)
-            {
-                problems.push(at("when", e.to_string(), SYNTAX_FIX));
-            }
+            // Compiled once, here, as a template that renders `1` when the expression is true
+            // (an expression compiled per booking would be parsed again for every one).
+            let when = record.when.as_ref().and_then(|when| {
+                let compiled = env.compile_expression(when).map(drop).and_then(|()| {
+                    let name = format!("{index}.{name}.when");
+                    env.add_template_owned(
+                        name.clone(),
+                        format!("{{% if ({when}) %}}1{{% endif %}}"),
+                    )
+                    .map(|()| name)
+                });
+                compiled
+                    .map_err(|e| problems.push(at("when", e.to_string(), SYNTAX_FIX)))
+                    .ok()
+            });
             known.push((name.clone(), per_attendee));
             if let Some(external_id) = external_id {
                 records.push(CompiledRecord {
@@ -811,7 +822,7 @@ impl CompiledMapping {
                     sobject: record.sobject.clone(),
                     delete: record.action == Action::Delete,
                     per_attendee,
-                    when: record.when.clone(),
+                    when,
                     external_id_field: record.external_id_field.clone(),
                     external_id,
                     fields,
@@ -982,16 +993,14 @@ impl CompiledMapping {
                     ctx: OnceCell::new(),
                 };
                 if let Some(when) = &record.when {
-                    let keep = self
-                        .env
-                        .compile_expression(when)
-                        .and_then(|e| e.eval(ctx.ctx()))
-                        .map_err(|e| PlanError {
-                            record: record.reference.clone(),
-                            field: "when".into(),
-                            message: bounded_message(&e),
-                        })?;
-                    if !keep.is_true() {
+                    let keep =
+                        self.render_bounded(when, ctx.ctx())
+                            .map_err(|message| PlanError {
+                                record: record.reference.clone(),
+                                field: "when".into(),
+                                message,
+                            })?;
+                    if keep.is_empty() {
                         continue;
                     }
                 }
@@ -1600,8 +1609,13 @@ mod tests {
             .fields
             .insert("BookMe__Lead_Id__c".into(), "@{nobody.id}".into());
         tenant.records[2].for_each = Some("hosts".into());
+        tenant.records[0].when = Some("booking.status ==".into());
         let problems = CompiledMapping::compile(&tenant).unwrap_err();
-        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.contains(".when")),
+            "{problems:#?}"
+        );
         assert!(
             problems
                 .iter()
