@@ -382,7 +382,7 @@ impl Consumer {
         release: impl FnOnce() + Send,
     ) {
         let started = Instant::now();
-        self.metrics.inflight.inc();
+        let _in_flight = InFlight::count(&self.metrics.inflight);
         let attempt = dead_letter::attempts(delivery.properties.headers().as_ref()) + 1;
         let span = tracing::info_span!(
             "message",
@@ -433,7 +433,6 @@ impl Consumer {
         }
         .instrument(span)
         .await;
-        self.metrics.inflight.dec();
     }
 
     fn count(&self, tenant: &str, type_label: &str, settled: Settled) {
@@ -649,4 +648,21 @@ async fn settle_barrier(channel: &Channel, acks: &Acks, queue: &str) -> Result<(
             .await?;
     }
     Ok(())
+}
+
+/// One message in `portals_crm_inflight_events` while it lives: given back when dropped, also
+/// when processing unwinds from a panic.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn count(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

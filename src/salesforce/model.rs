@@ -221,15 +221,16 @@ pub struct GraphRequest<N = Subrequest> {
     pub graphs: Vec<Graph<N>>,
 }
 
-/// Result of one subrequest inside a Composite or Composite Graph response. Its `httpHeaders`
-/// (a created record's `Location`) are skipped: nothing here reads them, and a map per node
-/// was a share of reading every answer.
+/// Result of one subrequest inside a Composite or Composite Graph response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SubrequestResult {
     /// The subrequest's own body: an object on success, an error array on failure.
     #[serde(default)]
     pub body: Value,
+    /// Response headers of the subrequest (e.g. `Location`).
+    #[serde(default)]
+    pub http_headers: serde_json::Map<String, Value>,
     /// HTTP status of the subrequest.
     pub http_status_code: u16,
     /// The subrequest's reference id.

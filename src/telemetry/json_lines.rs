@@ -19,6 +19,7 @@ use std::fmt::{self, Write as _};
 use time::OffsetDateTime;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -37,7 +38,10 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // A `log` record (sled, reqwest, rustls log through the `log` crate) arrives as an event
+        // of target `log`; its own target, level and place are in its normalised metadata.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         writer.write_str("{\"timestamp\":\"")?;
         write_timestamp(&mut writer, OffsetDateTime::now_utc())?;
         write!(writer, "\",\"level\":\"{}\"", meta.level())?;
@@ -116,11 +120,10 @@ impl<W: fmt::Write> Visit for Fields<'_, W> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // As serde_json writes a float: NaN and the infinities have no JSON form.
-        if value.is_finite() {
-            self.entry(field, |out| write!(out, "{value:?}"));
-        } else {
-            self.entry(field, |out| out.write_str("null"));
+        // Spelt as serde_json spells it (`1e+16`); NaN and the infinities have no JSON form.
+        match serde_json::Number::from_f64(value) {
+            Some(number) => self.entry(field, |out| write!(out, "{number}")),
+            None => self.entry(field, |out| out.write_str("null")),
         }
     }
 
@@ -247,7 +250,8 @@ mod tests {
     /// Events of every field type, with awkward text, inside and outside a span.
     fn log_events() {
         tracing::info!(target: "portals_crm::audit", tenant = %"acme", version = 3u64,
-            delta = -2i64, ratio = 0.25, created = true, nan = f64::NAN,
+            delta = -2i64, ratio = 0.25, large = 1e16, small = 0.00001, created = true,
+            nan = f64::NAN,
             record_id = "00U\"x\\y\n\u{1}é", cleared = ?vec!["Lead.Email"], "salesforce write");
         let span = tracing::info_span!("message", event_id = "e-1", tenant = "acme", attempt = 2);
         let _entered = span.enter();
@@ -255,6 +259,17 @@ mod tests {
         let empty = tracing::info_span!("nothing");
         let _inner = empty.enter();
         tracing::error!("no fields");
+        // A record of the `log` crate, as `LogTracer` turns it into an event.
+        tracing_log::format_trace(
+            &log::Record::builder()
+                .level(log::Level::Warn)
+                .target("sled::pagecache")
+                .file(Some("src/pagecache/mod.rs"))
+                .line(Some(42))
+                .args(format_args!("io error, retrying"))
+                .build(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -276,7 +291,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, log_events);
         let (mut ours, mut stock) = (ours.parsed(), stock.parsed());
-        assert_eq!(ours.len(), 3);
+        assert_eq!(ours.len(), 4);
         for line in ours.iter_mut().chain(stock.iter_mut()) {
             let stamp = line["timestamp"].as_str().unwrap().to_owned();
             assert!(
@@ -292,6 +307,8 @@ mod tests {
         assert_eq!(ours[1]["span"]["attempt"], 2);
         assert_eq!(ours[1]["message"], "retrying e-1 in 250ms");
         assert_eq!(ours[2]["span"]["name"], "nothing");
+        assert_eq!(ours[3]["target"], "sled::pagecache");
+        assert_eq!(ours[3]["level"], "WARN");
     }
 
     #[test]

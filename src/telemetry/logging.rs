@@ -78,24 +78,48 @@ pub fn mask_email(email: &str) -> String {
 }
 
 /// Masks every email address and every phone number in free text, such as a Salesforce error
-/// message that quotes the value it refused. A phone number is a run of digits (with spaces,
-/// `-`, `(`, `)` between them, maybe after a `+`) holding 6 or more digits and starting a word.
-/// Not masked: digits inside a word, such as a record id (`00Q5g0000000001`), and ISO 8601
-/// dates (`2026-12-01`, also as the start of a dateTime), which a dead letter's booking and
-/// Salesforce's messages about a date hold and which are not personal data.
+/// message that quotes the value it refused. An email address is a word holding `@` (words end at
+/// whitespace and at `,;<>()[]"`). A phone number is a run of digits (any script's) with
+/// separators between them — spaces of any kind, `-`, `.`, `/`, `_`, `(`, `)` — maybe after a
+/// `+`, holding 6 or more digits and not inside an ASCII word. Not masked: digits inside such a
+/// word, as in a record id (`00Q5g0000000001`), and ISO 8601 dates with a real month and day
+/// (`2026-12-01`, also as the start of a dateTime), which a dead letter's booking and
+/// Salesforce's messages about a date hold and which are not personal data. Masking errs on
+/// the side of privacy: an IP address or a date written `12/01/2026` is masked too.
 pub fn redact(text: &str) -> String {
+    mask_phones(&mask_emails(text))
+}
+
+/// The email half of [`redact`].
+fn mask_emails(text: &str) -> String {
+    let ends_word = |c: char| c.is_whitespace() || ",;<>()[]\"".contains(c);
     let mut out = String::with_capacity(text.len());
-    for (i, word) in text.split(' ').enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(ends_word).unwrap_or(rest.len());
+        let (word, after) = rest.split_at(end);
         if word.contains('@') {
             out.push_str(&mask_email(word));
         } else {
             out.push_str(word);
         }
+        let mut separators = after.chars();
+        if let Some(separator) = separators.next() {
+            out.push(separator);
+        }
+        rest = separators.as_str();
     }
-    mask_phones(&out)
+    out
+}
+
+/// A digit of any script (`5`, `５`, `٥`).
+fn is_digit(c: char) -> bool {
+    c.is_ascii_digit() || (!c.is_ascii() && c.is_numeric())
+}
+
+/// What may stand between the digits of a phone number.
+fn joins_digits(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '-' | '.' | '/' | '_' | '(' | ')' | '\u{2011}')
 }
 
 /// The phone-number half of [`redact`].
@@ -105,9 +129,9 @@ fn mask_phones(text: &str) -> String {
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
-        let starts_word = i == 0 || !chars[i - 1].is_alphanumeric();
+        let starts_word = i == 0 || !(chars[i - 1].is_ascii_alphanumeric() || chars[i - 1] == '_');
         let starts_number =
-            c.is_ascii_digit() || (c == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+            is_digit(c) || (c == '+' && chars.get(i + 1).copied().is_some_and(is_digit));
         if !(starts_word && starts_number) {
             result.push(c);
             i += 1;
@@ -121,16 +145,16 @@ fn mask_phones(text: &str) -> String {
         // The run ends at its last digit: a space or bracket after it is not part of it.
         let mut end = i + 1;
         let mut after_last_digit = end;
-        while let Some(next) = chars.get(end) {
-            if next.is_ascii_digit() {
+        while let Some(&next) = chars.get(end) {
+            if is_digit(next) {
                 after_last_digit = end + 1;
-            } else if !matches!(next, ' ' | '-' | '(' | ')') {
+            } else if !joins_digits(next) {
                 break;
             }
             end += 1;
         }
         let run = &chars[i..after_last_digit];
-        if run.iter().filter(|c| c.is_ascii_digit()).count() >= 6 {
+        if run.iter().filter(|c| is_digit(**c)).count() >= 6 {
             result.push_str("[phone]");
         } else {
             result.extend(run);
@@ -143,17 +167,37 @@ fn mask_phones(text: &str) -> String {
 /// The shape of an ISO 8601 calendar date, `9` standing for a digit.
 const ISO_DATE: &str = "9999-99-99";
 
-/// True when `chars` starts with an ISO 8601 date not followed by another digit.
+/// True when `chars` starts with an ISO 8601 date (month 01–12, day 01–31) that no other digit
+/// or separator-and-digit follows (`0800-12-34 5678` is a phone number).
 fn is_iso_date(chars: &[char]) -> bool {
-    chars.len() >= ISO_DATE.len()
-        && ISO_DATE.chars().zip(chars).all(|(shape, c)| {
-            if shape == '9' {
-                c.is_ascii_digit()
-            } else {
-                *c == shape
-            }
-        })
-        && !chars.get(ISO_DATE.len()).is_some_and(char::is_ascii_digit)
+    let Some(head) = chars.get(..ISO_DATE.len()) else {
+        return false;
+    };
+    let shaped = ISO_DATE.chars().zip(head).all(|(shape, c)| {
+        if shape == '9' {
+            c.is_ascii_digit()
+        } else {
+            *c == shape
+        }
+    });
+    let number = |from: usize| -> u32 {
+        head[from..from + 2]
+            .iter()
+            .filter_map(|c| c.to_digit(10))
+            .fold(0, |n, d| n * 10 + d)
+    };
+    let after = &chars[ISO_DATE.len()..];
+    // A dateTime's time follows `T`, or a space and `HH:`; digits after a separator otherwise
+    // make it part of a longer number.
+    let continues_as_number = match after {
+        [c, ..] if c.is_ascii_digit() => true,
+        [sep, d1, d2, rest @ ..] if joins_digits(*sep) && d1.is_ascii_digit() => {
+            !(d2.is_ascii_digit() && rest.first() == Some(&':'))
+        }
+        [sep, d, ..] if joins_digits(*sep) && d.is_ascii_digit() => true,
+        _ => false,
+    };
+    shaped && (1..=12).contains(&number(5)) && (1..=31).contains(&number(8)) && !continues_as_number
 }
 
 #[cfg(test)]
@@ -169,6 +213,10 @@ mod tests {
         assert!(!text.contains("555"), "{text}");
         assert!(text.contains("[phone]"), "{text}");
         assert_eq!(redact("version 3 of bk_7Q2M9"), "version 3 of bk_7Q2M9");
+        assert_eq!(
+            redact("jane@x.com,john.smith@y.com\n<ann.lee@z.org>"),
+            "j***@x.com,j***@y.com\n<a***@z.org>"
+        );
     }
 
     #[test]
@@ -190,6 +238,22 @@ mod tests {
             // Not a date: more digits follow, so it is read as a number.
             ("2026-12-011234", "[phone]"),
             ("version 12345 of 20", "version 12345 of 20"),
+            ("call 555.123.4567 now", "call [phone] now"),
+            ("call +1.555.123.4567 now", "call [phone] now"),
+            ("call +49 30/1234567", "call [phone]"),
+            ("+33\u{a0}1\u{a0}23\u{a0}45\u{a0}67\u{a0}89", "[phone]"),
+            ("+47\u{202f}555\u{202f}01234", "[phone]"),
+            ("555\t123\t4567", "[phone]"),
+            ("555_123_4567", "[phone]"),
+            ("５５５１２３４５６７", "[phone]"),
+            ("٠١٢٣٤٥٦٧٨٩", "[phone]"),
+            ("日本5550123456", "日本[phone]"),
+            ("call 0800-12-34 5678", "call [phone]"),
+            ("call 1234-56-78 90", "call [phone]"),
+            ("call 2026-12-01 5678", "call [phone]"),
+            ("", ""),
+            ("+", "+"),
+            ("é1é2é3é4é5é6", "é1é2é3é4é5é6"),
         ] {
             assert_eq!(redact(text), masked, "{text}");
         }
