@@ -251,6 +251,8 @@ trait Lookup {
     fn lookup(&self, path: &[String]) -> Option<Found<'_>>;
 }
 
+/// A bare template context, as the tests of the readers build one.
+#[cfg(test)]
 impl Lookup for minijinja::Value {
     fn lookup(&self, path: &[String]) -> Option<Found<'_>> {
         value_at(self, path).map(Found::Template)
@@ -329,8 +331,16 @@ impl<'a> Scope<'a> {
         let optional = |s: &'a Option<String>| Some(s.as_deref().map_or(Found::Null, Found::Str));
         let event = self.values.event;
         let booking = &event.booking;
-        let segments: Vec<&str> = path.iter().map(String::as_str).collect();
-        match segments.as_slice() {
+        // At most three segments name a field; kept on the stack (this runs for most fields of
+        // every record).
+        let mut segments = [""; 3];
+        if path.len() > segments.len() {
+            return None;
+        }
+        for (segment, name) in segments.iter_mut().zip(path) {
+            *segment = name;
+        }
+        match &segments[..path.len()] {
             ["tenant"] => text(self.tenant),
             ["attendee_index"] => Some(Found::Number(self.attendee_index as u64)),
             ["host_user_id"] => optional(&self.enrichment.host_user_id),
