@@ -325,6 +325,29 @@ async fn emulator_event_relation_rules_and_cascade() {
         (400, json!("INVALID_FIELD"))
     );
 
+    // A graph that removes the parent relation and then fails is rolled back whole: the
+    // relation is back and so is the Who it had set.
+    let rollback = json!({"graphs": [{"graphId": "g1", "compositeRequest": [
+        {"method": "DELETE", "url": format!("/services/data/v66.0/sobjects/EventRelation/{}", id(&first)), "referenceId": "unparent"},
+        {"method": "POST", "url": "/services/data/v66.0/sobjects/Lead", "referenceId": "no_name", "body": {"Company": "X"}}
+    ]}]});
+    let (status, answer) = call(Method::POST, "/composite/graph", Some(rollback)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["graphs"][0]["isSuccessful"], false, "{answer}");
+    let (_, event) = call(Method::GET, &format!("/sobjects/Event/{ev}"), None).await;
+    assert_eq!(
+        event["WhoId"],
+        a.as_str(),
+        "the Who is restored with the relation"
+    );
+    let (status, _) = call(
+        Method::GET,
+        &format!("/sobjects/EventRelation/{}", id(&first)),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
     // Deleting the parent relation clears the Who; deleting the Event deletes its relations.
     let (status, _) = call(
         Method::DELETE,

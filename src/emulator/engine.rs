@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use super::org::{OrgSpec, RecordAccess, SObjectSpec};
 use super::soql;
-use super::store::{Ctx, Store, is_valid_id};
+use super::store::{Ctx, Fields, Store, is_valid_id};
 use crate::salesforce::model::{
     ApiError, CompositeRequest, DescribeGlobal, GraphRequest, MAX_COMPOSITE_SUBREQUESTS,
     MAX_GRAPH_FAILURES_PER_REQUEST, MAX_GRAPHS_PER_REQUEST, MAX_NODES_PER_REQUEST,
@@ -333,7 +333,7 @@ impl OrgState {
             }
         };
         match (method, &rest[1..]) {
-            ("POST", []) => match self.write(username, version, object, None, fields) {
+            ("POST", []) => match self.write(username, version, object, None, Fields::of(fields)) {
                 Ok((id, _)) => {
                     let mut reply =
                         Reply::json(201, json!({"id": id, "success": true, "errors": []}));
@@ -367,10 +367,12 @@ impl OrgState {
                         .record_json(version, username, &id)
                         .map(|v| Reply::json(200, v))
                         .unwrap_or_else(Reply::not_found),
-                    "PATCH" => match self.write(username, version, object, Some(id), fields) {
-                        Ok(_) => Reply::empty(204),
-                        Err(errors) => Reply::record_errors(errors),
-                    },
+                    "PATCH" => {
+                        match self.write(username, version, object, Some(id), Fields::of(fields)) {
+                            Ok(_) => Reply::empty(204),
+                            Err(errors) => Reply::record_errors(errors),
+                        }
+                    }
                     "DELETE" => self.delete(username, object, &id),
                     _ => Reply::error(405, "METHOD_NOT_ALLOWED", "HTTP Method not allowed"),
                 }
@@ -447,13 +449,12 @@ impl OrgState {
             ("GET", None) | ("DELETE", None) => Reply::not_found(),
             ("DELETE", Some(id)) => self.delete(username, object, &id),
             ("PATCH" | "POST", existing) => {
-                let mut body = fields.clone();
-                if existing.is_none() {
-                    body.insert(key_field.name.clone(), Value::String(value));
-                } else {
-                    body.remove(&key_field.name);
-                }
-                match self.write(username, version, object, existing, &body) {
+                let value = Value::String(value);
+                let body = Fields {
+                    body: fields,
+                    key: Some((&key_field.name, existing.is_none().then_some(&value))),
+                };
+                match self.write(username, version, object, existing, body) {
                     Ok((id, created)) => {
                         let mut reply = Reply::json(
                             if created { 201 } else { 200 },
@@ -478,7 +479,7 @@ impl OrgState {
         version: &str,
         object: &SObjectSpec,
         id: Option<String>,
-        body: &Map<String, Value>,
+        body: Fields<'_>,
     ) -> Result<(String, bool), Vec<ApiError>> {
         let Self {
             spec,
@@ -888,7 +889,7 @@ impl OrgState {
             );
         }
         let mark = self.store.mark();
-        let mut outputs: HashMap<String, Value> = HashMap::new();
+        let mut outputs: HashMap<String, usize> = HashMap::new();
         let mut failed: Vec<String> = Vec::new();
         let mut results: Vec<Value> = Vec::new();
         let mut any_failure = false;
@@ -900,22 +901,23 @@ impl OrgState {
                     format!("Invalid referenceId: {}", sub.reference_id),
                 );
             }
-            let reply = match resolve_all(&sub.url, sub.body.as_ref(), &outputs, &failed) {
+            let answers = Answers {
+                at: &outputs,
+                results: &results,
+            };
+            let reply = match resolve_all(&sub.url, sub.body.as_ref(), answers, &failed) {
                 Ok((url, body)) => {
                     self.subrequest(username, &sub.method, &url, body.as_deref(), false)
                 }
                 Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
             };
             if reply.is_success() {
-                outputs.insert(
-                    sub.reference_id.clone(),
-                    reply.body.clone().unwrap_or(Value::Null),
-                );
+                outputs.insert(sub.reference_id.clone(), results.len());
             } else {
                 any_failure = true;
                 failed.push(sub.reference_id.clone());
             }
-            results.push(subresult(&sub.reference_id, &reply));
+            results.push(subresult(&sub.reference_id, reply));
         }
         if request.all_or_none && any_failure {
             self.store.rollback(mark, &self.spec);
@@ -993,8 +995,8 @@ impl OrgState {
                 continue;
             }
             let mark = self.store.mark();
-            let mut outputs: HashMap<String, Value> = HashMap::new();
-            let mut results: Vec<Value> = Vec::new();
+            let mut outputs: HashMap<String, usize> = HashMap::new();
+            let mut results: Vec<Value> = Vec::with_capacity(graph.composite_request.len());
             let mut failed_at: Option<usize> = None;
             for (i, node) in graph.composite_request.iter().enumerate() {
                 let reply = if locked == Some(index) {
@@ -1010,19 +1012,24 @@ impl OrgState {
                         format!("Invalid referenceId: {}", node.reference_id),
                     )
                 } else {
-                    match resolve_all(&node.url, node.body.as_ref(), &outputs, &[]) {
+                    let answers = Answers {
+                        at: &outputs,
+                        results: &results,
+                    };
+                    match resolve_all(&node.url, node.body.as_ref(), answers, &[]) {
                         Ok((url, body)) => {
                             self.subrequest(username, &node.method, &url, body.as_deref(), true)
                         }
                         Err(message) => Reply::error(400, "PROCESSING_HALTED", message),
                     }
                 };
-                results.push(subresult(&node.reference_id, &reply));
-                if !reply.is_success() {
+                let success = reply.is_success();
+                results.push(subresult(&node.reference_id, reply));
+                if !success {
                     failed_at = Some(i);
                     break;
                 }
-                outputs.insert(node.reference_id.clone(), reply.body.unwrap_or(Value::Null));
+                outputs.insert(node.reference_id.clone(), results.len() - 1);
             }
             let successful = failed_at.is_none();
             if let Some(failed) = failed_at {
@@ -1111,15 +1118,15 @@ fn graph_result(graph_id: &str, results: Vec<Value>, successful: bool) -> Value 
     ])
 }
 
-fn subresult(reference: &str, reply: &Reply) -> Value {
+fn subresult(reference: &str, reply: Reply) -> Value {
     let headers: Map<String, Value> = reply
         .headers
-        .iter()
+        .into_iter()
         .filter(|(name, _)| *name == "Location")
-        .map(|(name, value)| ((*name).to_owned(), Value::String(value.clone())))
+        .map(|(name, value)| (name.to_owned(), Value::String(value)))
         .collect();
     object([
-        ("body", reply.body.clone().unwrap_or(Value::Null)),
+        ("body", reply.body.unwrap_or(Value::Null)),
         ("httpHeaders", Value::Object(headers)),
         ("httpStatusCode", Value::from(reply.status)),
         ("referenceId", Value::String(reference.to_owned())),
@@ -1135,12 +1142,23 @@ fn halted(reference: &str, message: &str) -> Value {
     })
 }
 
+/// The answers of the nodes run so far, which later nodes reference: each successful node's
+/// referenceId and where its result sits among the results (whose `body` is its answer).
+#[derive(Clone, Copy)]
+struct Answers<'a> {
+    at: &'a HashMap<String, usize>,
+    results: &'a [Value],
+}
+
+impl<'a> Answers<'a> {
+    fn body(self, reference: &str) -> Option<&'a Value> {
+        let i = *self.at.get(reference)?;
+        self.results.get(i)?.get("body")
+    }
+}
+
 /// Looks up `ref.path[0].field` in earlier results.
-fn lookup(
-    expr: &str,
-    outputs: &HashMap<String, Value>,
-    failed: &[String],
-) -> Result<Value, String> {
+fn lookup(expr: &str, outputs: Answers<'_>, failed: &[String]) -> Result<Value, String> {
     let (reference, path) = expr.split_once('.').unwrap_or((expr, ""));
     if failed.iter().any(|f| f == reference) {
         return Err(format!(
@@ -1154,7 +1172,7 @@ fn lookup(
              only letters, numbers and underscores ('_')."
         )
     };
-    let mut current = outputs.get(reference).ok_or_else(invalid)?;
+    let mut current = outputs.body(reference).ok_or_else(invalid)?;
     for part in path.split('.').filter(|p| !p.is_empty()) {
         let (name, index) = match part.split_once('[') {
             Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
@@ -1171,11 +1189,7 @@ fn lookup(
     Ok(current.clone())
 }
 
-fn resolve_string(
-    text: &str,
-    outputs: &HashMap<String, Value>,
-    failed: &[String],
-) -> Result<Value, String> {
+fn resolve_string(text: &str, outputs: Answers<'_>, failed: &[String]) -> Result<Value, String> {
     if let Some(inner) = text.strip_prefix("@{").and_then(|t| t.strip_suffix('}'))
         && !inner.contains('}')
     {
@@ -1199,11 +1213,7 @@ fn resolve_string(
     Ok(Value::String(out))
 }
 
-fn resolve_value(
-    value: &Value,
-    outputs: &HashMap<String, Value>,
-    failed: &[String],
-) -> Result<Value, String> {
+fn resolve_value(value: &Value, outputs: Answers<'_>, failed: &[String]) -> Result<Value, String> {
     Ok(match value {
         Value::String(s) if s.contains("@{") => resolve_string(s, outputs, failed)?,
         Value::Array(items) => Value::Array(
@@ -1236,7 +1246,7 @@ fn mentions_reference(value: &Value) -> bool {
 fn resolve_all<'a>(
     url: &str,
     body: Option<&'a Value>,
-    outputs: &HashMap<String, Value>,
+    outputs: Answers<'_>,
     failed: &[String],
 ) -> Result<(String, Option<Cow<'a, Value>>), String> {
     let url = match resolve_string(url, outputs, failed)? {

@@ -21,12 +21,42 @@ pub struct Record {
     pub fields: Map<String, Value>,
 }
 
+/// The fields of a write: a request body's, and for an upsert by external id that field,
+/// set to the URL's value when the upsert inserts or left out when it updates (upsert docs:
+/// <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_sobject_upsert_patch.htm>).
+/// Read in place: the body is not copied to add or drop the key.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    /// The request body.
+    pub body: &'a Map<String, Value>,
+    /// The external id field of an upsert, with its value when the upsert inserts.
+    pub key: Option<(&'a String, Option<&'a Value>)>,
+}
+
+impl<'a> Fields<'a> {
+    /// A body written as it is.
+    pub fn of(body: &'a Map<String, Value>) -> Self {
+        Self { body, key: None }
+    }
+
+    fn iter(self) -> impl Iterator<Item = (&'a String, &'a Value)> {
+        let key = self.key;
+        let skip = key.map(|(name, _)| name);
+        self.body
+            .iter()
+            .filter(move |(name, _)| Some(*name) != skip)
+            .chain(key.and_then(|(name, value)| Some((name, value?))))
+    }
+}
+
 /// A write to undo when a transaction rolls back.
 #[derive(Debug)]
 enum Undo {
     Created(String),
     Replaced(String, Record),
     Deleted(String, Record),
+    /// One field set on a record (id, field, the value it had): for a field no index holds.
+    FieldSet(String, &'static str, Option<Value>),
 }
 
 /// All records of the org, with an index of external-id and unique values.
@@ -38,8 +68,6 @@ pub struct Store {
     records: FxHashMap<String, Record>,
     /// Creation order per sObject: O(log n) inserts and removals at any size.
     by_object: FxHashMap<String, BTreeMap<u64, String>>,
-    /// The creation serial of every id ever stored, so an undone delete keeps its place.
-    serial_of: FxHashMap<String, u64>,
     /// (sObject, field, lower-cased value) → records, for external id and unique fields. A
     /// non-unique external id can match several records (an upsert then answers 300).
     key_index: FxHashMap<(String, String, String), Vec<String>>,
@@ -48,35 +76,63 @@ pub struct Store {
     relations_by_event: FxHashMap<String, Vec<String>>,
     next_serial: u64,
     journal: Vec<Undo>,
+    /// The last write's time in milliseconds and in the wire format: the records of one
+    /// request are written within a few milliseconds, and formatting was a few percent of a
+    /// write.
+    stamp: (i128, String),
 }
 
 /// Salesforce's 18-character id: the 15-character case-sensitive id plus a 3-character suffix
 /// that encodes which of its letters are upper case.
 pub fn make_id(prefix: &str, serial: u64) -> String {
-    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut body = [b'0'; 10];
     let mut n = serial;
     for slot in body.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    let id15 = format!("{prefix}5g{}", String::from_utf8_lossy(&body));
-    id15_to_18(&id15)
+    let mut id = String::with_capacity(18);
+    id.push_str(prefix);
+    id.push_str("5g");
+    id.extend(body.iter().map(|&c| char::from(c)));
+    with_suffix(id)
+}
+
+/// The digits of an id's serial, after its key prefix and the `5g` of the emulator's pod.
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// The creation serial [`make_id`] encoded in `id` (every id of a store is made by it), which
+/// orders records by creation: read back from the id rather than kept in a map beside it.
+fn serial(id: &str) -> u64 {
+    id.as_bytes()
+        .get(5..15)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| BASE62.iter().position(|d| d == c).unwrap_or_default() as u64)
+        .fold(0, |n, digit| n * 62 + digit)
 }
 
 /// Appends the case-safe suffix to a 15-character id.
 pub fn id15_to_18(id15: &str) -> String {
+    with_suffix(id15.to_owned())
+}
+
+/// `id15` with its case-safe suffix appended.
+fn with_suffix(mut id15: String) -> String {
     const SUFFIX: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345";
-    let mut id = id15.to_owned();
-    for chunk in id15.as_bytes().chunks(5) {
+    let mut suffix = [0u8; 3];
+    let mut len = 0;
+    for (slot, chunk) in suffix.iter_mut().zip(id15.as_bytes().chunks(5)) {
+        len += 1;
         let bits = chunk
             .iter()
             .enumerate()
             .filter(|(_, c)| c.is_ascii_uppercase())
             .fold(0usize, |acc, (i, _)| acc | (1 << i));
-        id.push(SUFFIX[bits] as char);
+        *slot = SUFFIX[bits];
     }
-    id
+    id15.extend(suffix[..len].iter().map(|&c| char::from(c)));
+    id15
 }
 
 /// True for a well-formed 15- or 18-character id (the suffix checked on 18).
@@ -111,20 +167,20 @@ fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
     if text.as_bytes().get(10) != Some(&b'T') {
         return None;
     }
-    OffsetDateTime::parse(text, &Rfc3339).ok().or_else(|| {
-        // Salesforce also writes `+0000` offsets without a colon.
-        let (head, offset) = text.split_at(text.len().checked_sub(5)?);
-        if offset.starts_with(['+', '-']) && offset[1..].bytes().all(|b| b.is_ascii_digit()) {
-            OffsetDateTime::parse(
-                &format!("{head}{}:{}", &offset[..3], &offset[3..]),
-                &Rfc3339,
-            )
-            .ok()
-        } else {
-            None
-        }
-    })
+    // Salesforce also writes `+0000` offsets without a colon (its own wire format, which the
+    // worker sends too).
+    let offset = text.get(text.len().checked_sub(5)?..)?;
+    if offset.starts_with(['+', '-']) && offset[1..].bytes().all(|b| b.is_ascii_digit()) {
+        OffsetDateTime::parse(text, OFFSET_WITHOUT_COLON).ok()
+    } else {
+        OffsetDateTime::parse(text, &Rfc3339).ok()
+    }
 }
+
+/// [`parse_datetime`]'s reading of a dateTime whose offset has no colon.
+const OFFSET_WITHOUT_COLON: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]][offset_hour sign:mandatory][offset_minute]"
+);
 
 /// A boolean field of a record (absent is false).
 fn flag(record: &Record, field: &str) -> bool {
@@ -287,11 +343,18 @@ impl Store {
         (store, ids)
     }
 
+    /// `at` in the wire format ([`format_datetime`]), formatted once per millisecond.
+    fn wire_time(&mut self, at: OffsetDateTime) -> String {
+        let ms = at.unix_timestamp_nanos() / 1_000_000;
+        if self.stamp.0 != ms || self.stamp.1.is_empty() {
+            self.stamp = (ms, format_datetime(at));
+        }
+        self.stamp.1.clone()
+    }
+
     fn allocate(&mut self, prefix: &str) -> String {
         self.next_serial += 1;
-        let id = make_id(prefix, self.next_serial);
-        self.serial_of.insert(id.clone(), self.next_serial);
-        id
+        make_id(prefix, self.next_serial)
     }
 
     /// The record with this id.
@@ -342,6 +405,14 @@ impl Store {
                     self.replace_raw(&id, old, org);
                 }
                 Some(Undo::Deleted(id, old)) => self.insert_raw(id, old, org),
+                Some(Undo::FieldSet(id, field, old)) => {
+                    if let Some(record) = self.records.get_mut(&id) {
+                        match old {
+                            Some(value) => record.fields.insert(field.into(), value),
+                            None => record.fields.remove(field),
+                        };
+                    }
+                }
                 None => break,
             }
         }
@@ -381,11 +452,10 @@ impl Store {
 
     fn insert_raw(&mut self, id: String, record: Record, org: &OrgSpec) {
         self.index(&id, &record, org);
-        let serial = self.serial_of.get(&id).copied().unwrap_or_default();
         self.by_object
             .entry(record.sobject.clone())
             .or_default()
-            .insert(serial, id.clone());
+            .insert(serial(&id), id.clone());
         self.records.insert(id, record);
     }
 
@@ -426,11 +496,8 @@ impl Store {
     fn remove_raw(&mut self, id: &str, org: &OrgSpec) {
         if let Some(record) = self.records.remove(id) {
             self.unindex(id, &record, org);
-            if let (Some(ids), Some(serial)) = (
-                self.by_object.get_mut(&record.sobject),
-                self.serial_of.get(id),
-            ) {
-                ids.remove(serial);
+            if let Some(ids) = self.by_object.get_mut(&record.sobject) {
+                ids.remove(&serial(id));
             }
         }
     }
@@ -453,7 +520,7 @@ impl Store {
         &mut self,
         ctx: &Ctx<'_>,
         object: &SObjectSpec,
-        body: &Map<String, Value>,
+        body: Fields<'_>,
     ) -> Result<String, Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).create {
             return Err(vec![err(
@@ -504,7 +571,7 @@ impl Store {
         self.check_duplicates(ctx, object, &record, None)?;
         let id = self.allocate(&object.key_prefix);
         let mut record = record;
-        let now = format_datetime(ctx.now);
+        let now = self.wire_time(ctx.now);
         record.fields.insert("Id".into(), id.clone().into());
         record
             .fields
@@ -520,7 +587,7 @@ impl Store {
         self.insert_raw(id.clone(), record, ctx.org);
         self.journal.push(Undo::Created(id.clone()));
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id, ctx.org);
+            self.sync_who(&event_id);
         }
         Ok(id)
     }
@@ -531,7 +598,7 @@ impl Store {
         ctx: &Ctx<'_>,
         object: &SObjectSpec,
         id: &str,
-        body: &Map<String, Value>,
+        body: Fields<'_>,
     ) -> Result<(), Vec<ApiError>> {
         if !ctx.org.object_access(ctx.user, &object.name).edit {
             return Err(vec![read_only()]);
@@ -562,7 +629,7 @@ impl Store {
         self.check_duplicates(ctx, object, &record, Some(id))?;
         record
             .fields
-            .insert("LastModifiedDate".into(), format_datetime(ctx.now).into());
+            .insert("LastModifiedDate".into(), self.wire_time(ctx.now).into());
         record
             .fields
             .insert("LastModifiedById".into(), ctx.user_id.into());
@@ -571,7 +638,7 @@ impl Store {
             self.journal.push(Undo::Replaced(id.to_owned(), old));
         }
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id, ctx.org);
+            self.sync_who(&event_id);
         }
         Ok(())
     }
@@ -613,7 +680,7 @@ impl Store {
         self.remove_raw(id, ctx.org);
         self.journal.push(Undo::Deleted(id.to_owned(), old));
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id, ctx.org);
+            self.sync_who(&event_id);
         }
         Ok(())
     }
@@ -630,7 +697,7 @@ impl Store {
             .flatten()
             .collect();
         // Creation order, as a query over all relations would list them.
-        ids.sort_by_key(|id| self.serial_of.get(id.as_str()).copied().unwrap_or_default());
+        ids.sort_by_key(|id| serial(id));
         ids.into_iter()
             .filter_map(|id| self.records.get(id).map(|r| (id.as_str(), r)))
     }
@@ -638,23 +705,23 @@ impl Store {
     /// Keeps the event's `WhoId` equal to its (first) parent relation: with Shared Activities
     /// the Who is the relation with `IsParent`, and deleting it clears or promotes the Who
     /// (EventRelation, O-er).
-    fn sync_who(&mut self, event_id: &str, org: &OrgSpec) {
+    fn sync_who(&mut self, event_id: &str) {
         let who = self
             .relations_of(event_id)
             .find(|(_, r)| flag(r, "IsParent"))
             .and_then(|(_, r)| r.fields.get("RelationId").cloned())
             .unwrap_or(Value::Null);
-        let Some(event) = self.records.get(event_id) else {
+        let Some(event) = self.records.get_mut(event_id) else {
             return;
         };
         if event.fields.get("WhoId").unwrap_or(&Value::Null) == &who {
             return;
         }
-        let mut changed = event.clone();
-        changed.fields.insert("WhoId".into(), who);
-        if let Some(old) = self.replace_raw(event_id, changed, org) {
-            self.journal.push(Undo::Replaced(event_id.to_owned(), old));
-        }
+        // Set in place: WhoId is a lookup, never an external id or unique field, so no index
+        // holds it and the record need not be copied and re-indexed.
+        let old = event.fields.insert("WhoId".into(), who);
+        self.journal
+            .push(Undo::FieldSet(event_id.to_owned(), "WhoId", old));
     }
 
     /// EventRelation's rules (O-er): one relation per person and event (a person who is both
@@ -731,13 +798,13 @@ impl Store {
         &self,
         ctx: &Ctx<'_>,
         object: &SObjectSpec,
-        body: &Map<String, Value>,
+        body: Fields<'_>,
         creating: bool,
     ) -> Result<Map<String, Value>, Vec<ApiError>> {
         let mut out = Map::new();
         let mut errors = Vec::new();
         let readable = ctx.org.object_access(ctx.user, &object.name).read;
-        for (name, value) in body {
+        for (name, value) in body.iter() {
             if name == "attributes" {
                 continue;
             }
@@ -1204,10 +1271,33 @@ mod tests {
     }
 
     #[test]
+    fn an_ids_serial_is_read_back_from_it() {
+        for n in [1, 61, 62, 12_345, 3_844_000, 839_299_365_868_340_223] {
+            assert_eq!(serial(&make_id("00U", n)), n);
+        }
+        assert!(serial(&make_id("00Q", 9)) < serial(&make_id("00Q", 10)));
+    }
+
+    #[test]
     fn datetimes_normalise_to_utc() {
         let at = parse_datetime("2026-12-03T13:00:00+01:00").unwrap();
         assert_eq!(format_datetime(at), "2026-12-03T12:00:00.000+0000");
-        assert!(parse_datetime("2026-12-03T12:00:00.000+0000").is_some());
+        for (wire, utc) in [
+            (
+                "2026-12-03T12:00:00.000+0000",
+                "2026-12-03T12:00:00.000+0000",
+            ),
+            ("2026-12-03T12:00:00+0000", "2026-12-03T12:00:00.000+0000"),
+            ("2026-12-03T12:00:00.5-0130", "2026-12-03T13:30:00.500+0000"),
+            ("2026-12-03T12:00:00Z", "2026-12-03T12:00:00.000+0000"),
+        ] {
+            assert_eq!(
+                parse_datetime(wire).map(format_datetime).as_deref(),
+                Some(utc)
+            );
+        }
+        assert!(parse_datetime("2026-12-03T12:00:00+00000").is_none());
+        assert!(parse_datetime("2026-12-03T12:00:00.000+0a00").is_none());
         assert!(parse_datetime("tomorrow").is_none());
         assert!(parse_datetime("2026-12-03 12:00:00Z").is_none(), "space");
     }
