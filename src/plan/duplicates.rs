@@ -176,7 +176,7 @@ mod tests {
     /// A Composite Graph answer as Salesforce writes it when the standard Lead rule refuses
     /// `lead_0`: its own error with the duplicate result, a placeholder on every other node.
     fn refused_graph() -> GraphResult {
-        serde_json::from_value(json!({
+        serde_json::from_str(&json!({
             "graphId": "g0",
             "isSuccessful": false,
             "graphResponse": {"compositeResponse": [
@@ -209,7 +209,7 @@ mod tests {
                     "message": "The transaction was rolled back since another operation in the same transaction failed."
                 }]}
             ]}
-        }))
+        }).to_string())
         .expect("a graph result")
     }
 

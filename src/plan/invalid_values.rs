@@ -129,14 +129,14 @@ Email = "{{{{ attendee.email }}}}"
             reference_id: "lead_1".into(),
             body: Some(json!({"LastName": "Doe", "Email": value})),
         }];
-        let result: GraphResult = serde_json::from_value(json!({
+        let result: GraphResult = serde_json::from_str(&json!({
             "graphId": "g",
             "isSuccessful": false,
             "graphResponse": {"compositeResponse": [{
                 "body": [{"errorCode": "INVALID_EMAIL_ADDRESS", "message": format!("Email: invalid email address: {value}"), "fields": ["Email"]}],
                 "httpHeaders": {}, "httpStatusCode": 400, "referenceId": "lead_1"
             }]}
-        }))
+        }).to_string())
         .unwrap();
         (result, nodes)
     }

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Salesforce's limit on graphs in one Composite Graph request.
 pub const MAX_GRAPHS_PER_REQUEST: usize = 75;
@@ -222,19 +223,57 @@ pub struct GraphRequest<N = Subrequest> {
 }
 
 /// Result of one subrequest inside a Composite or Composite Graph response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read from the answer's bytes (a `RawValue` body cannot be read from a `Value`: tests build
+/// one with `serde_json::from_str`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SubrequestResult {
-    /// The subrequest's own body: an object on success, an error array on failure.
+    /// The subrequest's own body, as the JSON text Salesforce sent: an object on success, an
+    /// error array on failure. Kept as text rather than a `Value` tree: of most bodies only the
+    /// record id and `created` are read ([`SubrequestResult::record_id`]), and building and
+    /// freeing a tree for every node was most of the cost of reading an answer.
+    #[serde(default = "null_body")]
+    pub body: Box<RawValue>,
+    /// Response headers of the subrequest.
     #[serde(default)]
-    pub body: Value,
-    /// Response headers of the subrequest (e.g. `Location`).
-    #[serde(default)]
-    pub http_headers: serde_json::Map<String, Value>,
+    pub http_headers: HttpHeaders,
     /// HTTP status of the subrequest.
     pub http_status_code: u16,
     /// The subrequest's reference id.
     pub reference_id: String,
+}
+
+/// A subrequest's headers: Salesforce sets `Location` on a create or upsert and nothing else
+/// (Composite Graph response body, REST API Developer Guide).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpHeaders {
+    /// The new or upserted record's URL.
+    #[serde(rename = "Location", default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+}
+
+/// The body of a subrequest that sent none.
+fn null_body() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
+}
+
+/// What a SaveResult-shaped body (`{"id": …, "success": true, "errors": [], "created": …}`)
+/// says, read from its text without copying: ids are letters and digits, never escaped.
+#[derive(Deserialize)]
+struct Saved<'a> {
+    #[serde(borrow)]
+    id: Option<&'a str>,
+    created: Option<bool>,
+}
+
+impl PartialEq for SubrequestResult {
+    fn eq(&self, other: &Self) -> bool {
+        self.body.get() == other.body.get()
+            && self.http_headers == other.http_headers
+            && self.http_status_code == other.http_status_code
+            && self.reference_id == other.reference_id
+    }
 }
 
 impl SubrequestResult {
@@ -243,9 +282,18 @@ impl SubrequestResult {
         (200..300).contains(&self.http_status_code)
     }
 
+    /// The body as a `Value` (for the error paths, which read more of it).
+    fn body_value(&self) -> Value {
+        serde_json::from_str(self.body.get()).unwrap_or(Value::Null)
+    }
+
+    fn saved(&self) -> Option<Saved<'_>> {
+        serde_json::from_str(self.body.get()).ok()
+    }
+
     /// The errors in the body when the subrequest failed (empty if the body is not an error array).
     pub fn errors(&self) -> Vec<ApiError> {
-        serde_json::from_value(self.body.clone()).unwrap_or_default()
+        serde_json::from_str(self.body.get()).unwrap_or_default()
     }
 
     /// The error this node reports, `None` on a 2xx. Its own error when it has one, in this
@@ -257,13 +305,13 @@ impl SubrequestResult {
         if self.is_success() {
             return None;
         }
+        let body = self.body_value();
         if self.http_status_code == 300 {
-            return Some(ApiError::multiple_choices(&self.reference_id, &self.body));
+            return Some(ApiError::multiple_choices(&self.reference_id, &body));
         }
         let mut errors = self.errors();
         if errors.is_empty() {
-            errors = self
-                .body
+            errors = body
                 .get("errors")
                 .cloned()
                 .and_then(|e| serde_json::from_value(e).ok())
@@ -275,7 +323,7 @@ impl SubrequestResult {
         if let Some(placeholder) = errors.into_iter().next() {
             return Some(placeholder);
         }
-        let mut body = self.body.to_string();
+        let mut body = body.to_string();
         if body.len() > 200 {
             let cut = (0..=200)
                 .rev()
@@ -296,19 +344,14 @@ impl SubrequestResult {
 
     /// The record id a create or upsert returned.
     pub fn record_id(&self) -> Option<&str> {
-        self.body.get("id").and_then(Value::as_str)
+        self.saved()?.id
     }
 
     /// `Some(true)` when an upsert created the record, `Some(false)` when it updated one.
     pub fn created(&self) -> Option<bool> {
         match self.http_status_code {
             201 => Some(true),
-            200 | 204 => Some(
-                self.body
-                    .get("created")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            ),
+            200 | 204 => Some(self.saved().and_then(|s| s.created).unwrap_or(false)),
             _ => None,
         }
     }
@@ -665,11 +708,11 @@ mod tests {
     }
 
     fn failed_graph(nodes: Vec<Value>) -> GraphResult {
-        serde_json::from_value(serde_json::json!({
+        let answer = serde_json::json!({
             "graphId": "g1", "isSuccessful": false,
             "graphResponse": {"compositeResponse": nodes}
-        }))
-        .unwrap()
+        });
+        serde_json::from_str(&answer.to_string()).unwrap()
     }
 
     #[test]
