@@ -432,7 +432,7 @@ pub async fn run(
             .and_then(|v| v["tenantid"].as_str().map(str::to_owned));
         let properties = amqp::event_properties(tenant.as_deref());
         publisher
-            .publish(
+            .publish_republishing(
                 &topology.exchange,
                 &message.routing_key,
                 &message.body,

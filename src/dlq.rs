@@ -366,7 +366,7 @@ impl Dlq {
                 properties = properties.with_content_type(content_type.clone());
             }
             self.publisher
-                .publish("", &self.topology.work_queue, &delivery.data, properties)
+                .publish_republishing("", &self.topology.work_queue, &delivery.data, properties)
                 .await
                 .map_err(|source| DlqError::Replay {
                     id: letter.id.clone(),

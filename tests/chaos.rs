@@ -86,7 +86,7 @@ async fn nothing_lost_nothing_twice_under_chaos() {
             let properties = lapin::BasicProperties::default()
                 .with_content_type("application/cloudevents+json".into());
             publisher
-                .publish(&exchange, &m.routing_key, &m.body, properties)
+                .publish_republishing(&exchange, &m.routing_key, &m.body, properties)
                 .await
                 .unwrap();
         }

@@ -275,7 +275,7 @@ async fn events_for_no_tenant_queue_take_the_shared_queue() {
         AMQPValue::LongString("acme".into()),
     );
     env.publisher
-        .publish(
+        .publish_republishing(
             &env.topology.exchange,
             "meeting.booked",
             &booking(4),

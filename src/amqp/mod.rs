@@ -43,6 +43,9 @@ pub async fn connect(
     Connection::connect(&uri, properties).await
 }
 
+/// How long [`Publisher::publish_republishing`] keeps republishing a message the broker nacks.
+const REPUBLISH_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A channel in confirm mode; every publish waits for the broker's confirm and checks routing.
 #[derive(Clone)]
 pub struct Publisher {
@@ -57,6 +60,11 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Self { channel })
+    }
+
+    /// A publisher on `channel`, which must be in confirm mode already.
+    pub fn on(channel: Channel) -> Self {
+        Self { channel }
     }
 
     /// The underlying channel (for declarations and `basic_get`).
@@ -95,6 +103,51 @@ impl Publisher {
             return Err(PublishError::Unroutable(returned.reply_text.to_string()));
         }
         Ok(())
+    }
+
+    /// As [`Publisher::publish`], republishing a message the broker nacks, with exponential
+    /// backoff (10 ms doubling, jittered) for up to 10 s, as a publisher with confirms must: a
+    /// `basic.nack` says the broker did not take the message ("only on internal queue error",
+    /// <https://www.rabbitmq.com/docs/confirms#server-sent-nacks>), such as a quorum queue that is
+    /// being created or deleted as the message is routed to it (rabbitmq-server#15333) or a
+    /// `reject-publish` queue at its length limit. The booking platform publishes this way
+    /// (README, "How the booking platform publishes"), and so do the demo and the tests that
+    /// stand in for it, and a dead-letter replay. A republished message may arrive twice; the
+    /// version guard makes that harmless. Errors: the last [`PublishError::Nacked`] when the broker still refuses after
+    /// 10 s; any other error at once.
+    pub async fn publish_republishing(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        use backoff::backoff::Backoff as _;
+        let mut backoff = backoff::ExponentialBackoff {
+            initial_interval: std::time::Duration::from_millis(10),
+            max_interval: std::time::Duration::from_secs(1),
+            max_elapsed_time: Some(REPUBLISH_FOR),
+            ..backoff::ExponentialBackoff::default()
+        };
+        loop {
+            match self
+                .publish(exchange, routing_key, body, properties.clone())
+                .await
+            {
+                Err(PublishError::Nacked) => match backoff.next_backoff() {
+                    Some(wait) => {
+                        tracing::warn!(
+                            exchange,
+                            routing_key,
+                            "the broker nacked a publish; republishing"
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(PublishError::Nacked),
+                },
+                other => return other,
+            }
+        }
     }
 }
 

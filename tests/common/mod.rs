@@ -247,11 +247,12 @@ impl TestEnv {
             .await;
     }
 
-    /// Publishes with the tenant header `tenant`, or none.
+    /// Publishes with the tenant header `tenant`, or none; a message the broker nacks is
+    /// republished, as the booking platform does.
     pub async fn publish_with(&self, routing_key: &str, body: &[u8], tenant: Option<&str>) {
         let properties = amqp::event_properties(tenant);
         self.publisher
-            .publish(&self.topology.exchange, routing_key, body, properties)
+            .publish_republishing(&self.topology.exchange, routing_key, body, properties)
             .await
             .expect("publish confirmed and routed");
     }
