@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portals_crm::config::TenantConfig;
 use portals_crm::emulator::OrgSpec;
-use portals_crm::emulator::engine::{Meta, OrgState};
+use portals_crm::emulator::engine::{GraphReply, Meta, OrgState};
 use portals_crm::emulator::store::Store;
 use portals_crm::enrich::Enrichment;
 use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
@@ -95,7 +95,9 @@ fn emulator(c: &mut Criterion) {
         allow_save: true,
         ..Meta::default()
     };
-    let reply = OrgState::new(org.clone()).execute_graph(INTEGRATION, request.clone(), meta);
+    let reply = OrgState::new(org.clone())
+        .execute_graph(INTEGRATION, request.clone(), meta)
+        .into_reply();
     let answer = reply.body.expect("a Composite Graph answer");
     let failed = answer["graphs"]
         .as_array()
@@ -109,9 +111,11 @@ fn emulator(c: &mut Criterion) {
             || OrgState::new(org.clone()),
             |mut state| {
                 let request: GraphRequest = serde_json::from_slice(black_box(&body)).unwrap();
-                let reply = state.execute_graph(INTEGRATION, request, meta);
-                assert_eq!(reply.status, 200);
-                let answer = serde_json::to_vec(&reply.body).unwrap();
+                let GraphReply::Answered(answers) = state.execute_graph(INTEGRATION, request, meta)
+                else {
+                    panic!("the request is refused");
+                };
+                let answer = serde_json::to_vec(&answers).unwrap();
                 (state, answer)
             },
             BatchSize::LargeInput,

@@ -18,7 +18,7 @@ use rand::distributions::Alphanumeric;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::engine::{Call, Meta, OrgState, Reply};
+use super::engine::{Call, GraphReply, Meta, OrgState, Reply};
 use super::faults::{FaultSpec, Faults, Injected};
 use super::org::{ConnectedApp, IpRange, IpRelaxation, OrgSpec, SharingModel, SharingRule};
 use crate::salesforce::model::GraphRequest;
@@ -127,7 +127,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 fn json_response(
     status: u16,
-    body: Option<Value>,
+    body: Option<impl serde::Serialize>,
     headers: Vec<(&'static str, String)>,
 ) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -542,7 +542,13 @@ async fn data(
         body: body.as_ref(),
     };
     let reply = match graph {
-        Some(request) => inner.org.execute_graph(&username, request, meta),
+        Some(request) => match inner.org.execute_graph(&username, request, meta) {
+            GraphReply::Answered(answers) => {
+                drop(inner);
+                return json_response(200, Some(answers), vec![limit_info]);
+            }
+            GraphReply::Refused(reply) => reply,
+        },
         None => inner.org.execute(&username, &version, call, meta),
     };
     drop(inner);
@@ -564,7 +570,7 @@ async fn set_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
 
 async fn clear_faults(State(shared): State<Arc<Shared>>) -> Response {
     shared.clear_faults();
-    json_response(204, None, vec![])
+    json_response(204, None::<Value>, vec![])
 }
 
 async fn records(State(shared): State<Arc<Shared>>, Path(sobject): Path<String>) -> Response {
