@@ -37,6 +37,35 @@ impl Reconnect {
     }
 }
 
+/// Exponential backoff with jitter for publishing again a message the broker nacked
+/// ([`crate::amqp::Publisher::publish_republishing`]): starts at `initial`, doubles up to `max`,
+/// ±50 % jitter, and gives up once `give_up_after` has passed since it was made.
+pub struct Republish {
+    inner: backoff::ExponentialBackoff,
+}
+
+impl Republish {
+    /// A fresh policy; its clock starts now.
+    pub fn new(initial: Duration, max: Duration, give_up_after: Duration) -> Self {
+        Self {
+            inner: backoff::ExponentialBackoff {
+                initial_interval: initial,
+                current_interval: initial,
+                max_interval: max,
+                randomization_factor: 0.5,
+                multiplier: 2.0,
+                max_elapsed_time: Some(give_up_after),
+                ..backoff::ExponentialBackoff::default()
+            },
+        }
+    }
+
+    /// The wait before the next attempt, `None` once it is time to give up.
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        self.inner.next_backoff()
+    }
+}
+
 /// A retry tier's delay with up to 20 % taken off at random, so that a burst of failures does
 /// not come back from a tier as the same burst. Never longer than the tier: the tier queue's
 /// own TTL is the upper bound anyway.
@@ -80,5 +109,20 @@ mod tests {
         assert!(delays[9] >= Duration::from_secs(1));
         policy.reset();
         assert!(policy.next_delay() <= Duration::from_millis(150));
+    }
+
+    #[test]
+    fn republishing_starts_small_doubles_and_gives_up() {
+        let mut policy = Republish::new(
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+            Duration::from_millis(50),
+        );
+        let first = policy.next_delay().unwrap();
+        assert!(first <= Duration::from_millis(15), "{first:?}");
+        let second = policy.next_delay().unwrap();
+        assert!(second >= Duration::from_millis(10) && second <= Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(policy.next_delay(), None, "gives up after 50 ms");
     }
 }

@@ -210,6 +210,42 @@ async fn client_credentials_token_and_documented_shapes() {
     assert_eq!(status, 200);
     assert_shape("upsert-updated.json", &updated);
     assert_eq!(created["id"], updated["id"], "the same record, updated");
+    // The key field in the body, in any case, is the URL's: never written from the body.
+    for (body_key, method) in [
+        ("BookMe__Lead_Key__c", "update"),
+        ("bookme__lead_key__c", "update"),
+        ("BOOKME__LEAD_KEY__C", "insert"),
+    ] {
+        let url_key = if method == "update" {
+            "t:b@x.example"
+        } else {
+            "t:c@x.example"
+        };
+        let (status, answer) = raw(
+            &emulator,
+            &client,
+            reqwest::Method::PATCH,
+            &format!("{V}/sobjects/Lead/BookMe__Lead_Key__c/{url_key}"),
+            Some(json!({"LastName": "C", "Company": "X", body_key: "t:changed@x.example"})),
+        )
+        .await;
+        assert_eq!(
+            status,
+            if method == "update" { 200 } else { 201 },
+            "{answer}"
+        );
+        let keys = client
+            .query(&format!(
+                "SELECT BookMe__Lead_Key__c FROM Lead WHERE Id = '{}'",
+                answer["id"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            keys[0]["BookMe__Lead_Key__c"], url_key,
+            "{body_key} on {method}"
+        );
+    }
     let (status, malformed) = raw(&emulator, &client, reqwest::Method::PATCH, &format!("{V}/sobjects/Event/BookMe__Booking_Id__c/bk1"), Some(json!({"WhoId": "001900K0001pPuOAAU", "StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z"}))).await;
     assert_eq!(status, 400);
     assert_shape("error-malformed-id.json", &malformed);

@@ -122,19 +122,17 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        use backoff::backoff::Backoff as _;
-        let mut backoff = backoff::ExponentialBackoff {
-            initial_interval: std::time::Duration::from_millis(10),
-            max_interval: std::time::Duration::from_secs(1),
-            max_elapsed_time: Some(REPUBLISH_FOR),
-            ..backoff::ExponentialBackoff::default()
-        };
+        let mut backoff = crate::retry_policy::Republish::new(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(1),
+            REPUBLISH_FOR,
+        );
         loop {
             match self
                 .publish(exchange, routing_key, body, properties.clone())
                 .await
             {
-                Err(PublishError::Nacked) => match backoff.next_backoff() {
+                Err(PublishError::Nacked) => match backoff.next_delay() {
                     Some(wait) => {
                         tracing::warn!(
                             exchange,

@@ -271,7 +271,7 @@ impl Outgoing {
                         .iter()
                         .find(|n| &n.reference_id == reference)?
                         .record_id()?
-                        .to_owned();
+                        .into_owned();
                 }
                 Some(after)
             })

@@ -41,10 +41,12 @@ impl<'a> Fields<'a> {
 
     fn iter(self) -> impl Iterator<Item = (&'a String, &'a Value)> {
         let key = self.key;
+        // Field names are case-insensitive (as every lookup of one here): a body's key field in
+        // any case is the upsert's key, set from the URL or left out, never written from the body.
         let skip = key.map(|(name, _)| name);
         self.body
             .iter()
-            .filter(move |(name, _)| Some(*name) != skip)
+            .filter(move |(name, _)| skip.is_none_or(|key| !key.eq_ignore_ascii_case(name)))
             .chain(key.and_then(|(name, value)| Some((name, value?))))
     }
 }
@@ -168,19 +170,20 @@ fn parse_datetime(text: &str) -> Option<OffsetDateTime> {
         return None;
     }
     // Salesforce also writes `+0000` offsets without a colon (its own wire format, which the
-    // worker sends too).
-    let offset = text.get(text.len().checked_sub(5)?..)?;
+    // worker sends too): read as RFC 3339 with the colon put in, so that both spellings accept
+    // exactly the same instants (offset hours 00–23, a leap second).
+    let split = text.len().checked_sub(5)?;
+    let offset = text.get(split..)?;
     if offset.starts_with(['+', '-']) && offset[1..].bytes().all(|b| b.is_ascii_digit()) {
-        OffsetDateTime::parse(text, OFFSET_WITHOUT_COLON).ok()
+        let mut with_colon = String::with_capacity(text.len() + 1);
+        with_colon.push_str(&text[..split + 3]);
+        with_colon.push(':');
+        with_colon.push_str(&text[split + 3..]);
+        OffsetDateTime::parse(&with_colon, &Rfc3339).ok()
     } else {
         OffsetDateTime::parse(text, &Rfc3339).ok()
     }
 }
-
-/// [`parse_datetime`]'s reading of a dateTime whose offset has no colon.
-const OFFSET_WITHOUT_COLON: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]][offset_hour sign:mandatory][offset_minute]"
-);
 
 /// A boolean field of a record (absent is false).
 fn flag(record: &Record, field: &str) -> bool {
@@ -1297,6 +1300,15 @@ mod tests {
             );
         }
         assert!(parse_datetime("2026-12-03T12:00:00+00000").is_none());
+        // Both spellings of an offset accept the same hours (RFC 3339: 00–23).
+        assert!(parse_datetime("2026-12-03T12:00:00+24:00").is_none());
+        assert!(parse_datetime("2026-12-03T12:00:00+2400").is_none());
+        assert!(parse_datetime("2026-12-03T12:00:00+2500").is_none());
+        assert_eq!(
+            parse_datetime("2026-12-31T23:59:60+0000"),
+            parse_datetime("2026-12-31T23:59:60Z"),
+            "a leap second either way"
+        );
         assert!(parse_datetime("2026-12-03T12:00:00.000+0a00").is_none());
         assert!(parse_datetime("tomorrow").is_none());
         assert!(parse_datetime("2026-12-03 12:00:00Z").is_none(), "space");

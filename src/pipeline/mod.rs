@@ -549,11 +549,11 @@ impl Pipeline {
                 booking_id = %booking.booking_id,
                 version = booking.version,
                 sobject,
-                record_id = id,
+                record_id = &*id,
                 created = node.created().unwrap_or(false),
                 "salesforce write"
             );
-            record_ids.push((node.reference_id.clone(), id.to_owned()));
+            record_ids.push((node.reference_id.clone(), id.into_owned()));
         }
         self.tenants.caches().ledger_put_over(
             &event.tenant,

@@ -224,8 +224,6 @@ pub struct GraphRequest<N = Subrequest> {
 
 /// Result of one subrequest inside a Composite or Composite Graph response.
 ///
-/// Read from the answer's bytes (a `RawValue` body cannot be read from a `Value`: tests build
-/// one with `serde_json::from_str`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SubrequestResult {
@@ -259,11 +257,11 @@ fn null_body() -> Box<RawValue> {
 }
 
 /// What a SaveResult-shaped body (`{"id": …, "success": true, "errors": [], "created": …}`)
-/// says, read from its text without copying: ids are letters and digits, never escaped.
+/// says, read from its text: the id without a copy unless the text escapes it.
 #[derive(Deserialize)]
 struct Saved<'a> {
     #[serde(borrow)]
-    id: Option<&'a str>,
+    id: Option<std::borrow::Cow<'a, str>>,
     created: Option<bool>,
 }
 
@@ -287,8 +285,14 @@ impl SubrequestResult {
         serde_json::from_str(self.body.get()).unwrap_or(Value::Null)
     }
 
+    /// The body read as a SaveResult, when it is a JSON object (a derived struct would also
+    /// read an array, by position).
     fn saved(&self) -> Option<Saved<'_>> {
-        serde_json::from_str(self.body.get()).ok()
+        let text = self.body.get();
+        text.trim_start()
+            .starts_with('{')
+            .then(|| serde_json::from_str(text).ok())
+            .flatten()
     }
 
     /// The errors in the body when the subrequest failed (empty if the body is not an error array).
@@ -343,7 +347,7 @@ impl SubrequestResult {
     }
 
     /// The record id a create or upsert returned.
-    pub fn record_id(&self) -> Option<&str> {
+    pub fn record_id(&self) -> Option<std::borrow::Cow<'_, str>> {
         self.saved()?.id
     }
 
@@ -693,6 +697,43 @@ mod tests {
             ),
         ]);
         assert_eq!(result.root_error().unwrap().error_code, "DUPLICATE_VALUE");
+    }
+
+    #[test]
+    fn a_save_results_id_and_created_are_read_from_the_body_text() {
+        let read = |status: u16, body: &str| {
+            let text = format!(
+                r#"{{"body":{body},"httpHeaders":{{}},"httpStatusCode":{status},"referenceId":"a"}}"#
+            );
+            let node: SubrequestResult = serde_json::from_str(&text).unwrap();
+            (node.record_id().map(|id| id.into_owned()), node.created())
+        };
+        let id = Some("00Q5g0000000001AAA".to_owned());
+        assert_eq!(
+            read(
+                200,
+                r#"{"id":"00Q5g0000000001AAA","success":true,"errors":[],"created":false}"#
+            ),
+            (id.clone(), Some(false))
+        );
+        assert_eq!(
+            read(
+                201,
+                r#"{"id":"00Q\u0035g0000000001AAA","success":true,"errors":[]}"#
+            ),
+            (id, Some(true)),
+            "an escaped id"
+        );
+        assert_eq!(
+            read(200, r#" ["00Q5g0000000001AAA", true]"#),
+            (None, Some(false)),
+            "an array is not a SaveResult"
+        );
+        assert_eq!(read(204, "null"), (None, Some(false)));
+        assert_eq!(
+            read(400, r#"[{"errorCode":"X","message":"m"}]"#),
+            (None, None)
+        );
     }
 
     fn node(status: u16, reference: &str, body: Value) -> Value {
