@@ -5,6 +5,23 @@ use std::time::Duration;
 
 use backoff::backoff::Backoff as _;
 
+/// Starts at `initial`, doubles up to `max`, ±50 % jitter; gives up after `give_up_after`.
+fn doubling(
+    initial: Duration,
+    max: Duration,
+    give_up_after: Option<Duration>,
+) -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoff {
+        initial_interval: initial,
+        current_interval: initial,
+        max_interval: max,
+        randomization_factor: 0.5,
+        multiplier: 2.0,
+        max_elapsed_time: give_up_after,
+        ..backoff::ExponentialBackoff::default()
+    }
+}
+
 /// Exponential backoff with jitter for reconnecting to the broker.
 pub struct Reconnect {
     inner: backoff::ExponentialBackoff,
@@ -14,15 +31,7 @@ impl Reconnect {
     /// Starts at `initial`, doubles up to `max`, with ±50 % jitter, never gives up.
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
-            inner: backoff::ExponentialBackoff {
-                initial_interval: initial,
-                current_interval: initial,
-                max_interval: max,
-                randomization_factor: 0.5,
-                multiplier: 2.0,
-                max_elapsed_time: None,
-                ..backoff::ExponentialBackoff::default()
-            },
+            inner: doubling(initial, max, None),
         }
     }
 
@@ -48,15 +57,7 @@ impl Republish {
     /// A fresh policy; its clock starts now.
     pub fn new(initial: Duration, max: Duration, give_up_after: Duration) -> Self {
         Self {
-            inner: backoff::ExponentialBackoff {
-                initial_interval: initial,
-                current_interval: initial,
-                max_interval: max,
-                randomization_factor: 0.5,
-                multiplier: 2.0,
-                max_elapsed_time: Some(give_up_after),
-                ..backoff::ExponentialBackoff::default()
-            },
+            inner: doubling(initial, max, Some(give_up_after)),
         }
     }
 
