@@ -113,8 +113,8 @@ impl Publisher {
     /// `reject-publish` queue at its length limit. The booking platform publishes this way
     /// (README, "How the booking platform publishes"), and so do the demo and the tests that
     /// stand in for it, and a dead-letter replay. A republished message may arrive twice; the
-    /// version guard makes that harmless. Errors: the last [`PublishError::Nacked`] when the broker still refuses after
-    /// 10 s; any other error at once.
+    /// version guard makes that harmless. Errors: the last [`PublishError::Nacked`] when the
+    /// broker still refuses after 10 s; any other error at once.
     pub async fn publish_republishing(
         &self,
         exchange: &str,

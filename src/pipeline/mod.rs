@@ -530,7 +530,9 @@ impl Pipeline {
             record_ids.push((one.reference_id.clone(), one.id.clone()));
         }
         for node in &result.graph_response.composite_response {
-            let Some(id) = node.record_id() else { continue };
+            let Some((id, created)) = node.written() else {
+                continue;
+            };
             let sobject = sobjects
                 .iter()
                 .find(|(r, _)| *r == node.reference_id)
@@ -550,7 +552,7 @@ impl Pipeline {
                 version = booking.version,
                 sobject,
                 record_id = &*id,
-                created = node.created().unwrap_or(false),
+                created,
                 "salesforce write"
             );
             record_ids.push((node.reference_id.clone(), id.into_owned()));

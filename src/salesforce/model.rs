@@ -223,7 +223,6 @@ pub struct GraphRequest<N = Subrequest> {
 }
 
 /// Result of one subrequest inside a Composite or Composite Graph response.
-///
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SubrequestResult {
@@ -353,9 +352,21 @@ impl SubrequestResult {
 
     /// `Some(true)` when an upsert created the record, `Some(false)` when it updated one.
     pub fn created(&self) -> Option<bool> {
+        self.created_by(self.saved().as_ref())
+    }
+
+    /// The record id a create or upsert returned and whether it created the record (as
+    /// [`SubrequestResult::record_id`] and [`SubrequestResult::created`], the body read once).
+    pub fn written(&self) -> Option<(std::borrow::Cow<'_, str>, bool)> {
+        let saved = self.saved()?;
+        let created = self.created_by(Some(&saved)).unwrap_or(false);
+        Some((saved.id?, created))
+    }
+
+    fn created_by(&self, saved: Option<&Saved<'_>>) -> Option<bool> {
         match self.http_status_code {
             201 => Some(true),
-            200 | 204 => Some(self.saved().and_then(|s| s.created).unwrap_or(false)),
+            200 | 204 => Some(saved.and_then(|s| s.created).unwrap_or(false)),
             _ => None,
         }
     }
@@ -706,7 +717,14 @@ mod tests {
                 r#"{{"body":{body},"httpHeaders":{{}},"httpStatusCode":{status},"referenceId":"a"}}"#
             );
             let node: SubrequestResult = serde_json::from_str(&text).unwrap();
-            (node.record_id().map(|id| id.into_owned()), node.created())
+            let (id, created) = (node.record_id().map(|id| id.into_owned()), node.created());
+            assert_eq!(
+                node.written()
+                    .map(|(id, created)| (id.into_owned(), created)),
+                id.clone().map(|id| (id, created.unwrap_or(false))),
+                "written() reads what record_id() and created() read"
+            );
+            (id, created)
         };
         let id = Some("00Q5g0000000001AAA".to_owned());
         assert_eq!(
