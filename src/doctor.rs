@@ -14,7 +14,7 @@ use crate::enrich::Enrichment;
 use crate::plan::CompiledMapping;
 use crate::plan::validate::validate;
 use crate::salesforce::client::encode_segment;
-use crate::salesforce::model::{Graph, GraphRequest, Subrequest};
+use crate::salesforce::model::{Body, Graph, GraphRequest, Subrequest};
 use crate::salesforce::{SalesforceClient, SalesforceError};
 
 /// One line of the checklist.
@@ -107,7 +107,7 @@ async fn version_guard(client: &SalesforceClient) -> Check {
         method: "PATCH".into(),
         url: url.clone(),
         reference_id: reference.into(),
-        body: Some(body),
+        body: Some(body.into()),
     };
     let request = GraphRequest {
         graphs: vec![Graph {
@@ -372,7 +372,7 @@ async fn sharing(
             caches.describe(client, &sobject).await,
             Ok(Some(d)) if d.field("OwnerId").is_some_and(|f| f.createable)
         );
-        if let (true, Some(serde_json::Value::Object(body))) = (ownable, node.body.as_mut()) {
+        if let (true, Some(body)) = (ownable, node.body.as_mut().and_then(Body::object_mut)) {
             body.insert("OwnerId".into(), other.clone().into());
             if !owned_by_other.contains(&sobject) {
                 owned_by_other.push(sobject);
@@ -393,7 +393,7 @@ async fn sharing(
         method: "PATCH".into(),
         url: first.url.clone(),
         reference_id: "rollback".into(),
-        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1})),
+        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1}).into()),
     };
     let mut sent = nodes;
     sent.extend(again);
@@ -605,7 +605,7 @@ pub async fn probe_mapping(client: &SalesforceClient, mut nodes: Vec<Subrequest>
         method: "PATCH".into(),
         url,
         reference_id: "portals_crm_rollback".into(),
-        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1})),
+        body: Some(json!({"PortalsCrmDoctorNoSuchField__c": 1}).into()),
     });
     let count = nodes.len() - 1;
     let request = GraphRequest {

@@ -298,6 +298,8 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
                     composite_request: nodes,
                 }],
             };
+            // The planner writes bodies as JSON text: read into a tree, they are indented too.
+            let request = serde_json::to_value(&request)?;
             println!("{}", serde_json::to_string_pretty(&request)?);
             Ok(())
         }

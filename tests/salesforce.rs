@@ -126,7 +126,7 @@ fn lead(key: &str, last: &str) -> Subrequest {
         method: "PATCH".into(),
         url: format!("{V}/sobjects/Lead/BookMe__Lead_Key__c/{key}"),
         reference_id: "lead".into(),
-        body: Some(json!({"LastName": last, "Company": "Globex"})),
+        body: Some(json!({"LastName": last, "Company": "Globex"}).into()),
     }
 }
 
@@ -357,7 +357,8 @@ async fn jwt_bearer_with_a_key_generated_here() {
 async fn graph_commits_good_graphs_and_rolls_back_a_failed_one_whole() {
     let emulator = start(OrgSpec::demo()).await;
     let client = client(&emulator);
-    let good = |n: u32| Graph {
+    let good = |n: u32| {
+        Graph {
         graph_id: format!("g{n}"),
         composite_request: vec![
             lead(&format!("t:{n}@x.example"), "Good"),
@@ -366,10 +367,11 @@ async fn graph_commits_good_graphs_and_rolls_back_a_failed_one_whole() {
                 url: format!("{V}/sobjects/Event/BookMe__Booking_Id__c/bk{n}"),
                 reference_id: "event".into(),
                 body: Some(
-                    json!({"Subject": "Call", "StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z", "WhoId": "@{lead.id}"}),
+                    json!({"Subject": "Call", "StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z", "WhoId": "@{lead.id}"}).into(),
                 ),
             },
         ],
+    }
     };
     let mut failing = good(9);
     failing.composite_request.push(Subrequest {
@@ -377,7 +379,8 @@ async fn graph_commits_good_graphs_and_rolls_back_a_failed_one_whole() {
         url: format!("{V}/sobjects/BookMe__Booking__c/BookMe__Booking_Id__c/bk9"),
         reference_id: "booking".into(),
         body: Some(
-            json!({"Name": "bk9", "BookMe__Version__c": 1, "BookMe__Status__c": "teleported"}),
+            json!({"Name": "bk9", "BookMe__Version__c": 1, "BookMe__Status__c": "teleported"})
+                .into(),
         ),
     });
     let response = client
@@ -416,7 +419,7 @@ async fn graph_commits_good_graphs_and_rolls_back_a_failed_one_whole() {
                 method: "POST".into(),
                 url: format!("{V}/sobjects/Lead/"),
                 reference_id: "reference_id_lead_1".into(),
-                body: Some(json!({"LastName": "Created", "Company": "Cloudy Consulting"})),
+                body: Some(json!({"LastName": "Created", "Company": "Cloudy Consulting"}).into()),
             }],
         }],
     };
@@ -472,7 +475,8 @@ async fn graph_commits_good_graphs_and_rolls_back_a_failed_one_whole() {
 async fn version_guard_rolls_back_the_graph_and_classifies_superseded() {
     let emulator = start(OrgSpec::demo()).await;
     let client = client(&emulator);
-    let graph = |version: u32, subject: &str| GraphRequest {
+    let graph = |version: u32, subject: &str| {
+        GraphRequest {
         graphs: vec![Graph {
             graph_id: "g0".into(),
             composite_request: vec![
@@ -481,7 +485,7 @@ async fn version_guard_rolls_back_the_graph_and_classifies_superseded() {
                     url: format!("{V}/sobjects/Event/BookMe__Booking_Id__c/bk1"),
                     reference_id: "event".into(),
                     body: Some(
-                        json!({"Subject": subject, "StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z"}),
+                        json!({"Subject": subject, "StartDateTime": "2026-12-01T10:00:00Z", "EndDateTime": "2026-12-01T11:00:00Z"}).into(),
                     ),
                 },
                 Subrequest {
@@ -489,11 +493,12 @@ async fn version_guard_rolls_back_the_graph_and_classifies_superseded() {
                     url: format!("{V}/sobjects/BookMe__Booking__c/BookMe__Booking_Id__c/bk1"),
                     reference_id: "booking".into(),
                     body: Some(
-                        json!({"Name": "bk1", "BookMe__Version__c": version, "BookMe__Event_Id__c": "@{event.id}"}),
+                        json!({"Name": "bk1", "BookMe__Version__c": version, "BookMe__Event_Id__c": "@{event.id}"}).into(),
                     ),
                 },
             ],
         }],
+    }
     };
     assert!(
         client
@@ -534,7 +539,7 @@ async fn composite_all_or_none_and_its_limit() {
     let client = client(&emulator);
     let mut bad = lead("t:bad@x.example", "Bad");
     bad.reference_id = "newContact".into();
-    bad.body = Some(json!({"LastName": "x".repeat(81), "Company": "X"}));
+    bad.body = Some(json!({"LastName": "x".repeat(81), "Company": "X"}).into());
     let request = CompositeRequest {
         all_or_none: true,
         collate_subrequests: Some(false),

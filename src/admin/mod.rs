@@ -31,7 +31,7 @@ use crate::doctor::{self, Check};
 use crate::plan::CompiledMapping;
 use crate::plan::samples;
 use crate::plan::validate::{MappingProblem, constant_problem};
-use crate::salesforce::model::{Graph, GraphRequest};
+use crate::salesforce::model::{Body, Graph, GraphRequest};
 use crate::salesforce::signin::SignInRefused;
 use crate::telemetry::logging::mask_email;
 use crate::telemetry::metrics::Metrics;
@@ -474,7 +474,7 @@ async fn preview(
             .ok()
             .flatten();
         let mut fields = Vec::new();
-        if let Some(body) = node.body.as_mut().and_then(Value::as_object_mut) {
+        if let Some(body) = node.body.as_mut().and_then(Body::object_mut) {
             for (name, value) in body.iter_mut() {
                 let field = describe.as_ref().and_then(|d| d.field(name));
                 let reference = value.as_str().is_some_and(|s| s.starts_with("@{"));

@@ -15,7 +15,7 @@ use super::org::{OrgSpec, RecordAccess, SObjectSpec};
 use super::soql;
 use super::store::{Ctx, Fields, Store, is_valid_id};
 use crate::salesforce::model::{
-    ApiError, CompositeRequest, DescribeGlobal, GraphRequest, HttpHeaders,
+    ApiError, Body, CompositeRequest, DescribeGlobal, GraphRequest, HttpHeaders,
     MAX_COMPOSITE_SUBREQUESTS, MAX_GRAPH_FAILURES_PER_REQUEST, MAX_GRAPHS_PER_REQUEST,
     MAX_NODES_PER_REQUEST, ROLLED_BACK_MESSAGE,
 };
@@ -1294,7 +1294,7 @@ fn mentions_reference(value: &Value) -> bool {
 /// (most of them) is used as it is, not copied.
 fn resolve_all<'a>(
     url: &str,
-    body: Option<&'a Value>,
+    body: Option<&'a Body>,
     outputs: Answers<'_>,
     failed: &[String],
 ) -> Result<(String, Option<Cow<'a, Value>>), String> {
@@ -1302,12 +1302,11 @@ fn resolve_all<'a>(
         Value::String(s) => s,
         other => other.to_string(),
     };
-    let body = match body {
-        Some(body) if mentions_reference(body) => {
-            Some(Cow::Owned(resolve_value(body, outputs, failed)?))
+    let body = match body.map(Body::value) {
+        Some(body) if mentions_reference(&body) => {
+            Some(Cow::Owned(resolve_value(&body, outputs, failed)?))
         }
-        Some(body) => Some(Cow::Borrowed(body)),
-        None => None,
+        body => body,
     };
     Ok((url, body))
 }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::relations::{Keyed, keyed};
-use crate::salesforce::model::{ApiError, GraphResult, Subrequest};
+use crate::salesforce::model::{ApiError, Body, GraphResult, Subrequest};
 
 /// The error code of a duplicate rule's refusal.
 pub const DUPLICATES_DETECTED: &str = "DUPLICATES_DETECTED";
@@ -96,7 +96,10 @@ pub fn referring_fields(nodes: &[Subrequest], reference: &str) -> Vec<(String, S
     nodes
         .iter()
         .filter(|n| n.reference_id != reference)
-        .filter_map(|n| Some((n, n.body.as_ref()?.as_object()?)))
+        .filter_map(|n| match n.body.as_ref()?.value().into_owned() {
+            Value::Object(body) => Some((n, body)),
+            _ => None,
+        })
         .flat_map(|(n, body)| {
             body.iter()
                 .filter(|(_, v)| v.as_str() == Some(placeholder.as_str()))
@@ -141,10 +144,10 @@ pub fn relate(
         .cloned()
         .collect();
     for node in &mut out {
-        if let Some(body) = node.body.as_mut() {
-            replace(body, &placeholder, id);
-        }
-        if let Some(fields) = node.body.as_mut().and_then(Value::as_object_mut) {
+        if let Some(fields) = node.body.as_mut().and_then(Body::object_mut) {
+            fields
+                .values_mut()
+                .for_each(|v| replace(v, &placeholder, id));
             for (_, field) in cleared.iter().filter(|(r, _)| *r == node.reference_id) {
                 if fields.contains_key(field) {
                     fields.insert(field.clone(), Value::Null);
@@ -219,13 +222,13 @@ mod tests {
                 method: "PATCH".into(),
                 url: "/services/data/v66.0/sobjects/Lead/BookMe__Lead_Key__c/acme:jane%40x".into(),
                 reference_id: "lead_0".into(),
-                body: Some(json!({"LastName": "Doe"})),
+                body: Some(json!({"LastName": "Doe"}).into()),
             },
             Subrequest {
                 method: "PATCH".into(),
                 url: "/services/data/v66.0/sobjects/Event/BookMe__Booking_Id__c/bk_1".into(),
                 reference_id: "event".into(),
-                body: Some(json!({"Subject": "Intro", "Description": "Lead @{lead_0.id}"})),
+                body: Some(json!({"Subject": "Intro", "Description": "Lead @{lead_0.id}"}).into()),
             },
             Subrequest {
                 method: "PATCH".into(),
@@ -233,7 +236,8 @@ mod tests {
                     .into(),
                 reference_id: "booking".into(),
                 body: Some(
-                    json!({"BookMe__Event_Id__c": "@{event.id}", "BookMe__Lead_Id__c": "@{lead_0.id}"}),
+                    json!({"BookMe__Event_Id__c": "@{event.id}", "BookMe__Lead_Id__c": "@{lead_0.id}"})
+                        .into(),
                 ),
             },
         ]
@@ -303,10 +307,16 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["event", "booking"]
         );
-        assert_eq!(out[0].body.as_ref().unwrap()["Description"], "Lead 00Qa");
-        assert_eq!(out[1].body.as_ref().unwrap()["BookMe__Lead_Id__c"], "00Qa");
         assert_eq!(
-            out[1].body.as_ref().unwrap()["BookMe__Event_Id__c"],
+            out[0].body.as_ref().unwrap().value()["Description"],
+            "Lead 00Qa"
+        );
+        assert_eq!(
+            out[1].body.as_ref().unwrap().value()["BookMe__Lead_Id__c"],
+            "00Qa"
+        );
+        assert_eq!(
+            out[1].body.as_ref().unwrap().value()["BookMe__Event_Id__c"],
             "@{event.id}"
         );
         assert_eq!(related.record.key, "acme:jane@x");
@@ -322,7 +332,7 @@ mod tests {
         let (out, related) =
             relate(&nodes(), "lead_0", ("Contact", "003a"), "r", &cleared).unwrap();
         assert_eq!(
-            out[1].body.as_ref().unwrap()["BookMe__Lead_Id__c"],
+            out[1].body.as_ref().unwrap().value()["BookMe__Lead_Id__c"],
             Value::Null
         );
         assert_eq!(related.cleared, cleared);

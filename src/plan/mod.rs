@@ -21,14 +21,14 @@ pub mod validate;
 use std::cell::OnceCell;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use validate::MappingProblem;
 
 use crate::config::{Action, TenantConfig};
 use crate::enrich::Enrichment;
 use crate::event::{Attendee, BookingEvent};
 use crate::salesforce::client::encode_segment;
-use crate::salesforce::model::Subrequest;
+use crate::salesforce::model::{Body, Subrequest};
 
 /// Instructions one render of a field template (or one `when`) may execute: minijinja's fuel,
 /// reset for every render. The shipped mappings use well under a thousand per field; two nested
@@ -1047,15 +1047,20 @@ impl CompiledMapping {
                     });
                     continue;
                 }
-                let mut body = Map::new();
+                let mut fields = Vec::with_capacity(record.fields.len());
                 for (field, template) in &record.fields {
-                    body.insert(field.clone(), self.render(record, field, template, &ctx)?);
+                    fields.push((field.as_str(), self.render(record, field, template, &ctx)?));
                 }
+                let body = Body::fields(&fields).map_err(|e| PlanError {
+                    record: record.reference.clone(),
+                    field: "body".into(),
+                    message: e.to_string(),
+                })?;
                 nodes.push(Subrequest {
                     method: "PATCH".into(),
                     url,
                     reference_id: reference,
-                    body: Some(Value::Object(body)),
+                    body: Some(body),
                 });
             }
         }
@@ -1276,16 +1281,16 @@ mod tests {
             nodes[0].url,
             "/services/data/v66.0/sobjects/Lead/BookMe__Lead_Key__c/acme:marie.curie@initech.example"
         );
-        let lead = nodes[0].body.as_ref().unwrap();
+        let lead = nodes[0].body.as_ref().unwrap().value();
         assert_eq!(lead["Phone"], Value::Null);
         assert_eq!(lead["Email"], "marie.curie@initech.example");
-        let ev = nodes[2].body.as_ref().unwrap();
+        let ev = nodes[2].body.as_ref().unwrap().value();
         assert_eq!(ev["OwnerId"], "005000000000001AAA");
         assert!(
             ev.get("WhoId").is_none(),
             "the parent relation sets the Who"
         );
-        let booking = nodes[3].body.as_ref().unwrap();
+        let booking = nodes[3].body.as_ref().unwrap().value();
         assert_eq!(booking["BookMe__Version__c"], 1);
     }
 
@@ -1302,11 +1307,11 @@ mod tests {
             .insert("Description".into(), "{{ event.time }}".into());
         let mapping = CompiledMapping::compile(&tenant).unwrap();
         let nodes = mapping.build_graph(&event, &Enrichment::default()).unwrap();
-        let ev = nodes[1].body.as_ref().unwrap();
+        let ev = nodes[1].body.as_ref().unwrap().value();
         assert_eq!(ev["StartDateTime"], "2026-12-01T14:00:00.000Z");
         assert_eq!(ev["EndDateTime"], "2026-12-01T14:30:00.123Z");
         assert_eq!(ev["Description"], "2026-11-20T10:15:00.500Z");
-        let booking = nodes[2].body.as_ref().unwrap();
+        let booking = nodes[2].body.as_ref().unwrap().value();
         assert_eq!(booking["BookMe__Starts_At__c"], "2026-12-01T14:00:00.000Z");
     }
 
@@ -1518,7 +1523,7 @@ mod tests {
                 },
             )
             .unwrap();
-        let ev = nodes[1].body.as_ref().unwrap();
+        let ev = nodes[1].body.as_ref().unwrap().value();
         assert_eq!(ev["Subject"], "Cancelled: Intro call");
         assert_eq!(ev["OwnerId"], "005000000000002AAA");
         assert!(
@@ -1543,10 +1548,16 @@ mod tests {
         let nodes = mapping
             .build_graph(&event("booked-group"), &Enrichment::default())
             .unwrap();
-        assert_eq!(nodes[0].body.as_ref().unwrap()["Phone"], Value::Null);
-        assert_eq!(nodes[1].body.as_ref().unwrap()["Phone"], "+33400000000");
         assert_eq!(
-            nodes[2].body.as_ref().unwrap()["Description"],
+            nodes[0].body.as_ref().unwrap().value()["Phone"],
+            Value::Null
+        );
+        assert_eq!(
+            nodes[1].body.as_ref().unwrap().value()["Phone"],
+            "+33400000000"
+        );
+        assert_eq!(
+            nodes[2].body.as_ref().unwrap().value()["Description"],
             "2026-12-03 / 2026-12-03 12:00 UTC / DÉMO... / n/a"
         );
     }

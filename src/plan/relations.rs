@@ -231,7 +231,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                     method: "PATCH".into(),
                     url: format!("{base}/{}", current.id),
                     reference_id: format!("{NODE_PREFIX}{}", w.reference),
-                    body: Some(json!({"IsParent": w.is_parent, "IsInvitee": w.is_invitee})),
+                    body: Some(json!({"IsParent": w.is_parent, "IsInvitee": w.is_invitee}).into()),
                 }),
                 after: Some(Existing {
                     key: w.record.key.clone(),
@@ -255,12 +255,15 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                 method: "POST".into(),
                 url: base.clone(),
                 reference_id: format!("{NODE_PREFIX}{}", w.reference),
-                body: Some(json!({
-                    "EventId": format!("@{{{}.id}}", event_ref),
-                    "RelationId": relation,
-                    "IsParent": w.is_parent,
-                    "IsInvitee": w.is_invitee,
-                })),
+                body: Some(
+                    json!({
+                        "EventId": format!("@{{{}.id}}", event_ref),
+                        "RelationId": relation,
+                        "IsParent": w.is_parent,
+                        "IsInvitee": w.is_invitee,
+                    })
+                    .into(),
+                ),
             }),
             after: Some(Existing {
                 id: String::new(),
@@ -306,12 +309,22 @@ pub fn lookup_query(event: &Keyed, records: &[(String, String)], event_keys: &[S
 mod tests {
     use super::*;
 
+    /// The JSON body of a change's node.
+    fn body_of(change: &Change) -> serde_json::Value {
+        let node = change.node.as_ref().expect("the change sends a node");
+        node.body
+            .as_ref()
+            .expect("the node has a body")
+            .value()
+            .into_owned()
+    }
+
     fn node(method: &str, reference: &str, url: &str) -> Subrequest {
         Subrequest {
             method: method.into(),
             url: url.into(),
             reference_id: reference.into(),
-            body: Some(json!({})),
+            body: Some(json!({}).into()),
         }
     }
 
@@ -375,10 +388,10 @@ mod tests {
                 ("POST".into(), "rel_lead_2".into())
             ]
         );
-        let first = changes[0].node.as_ref().unwrap().body.as_ref().unwrap();
+        let first = body_of(&changes[0]);
         assert_eq!(
             first,
-            &json!({"EventId": "@{event.id}", "RelationId": "@{lead_0.id}", "IsParent": true, "IsInvitee": true})
+            json!({"EventId": "@{event.id}", "RelationId": "@{lead_0.id}", "IsParent": true, "IsInvitee": true})
         );
         assert!(!changes[1].after.as_ref().unwrap().is_parent);
     }
@@ -462,7 +475,7 @@ mod tests {
             "in attendee order, the first still the Who"
         );
         let created = changes("66.0", &wanted, &[]);
-        let body = created[0].node.as_ref().unwrap().body.as_ref().unwrap();
+        let body = body_of(&created[0]);
         assert_eq!(body["RelationId"], "003000000000001AAA");
         assert_eq!(created[0].after.as_ref().unwrap().key, "acme:a@x");
         // Read back from the org the relation has no key of the mapping, only its RelationId.

@@ -3,6 +3,8 @@
 //! Shapes follow the REST API Developer Guide (see `../shared/salesforce-api.md`); the same types
 //! are used by the emulator so both sides of the wire cannot drift apart.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -200,7 +202,88 @@ pub struct Subrequest {
     pub reference_id: String,
     /// JSON body, absent for GET and DELETE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    pub body: Option<Body>,
+}
+
+/// A subrequest's JSON body: the text the planner wrote, or a tree.
+///
+/// Why two forms: a booking's upserts are planned once and sent once, so the planner writes
+/// their bodies as JSON text ([`Body::fields`]) that the request copies as it is; a tree of
+/// maps per node cost building, walking to serialise and freeing, and held several kilobytes
+/// per booking in flight. Hand-built bodies (relations, the doctor's probes) and bodies the
+/// repair paths change ([`Body::object_mut`]) are trees. Both serialise to the same JSON and
+/// compare by their JSON value.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// JSON text, written by serde_json (so valid JSON).
+    Text(Box<RawValue>),
+    /// A JSON tree.
+    Tree(Value),
+}
+
+impl Body {
+    /// A JSON object of `fields` in their order, written as text. Errors only if a value does
+    /// not serialise (a `Value` always does).
+    pub fn fields(fields: &[(&str, Value)]) -> Result<Self, serde_json::Error> {
+        struct Fields<'a>(&'a [(&'a str, Value)]);
+        impl Serialize for Fields<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().map(|(field, value)| (field, value)))
+            }
+        }
+        serde_json::value::to_raw_value(&Fields(fields)).map(Body::Text)
+    }
+
+    /// The body as a JSON value: a tree as it is, text read into one (`Null` if it does not
+    /// parse, which text that serde_json wrote always does).
+    pub fn value(&self) -> Cow<'_, Value> {
+        match self {
+            Body::Text(text) => Cow::Owned(serde_json::from_str(text.get()).unwrap_or(Value::Null)),
+            Body::Tree(value) => Cow::Borrowed(value),
+        }
+    }
+
+    /// The body's fields, for changing them: text is read into a tree first. `None` if the body
+    /// is not a JSON object.
+    pub fn object_mut(&mut self) -> Option<&mut serde_json::Map<String, Value>> {
+        if let Body::Text(text) = self {
+            *self = Body::Tree(serde_json::from_str(text.get()).ok()?);
+        }
+        match self {
+            Body::Tree(value) => value.as_object_mut(),
+            Body::Text(_) => None,
+        }
+    }
+}
+
+impl From<Value> for Body {
+    fn from(value: Value) -> Self {
+        Body::Tree(value)
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Body::Text(a), Body::Text(b)) if a.get() == b.get() => true,
+            _ => self.value() == other.value(),
+        }
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Body::Text(text) => text.serialize(serializer),
+            Body::Tree(value) => value.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Value::deserialize(deserializer).map(Body::Tree)
+    }
 }
 
 /// One graph: nodes that commit or roll back together. `N` is [`Subrequest`], or
@@ -682,6 +765,43 @@ pub struct OAuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_written_as_text_is_sent_as_it_is_and_changed_as_a_tree() {
+        let fields = [
+            ("LastName", Value::String("O\"Brien".into())),
+            ("Phone", Value::Null),
+            ("BookMe__Version__c", Value::from(3)),
+        ];
+        let mut body = Body::fields(&fields).unwrap();
+        let text = r#"{"LastName":"O\"Brien","Phone":null,"BookMe__Version__c":3}"#;
+        let node = Subrequest {
+            method: "PATCH".into(),
+            url: "/services/data/v62.0/sobjects/Lead/Email/x".into(),
+            reference_id: "lead_0".into(),
+            body: Some(body.clone()),
+        };
+        let request = GraphRequest {
+            graphs: vec![Graph {
+                graph_id: "g0".into(),
+                composite_request: vec![&node],
+            }],
+        };
+        let sent = serde_json::to_string(&request).unwrap();
+        assert!(sent.contains(&format!(r#""body":{text}"#)), "{sent}");
+        let tree = Body::from(serde_json::from_str::<Value>(text).unwrap());
+        assert_eq!(body, tree, "text and tree of one value are equal");
+        assert_eq!(body.value()["LastName"], "O\"Brien");
+        body.object_mut().unwrap().remove("Phone");
+        assert!(matches!(body, Body::Tree(_)));
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"BookMe__Version__c":3,"LastName":"O\"Brien"}"#
+        );
+        assert_ne!(body, tree);
+        let array = Body::from(serde_json::json!([1]));
+        assert!(array.clone().object_mut().is_none(), "not an object");
+    }
 
     #[test]
     fn both_error_shapes_decode() {
