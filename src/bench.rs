@@ -619,8 +619,11 @@ async fn saturation(
         let processing = worker
             .mean(http, "portals_crm_event_processing_seconds")
             .await;
+        let acks = "portals_crm_amqp_acks_total";
+        let in_run = counter(http, worker, acks, "in_run").await;
+        let alone = counter(http, worker, acks, "alone").await;
         eprintln!(
-            "  worker 1: {:.1} graphs per request, {:.1} ms per request, {:.1} ms per event from delivery to settled",
+            "  worker 1: {:.1} graphs per request, {:.1} ms per request, {:.1} ms per event from delivery to settled, acks {in_run} in runs and {alone} alone",
             graphs.unwrap_or(f64::NAN),
             request.unwrap_or(f64::NAN) * 1000.0,
             processing.unwrap_or(f64::NAN) * 1000.0

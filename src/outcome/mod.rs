@@ -140,16 +140,16 @@ impl Settler {
                 ack(&self.acks, delivery, release).await?;
                 Ok(Settled::Superseded)
             }
+            // Boxed: a publish and its confirm are most of this future's size, and the future
+            // is part of every message's task, held while the message waits for Salesforce.
             Disposition::Retry { cause, retry_after } => {
-                self.retry(delivery, info, cause, retry_after, 1, release)
-                    .await
+                Box::pin(self.retry(delivery, info, cause, retry_after, 1, release)).await
             }
             Disposition::Wait { cause, retry_after } => {
-                self.retry(delivery, info, cause, retry_after, 0, release)
-                    .await
+                Box::pin(self.retry(delivery, info, cause, retry_after, 0, release)).await
             }
             Disposition::DeadLetter(cause) => {
-                self.dead_letter(delivery, info, &cause, release).await
+                Box::pin(self.dead_letter(delivery, info, &cause, release)).await
             }
         }
     }
