@@ -27,20 +27,39 @@ pub enum PublishError {
     Unroutable(String),
 }
 
-/// Connects with heartbeats (added to the URL unless it sets them). The URL holds a password,
-/// so it never appears in an error: lapin's errors do not include it, and neither do ours.
+/// The largest frame this client proposes (AMQP 0-9-1 `connection.tune-ok` `frame-max`; the
+/// lower of the client's and the broker's proposal is used, and RabbitMQ's own default is 128 KiB,
+/// its minimum 4 KiB). lapin keeps a receive and a send buffer of 32 frames per connection, so
+/// at 128 KiB each connection held 8 MiB of buffers; bookings are a few KiB, and a larger body
+/// is simply sent in several frames.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// Connects with heartbeats and a frame size of [`FRAME_MAX`] (each added to the URL unless it
+/// sets it). The URL holds a password, so it never appears in an error: lapin's errors do not
+/// include it, and neither do ours.
 pub async fn connect(
     url: &SecretString,
     heartbeat_secs: u16,
     name: &str,
 ) -> Result<Connection, lapin::Error> {
-    let mut uri = url.expose_secret().to_owned();
-    if !uri.contains("heartbeat=") {
-        uri.push(if uri.contains('?') { '&' } else { '?' });
-        uri.push_str(&format!("heartbeat={heartbeat_secs}"));
-    }
+    let uri = with_tuning(url.expose_secret(), heartbeat_secs);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(&uri, properties).await
+}
+
+/// `url` with `heartbeat` and `frame_max` query parameters added where it sets none.
+fn with_tuning(url: &str, heartbeat_secs: u16) -> String {
+    let mut uri = url.to_owned();
+    for (key, value) in [
+        ("heartbeat", u32::from(heartbeat_secs)),
+        ("frame_max", FRAME_MAX),
+    ] {
+        if !uri.contains(&format!("{key}=")) {
+            uri.push(if uri.contains('?') { '&' } else { '?' });
+            uri.push_str(&format!("{key}={value}"));
+        }
+    }
+    uri
 }
 
 /// How long [`Publisher::publish_republishing`] keeps republishing a message the broker nacks.
@@ -189,5 +208,27 @@ pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
         AMQPValue::LongLongInt(v) => Some(*v),
         AMQPValue::LongString(s) => s.to_string().parse().ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_and_frame_size_are_added_unless_the_url_sets_them() {
+        assert_eq!(
+            with_tuning("amqp://guest:guest@127.0.0.1:5672/%2f", 30),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30&frame_max=32768"
+        );
+        assert_eq!(
+            with_tuning("amqp://h/%2f?frame_max=131072", 30),
+            "amqp://h/%2f?frame_max=131072&heartbeat=30"
+        );
+        let parsed: lapin::uri::AMQPUri = with_tuning("amqp://h/%2f?heartbeat=5", 30)
+            .parse()
+            .expect("a valid AMQP URI");
+        assert_eq!(parsed.query.heartbeat, Some(5));
+        assert_eq!(parsed.query.frame_max, Some(FRAME_MAX));
     }
 }

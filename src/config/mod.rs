@@ -219,7 +219,7 @@ fn default_tiers() -> Vec<u64> {
     vec![5, 30, 120, 600, 3600]
 }
 fn default_concurrency() -> usize {
-    2000
+    2300
 }
 fn default_max_body() -> usize {
     crate::event::DEFAULT_MAX_BODY_BYTES
@@ -237,7 +237,7 @@ fn default_linger() -> u64 {
     20
 }
 fn default_in_flight() -> usize {
-    12
+    14
 }
 fn default_timeout() -> u64 {
     30
