@@ -31,7 +31,10 @@ pub enum PublishError {
 /// lower of the client's and the broker's proposal is used, and RabbitMQ's own default is 128 KiB,
 /// its minimum 4 KiB). lapin keeps a receive and a send buffer of 32 frames per connection, so
 /// at 128 KiB each connection held 8 MiB of buffers; bookings are a few KiB, and a larger body
-/// is simply sent in several frames.
+/// is simply sent in several frames. A message's headers are one frame, never split, and lapin
+/// closes the connection on a frame over this size: the broker is configured with the same
+/// `frame_max` (`deploy/rabbitmq/rabbitmq.conf`) so no publisher can send larger, and the
+/// headers portals-crm adds are capped ([`crate::outcome::dead_letter::HEADER_VALUE_MAX`]).
 pub const FRAME_MAX: u32 = 32 * 1024;
 
 /// Connects with heartbeats and a frame size of [`FRAME_MAX`] (each added to the URL unless it
@@ -47,19 +50,27 @@ pub async fn connect(
     Connection::connect(&uri, properties).await
 }
 
-/// `url` with `heartbeat` and `frame_max` query parameters added where it sets none.
+/// `url` with `heartbeat` and `frame_max` query parameters added where its query sets none (a
+/// URL that does not parse is left as it is, for lapin to refuse).
 fn with_tuning(url: &str, heartbeat_secs: u16) -> String {
-    let mut uri = url.to_owned();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let set: Vec<String> = parsed
+        .query_pairs()
+        .map(|(key, _)| key.into_owned())
+        .collect();
     for (key, value) in [
         ("heartbeat", u32::from(heartbeat_secs)),
         ("frame_max", FRAME_MAX),
     ] {
-        if !uri.contains(&format!("{key}=")) {
-            uri.push(if uri.contains('?') { '&' } else { '?' });
-            uri.push_str(&format!("{key}={value}"));
+        if !set.iter().any(|k| k == key) {
+            parsed
+                .query_pairs_mut()
+                .append_pair(key, &value.to_string());
         }
     }
-    uri
+    parsed.into()
 }
 
 /// How long [`Publisher::publish_republishing`] keeps republishing a message the broker nacks.
@@ -224,6 +235,11 @@ mod tests {
         assert_eq!(
             with_tuning("amqp://h/%2f?frame_max=131072", 30),
             "amqp://h/%2f?frame_max=131072&heartbeat=30"
+        );
+        assert_eq!(
+            with_tuning("amqp://u:frame_max%3D1@h/%2f", 30),
+            "amqp://u:frame_max%3D1@h/%2f?heartbeat=30&frame_max=32768",
+            "only the query's keys count"
         );
         let parsed: lapin::uri::AMQPUri = with_tuning("amqp://h/%2f?heartbeat=5", 30)
             .parse()

@@ -33,7 +33,7 @@ pub struct BatchLimits {
 impl BatchLimits {
     /// How many messages of one tenant a worker processes at once: enough to keep its
     /// `max_in_flight` requests full and the next batch forming (`(max_in_flight + 1) ×
-    /// max_graphs`, 675 with the defaults). More would only wait in the batcher while holding
+    /// max_graphs`, 1,125 with the defaults). More would only wait in the batcher while holding
     /// prefetch slots the other tenants need.
     pub fn tenant_in_flight(&self) -> usize {
         (self.max_in_flight + 1) * self.max_graphs

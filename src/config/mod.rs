@@ -492,7 +492,7 @@ impl Config {
         }
         if !(1..=25).contains(&self.batch.max_in_flight) {
             problems.push(
-                "batch.max_in_flight: must be within 1..=25 (Salesforce's concurrency limit)"
+                "batch.max_in_flight: must be within 1..=25 per worker (Salesforce's limit of concurrent long-running requests per org)"
                     .into(),
             );
         }

@@ -30,7 +30,22 @@ pub const LAST_FAILURE: &str = "x-portals-last-failure";
 /// Routing key the booking platform used.
 pub const ROUTING_KEY: &str = "x-portals-routing-key";
 
+/// The most bytes of a header value portals-crm writes. Why: a message's headers travel in one
+/// frame, which must fit the connection's `frame_max` ([`crate::amqp::FRAME_MAX`], 32 KiB) or the
+/// broker closes the connection, and several values repeat what an event said (an unknown `type`
+/// or a tenant id is quoted in the message) however long it was.
+pub const HEADER_VALUE_MAX: usize = 1024;
+
 fn set(table: &mut FieldTable, name: &str, value: &str) {
+    let value = if value.len() > HEADER_VALUE_MAX {
+        let mut end = HEADER_VALUE_MAX - '…'.len_utf8();
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &value[..end])
+    } else {
+        value.to_owned()
+    };
     table.insert(name.into(), AMQPValue::LongString(value.into()));
 }
 
@@ -137,6 +152,33 @@ mod tests {
     use super::*;
     use crate::outcome::Reason;
     use crate::salesforce::model::ApiError;
+
+    #[test]
+    fn a_long_value_is_cut_to_fit_a_frame() {
+        let info = MessageInfo {
+            tenant: "acme".into(),
+            booking_id: Some("bk_1".into()),
+            event_id: Some("é".repeat(40_000)),
+        };
+        let cause = Cause {
+            reason: Reason::InvalidEvent,
+            message: format!("unknown event type {:?}", "x".repeat(40_000)),
+            salesforce: None,
+        };
+        let table = annotate(&FieldTable::default(), &info, &cause, 1, "k", "now");
+        for name in [MESSAGE, EVENT_ID] {
+            let value = header_str(Some(&table), name).expect("the header is written");
+            assert!(
+                value.len() <= HEADER_VALUE_MAX,
+                "{name}: {} bytes",
+                value.len()
+            );
+            assert!(value.ends_with('…'), "{name} says it was cut");
+        }
+        let message = header_str(Some(&table), MESSAGE).unwrap_or_default();
+        assert!(message.starts_with("unknown event type \"xxx"), "{message}");
+        assert_eq!(header_str(Some(&table), TENANT).as_deref(), Some("acme"));
+    }
 
     #[test]
     fn what_is_written_reads_back() {
