@@ -80,6 +80,21 @@ async fn unknown_type() {
     .await;
 }
 
+/// The failure message quotes the type; a type of 40 KB would make the dead letter's headers
+/// one frame larger than the 32 KiB the connection agreed, which the broker answers by closing
+/// the connection (and the booking would come back, again and again). The message is cut.
+#[tokio::test]
+async fn an_unknown_type_of_40_kb_is_dead_lettered_with_its_message_cut() {
+    let long = format!("com.bookme.{}", "x".repeat(40_000));
+    dead_lettered(
+        "longtype",
+        with(|v| v["type"] = json!(long)),
+        "invalid_event",
+        "unknown event type",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn missing_required_field() {
     let body = with(|v| {
