@@ -80,12 +80,13 @@ async fn unknown_type() {
     .await;
 }
 
-/// The failure message quotes the type; a type of 40 KB would make the dead letter's headers
-/// one frame larger than the 32 KiB the connection agreed, which the broker answers by closing
-/// the connection (and the booking would come back, again and again). The message is cut.
+/// The failure message quotes the type; a type of 200 KB (the body is under the 256 KiB limit)
+/// would make the dead letter's headers one frame larger than the 128 KiB the connection agreed,
+/// which the broker answers by closing the connection (and the booking would come back, again
+/// and again). The message is cut.
 #[tokio::test]
-async fn an_unknown_type_of_40_kb_is_dead_lettered_with_its_message_cut() {
-    let long = format!("com.bookme.{}", "x".repeat(40_000));
+async fn an_unknown_type_of_200_kb_is_dead_lettered_with_its_message_cut() {
+    let long = format!("com.bookme.{}", "x".repeat(200_000));
     dead_lettered(
         "longtype",
         with(|v| v["type"] = json!(long)),

@@ -27,19 +27,9 @@ pub enum PublishError {
     Unroutable(String),
 }
 
-/// The largest frame this client proposes (AMQP 0-9-1 `connection.tune-ok` `frame-max`; the
-/// lower of the client's and the broker's proposal is used, and RabbitMQ's own default is 128 KiB,
-/// its minimum 4 KiB). lapin keeps a receive and a send buffer of 32 frames per connection, so
-/// at 128 KiB each connection held 8 MiB of buffers; bookings are a few KiB, and a larger body
-/// is simply sent in several frames. A message's headers are one frame, never split, and lapin
-/// closes the connection on a frame over this size: the broker is configured with the same
-/// `frame_max` (`deploy/rabbitmq/rabbitmq.conf`) so no publisher can send larger, and the
-/// headers portals-crm adds are capped ([`crate::outcome::dead_letter::HEADER_VALUE_MAX`]).
-pub const FRAME_MAX: u32 = 32 * 1024;
-
-/// Connects with heartbeats and a frame size of [`FRAME_MAX`] (each added to the URL unless it
-/// sets it). The URL holds a password, so it never appears in an error: lapin's errors do not
-/// include it, and neither do ours.
+/// Connects with heartbeats (added to the URL unless its query sets them). The URL holds a
+/// password, so it never appears in an error: lapin's errors do not include it, and neither do
+/// ours.
 pub async fn connect(
     url: &SecretString,
     heartbeat_secs: u16,
@@ -50,25 +40,16 @@ pub async fn connect(
     Connection::connect(&uri, properties).await
 }
 
-/// `url` with `heartbeat` and `frame_max` query parameters added where its query sets none (a
-/// URL that does not parse is left as it is, for lapin to refuse).
+/// `url` with a `heartbeat` query parameter added unless its query sets one (a URL that does not
+/// parse is left as it is, for lapin to refuse).
 fn with_tuning(url: &str, heartbeat_secs: u16) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return url.to_owned();
     };
-    let set: Vec<String> = parsed
-        .query_pairs()
-        .map(|(key, _)| key.into_owned())
-        .collect();
-    for (key, value) in [
-        ("heartbeat", u32::from(heartbeat_secs)),
-        ("frame_max", FRAME_MAX),
-    ] {
-        if !set.iter().any(|k| k == key) {
-            parsed
-                .query_pairs_mut()
-                .append_pair(key, &value.to_string());
-        }
+    if !parsed.query_pairs().any(|(key, _)| key == "heartbeat") {
+        parsed
+            .query_pairs_mut()
+            .append_pair("heartbeat", &heartbeat_secs.to_string());
     }
     parsed.into()
 }
@@ -227,24 +208,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heartbeat_and_frame_size_are_added_unless_the_url_sets_them() {
+    fn a_heartbeat_is_added_unless_the_url_query_sets_one() {
         assert_eq!(
             with_tuning("amqp://guest:guest@127.0.0.1:5672/%2f", 30),
-            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30&frame_max=32768"
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30"
         );
         assert_eq!(
             with_tuning("amqp://h/%2f?frame_max=131072", 30),
             "amqp://h/%2f?frame_max=131072&heartbeat=30"
         );
         assert_eq!(
-            with_tuning("amqp://u:frame_max%3D1@h/%2f", 30),
-            "amqp://u:frame_max%3D1@h/%2f?heartbeat=30&frame_max=32768",
+            with_tuning("amqp://u:heartbeat%3D1@h/%2f", 30),
+            "amqp://u:heartbeat%3D1@h/%2f?heartbeat=30",
             "only the query's keys count"
         );
         let parsed: lapin::uri::AMQPUri = with_tuning("amqp://h/%2f?heartbeat=5", 30)
             .parse()
             .expect("a valid AMQP URI");
         assert_eq!(parsed.query.heartbeat, Some(5));
-        assert_eq!(parsed.query.frame_max, Some(FRAME_MAX));
     }
 }

@@ -31,9 +31,9 @@ pub const LAST_FAILURE: &str = "x-portals-last-failure";
 pub const ROUTING_KEY: &str = "x-portals-routing-key";
 
 /// The most bytes of a header value portals-crm writes. Why: a message's headers travel in one
-/// frame, which must fit the connection's `frame_max` ([`crate::amqp::FRAME_MAX`], 32 KiB) or the
-/// broker closes the connection, and several values repeat what an event said (an unknown `type`
-/// or a tenant id is quoted in the message) however long it was.
+/// frame, which must fit the connection's `frame_max` (RabbitMQ's default: 128 KiB) or the broker
+/// closes the connection, and several values repeat what an event said (an unknown `type` or a
+/// tenant id is quoted in the message) however long it was, up to `worker.max_body_bytes`.
 pub const HEADER_VALUE_MAX: usize = 1024;
 
 fn set(table: &mut FieldTable, name: &str, value: &str) {
