@@ -35,14 +35,14 @@ pub async fn connect(
     heartbeat_secs: u16,
     name: &str,
 ) -> Result<Connection, lapin::Error> {
-    let uri = with_tuning(url.expose_secret(), heartbeat_secs);
+    let uri = with_heartbeat(url.expose_secret(), heartbeat_secs);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(&uri, properties).await
 }
 
 /// `url` with a `heartbeat` query parameter added unless its query sets one (a URL that does not
 /// parse is left as it is, for lapin to refuse).
-fn with_tuning(url: &str, heartbeat_secs: u16) -> String {
+fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
         return url.to_owned();
     };
@@ -210,19 +210,19 @@ mod tests {
     #[test]
     fn a_heartbeat_is_added_unless_the_url_query_sets_one() {
         assert_eq!(
-            with_tuning("amqp://guest:guest@127.0.0.1:5672/%2f", 30),
+            with_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f", 30),
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30"
         );
         assert_eq!(
-            with_tuning("amqp://h/%2f?frame_max=131072", 30),
+            with_heartbeat("amqp://h/%2f?frame_max=131072", 30),
             "amqp://h/%2f?frame_max=131072&heartbeat=30"
         );
         assert_eq!(
-            with_tuning("amqp://u:heartbeat%3D1@h/%2f", 30),
+            with_heartbeat("amqp://u:heartbeat%3D1@h/%2f", 30),
             "amqp://u:heartbeat%3D1@h/%2f?heartbeat=30",
             "only the query's keys count"
         );
-        let parsed: lapin::uri::AMQPUri = with_tuning("amqp://h/%2f?heartbeat=5", 30)
+        let parsed: lapin::uri::AMQPUri = with_heartbeat("amqp://h/%2f?heartbeat=5", 30)
             .parse()
             .expect("a valid AMQP URI");
         assert_eq!(parsed.query.heartbeat, Some(5));

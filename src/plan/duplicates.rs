@@ -96,12 +96,11 @@ pub fn referring_fields(nodes: &[Subrequest], reference: &str) -> Vec<(String, S
     nodes
         .iter()
         .filter(|n| n.reference_id != reference)
-        .filter_map(|n| match n.body.as_ref()?.value().into_owned() {
-            Value::Object(body) => Some((n, body)),
-            _ => None,
-        })
+        .filter_map(|n| Some((n, n.body.as_ref()?.value())))
         .flat_map(|(n, body)| {
-            body.iter()
+            body.as_object()
+                .into_iter()
+                .flatten()
                 .filter(|(_, v)| v.as_str() == Some(placeholder.as_str()))
                 .map(|(field, _)| {
                     (
