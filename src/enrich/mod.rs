@@ -85,7 +85,10 @@ fn ledger_bytes(entry: &LedgerEntry) -> Option<Vec<u8>> {
         entry,
         written_at: now_secs(),
     };
-    let mut bytes = entry.version.to_be_bytes().to_vec();
+    // Room for a typical entry (a few record ids and relations), so the JSON is written
+    // without growing the buffer on the way.
+    let mut bytes = Vec::with_capacity(512);
+    bytes.extend_from_slice(&entry.version.to_be_bytes());
     serde_json::to_writer(&mut bytes, &stamped).ok()?;
     Some(bytes)
 }

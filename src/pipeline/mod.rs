@@ -514,13 +514,13 @@ impl Pipeline {
         for one in related {
             tracing::info!(
                 target: "portals_crm::audit",
-                tenant = %event.tenant,
-                booking_id = %booking.booking_id,
+                tenant = event.tenant.as_str(),
+                booking_id = booking.booking_id.as_str(),
                 version = booking.version,
-                node = %one.reference_id,
-                sobject = %one.sobject,
-                record_id = %one.id,
-                duplicate_rule = %one.rule,
+                node = one.reference_id.as_str(),
+                sobject = one.sobject.as_str(),
+                record_id = one.id.as_str(),
+                duplicate_rule = one.rule.as_str(),
                 "salesforce write related to an existing record"
             );
             self.metrics
@@ -547,8 +547,8 @@ impl Pipeline {
                 });
             tracing::info!(
                 target: "portals_crm::audit",
-                tenant = %event.tenant,
-                booking_id = %booking.booking_id,
+                tenant = event.tenant.as_str(),
+                booking_id = booking.booking_id.as_str(),
                 version = booking.version,
                 sobject,
                 record_id = &*id,

@@ -265,32 +265,138 @@ struct EventValues<'a> {
     event: &'a BookingEvent,
     /// `event.time`, canonical.
     time: String,
-    converted: OnceCell<(minijinja::Value, minijinja::Value)>,
+    /// The fields of `booking` the mapping's templates read; `None`: all of them.
+    booking_fields: Option<&'a [&'static str]>,
+    event_value: OnceCell<minijinja::Value>,
+    /// `booking` with the fields of `booking_fields` only.
+    booking_read: OnceCell<minijinja::Value>,
+    booking_whole: OnceCell<minijinja::Value>,
 }
 
 impl<'a> EventValues<'a> {
-    fn new(event: &'a BookingEvent) -> Self {
+    fn new(event: &'a BookingEvent, booking_fields: Option<&'a [&'static str]>) -> Self {
         Self {
             event,
             time: crate::event::timestamp::canonical(event.time),
-            converted: OnceCell::new(),
+            booking_fields,
+            event_value: OnceCell::new(),
+            booking_read: OnceCell::new(),
+            booking_whole: OnceCell::new(),
         }
     }
 
-    /// `event` and `booking` as template values.
-    fn converted(&self) -> &(minijinja::Value, minijinja::Value) {
-        self.converted.get_or_init(|| {
-            (
-                to_value(&EventContext {
-                    id: &self.event.id,
-                    event_type: self.event.kind.cloudevents_type(),
-                    time: &self.time,
-                    source: &self.event.source,
-                }),
-                to_value(&self.event.booking),
-            )
+    /// `event` as a template value.
+    fn event_value(&self) -> &minijinja::Value {
+        self.event_value.get_or_init(|| {
+            to_value(&EventContext {
+                id: &self.event.id,
+                event_type: self.event.kind.cloudevents_type(),
+                time: &self.time,
+                source: &self.event.source,
+            })
         })
     }
+
+    /// `booking` as a template value: all of it when `whole`, else the fields the mapping's
+    /// templates read.
+    fn booking(&self, whole: bool) -> &minijinja::Value {
+        let booking = &self.event.booking;
+        match self.booking_fields {
+            Some(fields) if !whole => self.booking_read.get_or_init(|| {
+                minijinja::Value::from_pairs(
+                    fields
+                        .iter()
+                        .map(|&name| (name, booking_field(booking, name))),
+                )
+            }),
+            _ => self.booking_whole.get_or_init(|| to_value(booking)),
+        }
+    }
+}
+
+/// The fields of [`crate::event::Booking`] in the order it serialises them (a test holds the
+/// two together).
+const BOOKING_FIELDS: [&str; 13] = [
+    "booking_id",
+    "version",
+    "status",
+    "title",
+    "starts_at",
+    "ends_at",
+    "timezone",
+    "location",
+    "portal",
+    "host",
+    "attendees",
+    "answers",
+    "cancel_reason",
+];
+
+/// One field of `booking` as the template context holds it: what converting the whole
+/// booking gives for that field.
+fn booking_field(booking: &crate::event::Booking, name: &str) -> minijinja::Value {
+    match name {
+        "booking_id" => to_value(&booking.booking_id),
+        "version" => to_value(&booking.version),
+        "status" => to_value(&booking.status),
+        "title" => to_value(&booking.title),
+        "starts_at" => to_value(&booking.starts_at),
+        "ends_at" => to_value(&booking.ends_at),
+        "timezone" => to_value(&booking.timezone),
+        "location" => to_value(&booking.location),
+        "portal" => to_value(&booking.portal),
+        "host" => to_value(&booking.host),
+        "attendees" => to_value(&booking.attendees),
+        "answers" => to_value(&booking.answers),
+        "cancel_reason" => to_value(&booking.cancel_reason),
+        _ => minijinja::Value::UNDEFINED,
+    }
+}
+
+/// The fields of `booking` read by the templates that always run through minijinja (a record's
+/// `when`, and fields that are neither a plain path, an `or` of paths nor text with paths), in
+/// [`BOOKING_FIELDS`] order; `None` when one uses `booking` as a whole (`booking | tojson`,
+/// `booking[key]`, `{% set b = booking %}`) or names a field it does not have, so that the whole
+/// booking is converted and the template sees (and fails on) exactly what it would anyway. The
+/// templates behind the direct reads ([`FieldTemplate::Path`] …) run only when a read cannot
+/// answer, and then see the whole booking.
+///
+/// Why: converting the whole booking (its attendees, answers, host and portal) into template
+/// values cost about a third of planning a booking, and a mapping's templates read two or three
+/// of its fields. minijinja lists the variables a template reads, with their attribute paths
+/// (`Template::undeclared_variables(true)`), from the template alone.
+fn booking_fields_read(
+    env: &minijinja::Environment<'_>,
+    records: &[CompiledRecord],
+) -> Option<Vec<&'static str>> {
+    let run = records.iter().flat_map(|record| {
+        let templates = std::iter::once(&record.external_id)
+            .chain(record.fields.iter().map(|(_, template)| template))
+            .filter_map(|template| match template {
+                FieldTemplate::Expression(name) | FieldTemplate::Template(name) => Some(name),
+                _ => None,
+            });
+        record.when.iter().chain(templates)
+    });
+    let mut read = Vec::new();
+    for name in run {
+        let template = env.get_template(name).ok()?;
+        for variable in template.undeclared_variables(true) {
+            if variable == "booking" {
+                return None;
+            }
+            let Some(path) = variable.strip_prefix("booking.") else {
+                continue;
+            };
+            let field = path.split('.').next().unwrap_or_default();
+            let known = BOOKING_FIELDS.iter().find(|&&f| f == field)?;
+            if !read.contains(known) {
+                read.push(*known);
+            }
+        }
+    }
+    read.sort_by_key(|f| BOOKING_FIELDS.iter().position(|k| k == f));
+    Some(read)
 }
 
 /// What the templates of one record see: `tenant`, `event`, `booking`, `attendee` (per-attendee
@@ -305,17 +411,20 @@ struct Scope<'a> {
     attendee_index: usize,
     enrichment: &'a Enrichment,
     ctx: OnceCell<minijinja::Value>,
+    whole_ctx: OnceCell<minijinja::Value>,
 }
 
 impl<'a> Scope<'a> {
-    /// The template context.
-    fn ctx(&self) -> &minijinja::Value {
-        self.ctx.get_or_init(|| {
-            let (event, booking) = self.values.converted();
+    /// The template context, with the whole booking or (unless `whole`) the fields of it the
+    /// mapping's templates read ([`booking_fields_read`]).
+    fn ctx(&self, whole: bool) -> &minijinja::Value {
+        let whole = whole || self.values.booking_fields.is_none();
+        let cell = if whole { &self.whole_ctx } else { &self.ctx };
+        cell.get_or_init(|| {
             minijinja::context! {
                 tenant => self.tenant,
-                event => event.clone(),
-                booking => booking.clone(),
+                event => self.values.event_value().clone(),
+                booking => self.values.booking(whole).clone(),
                 attendee => self.attendee.map(to_value),
                 attendee_index => self.attendee_index,
                 host_user_id => self.enrichment.host_user_id.as_deref(),
@@ -382,7 +491,7 @@ impl<'a> Scope<'a> {
 impl Lookup for Scope<'_> {
     fn lookup(&self, path: &[String]) -> Option<Found<'_>> {
         self.field(path)
-            .or_else(|| value_at(self.ctx(), path).map(Found::Template))
+            .or_else(|| value_at(self.ctx(true), path).map(Found::Template))
     }
 }
 
@@ -449,6 +558,8 @@ pub struct CompiledMapping {
     env: minijinja::Environment<'static>,
     records: Vec<CompiledRecord>,
     relations: Option<relations::RelationSpec>,
+    /// The fields of `booking` the templates read (see [`booking_fields_read`]).
+    booking_fields: Option<Vec<&'static str>>,
 }
 
 impl std::fmt::Debug for CompiledMapping {
@@ -848,6 +959,7 @@ impl CompiledMapping {
             Ok(Self {
                 tenant: tenant.tenant.clone(),
                 api_version: tenant.org.api_version.clone(),
+                booking_fields: booking_fields_read(&env, &records),
                 env,
                 records,
                 relations: tenant.relations.as_ref().map(relations::RelationSpec::from),
@@ -877,12 +989,9 @@ impl CompiledMapping {
                 template,
             } => match read_path(ctx, path, *lower) {
                 Some(value) => Ok(value),
-                None => self.render(
-                    record,
-                    field,
-                    &FieldTemplate::Expression(template.clone()),
-                    ctx,
-                ),
+                None => self
+                    .render_expression(template, ctx.ctx(true))
+                    .map_err(fail),
             },
             FieldTemplate::Or {
                 left,
@@ -890,32 +999,32 @@ impl CompiledMapping {
                 template,
             } => match read_or(ctx, left, right) {
                 Some(value) => Ok(value),
-                None => self.render(
-                    record,
-                    field,
-                    &FieldTemplate::Expression(template.clone()),
-                    ctx,
-                ),
+                None => self
+                    .render_expression(template, ctx.ctx(true))
+                    .map_err(fail),
             },
             FieldTemplate::Text { pieces, template } => match join_pieces(ctx, pieces) {
                 Some(text) => Ok(Value::String(text)),
-                None => self.render(
-                    record,
-                    field,
-                    &FieldTemplate::Template(template.clone()),
-                    ctx,
-                ),
+                None => self
+                    .render_bounded(template, ctx.ctx(true))
+                    .map(Value::String)
+                    .map_err(fail),
             },
             FieldTemplate::Expression(name) => {
-                // Strict undefined behaviour makes an unknown name an error here, not a null.
-                let json = self.render_bounded(name, ctx.ctx()).map_err(fail)?;
-                serde_json::from_str(&json).map_err(|e| fail(e.to_string()))
+                self.render_expression(name, ctx.ctx(false)).map_err(fail)
             }
             FieldTemplate::Template(name) => self
-                .render_bounded(name, ctx.ctx())
+                .render_bounded(name, ctx.ctx(false))
                 .map(Value::String)
                 .map_err(fail),
         }
+    }
+
+    /// The typed value an expression's template renders (as JSON, [`filters::typed`]). Strict
+    /// undefined behaviour makes an unknown name an error here, not a null.
+    fn render_expression(&self, name: &str, ctx: &minijinja::Value) -> Result<Value, String> {
+        let json = self.render_bounded(name, ctx)?;
+        serde_json::from_str(&json).map_err(|e| e.to_string())
     }
 
     /// What the mapping says happens to a value of `field` the org refuses, for the graph node
@@ -979,7 +1088,7 @@ impl CompiledMapping {
     ) -> Result<Vec<Subrequest>, PlanError> {
         let mut deletes = Vec::new();
         // Everything but the attendee is the same for every record: converted once, if at all.
-        let values = EventValues::new(event);
+        let values = EventValues::new(event, self.booking_fields.as_deref());
         let mut nodes = Vec::new();
         for record in &self.records {
             let attendees: Vec<(usize, Option<&Attendee>)> = if record.per_attendee {
@@ -1001,15 +1110,16 @@ impl CompiledMapping {
                     attendee_index: index,
                     enrichment,
                     ctx: OnceCell::new(),
+                    whole_ctx: OnceCell::new(),
                 };
                 if let Some(when) = &record.when {
-                    let keep =
-                        self.render_bounded(when, ctx.ctx())
-                            .map_err(|message| PlanError {
-                                record: record.reference.clone(),
-                                field: "when".into(),
-                                message,
-                            })?;
+                    let keep = self
+                        .render_bounded(when, ctx.ctx(false))
+                        .map_err(|message| PlanError {
+                            record: record.reference.clone(),
+                            field: "when".into(),
+                            message,
+                        })?;
                     if keep.is_empty() {
                         continue;
                     }
@@ -1180,6 +1290,75 @@ mod tests {
         decode(text.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
     }
 
+    /// The fields converted for the templates are those they read, in the booking's order.
+    #[test]
+    fn only_the_booking_fields_the_templates_read_are_converted() {
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        assert_eq!(
+            mapping.booking_fields.as_deref(),
+            Some(&["status", "title", "answers", "cancel_reason"][..])
+        );
+    }
+
+    /// A template that uses `booking` as a whole, or a field it lacks, gets all of it.
+    #[test]
+    fn a_template_using_the_whole_booking_gets_all_of_it() {
+        for text in [
+            "{{ booking | tojson }}",
+            "{{ booking['title'] }}",
+            "{% set b = booking %}{{ b.title }}",
+            "{% for key in booking %}{{ key }}{% endfor %}",
+            "{{ booking.no_such_field | upper }}",
+        ] {
+            let mut tenant = acme();
+            tenant.records[1]
+                .fields
+                .insert("Subject".into(), Value::String(text.into()));
+            let mapping = CompiledMapping::compile(&tenant).unwrap();
+            assert_eq!(mapping.booking_fields, None, "{text}");
+        }
+    }
+
+    /// [`BOOKING_FIELDS`] is the booking's serialisation order, and [`booking_field`] gives
+    /// what converting the whole booking gives at each field.
+    #[test]
+    fn each_booking_field_is_what_the_whole_booking_holds() {
+        for name in ["booked", "booked-group", "cancelled", "rescheduled"] {
+            let booking = event(name).booking;
+            let whole = to_value(&booking);
+            let keys: Vec<String> = whole
+                .try_iter()
+                .unwrap()
+                .map(|k| k.as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(keys, BOOKING_FIELDS);
+            for field in BOOKING_FIELDS {
+                assert_eq!(
+                    booking_field(&booking, field),
+                    whole.get_attr(field).unwrap(),
+                    "{name}: {field}"
+                );
+            }
+        }
+    }
+
+    /// Converting only the fields read renders the same graph as converting them all.
+    #[test]
+    fn the_graph_is_the_same_with_the_booking_trimmed() {
+        let trimmed = CompiledMapping::compile(&acme()).unwrap();
+        let mut whole = CompiledMapping::compile(&acme()).unwrap();
+        whole.booking_fields = None;
+        for name in ["booked", "booked-group", "cancelled", "rescheduled"] {
+            let event = event(name);
+            let enrichment = Enrichment::default();
+            assert_eq!(
+                trimmed.build_graph(&event, &enrichment).unwrap(),
+                whole.build_graph(&event, &enrichment).unwrap(),
+                "{name}"
+            );
+        }
+    }
+
     /// Every path a [`Scope`] reads from the event itself gives what the template context
     /// holds at that path (rendered through the typed filter, so types count), for every
     /// sample event, each attendee and none, with and without a host user.
@@ -1218,7 +1397,7 @@ mod tests {
         let mut compared = 0;
         for name in ["booked", "booked-group", "cancelled", "rescheduled"] {
             let event = event(name);
-            let values = EventValues::new(&event);
+            let values = EventValues::new(&event, None);
             for host_user_id in [None, Some("005000000000001AAA".to_owned())] {
                 let enrichment = Enrichment {
                     host_user_id,
@@ -1233,6 +1412,7 @@ mod tests {
                         attendee_index: index,
                         enrichment: &enrichment,
                         ctx: OnceCell::new(),
+                        whole_ctx: OnceCell::new(),
                     };
                     for expr in paths {
                         let path = plain_path(expr).unwrap();
@@ -1248,7 +1428,7 @@ mod tests {
                         };
                         let template = format!("{{{{ ({expr}) | portals_crm_typed }}}}");
                         let rendered: Value = serde_json::from_str(
-                            &mapping.env.render_str(&template, scope.ctx()).unwrap(),
+                            &mapping.env.render_str(&template, scope.ctx(true)).unwrap(),
                         )
                         .unwrap();
                         assert_eq!(typed, rendered, "{name}: {expr}");
