@@ -263,8 +263,8 @@ impl Lookup for minijinja::Value {
 /// template runs, and then once for all the booking's records.
 struct EventValues<'a> {
     event: &'a BookingEvent,
-    /// `event.time`, canonical.
-    time: String,
+    /// `event.time`, canonical, formatted when a template or a read needs it.
+    time: OnceCell<String>,
     /// The fields of `booking` the mapping's templates read; `None`: all of them.
     booking_fields: Option<&'a [&'static str]>,
     event_value: OnceCell<minijinja::Value>,
@@ -277,12 +277,18 @@ impl<'a> EventValues<'a> {
     fn new(event: &'a BookingEvent, booking_fields: Option<&'a [&'static str]>) -> Self {
         Self {
             event,
-            time: crate::event::timestamp::canonical(event.time),
+            time: OnceCell::new(),
             booking_fields,
             event_value: OnceCell::new(),
             booking_read: OnceCell::new(),
             booking_whole: OnceCell::new(),
         }
+    }
+
+    /// `event.time`, canonical.
+    fn time(&self) -> &str {
+        self.time
+            .get_or_init(|| crate::event::timestamp::canonical(self.event.time))
     }
 
     /// `event` as a template value.
@@ -291,7 +297,7 @@ impl<'a> EventValues<'a> {
             to_value(&EventContext {
                 id: &self.event.id,
                 event_type: self.event.kind.cloudevents_type(),
-                time: &self.time,
+                time: self.time(),
                 source: &self.event.source,
             })
         })
@@ -456,7 +462,7 @@ impl<'a> Scope<'a> {
             ["integration_user_id"] => text(&self.enrichment.integration_user_id),
             ["event", "id"] => text(&event.id),
             ["event", "type"] => text(event.kind.cloudevents_type()),
-            ["event", "time"] => text(&self.values.time),
+            ["event", "time"] => text(self.values.time()),
             ["event", "source"] => text(&event.source),
             ["booking", "booking_id"] => text(&booking.booking_id),
             ["booking", "version"] => Some(Found::Number(booking.version)),
