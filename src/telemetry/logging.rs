@@ -18,6 +18,13 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Lines the logging thread may have queued before a logger waits for it. The queue is a
+/// crossbeam array channel, whose slots (32 bytes each) are all written when it is created:
+/// tracing-appender's default of 128,000 lines kept 4 MB resident in every process, a worker's
+/// memory for some 250 messages in flight. 16,384 lines are a quarter of a second of audit
+/// records at saturation; a full queue makes loggers wait for the writer, it drops nothing.
+const QUEUED_LINES: usize = 16_384;
+
 /// Installs the global subscriber, writing to stderr, or to the file `to` (created or
 /// appended) when given — the demo keeps its terminal for the progress bar and the summary.
 /// The level comes from `RUST_LOG` (default `info`).
@@ -25,9 +32,9 @@ pub enum LogFormat {
 /// Lines are formatted where they are logged and written by a thread of their own, through a
 /// buffer flushed whenever that thread has caught up: a worker writing thousands of audit
 /// records a second makes a few `write(2)` calls instead of one per line, and never waits on a
-/// slow terminal or log collector unless the queue of lines is full. It is not lossy: a full
-/// queue makes the logger wait, since the audit trail must be complete. Keep the guard until
-/// the process ends; dropping it writes out what is queued.
+/// slow terminal or log collector unless the queue of lines ([`QUEUED_LINES`]) is full. It is
+/// not lossy: a full queue makes the logger wait, since the audit trail must be complete. Keep
+/// the guard until the process ends; dropping it writes out what is queued.
 pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard> {
     let sink: Box<dyn Write + Send> = match to {
         Some(path) => {
@@ -44,6 +51,7 @@ pub fn init(format: LogFormat, to: Option<&Path>) -> std::io::Result<WorkerGuard
     };
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
         .thread_name("portals-crm-log")
         .finish(sink);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
