@@ -338,6 +338,23 @@ const BOOKING_FIELDS: [&str; 13] = [
     "cancel_reason",
 ];
 
+/// The statements with which a template reaches its context in ways
+/// `undeclared_variables` does not report (see [`booking_fields_read`]).
+const CONTEXT_STATEMENTS: [&str; 9] = [
+    "set", "with", "macro", "call", "block", "include", "extends", "import", "from",
+];
+
+/// The keyword of each statement tag (`{% set …`, `{%- include …`) in a template's source.
+fn statements(source: &str) -> impl Iterator<Item = &str> {
+    source.split("{%").skip(1).map(|tag| {
+        let tag = tag.trim_start_matches(['-', '+']).trim_start();
+        let end = tag
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tag.len());
+        &tag[..end]
+    })
+}
+
 /// One field of `booking` as the template context holds it: what converting the whole
 /// booking gives for that field.
 fn booking_field(booking: &crate::event::Booking, name: &str) -> minijinja::Value {
@@ -370,7 +387,12 @@ fn booking_field(booking: &crate::event::Booking, name: &str) -> minijinja::Valu
 /// Why: converting the whole booking (its attendees, answers, host and portal) into template
 /// values cost about a third of planning a booking, and a mapping's templates read two or three
 /// of its fields. minijinja lists the variables a template reads, with their attribute paths
-/// (`Template::undeclared_variables(true)`), from the template alone.
+/// (`Template::undeclared_variables(true)`), from the template alone — but not every way a
+/// template reaches the context: an assignment marks its target before reading its value, so
+/// `{% set booking = booking.host %}` reads `booking` unreported (as do `with`, a macro's
+/// defaults and a block `set`); `include`, `extends` and `import` run another template (one of
+/// the mapping's, by its name) on this context; `debug()` prints the whole context. A template
+/// with any of those statements ([`CONTEXT_STATEMENTS`]) or calling `debug` gets the whole booking.
 fn booking_fields_read(
     env: &minijinja::Environment<'_>,
     records: &[CompiledRecord],
@@ -387,8 +409,11 @@ fn booking_fields_read(
     let mut read = Vec::new();
     for name in run {
         let template = env.get_template(name).ok()?;
+        if statements(template.source()).any(|s| CONTEXT_STATEMENTS.contains(&s)) {
+            return None;
+        }
         for variable in template.undeclared_variables(true) {
-            if variable == "booking" {
+            if variable == "booking" || variable == "debug" {
                 return None;
             }
             let Some(path) = variable.strip_prefix("booking.") else {
@@ -1323,6 +1348,82 @@ mod tests {
             let mapping = CompiledMapping::compile(&tenant).unwrap();
             assert_eq!(mapping.booking_fields, None, "{text}");
         }
+    }
+
+    /// Templates that reach the context in ways `undeclared_variables` does not report (found
+    /// by a review: each rendered differently, or failed, with the booking trimmed) get the
+    /// whole booking, and render as they would with it; the others render the same either way.
+    #[test]
+    fn a_template_reaching_the_context_unreported_gets_the_whole_booking() {
+        let unreported = [
+            "{% set booking = booking %}{{ booking | tojson }}",
+            "{% set booking = booking.host %}{{ booking.name }}",
+            "{% with booking = booking %}{{ booking.host.name }}{% endwith %}",
+            "{% with booking = booking.portal %}{{ booking.name }}{% endwith %}",
+            "{% set booking %}{{ booking.host.name }}{% endset %}{{ booking }}",
+            "{% macro m(booking=booking) %}{{ booking.host.name }}{% endmacro %}{{ m() }}",
+            "{%- set a, booking = 1, booking %}{{ booking.location }}",
+            "{% include '2.booking.BookMe__Portal__c' %}",
+            "{% include '1.event.Location' %}",
+            "{% extends '2.booking.BookMe__Portal__c' %}",
+            "{% import '2.booking.BookMe__Portal__c' as m %}x",
+            "{% from '2.booking.BookMe__Portal__c' import nothing %}x",
+            "{{ debug() }}",
+            "{{ 'Europe/Oslo' in debug() }}",
+        ];
+        let reported = [
+            "{% for a in booking.attendees %}{{ a.email }}{{ loop.index }}{% endfor %}",
+            "{% for booking in booking.attendees %}{{ booking.email }}{% endfor %}",
+            "{{ booking.attendees | map(attribute='email') | join(',') }}",
+            "{{ booking.answers.items() | list }}",
+            "{{ booking.get('title') }}",
+            "{{ booking.title ~ booking.host.name }}",
+            "{{ [booking][0].host.name }}",
+            "{% filter upper %}{{ booking.host.name }}{% endfilter %}",
+        ];
+        for (text, unreported) in unreported
+            .iter()
+            .map(|t| (t, true))
+            .chain(reported.iter().map(|t| (t, false)))
+        {
+            let mut tenant = acme();
+            tenant.records[1]
+                .fields
+                .insert("Subject".into(), Value::String((*text).into()));
+            let mapping = CompiledMapping::compile(&tenant).unwrap();
+            if unreported {
+                assert_eq!(mapping.booking_fields, None, "{text}");
+            }
+            // The whole dump also lists the environment's templates, in hash order: it differs
+            // between two compilations of one mapping, trimmed or not.
+            if *text == "{{ debug() }}" {
+                continue;
+            }
+            let mut whole = CompiledMapping::compile(&tenant).unwrap();
+            whole.booking_fields = None;
+            for name in ["booked", "booked-group", "cancelled", "rescheduled"] {
+                let event = event(name);
+                let enrichment = Enrichment::default();
+                let render = |m: &CompiledMapping| {
+                    m.build_graph(&event, &enrichment)
+                        .map_err(|e| e.to_string())
+                };
+                assert_eq!(render(&mapping), render(&whole), "{text} on {name}");
+            }
+        }
+        let mut tenant = acme();
+        tenant.records[1].when = Some("'Europe/Oslo' in debug()".into());
+        assert_eq!(
+            CompiledMapping::compile(&tenant).unwrap().booking_fields,
+            None
+        );
+    }
+
+    #[test]
+    fn statement_keywords_are_read_from_every_tag() {
+        let found: Vec<&str> =
+            statements("a {% if x %}{%- set y = 1 %}{%+ include 'n' %}{%endif%}{{ z }}").collect();
+        assert_eq!(found, ["if", "set", "include", "endif"]);
     }
 
     /// [`BOOKING_FIELDS`] is the booking's serialisation order, and [`booking_field`] gives
