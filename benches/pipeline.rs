@@ -4,12 +4,6 @@
 
 use std::hint::black_box;
 
-/// The allocator the service runs with (src/main.rs), so that what is timed here is what the
-/// worker and the emulator spend: with glibc's, malloc and free were a third of the emulator's
-/// time in this bench.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portals_crm::config::TenantConfig;
 use portals_crm::emulator::OrgSpec;
@@ -20,6 +14,12 @@ use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
 use portals_crm::plan::CompiledMapping;
 use portals_crm::salesforce::error::classify_api_error;
 use portals_crm::salesforce::model::{ApiError, Graph, GraphRequest, GraphResponse};
+
+/// The allocator the service runs with (src/main.rs), so that what is timed here is what the
+/// worker and the emulator spend: with glibc's, malloc and free were a third of the emulator's
+/// time in this bench.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const BOOKED: &[u8] = include_bytes!("../tests/fixtures/events/booked.json");
 const GROUP: &[u8] = include_bytes!("../tests/fixtures/events/booked-group.json");
