@@ -14,6 +14,8 @@ use portals_crm::event::{DEFAULT_MAX_BODY_BYTES, decode};
 use portals_crm::plan::CompiledMapping;
 use portals_crm::salesforce::error::classify_api_error;
 use portals_crm::salesforce::model::{ApiError, Graph, GraphRequest, GraphResponse};
+use portals_crm::telemetry::json_lines::JsonLines;
+use tracing_subscriber::fmt::format::JsonFields;
 
 /// The allocator the service runs with (src/main.rs), so that what is timed here is what the
 /// worker and the emulator spend: with glibc's, malloc and free were a third of the emulator's
@@ -129,5 +131,40 @@ fn emulator(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, benches, emulator);
+/// One audit record as the worker writes it per Salesforce write (`Pipeline::record_write`):
+/// formatted as a JSON line inside the message's span, into a writer that drops it, so what is
+/// timed is the formatting the worker's threads do (the log thread's `write(2)` is not).
+fn audit(c: &mut Criterion) {
+    let subscriber = tracing_subscriber::fmt()
+        .fmt_fields(JsonFields::new())
+        .event_format(JsonLines)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let span = tracing::info_span!(
+            "message",
+            event_id = "9a7c1e52-3c1f-4e0e-9d7f-2f1d6f1b9a01",
+            tenant = "acme",
+            booking_id = "bk_2026_000123",
+            attempt = 1
+        );
+        let _entered = span.enter();
+        c.bench_function("audit record (one JSON line)", |b| {
+            b.iter(|| {
+                tracing::info!(
+                    target: "portals_crm::audit",
+                    tenant = black_box("acme"),
+                    booking_id = black_box("bk_2026_000123"),
+                    version = black_box(3u64),
+                    sobject = black_box("Lead"),
+                    record_id = black_box("00Q5g00000AbCdEFGH"),
+                    created = black_box(true),
+                    "salesforce write"
+                );
+            })
+        });
+    });
+}
+
+criterion_group!(micro, benches, emulator, audit);
 criterion_main!(micro);

@@ -5,9 +5,10 @@
 //! formatter cost about a tenth of the worker's CPU: it serialises through an `io::Write`
 //! adapter that checks every fragment is UTF-8, formats the timestamp field by field, and
 //! parses the current span's stored JSON fields back into a map to write them again
-//! (tokio-rs/tracing#391). Here each value is escaped straight into the line, the timestamp's
-//! date and time of day are formatted once a second, and the span's fields (already a JSON
-//! object, stored by [`JsonFields`] when the span was created) are copied as they are.
+//! (tokio-rs/tracing#391). Here the line is built in a buffer of the thread's and written in one
+//! call, each value is escaped straight into it (runs of plain bytes copied at once), the
+//! timestamp's date and time of day are formatted once a second, and the span's fields (already
+//! a JSON object, stored by [`JsonFields`] when the span was created) are copied as they are.
 //!
 //! The shape, field for field (`tests::writes_what_the_stock_json_format_writes` compares the
 //! two): `{"timestamp":"2026-11-30T18:20:01.123456Z","level":"INFO","message":"…",<event
@@ -38,140 +39,202 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        // A `log` record (sled, reqwest, rustls log through the `log` crate) arrives as an event
-        // of target `log`; its own target, level and place are in its normalised metadata.
-        let normalized = event.normalized_metadata();
-        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, OffsetDateTime::now_utc())?;
-        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
-        let mut fields = Fields {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        write_str(&mut writer, meta.target())?;
-        let span = event
-            .parent()
-            .and_then(|id| ctx.span(id))
-            .or_else(|| ctx.lookup_current());
-        if let Some(span) = span {
-            writer.write_str(",\"span\":{")?;
-            let extensions = span.extensions();
-            // Written by `JsonFields` as one JSON object; an empty span stores `{}` or nothing.
-            let stored = extensions
-                .get::<FormattedFields<JsonFields>>()
-                .map_or("", |fields| fields.fields.trim());
-            let inner = stored
-                .strip_prefix('{')
-                .and_then(|s| s.strip_suffix('}'))
-                .unwrap_or("")
-                .trim();
-            if !inner.is_empty() {
-                writer.write_str(inner)?;
-                writer.write_char(',')?;
+        // The line is built in a buffer of this thread's and handed to `writer` in one call:
+        // `writer` is a `dyn fmt::Write`, and writing each quote, colon and fragment through it
+        // cost more than the text. A line logged while one is being built (a field's `Debug`
+        // that logs) gets a buffer of its own.
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                write_line(&mut line, ctx, event)?;
+                writer.write_str(&line)
             }
-            writer.write_str("\"name\":")?;
-            write_str(&mut writer, span.metadata().name())?;
-            writer.write_char('}')?;
-        }
-        writer.write_str("}\n")
+            Err(_) => {
+                let mut line = String::new();
+                write_line(&mut line, ctx, event)?;
+                writer.write_str(&line)
+            }
+        })
     }
+}
+
+thread_local! {
+    /// The line being built on this thread (its capacity is kept from line to line).
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Writes `event` as one JSON line (the module documentation's shape) to `line`.
+fn write_line<S>(
+    line: &mut String,
+    ctx: &FmtContext<'_, S, JsonFields>,
+    event: &Event<'_>,
+) -> fmt::Result
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+{
+    // A `log` record (sled, reqwest, rustls log through the `log` crate) arrives as an event
+    // of target `log`; its own target, level and place are in its normalised metadata.
+    let normalized = event.normalized_metadata();
+    let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+    line.push_str("{\"timestamp\":\"");
+    write_timestamp(line, OffsetDateTime::now_utc())?;
+    line.push_str("\",\"level\":\"");
+    line.push_str(meta.level().as_str());
+    line.push('"');
+    let mut fields = Fields {
+        out: line,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    line.push_str(",\"target\":");
+    push_json_str(line, meta.target());
+    let span = event
+        .parent()
+        .and_then(|id| ctx.span(id))
+        .or_else(|| ctx.lookup_current());
+    if let Some(span) = span {
+        line.push_str(",\"span\":{");
+        let extensions = span.extensions();
+        // Written by `JsonFields` as one JSON object; an empty span stores `{}` or nothing.
+        let stored = extensions
+            .get::<FormattedFields<JsonFields>>()
+            .map_or("", |fields| fields.fields.trim());
+        let inner = stored
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or("")
+            .trim();
+        if !inner.is_empty() {
+            line.push_str(inner);
+            line.push(',');
+        }
+        line.push_str("\"name\":");
+        push_json_str(line, span.metadata().name());
+        line.push('}');
+    }
+    line.push_str("}\n");
+    Ok(())
 }
 
 /// Writes each event field as `,"name":value` (numbers and booleans bare, everything else a
-/// JSON string), keeping the first error.
-struct Fields<'a, W: fmt::Write> {
-    out: &'a mut W,
+/// JSON string), keeping the first error (only a `Debug` or `Display` implementation fails).
+struct Fields<'a> {
+    out: &'a mut String,
     result: fmt::Result,
 }
 
-impl<W: fmt::Write> Fields<'_, W> {
-    fn key(&mut self, field: &Field) -> fmt::Result {
-        self.out.write_char(',')?;
-        write_str(self.out, field.name())?;
-        self.out.write_char(':')
-    }
-
-    fn entry(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
-        if self.result.is_ok() {
-            self.result = self.key(field).and_then(|()| value(self.out));
-        }
+impl Fields<'_> {
+    fn key(&mut self, field: &Field) {
+        self.out.push(',');
+        push_json_str(self.out, field.name());
+        self.out.push(':');
     }
 }
 
-impl<W: fmt::Write> Visit for Fields<'_, W> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field, |out| write_str(out, value));
+        self.key(field);
+        push_json_str(self.out, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.entry(field, |out| write!(out, "{value}"));
+        self.key(field);
+        self.out.push_str(if value { "true" } else { "false" });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.entry(field, |out| write!(out, "{value}"));
+        self.key(field);
+        self.out.push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.entry(field, |out| write!(out, "{value}"));
+        self.key(field);
+        self.out.push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
         // Spelt as serde_json spells it (`1e+16`); NaN and the infinities have no JSON form.
         match serde_json::Number::from_f64(value) {
-            Some(number) => self.entry(field, |out| write!(out, "{number}")),
-            None => self.entry(field, |out| out.write_str("null")),
+            Some(number) => {
+                if self.result.is_ok() {
+                    self.result = write!(self.out, "{number}");
+                }
+            }
+            None => self.out.push_str("null"),
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.entry(field, |out| {
-            out.write_char('"')?;
-            write!(Escaping(out), "{value:?}")?;
-            out.write_char('"')
-        });
+        self.key(field);
+        self.out.push('"');
+        if self.result.is_ok() {
+            self.result = write!(Escaping(self.out), "{value:?}");
+        }
+        self.out.push('"');
     }
 }
 
 /// `text` as a JSON string.
-fn write_str(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
-    out.write_char('"')?;
-    Escaping(out).write_str(text)?;
-    out.write_char('"')
+fn push_json_str(out: &mut String, text: &str) {
+    out.push('"');
+    push_escaped(out, text);
+    out.push('"');
 }
 
-/// Escapes what passes through as the inside of a JSON string, as serde_json does (RFC 8259
-/// §7): quote, backslash and the control characters; everything else as it is.
-struct Escaping<'a, W: fmt::Write>(&'a mut W);
+/// What a byte of a JSON string is written as (RFC 8259 §7, as serde_json writes it): `0` for
+/// itself, `u` for `\u00XX`, else the letter after the backslash.
+static ESCAPE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0a] = b'n';
+    table[0x0c] = b'f';
+    table[0x0d] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
 
-impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut start = 0;
-        for (i, byte) in text.bytes().enumerate() {
-            let escape = match byte {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0x08 => "\\b",
-                0x0c => "\\f",
-                0x00..=0x1f => "",
-                _ => continue,
-            };
-            // Every byte escaped is ASCII, so `i` is a character boundary.
-            self.0.write_str(&text[start..i])?;
-            if escape.is_empty() {
-                write!(self.0, "\\u{byte:04x}")?;
-            } else {
-                self.0.write_str(escape)?;
-            }
-            start = i + 1;
+/// Escapes `text` as the inside of a JSON string, as serde_json does: quote, backslash and the
+/// control characters; everything else as it is, in runs.
+fn push_escaped(out: &mut String, text: &str) {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let escape = ESCAPE[usize::from(byte)];
+        if escape == 0 {
+            continue;
         }
-        self.0.write_str(&text[start..])
+        // Every byte escaped is ASCII, so `i` is a character boundary.
+        out.push_str(&text[start..i]);
+        out.push('\\');
+        if escape == b'u' {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        } else {
+            out.push(char::from(escape));
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+}
+
+/// [`push_escaped`] for what a `Debug` implementation writes.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        push_escaped(self.0, text);
+        Ok(())
     }
 }
 
@@ -309,6 +372,17 @@ mod tests {
         assert_eq!(ours[2]["span"]["name"], "nothing");
         assert_eq!(ours[3]["target"], "sled::pagecache");
         assert_eq!(ours[3]["level"], "WARN");
+    }
+
+    #[test]
+    fn every_character_is_escaped_as_serde_json_escapes_it() {
+        let mut text: String = (0u8..0x80).map(char::from).collect();
+        text.push_str("é€😀\u{7f}\u{2028}");
+        for piece in [text.as_str(), "", "plain", "\"", "end\\"] {
+            let mut ours = String::new();
+            push_json_str(&mut ours, piece);
+            assert_eq!(ours, serde_json::to_string(piece).unwrap(), "{piece:?}");
+        }
     }
 
     #[test]
