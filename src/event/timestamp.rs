@@ -11,12 +11,7 @@
 //! without the colon (`+0100`) or out of range, any other separator, out-of-range fields.
 
 use time::format_description::well_known::Rfc3339;
-use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
-
-/// The canonical form, as a `time` format description.
-const CANONICAL: &[time::format_description::BorrowedFormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
 /// Why a text is not an RFC 3339 date-time.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,12 +75,34 @@ pub fn to_millis(at: OffsetDateTime) -> OffsetDateTime {
 }
 
 /// The canonical form of an instant: `YYYY-MM-DDTHH:MM:SS.sssZ`, UTC, the fraction cut (not
-/// rounded) to milliseconds.
+/// rounded) to milliseconds. Written digit by digit: every booking has three of these (its
+/// start, its end and the event's time), and `time`'s format descriptions interpret their items
+/// on every call.
+///
+/// Panics on a UTC year outside 0000..=9999, which has no four-digit form; [`parse`] admits no
+/// such instant.
 pub fn canonical(at: OffsetDateTime) -> String {
-    to_millis(at)
-        .to_offset(UtcOffset::UTC)
-        .format(CANONICAL)
-        .expect("a year in 0000..=9999 formats; `parse` admits no other")
+    let at = at.to_offset(UtcOffset::UTC);
+    let year = u32::try_from(at.year())
+        .ok()
+        .filter(|year| *year <= 9999)
+        .expect("a year in 0000..=9999 formats; `parse` admits no other");
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, digits: usize, mut value: u32| {
+        for place in (at..at + digits).rev() {
+            // A digit: `value % 10` is below 10.
+            text[place] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u32::from(u8::from(at.month())));
+    put(8, 2, u32::from(at.day()));
+    put(11, 2, u32::from(at.hour()));
+    put(14, 2, u32::from(at.minute()));
+    put(17, 2, u32::from(at.second()));
+    put(20, 3, u32::from(at.millisecond()));
+    text.iter().copied().map(char::from).collect()
 }
 
 /// [`parse`] then [`canonical`].
@@ -156,6 +173,32 @@ mod tests {
         ] {
             let error = parse(value).unwrap_err().to_string();
             assert!(error.contains(says), "{value:?}: {error}");
+        }
+    }
+
+    /// Property: the canonical form is what `time` writes with the form's format description,
+    /// for instants all over the years it admits.
+    #[test]
+    fn canonical_form_is_what_the_format_description_writes() {
+        use rand::Rng;
+        let described = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let mut rng = rand::thread_rng();
+        let edges = [-62_167_219_200_i64, 0, 253_402_300_799];
+        let random: Vec<i64> = (0..5_000)
+            .map(|_| rng.gen_range(edges[0]..=edges[2]))
+            .collect();
+        for seconds in edges.into_iter().chain(random) {
+            let nanos = rng.gen_range(0..1_000_000_000_u32);
+            let at = OffsetDateTime::from_unix_timestamp(seconds)
+                .unwrap()
+                .replace_nanosecond(nanos)
+                .unwrap();
+            let expected = to_millis(at).format(&described).unwrap();
+            assert_eq!(canonical(at), expected);
+            let local = at.to_offset(UtcOffset::from_hms(-9, -30, 0).unwrap());
+            assert_eq!(canonical(local), expected, "{local}");
         }
     }
 
