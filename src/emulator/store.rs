@@ -153,12 +153,20 @@ const WIRE_DATETIME: &[time::format_description::BorrowedFormatItem<'_>] = time:
 );
 
 /// `at` in Salesforce's wire format for datetimes ([`WIRE_DATETIME`]); every record written
-/// carries a few (`CreatedDate`, `LastModifiedDate`, its own dateTime fields).
+/// carries a few (`CreatedDate`, `LastModifiedDate`, its own dateTime fields). Written as the
+/// product's canonical form with Salesforce's offset (the format description interprets its
+/// items on every call); a year before 0000 in UTC, which has no canonical form, through the
+/// description.
 pub fn format_datetime(at: OffsetDateTime) -> String {
-    at.to_offset(time::UtcOffset::UTC)
-        .format(WIRE_DATETIME)
-        // Cannot fail: every component is in an OffsetDateTime, and its year has 4 digits.
-        .unwrap_or_default()
+    let at = at.to_offset(time::UtcOffset::UTC);
+    if at.year() < 0 {
+        // Cannot fail: every component is in an OffsetDateTime.
+        return at.format(WIRE_DATETIME).unwrap_or_default();
+    }
+    let mut text = crate::event::timestamp::canonical(at);
+    text.truncate("2026-12-03T12:00:00.000".len());
+    text.push_str("+0000");
+    text
 }
 
 /// A dateTime as Salesforce reads it: ISO 8601 `yyyy-MM-ddTHH:mm:ss[.SSS]` with `Z` or an
@@ -1279,6 +1287,27 @@ mod tests {
             assert_eq!(serial(&make_id("00U", n)), n);
         }
         assert!(serial(&make_id("00Q", 9)) < serial(&make_id("00Q", 10)));
+    }
+
+    #[test]
+    fn the_wire_datetime_is_what_its_format_description_writes() {
+        let first = OffsetDateTime::new_utc(time::Date::MIN, time::Time::MIDNIGHT);
+        let last = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MAX);
+        let step = (last.unix_timestamp() - first.unix_timestamp()) / 3_001;
+        for n in 0..=3_001 {
+            let at = OffsetDateTime::from_unix_timestamp(first.unix_timestamp() + n * step)
+                .unwrap()
+                .replace_nanosecond(u32::try_from(n).unwrap() * 333_331 % 1_000_000_000)
+                .unwrap();
+            let local = at.checked_to_offset(time::UtcOffset::from_hms(5, 45, 0).unwrap());
+            for at in std::iter::once(at).chain(local) {
+                let described = at
+                    .to_offset(time::UtcOffset::UTC)
+                    .format(WIRE_DATETIME)
+                    .unwrap();
+                assert_eq!(format_datetime(at), described);
+            }
+        }
     }
 
     #[test]
