@@ -1262,22 +1262,32 @@ fn resolve_string(text: &str, outputs: Answers<'_>, failed: &[String]) -> Result
     Ok(Value::String(out))
 }
 
-fn resolve_value(value: &Value, outputs: Answers<'_>, failed: &[String]) -> Result<Value, String> {
-    Ok(match value {
-        Value::String(s) if s.contains("@{") => resolve_string(s, outputs, failed)?,
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| resolve_value(v, outputs, failed))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve_value(v, outputs, failed)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
-    })
+/// Replaces every `@{reference.field}` inside `value` where it stands: the body is the node's
+/// own copy, so only the strings that mention a reference are rebuilt (copying the whole tree
+/// to change one or two of its strings was a twentieth of the emulator's time).
+fn resolve_in_place(
+    value: &mut Value,
+    outputs: Answers<'_>,
+    failed: &[String],
+) -> Result<(), String> {
+    match value {
+        Value::String(s) if s.contains("@{") => {
+            let resolved = resolve_string(s, outputs, failed)?;
+            *value = resolved;
+        }
+        Value::Array(items) => {
+            for item in items {
+                resolve_in_place(item, outputs, failed)?;
+            }
+        }
+        Value::Object(map) => {
+            for item in map.values_mut() {
+                resolve_in_place(item, outputs, failed)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// True when a string inside `value` holds a `@{reference.field}`.
@@ -1304,9 +1314,68 @@ fn resolve_all<'a>(
     };
     let body = match body.map(Body::value) {
         Some(body) if mentions_reference(&body) => {
-            Some(Cow::Owned(resolve_value(&body, outputs, failed)?))
+            let mut body = body.into_owned();
+            resolve_in_place(&mut body, outputs, failed)?;
+            Some(Cow::Owned(body))
         }
         body => body,
     };
     Ok((url, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(reference: &str, body: Value) -> NodeAnswer {
+        NodeAnswer {
+            body,
+            http_headers: HttpHeaders::default(),
+            http_status_code: 201,
+            reference_id: reference.to_owned(),
+        }
+    }
+
+    #[test]
+    fn references_are_resolved_wherever_they_stand_in_a_body() {
+        let results = [answer("lead", json!({"id": "00Q5g000000001AAA", "n": 7}))];
+        let at = HashMap::from([("lead".to_owned(), 0)]);
+        let outputs = Answers {
+            at: &at,
+            results: &results,
+        };
+        let body = Body::Tree(json!({
+            "WhoId": "@{lead.id}",
+            "Count": "@{lead.n}",
+            "Nested": {"list": ["x @{lead.id} y", 3, null], "plain": "no reference"},
+            "Plain": "text",
+        }));
+        let (url, resolved) = resolve_all("/x/@{lead.id}", Some(&body), outputs, &[]).unwrap();
+        assert_eq!(url, "/x/00Q5g000000001AAA");
+        assert_eq!(
+            resolved.unwrap().into_owned(),
+            json!({
+                "WhoId": "00Q5g000000001AAA",
+                "Count": 7,
+                "Nested": {"list": ["x 00Q5g000000001AAA y", 3, null], "plain": "no reference"},
+                "Plain": "text",
+            })
+        );
+        // A body without a reference is used as it is.
+        let plain = Body::Tree(json!({"Plain": "text"}));
+        let (_, kept) = resolve_all("/x", Some(&plain), outputs, &[]).unwrap();
+        assert!(matches!(kept, Some(Cow::Borrowed(_))));
+        // The first reference that cannot resolve fails the node, with Salesforce's message.
+        let missing = Body::Tree(json!({"A": {"B": ["@{missing.id}"]}}));
+        let error = resolve_all("/x", Some(&missing), outputs, &[]).unwrap_err();
+        assert!(
+            error.starts_with("Invalid reference specified. No value for missing.id"),
+            "{error}"
+        );
+        let halted = resolve_all("/x", Some(&body), outputs, &["lead".to_owned()]).unwrap_err();
+        assert_eq!(
+            halted,
+            "Execution halted as previous operation (lead) was not successful."
+        );
+    }
 }
