@@ -43,17 +43,18 @@ where
         // `writer` is a `dyn fmt::Write`, and writing each quote, colon and fragment through it
         // cost more than the text. A line logged while one is being built (a field's `Debug`
         // that logs) gets a buffer of its own.
-        LINE.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                write_line(&mut line, ctx, event)?;
-                writer.write_str(&line)
-            }
-            Err(_) => {
-                let mut line = String::new();
-                write_line(&mut line, ctx, event)?;
-                writer.write_str(&line)
-            }
+        LINE.with(|cell| {
+            let mut held = cell.try_borrow_mut();
+            let mut own = String::new();
+            let line = match held.as_deref_mut() {
+                Ok(line) => {
+                    line.clear();
+                    line
+                }
+                Err(_) => &mut own,
+            };
+            write_line(line, ctx, event)?;
+            writer.write_str(line)
         })
     }
 }
