@@ -15,6 +15,27 @@ pub use tenant::{
     TenantConfig, TenantSource,
 };
 
+/// Why `url` cannot reach a broker, if it cannot: parsed as lapin parses it when it connects
+/// (`lapin::uri::AMQPUri`, the RabbitMQ URI specification: <https://www.rabbitmq.com/docs/uri-spec>),
+/// so a URL that could never connect is refused at start instead of retried forever. The URL
+/// may hold a password: the answer never quotes it.
+fn amqp_url_problem(url: &str) -> Option<String> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Some("must start with amqp:// or amqps://".to_owned());
+    }
+    let reason = url.parse::<lapin::uri::AMQPUri>().err()?;
+    // The parser's reasons name the part at fault (`invalid port number`, `Invalid SASL
+    // mechanism: …`); one of them quotes the whole URL, which is replaced rather than shown.
+    let reason = if reason.contains(url) {
+        "not a URL".to_owned()
+    } else {
+        reason
+    };
+    Some(format!(
+        "does not parse as an AMQP URI ({reason}); the form is amqp://user:password@host:port/vhost?heartbeat=30, with the vhost percent-encoded (%2f for /)"
+    ))
+}
+
 /// Every problem found in a configuration, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -443,9 +464,8 @@ impl Config {
     /// Checks every setting and reports all problems together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        let url = self.amqp.url.expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            problems.push("amqp.url: must start with amqp:// or amqps://".to_owned());
+        if let Some(problem) = amqp_url_problem(self.amqp.url.expose_secret()) {
+            problems.push(format!("amqp.url: {problem}"));
         }
         for (name, value) in [
             ("amqp.exchange", &self.amqp.exchange),
@@ -599,6 +619,52 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let error = Config::from_toml(SHIPPED, env.into_iter()).unwrap_err();
         assert_eq!(error.0.len(), 4, "{error}");
+    }
+
+    /// Each URL that lapin would refuse on every connection attempt, and the part named.
+    #[test]
+    fn an_amqp_url_that_cannot_connect_is_refused_naming_the_part_and_not_the_password() {
+        for (url, part) in [
+            (
+                "amqp://u:hunter2@broker:notaport/%2f",
+                "invalid port number",
+            ),
+            ("amqp://u:hunter2@broker:99999/%2f", "invalid port number"),
+            (
+                "amqp://u:hunter2@broker/%2f?heartbeat=soon",
+                "invalid digit",
+            ),
+            ("amqp://u:hunter2@broker/%2f?frame_max=-1", "invalid digit"),
+            (
+                "amqp://u:hunter2@broker/%2f?auth_mechanism=kerberos",
+                "Invalid SASL mechanism: kerberos",
+            ),
+            ("amqp://u:hunter2@[::1/%2f", "invalid IPv6 address"),
+            ("amqp://u:hunter2@ /%2f", "invalid domain character"),
+            (
+                "http://u:hunter2@broker/%2f",
+                "must start with amqp:// or amqps://",
+            ),
+        ] {
+            let env = [("PORTALS_CRM_AMQP_URL", url)].map(|(k, v)| (k.to_owned(), v.to_owned()));
+            let error = Config::from_toml(SHIPPED, env.into_iter()).unwrap_err();
+            assert_eq!(error.0.len(), 1, "{url}: {error}");
+            assert!(error.0[0].starts_with("amqp.url: "), "{url}: {error}");
+            assert!(error.0[0].contains(part), "{url}: {error}");
+            assert!(!error.to_string().contains("hunter2"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_url_form_lapin_accepts_is_accepted() {
+        for url in [
+            "amqp://u:p@broker:5672/%2f",
+            "amqps://u:p@broker/%2f?heartbeat=10&connection_timeout=5000",
+            "amqp://broker",
+            "amqp://u:p@[::1]:5672/vhost?auth_mechanism=external",
+        ] {
+            assert_eq!(amqp_url_problem(url), None, "{url}");
+        }
     }
 
     #[test]

@@ -62,6 +62,53 @@ pub struct OrgConfig {
     pub duplicate_rule: DuplicateRulePolicy,
 }
 
+/// Why `url` cannot be where the integration user signs in, if it cannot. The token request goes
+/// to `{login_url}/services/oauth2/token` and the org's own URL comes back in its answer
+/// (`instance_url`; Salesforce Help, "OAuth 2.0 JWT Bearer Flow for Server-to-Server
+/// Integration"), so the login URL is a base address alone: `https://login.salesforce.com`,
+/// `https://test.salesforce.com`, a My Domain (`https://acme.my.salesforce.com`), or the
+/// emulator's `http://127.0.0.1:<port>`. A URL of another shape would fail every sign-in, each
+/// booking retried through every tier before its dead letter; it is refused when the file loads.
+fn login_url_problem(url: &str) -> Option<&'static str> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Some(
+            "not an absolute URL: the org's sign-in address, such as https://login.salesforce.com or https://MyDomain.my.salesforce.com",
+        );
+    };
+    if !matches!(parsed.scheme(), "https" | "http") {
+        return Some("must be an https:// URL (http:// only for the emulator)");
+    }
+    if parsed.host().is_none() {
+        return Some("has no host");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Some(
+            "must not hold credentials: the integration user signs in with the [auth] section",
+        );
+    }
+    if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
+        return Some(
+            "must be the sign-in address alone, without a path, query or fragment (the service adds /services/oauth2/token)",
+        );
+    }
+    None
+}
+
+/// The first REST API version with the Composite Graph resource
+/// (`/services/data/v50.0/composite/graph`; REST API Developer Guide, "Composite Graph").
+const MIN_API_VERSION: u32 = 50;
+
+/// Whether `version` names a REST API version the service can write through: `NN.0`, the form
+/// Salesforce lists under `/services/data/` (its `version` field), from
+/// [`MIN_API_VERSION`] on. Any other form makes every request a `404 NOT_FOUND`.
+fn is_graph_api_version(version: &str) -> bool {
+    version
+        .strip_suffix(".0")
+        .filter(|major| major.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= MIN_API_VERSION)
+}
+
 fn default_api_version() -> String {
     "66.0".into()
 }
@@ -267,6 +314,14 @@ impl TenantConfig {
         if tenant.tenant.is_empty() {
             tenant.tenant = source.file.clone();
         }
+        if let Some(problem) = login_url_problem(&tenant.org.login_url) {
+            return Err(format!("{origin}: org.login_url: {problem}"));
+        }
+        if !is_graph_api_version(&tenant.org.api_version) {
+            return Err(format!(
+                "{origin}: org.api_version: must be a Salesforce REST API version such as \"66.0\", {MIN_API_VERSION}.0 or later (the Composite Graph API's first), without the \"v\""
+            ));
+        }
         tenant.source = Some(source);
         Ok(tenant)
     }
@@ -344,6 +399,93 @@ impl DuplicateRulePolicy {
             Self::SaveAnyway => "save_anyway",
             Self::RelateToExisting => "relate_to_existing",
             Self::Fail => "fail",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped demo tenant with its `login_url` replaced.
+    fn tenant_file(login_url: &str) -> TenantSource {
+        const DEMO: &str = include_str!("../../config/tenants/demo.toml");
+        let shipped = "login_url = \"http://127.0.0.1:7800\"";
+        assert!(DEMO.contains(shipped) && DEMO.contains("api_version = \"66.0\""));
+        TenantSource {
+            file: "acme".into(),
+            text: DEMO.replace(shipped, &format!("login_url = {login_url:?}")),
+        }
+    }
+
+    #[test]
+    fn sign_in_addresses_of_every_kind_load() {
+        for url in [
+            "https://login.salesforce.com",
+            "https://test.salesforce.com/",
+            "https://acme.my.salesforce.com",
+            "http://127.0.0.1:7800",
+        ] {
+            let tenant = TenantConfig::parse(tenant_file(url), "acme.toml");
+            assert!(tenant.is_ok(), "{url}: {:?}", tenant.err());
+        }
+    }
+
+    #[test]
+    fn api_versions_are_salesforce_s_form_from_composite_graph_on() {
+        for (version, ok) in [
+            ("66.0", true),
+            ("50.0", true),
+            ("49.0", false),
+            ("v66.0", false),
+            ("66", false),
+            ("66.1", false),
+            ("+66.0", false),
+            ("", false),
+        ] {
+            let shipped = "api_version = \"66.0\"";
+            let source = TenantSource {
+                file: "demo".into(),
+                text: tenant_file("http://127.0.0.1:7800")
+                    .text
+                    .replace(shipped, &format!("api_version = {version:?}")),
+            };
+            match TenantConfig::parse(source, "demo.toml") {
+                Ok(tenant) => {
+                    assert!(ok, "{version} was accepted");
+                    assert_eq!(tenant.org.api_version, version);
+                }
+                Err(error) => {
+                    assert!(!ok, "{version}: {error}");
+                    assert!(error.starts_with("demo.toml: org.api_version: "), "{error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_login_url_that_cannot_sign_in_is_refused_naming_the_field() {
+        for (url, why) in [
+            ("login.salesforce.com", "not an absolute URL"),
+            ("ftp://login.salesforce.com", "must be an https:// URL"),
+            (
+                "https://u:hunter2@login.salesforce.com",
+                "must not hold credentials",
+            ),
+            (
+                "https://login.salesforce.com/services/oauth2/token",
+                "without a path",
+            ),
+            ("https://login.salesforce.com/?x=1", "without a path, query"),
+            ("https://login.salesforce.com/#top", "or fragment"),
+            ("https://", "not an absolute URL"),
+        ] {
+            let error = TenantConfig::parse(tenant_file(url), "acme.toml").unwrap_err();
+            assert!(
+                error.starts_with("acme.toml: org.login_url: ") && error.contains(why),
+                "{url}: {error}"
+            );
+            assert!(!error.contains("hunter2"), "{error}");
         }
     }
 }
