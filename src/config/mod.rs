@@ -15,25 +15,92 @@ pub use tenant::{
     TenantConfig, TenantSource,
 };
 
-/// Why `url` cannot reach a broker, if it cannot: parsed as lapin parses it when it connects
-/// (`lapin::uri::AMQPUri`, the RabbitMQ URI specification: <https://www.rabbitmq.com/docs/uri-spec>),
-/// so a URL that could never connect is refused at start instead of retried forever. The URL
-/// may hold a password: the answer never quotes it.
+/// Why `url` cannot reach the intended broker, if it cannot, naming the part at fault: checked
+/// part by part as lapin reads it when it connects (`lapin::uri::AMQPUri`; the RabbitMQ URI
+/// specification, <https://www.rabbitmq.com/docs/uri-spec>, and its query parameters), so a URL
+/// that could never connect stops the service at start instead of being retried for ever. The
+/// URL may hold a password: no part of it is ever quoted, only the names of its parts.
 fn amqp_url_problem(url: &str) -> Option<String> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
         return Some("must start with amqp:// or amqps://".to_owned());
     }
-    let reason = url.parse::<lapin::uri::AMQPUri>().err()?;
-    // The parser's reasons name the part at fault (`invalid port number`, `Invalid SASL
-    // mechanism: …`); one of them quotes the whole URL, which is replaced rather than shown.
-    let reason = if reason.contains(url) {
-        "not a URL".to_owned()
-    } else {
-        reason
+    // `url`'s parse errors name the fault (`invalid port number`, `empty host`) without the text.
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(error) => return Some(format!("not a URL ({error}){AMQP_URL_FORM}")),
     };
-    Some(format!(
-        "does not parse as an AMQP URI ({reason}); the form is amqp://user:password@host:port/vhost?heartbeat=30, with the vhost percent-encoded (%2f for /)"
-    ))
+    match parsed.host() {
+        None => return Some(format!("has no host{AMQP_URL_FORM}")),
+        // lapin reads the host as a domain name only, and connects to `localhost` when it is an
+        // address in brackets: the URL would silently reach another broker.
+        Some(url::Host::Ipv6(_)) => {
+            return Some(
+                "an IPv6 address is not supported as the host (the AMQP client would connect to localhost instead): use a host name".to_owned(),
+            );
+        }
+        Some(url::Host::Domain(_) | url::Host::Ipv4(_)) => {}
+    }
+    let vhost = parsed.path().get(1..).unwrap_or_default();
+    for (part, text) in [
+        ("user name", parsed.username()),
+        ("password", parsed.password().unwrap_or_default()),
+        ("host", parsed.host_str().unwrap_or_default()),
+        ("vhost", vhost),
+    ] {
+        if percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .is_err()
+        {
+            return Some(format!("the {part} is not UTF-8 once percent-decoded"));
+        }
+    }
+    for (key, value) in parsed.query_pairs() {
+        let largest = match &*key {
+            "heartbeat" | "channel_max" => u64::from(u16::MAX),
+            "frame_max" => u64::from(u32::MAX),
+            "connection_timeout" => u64::MAX,
+            "auth_mechanism" => {
+                if value.parse::<lapin::uri::SASLMechanism>().is_err() {
+                    return Some(
+                        "auth_mechanism must be one of PLAIN, AMQPLAIN, EXTERNAL, ANONYMOUS or RABBIT-CR-DEMO".to_owned(),
+                    );
+                }
+                continue;
+            }
+            // lapin ignores the parameters it does not use (`cacertfile`, `verify`, …).
+            _ => continue,
+        };
+        if value.parse::<u64>().map_or(true, |n| n > largest) {
+            return Some(format!(
+                "the query parameter {key} must be a whole number from 0 to {largest}"
+            ));
+        }
+    }
+    // Whatever else lapin refuses; its reasons may quote parts of the URL, so none is shown.
+    url.parse::<lapin::uri::AMQPUri>()
+        .err()
+        .map(|_| format!("does not parse as an AMQP URI{AMQP_URL_FORM}"))
+}
+
+/// The form of an AMQP URL, for the messages of [`amqp_url_problem`].
+const AMQP_URL_FORM: &str = "; the form is amqp://user:password@host:port/vhost?heartbeat=30, with the vhost percent-encoded (%2f for /)";
+
+/// A TOML syntax error by its line, column and reason, without the line itself, which toml's
+/// own message quotes: the line may be `amqp.url`'s, password included.
+fn syntax_problem(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return format!("TOML parse error: {}", error.message());
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before[before.rfind('\n').map_or(0, |at| at + 1)..]
+        .chars()
+        .count()
+        + 1;
+    format!(
+        "TOML parse error at line {line}, column {column}: {}",
+        error.message().trim_end()
+    )
 }
 
 /// Every problem found in a configuration, one per line.
@@ -449,7 +516,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut document: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigError(vec![e.to_string()]))?;
+            .map_err(|e: toml::de::Error| ConfigError(vec![syntax_problem(text, &e)]))?;
         let problems = overlay_env(&mut document, env);
         if !problems.is_empty() {
             return Err(ConfigError(problems));
@@ -621,7 +688,8 @@ mod tests {
         assert_eq!(error.0.len(), 4, "{error}");
     }
 
-    /// Each URL that lapin would refuse on every connection attempt, and the part named.
+    /// Each URL that lapin would refuse on every connection attempt, or would send to another
+    /// broker, and the part named; the password (`hunter2`) never shown.
     #[test]
     fn an_amqp_url_that_cannot_connect_is_refused_naming_the_part_and_not_the_password() {
         for (url, part) in [
@@ -632,15 +700,53 @@ mod tests {
             ("amqp://u:hunter2@broker:99999/%2f", "invalid port number"),
             (
                 "amqp://u:hunter2@broker/%2f?heartbeat=soon",
-                "invalid digit",
+                "heartbeat must be a whole number from 0 to 65535",
             ),
-            ("amqp://u:hunter2@broker/%2f?frame_max=-1", "invalid digit"),
+            (
+                "amqp://u:hunter2@broker/%2f?heartbeat=70000",
+                "heartbeat must be",
+            ),
+            (
+                "amqp://u:hunter2@broker/%2f?heartbeat=",
+                "heartbeat must be",
+            ),
+            (
+                "amqp://u:hunter2@broker/%2f?channel_max=-1",
+                "channel_max must be a whole number from 0 to 65535",
+            ),
+            (
+                "amqp://u:hunter2@broker/%2f?frame_max=99999999999",
+                "frame_max must be a whole number from 0 to 4294967295",
+            ),
+            (
+                "amqp://u:hunter2@broker/%2f?connection_timeout=abc",
+                "connection_timeout must be",
+            ),
             (
                 "amqp://u:hunter2@broker/%2f?auth_mechanism=kerberos",
-                "Invalid SASL mechanism: kerberos",
+                "auth_mechanism must be one of",
+            ),
+            (
+                "amqp://u:5672?auth_mechanism=hunter2@broker/%2f",
+                "auth_mechanism must be one of",
+            ),
+            (
+                "amqp://u:hunter2%ff@broker/%2f",
+                "the password is not UTF-8",
+            ),
+            (
+                "amqp://u%ff:hunter2@broker/%2f",
+                "the user name is not UTF-8",
+            ),
+            ("amqp://u:hunter2@bro%ffker/%2f", "the host is not UTF-8"),
+            ("amqp://u:hunter2@broker/%ff", "the vhost is not UTF-8"),
+            (
+                "amqp://u:hunter2@[2001:db8::1]:5672/%2f",
+                "IPv6 address is not supported",
             ),
             ("amqp://u:hunter2@[::1/%2f", "invalid IPv6 address"),
             ("amqp://u:hunter2@ /%2f", "invalid domain character"),
+            ("amqp://u:hunter2@/%2f", "empty host"),
             (
                 "http://u:hunter2@broker/%2f",
                 "must start with amqp:// or amqps://",
@@ -659,12 +765,30 @@ mod tests {
     fn every_url_form_lapin_accepts_is_accepted() {
         for url in [
             "amqp://u:p@broker:5672/%2f",
-            "amqps://u:p@broker/%2f?heartbeat=10&connection_timeout=5000",
+            "amqps://u:p@broker/%2f?heartbeat=10&connection_timeout=5000&frame_max=131072&channel_max=2047",
             "amqp://broker",
-            "amqp://u:p@[::1]:5672/vhost?auth_mechanism=external",
+            "amqp://u:p@127.0.0.1:5672/vhost?auth_mechanism=external",
+            "amqp://u:p@broker/%2f?auth_mechanism=AMQPLAIN&cacertfile=/etc/ca.pem&verify=verify_peer",
         ] {
             assert_eq!(amqp_url_problem(url), None, "{url}");
         }
+    }
+
+    /// A TOML syntax error on the broker URL's line names the line and column, not its text.
+    #[test]
+    fn a_toml_error_does_not_quote_the_line() {
+        let text = SHIPPED.replacen(
+            "[amqp]\n",
+            "[amqp]\nurl = \"amqp://u:hunter2@broker/%2f\\q\"\n",
+            1,
+        );
+        let error = Config::from_toml(&text, std::iter::empty()).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("line ") && message.contains("column "),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]

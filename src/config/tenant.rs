@@ -2,6 +2,7 @@
 //! and the mapping from a booking to the records to write.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -62,34 +63,67 @@ pub struct OrgConfig {
     pub duplicate_rule: DuplicateRulePolicy,
 }
 
-/// Why `url` cannot be where the integration user signs in, if it cannot. The token request goes
-/// to `{login_url}/services/oauth2/token` and the org's own URL comes back in its answer
-/// (`instance_url`; Salesforce Help, "OAuth 2.0 JWT Bearer Flow for Server-to-Server
-/// Integration"), so the login URL is a base address alone: `https://login.salesforce.com`,
-/// `https://test.salesforce.com`, a My Domain (`https://acme.my.salesforce.com`), or the
-/// emulator's `http://127.0.0.1:<port>`. A URL of another shape would fail every sign-in, each
-/// booking retried through every tier before its dead letter; it is refused when the file loads.
-fn login_url_problem(url: &str) -> Option<&'static str> {
+/// True when `url` is https, or http to a loopback host (the emulator): the only URLs the
+/// service sends credentials or tokens to (a login URL, and the `instance_url` a sign-in returns).
+pub fn is_allowed_url(url: &str) -> bool {
     let Ok(parsed) = url::Url::parse(url) else {
-        return Some(
-            "not an absolute URL: the org's sign-in address, such as https://login.salesforce.com or https://MyDomain.my.salesforce.com",
-        );
+        return false;
     };
-    if !matches!(parsed.scheme(), "https" | "http") {
-        return Some("must be an https:// URL (http:// only for the emulator)");
+    match parsed.scheme() {
+        "https" => true,
+        "http" => match parsed.host() {
+            Some(url::Host::Domain(domain)) => domain == "localhost",
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+            None => false,
+        },
+        _ => false,
     }
-    if parsed.host().is_none() {
-        return Some("has no host");
-    }
+}
+
+/// Why `url` cannot be where the integration user signs in, if it cannot. The token request goes
+/// to `{login_url}/services/oauth2/token`, a JWT bearer assertion names the login URL as its
+/// audience (`aud`: `https://login.salesforce.com`, `https://test.salesforce.com` or the My
+/// Domain URL), and the org's own URL comes back in the answer (`instance_url`; Salesforce Help,
+/// "OAuth 2.0 JWT Bearer Flow for Server-to-Server Integration"). So the login URL is an origin
+/// alone, written as Salesforce writes it — `https://login.salesforce.com`, a My Domain
+/// (`https://acme.my.salesforce.com`), or the emulator's `http://127.0.0.1:<port>` — and the text
+/// is used as written. Any other would fail every sign-in, each booking retried through every
+/// tier before its dead letter; it is refused when the file loads.
+fn login_url_problem(url: &str) -> Option<String> {
+    const EXAMPLES: &str =
+        "such as https://login.salesforce.com or https://MyDomain.my.salesforce.com";
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Some(format!(
+            "not an absolute URL: the org's sign-in address, {EXAMPLES}"
+        ));
+    };
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Some(
-            "must not hold credentials: the integration user signs in with the [auth] section",
+            "must not hold credentials: the integration user signs in with the [auth] section"
+                .to_owned(),
+        );
+    }
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
+        return Some(format!("must be an https:// address, {EXAMPLES}"));
+    }
+    if !is_allowed_url(url) {
+        return Some(
+            "must be https://: http:// is only for the emulator on a loopback address (127.0.0.1, [::1], localhost)".to_owned(),
         );
     }
     if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
         return Some(
-            "must be the sign-in address alone, without a path, query or fragment (the service adds /services/oauth2/token)",
+            "must be the sign-in address alone, without a path, query or fragment (the service adds /services/oauth2/token)".to_owned(),
         );
+    }
+    // What the URL parser made of the text (lower case, no default port, no stray characters)
+    // is what Salesforce expects; the text itself is what the service sends.
+    let origin = parsed.origin().ascii_serialization();
+    if url.strip_suffix('/').unwrap_or(url) != origin {
+        return Some(format!(
+            "write it as {origin}: the text is sent as written (the sign-in's audience and the token endpoint's address)"
+        ));
     }
     None
 }
@@ -105,7 +139,7 @@ fn is_graph_api_version(version: &str) -> bool {
     version
         .strip_suffix(".0")
         .filter(|major| major.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|major| major.parse::<u32>().ok())
+        .and_then(|major| major.parse::<u32>().ok().filter(|n| n.to_string() == major))
         .is_some_and(|major| major >= MIN_API_VERSION)
 }
 
@@ -419,12 +453,27 @@ mod tests {
     }
 
     #[test]
+    fn only_https_or_loopback() {
+        assert!(is_allowed_url("https://acme.my.salesforce.com"));
+        assert!(is_allowed_url("http://127.0.0.1:7800"));
+        assert!(is_allowed_url("http://localhost:7800"));
+        assert!(is_allowed_url("http://[::1]:7800"));
+        assert!(!is_allowed_url("http://acme.my.salesforce.com"));
+        assert!(!is_allowed_url("http://10.0.0.5:7800"));
+        assert!(!is_allowed_url("ftp://127.0.0.1"));
+    }
+
+    #[test]
     fn sign_in_addresses_of_every_kind_load() {
         for url in [
             "https://login.salesforce.com",
             "https://test.salesforce.com/",
             "https://acme.my.salesforce.com",
+            "https://acme--dev.sandbox.my.salesforce.com",
+            "https://proxy.example:8443",
             "http://127.0.0.1:7800",
+            "http://localhost:7800",
+            "http://[::1]:7800",
         ] {
             let tenant = TenantConfig::parse(tenant_file(url), "acme.toml");
             assert!(tenant.is_ok(), "{url}: {:?}", tenant.err());
@@ -441,6 +490,7 @@ mod tests {
             ("66", false),
             ("66.1", false),
             ("+66.0", false),
+            ("066.0", false),
             ("", false),
         ] {
             let shipped = "api_version = \"66.0\"";
@@ -467,7 +517,40 @@ mod tests {
     fn a_login_url_that_cannot_sign_in_is_refused_naming_the_field() {
         for (url, why) in [
             ("login.salesforce.com", "not an absolute URL"),
-            ("ftp://login.salesforce.com", "must be an https:// URL"),
+            ("ftp://login.salesforce.com", "must be an https:// address"),
+            (
+                "http://acme.my.salesforce.com",
+                "http:// is only for the emulator",
+            ),
+            ("http://10.0.0.5:7800", "http:// is only for the emulator"),
+            (
+                "HTTPS://Login.Salesforce.com",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                "https://login.salesforce.com:443",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                " https://login.salesforce.com",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                "https://login.salesforce.com ",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                "https:login.salesforce.com",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                "https://login.salesforce.com\\",
+                "write it as https://login.salesforce.com:",
+            ),
+            (
+                "https://login.salesforce.com/.",
+                "write it as https://login.salesforce.com:",
+            ),
             (
                 "https://u:hunter2@login.salesforce.com",
                 "must not hold credentials",
@@ -479,6 +562,7 @@ mod tests {
             ("https://login.salesforce.com/?x=1", "without a path, query"),
             ("https://login.salesforce.com/#top", "or fragment"),
             ("https://", "not an absolute URL"),
+            ("https://login.salesforce.com:99999", "not an absolute URL"),
         ] {
             let error = TenantConfig::parse(tenant_file(url), "acme.toml").unwrap_err();
             assert!(

@@ -1,7 +1,6 @@
 //! OAuth 2.0 for the integration user: JWT bearer and client credentials, one cached token per
 //! tenant.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,23 +10,7 @@ use serde::Serialize;
 
 use super::error::SalesforceError;
 use super::model::{OAuthError, TokenResponse};
-
-/// True when `url` is https, or http to a loopback host (the emulator).
-pub fn is_allowed_url(url: &str) -> bool {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return false;
-    };
-    match parsed.scheme() {
-        "https" => true,
-        "http" => match parsed.host() {
-            Some(url::Host::Domain(domain)) => domain == "localhost",
-            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-            None => false,
-        },
-        _ => false,
-    }
-}
+use crate::config::tenant::is_allowed_url;
 
 /// How the integration user authenticates. Secrets are `SecretString`, so `Debug` redacts them.
 #[derive(Debug, Clone)]
@@ -343,17 +326,6 @@ mod tests {
             slot.recent_failure().is_some(),
             "callers get the failure meanwhile"
         );
-    }
-
-    #[test]
-    fn only_https_or_loopback() {
-        assert!(is_allowed_url("https://acme.my.salesforce.com"));
-        assert!(is_allowed_url("http://127.0.0.1:7800"));
-        assert!(is_allowed_url("http://localhost:7800"));
-        assert!(is_allowed_url("http://[::1]:7800"));
-        assert!(!is_allowed_url("http://acme.my.salesforce.com"));
-        assert!(!is_allowed_url("http://10.0.0.5:7800"));
-        assert!(!is_allowed_url("ftp://127.0.0.1"));
     }
 
     #[test]

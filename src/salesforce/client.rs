@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::auth::{AccessToken, Credentials, TokenCache, is_allowed_url};
+use super::auth::{AccessToken, Credentials, TokenCache};
 use super::error::SalesforceError;
 use super::model::{
     ApiError, CompositeRequest, CompositeResponse, DescribeGlobal, GraphRequest, GraphResponse,
@@ -18,6 +18,7 @@ use super::model::{
     SObjectDescribe, SaveResult, UpsertOutcome,
 };
 use crate::config::DuplicateRulePolicy;
+use crate::config::tenant::is_allowed_url;
 use crate::telemetry::metrics::Metrics;
 
 /// Used/max daily API requests, from the `Sforce-Limit-Info` header.

@@ -32,8 +32,11 @@ impl Reloader {
     /// tenants and returns every problem.
     pub async fn reload(&self) -> Result<Vec<String>, Vec<String>> {
         let _one = self.one_at_a_time.lock().await;
-        let configs = TenantConfig::load_dir(&self.dir)?;
-        let result = self.registry.replace(configs).await;
+        // A file that does not load is as much a rejected change as one its org refuses: both logged.
+        let result = match TenantConfig::load_dir(&self.dir) {
+            Ok(configs) => self.registry.replace(configs).await,
+            Err(problems) => Err(problems),
+        };
         match &result {
             Ok(names) => tracing::info!(tenants = ?names, "tenants reloaded"),
             Err(problems) => {
