@@ -162,7 +162,9 @@ fn mask_phones(text: &str) -> String {
             end += 1;
         }
         let run = &chars[i..after_last_digit];
-        if run.iter().filter(|c| is_digit(**c)).count() >= 6 {
+        if run.iter().filter(|c| is_digit(**c)).count() >= 6
+            && !is_quantity(&chars[after_last_digit..])
+        {
             result.push_str("[phone]");
         } else {
             result.extend(run);
@@ -170,6 +172,27 @@ fn mask_phones(text: &str) -> String {
         i = after_last_digit;
     }
     result
+}
+
+/// Units a number in the service's own messages is counted in: a number followed by one of
+/// them (`1048577 bytes`, `the 1048576-byte limit`, `120000 ms`) is a quantity, not a phone.
+const UNITS: [&str; 14] = [
+    "b", "byte", "bytes", "kb", "kib", "mb", "mib", "gb", "gib", "ms", "µs", "us", "ns", "seconds",
+];
+
+/// True when `after`, what follows a run of digits, starts with a unit of [`UNITS`] (after at
+/// most one space or hyphen) that ends there.
+fn is_quantity(after: &[char]) -> bool {
+    let after = match after {
+        [' ' | '-' | '\u{a0}', rest @ ..] => rest,
+        _ => after,
+    };
+    let word: String = after
+        .iter()
+        .take_while(|c| c.is_alphabetic())
+        .flat_map(|c| c.to_lowercase())
+        .collect();
+    UNITS.contains(&word.as_str())
 }
 
 /// The shape of an ISO 8601 calendar date, `9` standing for a digit.
@@ -225,6 +248,26 @@ mod tests {
             redact("jane@x.com,john.smith@y.com\n<ann.lee@z.org>"),
             "j***@x.com,j***@y.com\n<a***@z.org>"
         );
+    }
+
+    /// The service's own quantities (a body's size against its limit, in the dead-letter table
+    /// and the logs) stay readable; a phone number before another word is still masked.
+    #[test]
+    fn quantities_with_their_unit_are_not_phones() {
+        for (text, shown) in [
+            (
+                "body of 1048577 bytes is over the 1048576-byte limit",
+                "body of 1048577 bytes is over the 1048576-byte limit",
+            ),
+            ("waited 120000 ms", "waited 120000 ms"),
+            ("a 5242880B body", "a 5242880B body"),
+            ("200000 µs", "200000 µs"),
+            ("call 5550123456 bytesize", "call [phone] bytesize"),
+            ("call +47 555 01234 by noon", "call [phone] by noon"),
+            ("call 5550123456 - bye", "call [phone] - bye"),
+        ] {
+            assert_eq!(redact(text), shown, "{text}");
+        }
     }
 
     #[test]
