@@ -66,9 +66,11 @@ pub struct OrgConfig {
 /// True when `url` is https, or http to a loopback host (the emulator): the only URLs the
 /// service sends credentials or tokens to (a login URL, and the `instance_url` a sign-in returns).
 pub fn is_allowed_url(url: &str) -> bool {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return false;
-    };
+    url::Url::parse(url).is_ok_and(|parsed| is_allowed(&parsed))
+}
+
+/// [`is_allowed_url`] of a URL already parsed.
+fn is_allowed(parsed: &url::Url) -> bool {
     match parsed.scheme() {
         "https" => true,
         "http" => match parsed.host() {
@@ -107,7 +109,7 @@ fn login_url_problem(url: &str) -> Option<String> {
     if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
         return Some(format!("must be an https:// address, {EXAMPLES}"));
     }
-    if !is_allowed_url(url) {
+    if !is_allowed(&parsed) {
         return Some(
             "must be https://: http:// is only for the emulator on a loopback address (127.0.0.1, [::1], localhost)".to_owned(),
         );
@@ -138,7 +140,7 @@ const MIN_API_VERSION: u32 = 50;
 fn is_graph_api_version(version: &str) -> bool {
     version
         .strip_suffix(".0")
-        .filter(|major| major.bytes().all(|b| b.is_ascii_digit()))
+        // Written back, the number must be the text: no sign, no leading zero.
         .and_then(|major| major.parse::<u32>().ok().filter(|n| n.to_string() == major))
         .is_some_and(|major| major >= MIN_API_VERSION)
 }
