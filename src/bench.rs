@@ -191,7 +191,10 @@ async fn republish(
     nacked: Vec<Vec<u8>>,
     properties: impl Fn(&[u8]) -> lapin::BasicProperties,
 ) -> Result<(), BenchError> {
-    let publisher = amqp::Publisher::on(channel.clone());
+    // The bench's events carry one short header: the smallest frame_max any connection has
+    // is room enough for them.
+    let publisher =
+        amqp::Publisher::on(channel.clone(), lapin::protocol::constants::FRAME_MIN_SIZE);
     for body in nacked {
         publisher
             .publish_republishing(exchange, routing_key, &body, properties(&body))

@@ -401,7 +401,9 @@ impl Consumer {
             let info = processed.info;
             span.record("tenant", info.tenant.as_str());
             if let Some(id) = &info.event_id {
-                span.record("event_id", id.as_str());
+                // As long as the publisher made it: cut as in the dead letter's header, so
+                // that it does not fill every line of the message's log.
+                span.record("event_id", &*dead_letter::cut(id));
             }
             if let Some(id) = &info.booking_id {
                 span.record("booking_id", id.as_str());
@@ -416,7 +418,9 @@ impl Consumer {
                 Disposition::Retry { cause, .. }
                 | Disposition::Wait { cause, .. }
                 | Disposition::DeadLetter(cause) => {
-                    tracing::warn!(reason = %cause.reason, message = %redact(&cause.message), "booking not written");
+                    // Masked whole, then cut as in the dead letter's header.
+                    let message = redact(&cause.message);
+                    tracing::warn!(reason = %cause.reason, message = %dead_letter::cut(&message), "booking not written");
                 }
                 Disposition::Written | Disposition::Superseded => {}
             }

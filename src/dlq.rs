@@ -222,21 +222,22 @@ fn ids_from_body(body: &[u8]) -> [Option<String>; 3] {
 fn describe(table: Option<&FieldTable>, body: &[u8], topology: &Topology) -> DeadLetter {
     let headers = DeadLetterHeaders::read(table);
     let [body_id, body_tenant, body_booking] = ids_from_body(body);
-    let id = headers
-        .event_id
-        .or(body_id)
-        .unwrap_or_else(|| format!("body-{:016x}", fnv1a(body)));
+    // A header value cut to fit the frame is not the id: the body has it whole, so that
+    // `dlq show <id>` and `--id` find the letter by the id the booking platform sent.
+    let whole = |header: Option<String>, body: Option<String>| match header {
+        Some(cut) if dead_letter::is_cut(&cut) => body.or(Some(cut)),
+        header => header.or(body),
+    };
+    let id =
+        whole(headers.event_id, body_id).unwrap_or_else(|| format!("body-{:016x}", fnv1a(body)));
     let mut letter = DeadLetter {
         id,
-        tenant: headers
-            .tenant
-            .or(body_tenant)
-            .unwrap_or_else(|| "unknown".into()),
+        tenant: whole(headers.tenant, body_tenant).unwrap_or_else(|| "unknown".into()),
         reason: headers.reason.unwrap_or_default(),
         message: headers.message.unwrap_or_default(),
         salesforce_error: headers.salesforce_error,
         salesforce_fields: headers.salesforce_fields,
-        booking_id: headers.booking_id.or(body_booking),
+        booking_id: whole(headers.booking_id, body_booking),
         attempts: headers.attempts,
         first_failure: headers.first_failure,
         last_failure: headers.last_failure,
@@ -563,6 +564,37 @@ mod tests {
         let letter = describe(Some(&table), BOOKED, &topology);
         assert_eq!(letter.reason, "salesforce_unavailable");
         assert_eq!(letter.message, "503 from the org");
+    }
+
+    /// An event id longer than a header holds is cut in `x-portals-event-id`; the letter is
+    /// named by the whole id, from the body, so a lookup by it finds it.
+    #[test]
+    fn a_long_id_cut_in_its_header_is_read_from_the_body() {
+        let long_id = format!("evt-{}", "9".repeat(3_000));
+        let body = serde_json::json!({
+            "id": long_id,
+            "tenantid": "acme",
+            "data": {"booking_id": "bk_1"}
+        })
+        .to_string();
+        let info = crate::pipeline::MessageInfo {
+            tenant: "acme".into(),
+            booking_id: Some("bk_1".into()),
+            event_id: Some(long_id.clone()),
+        };
+        let cause = crate::outcome::Cause {
+            reason: crate::outcome::Reason::InvalidEvent,
+            message: "m".into(),
+            salesforce: None,
+        };
+        let table = dead_letter::annotate(&FieldTable::default(), &info, &cause, 1, "k", "now");
+        let letter = describe(Some(&table), body.as_bytes(), &topology());
+        assert_eq!(letter.id, long_id);
+        assert_eq!(letter.tenant, "acme");
+        assert_eq!(letter.booking_id.as_deref(), Some("bk_1"));
+        // A body that does not have it either: the cut header is the best there is.
+        let letter = describe(Some(&table), b"not json", &topology());
+        assert!(letter.id.ends_with('…') && letter.id.starts_with("evt-999"));
     }
 
     #[test]

@@ -6,7 +6,30 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, sample, wait_until};
+use lapin::types::{AMQPValue, FieldTable};
+use portals_crm::amqp::{self, header_str};
 use serde_json::json;
+
+/// Waits for the message's dead letter to be counted, and checks it was retried once before.
+/// The dead letter is in its queue once its publish is confirmed; the message is counted after
+/// its ack, a moment later.
+async fn retried_once_then_dead_lettered(env: &TestEnv) {
+    wait_until(
+        "the retry and the dead letter counted",
+        Duration::from_secs(10),
+        || async {
+            let outcomes = env.outcomes();
+            if outcomes.contains_key("dead_lettered") {
+                Ok(())
+            } else {
+                Err(format!("{outcomes:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(env.outcomes().get("retried"), Some(&1));
+    assert_eq!(env.outcomes().get("dead_lettered"), Some(&1));
+}
 
 #[tokio::test]
 async fn a_transient_failure_is_retried_through_a_tier_and_then_written() {
@@ -76,22 +99,98 @@ async fn after_the_last_tier_the_booking_is_dead_lettered_with_its_history() {
         dead[0].message
     );
     assert_eq!(dead[0].body, sample("booked"));
-    // The dead letter is in its queue once its publish is confirmed; the message is counted
-    // after its ack, a moment later.
-    wait_until(
-        "the retry and the dead letter counted",
-        Duration::from_secs(10),
-        || async {
-            let outcomes = env.outcomes();
-            if outcomes.contains_key("dead_lettered") {
-                Ok(())
-            } else {
-                Err(format!("{outcomes:?}"))
-            }
-        },
+    retried_once_then_dead_lettered(&env).await;
+    env.finish().await;
+}
+
+/// A publisher's header near the broker's frame (RabbitMQ's default `frame_max`, 131,072
+/// bytes): the retry copy, which adds portals-crm's headers, would not fit one frame, and the
+/// broker would close the worker's connection for it (`FRAME_ERROR`), every time. The copy
+/// leaves that header off and says so; the retry and then the dead letter go through on the
+/// same connection.
+#[tokio::test]
+async fn a_header_near_the_frame_limit_is_left_off_the_retry_and_the_dead_letter() {
+    let env = TestEnv::start_with("bigheader", |c| c.retry.tiers_secs = vec![1]).await;
+    env.post_json(
+        "/__emulator/faults",
+        json!({"error_rate": 1.0, "errors": ["UNABLE_TO_LOCK_ROW"]}),
     )
     .await;
-    assert_eq!(env.outcomes().get("retried"), Some(&1));
-    assert_eq!(env.outcomes().get("dead_lettered"), Some(&1));
+    let mut properties = amqp::event_properties(Some("acme"));
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    );
+    // The original takes all but 300 bytes of the frame: less than portals-crm's headers.
+    headers.insert("x-debug-dump".into(), AMQPValue::LongString("".into()));
+    let base = amqp::header_frame_size(&properties.clone().with_headers(headers.clone()));
+    let room = env.publisher.frame_max() as usize - 300 - base;
+    headers.insert(
+        "x-debug-dump".into(),
+        AMQPValue::LongString("d".repeat(room).into()),
+    );
+    properties = properties.with_headers(headers);
+    env.publisher
+        .publish_republishing(
+            &env.topology.exchange,
+            "meeting.booked",
+            &sample("booked"),
+            properties,
+        )
+        .await
+        .expect("the original fits one frame and is taken");
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].reason, "retries_exhausted", "{:?}", dead[0].message);
+    assert!(
+        dead[0].message.contains("gave up after 2 attempts"),
+        "{}",
+        dead[0].message
+    );
+    let headers = Some(&dead[0].headers);
+    assert_eq!(
+        header_str(headers, "x-portals-dropped-headers").as_deref(),
+        Some("x-debug-dump")
+    );
+    assert_eq!(header_str(headers, "x-debug-dump"), None);
+    assert!(
+        header_str(headers, "traceparent").is_some(),
+        "small headers stay"
+    );
+    assert_eq!(dead[0].body, sample("booked"));
+    retried_once_then_dead_lettered(&env).await;
+    let metrics = env.service().metrics.render();
+    assert!(
+        metrics.contains("portals_crm_amqp_reconnects_total 0"),
+        "the connection stayed up: {metrics}"
+    );
+    env.finish().await;
+}
+
+/// The publisher's check: properties over one frame are refused unsent, and the connection
+/// stays usable (lapin would send the frame and the broker close the connection).
+#[tokio::test]
+async fn properties_over_one_frame_are_refused_unsent() {
+    let env = TestEnv::start("overframe").await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-debug-dump".into(),
+        AMQPValue::LongString("d".repeat(140_000).into()),
+    );
+    let properties = amqp::event_properties(Some("acme")).with_headers(headers);
+    let refused = env
+        .publisher
+        .publish(&env.topology.exchange, "meeting.booked", b"{}", properties)
+        .await;
+    match refused {
+        Err(amqp::PublishError::HeaderFrameTooLarge { size, frame_max }) => {
+            assert!(size > 140_000, "{size}");
+            assert_eq!(frame_max, env.publisher.frame_max());
+        }
+        other => panic!("expected HeaderFrameTooLarge, got {other:?}"),
+    }
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(1).await;
+    assert_eq!(env.outcomes().get("written"), Some(&1));
     env.finish().await;
 }

@@ -25,6 +25,36 @@ pub enum PublishError {
     /// `mandatory` publish that no queue took.
     #[error("the broker returned the message as unroutable: {0}")]
     Unroutable(String),
+    /// The message's properties (its headers, mostly) do not fit one frame of the connection:
+    /// not sent, as the broker would close the whole connection for it ([`header_frame_size`]).
+    #[error(
+        "the message's properties take a header frame of {size} bytes, over the connection's frame_max of {frame_max} bytes; not sent (the broker would close the connection with FRAME_ERROR)"
+    )]
+    HeaderFrameTooLarge {
+        /// Bytes of the content header frame.
+        size: usize,
+        /// The connection's negotiated `frame_max`.
+        frame_max: u32,
+    },
+}
+
+/// Bytes of a content header frame besides its properties: the frame's type (1), channel (2),
+/// size (4) and end marker (1), and the payload's class id (2), weight (2) and body size (8)
+/// (AMQP 0-9-1 §4.2.3 and §4.2.6.1).
+const HEADER_FRAME_OVERHEAD: usize = 20;
+
+/// The size in bytes of the content header frame that carries `properties`. A message's
+/// properties travel in that one frame, which cannot be split: over the connection's
+/// negotiated `frame_max` (RabbitMQ's default: 131,072 bytes) the broker closes the whole
+/// connection with `FRAME_ERROR` (`frame_too_large`), failing every channel on it —
+/// <https://github.com/rabbitmq/rabbitmq-java-client/pull/363>, where the Java client added the
+/// same check; lapin sends such a frame as it is.
+pub fn header_frame_size(properties: &BasicProperties) -> usize {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_or(usize::MAX, |bytes| bytes.len() + HEADER_FRAME_OVERHEAD)
 }
 
 /// Connects with heartbeats (added to the URL unless its query sets them). The URL holds a
@@ -61,6 +91,7 @@ const REPUBLISH_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    frame_max: u32,
 }
 
 impl Publisher {
@@ -70,12 +101,22 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            frame_max: connection.configuration().frame_max(),
+        })
     }
 
-    /// A publisher on `channel`, which must be in confirm mode already.
-    pub fn on(channel: Channel) -> Self {
-        Self { channel }
+    /// A publisher on `channel`, which must be in confirm mode already, of a connection whose
+    /// negotiated `frame_max` is `frame_max` (or more).
+    pub fn on(channel: Channel, frame_max: u32) -> Self {
+        Self { channel, frame_max }
+    }
+
+    /// The connection's negotiated `frame_max`, in bytes: the most one frame may take, and so
+    /// the most a message's properties may take ([`header_frame_size`]).
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max
     }
 
     /// The underlying channel (for declarations and `basic_get`).
@@ -85,7 +126,8 @@ impl Publisher {
 
     /// Publishes persistently with `mandatory`, and returns only once the broker confirmed it
     /// and a queue took it. "Acked" is not "routed": an unroutable mandatory message is acked
-    /// too, and comes back as a returned message.
+    /// too, and comes back as a returned message. Properties over one frame are refused
+    /// unsent ([`PublishError::HeaderFrameTooLarge`]).
     pub async fn publish(
         &self,
         exchange: &str,
@@ -93,6 +135,14 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        let properties = properties.with_delivery_mode(2);
+        let size = header_frame_size(&properties);
+        if size > self.frame_max as usize {
+            return Err(PublishError::HeaderFrameTooLarge {
+                size,
+                frame_max: self.frame_max,
+            });
+        }
         let confirm = self
             .channel
             .basic_publish(
@@ -103,7 +153,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                properties.with_delivery_mode(2),
+                properties,
             )
             .await?
             .await?;

@@ -1,10 +1,12 @@
 //! The headers portals-crm writes on retried and dead-lettered copies, and reads back from
 //! dead letters (`dlq`): the only module that knows their names.
 
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::decide::Cause;
-use crate::amqp::{header_int, header_str};
+use crate::amqp::topology::{TENANT_HEADER, TENANT_HEADER_COLON};
+use crate::amqp::{header_frame_size, header_int, header_str};
 use crate::pipeline::MessageInfo;
 
 /// Attempts so far (our own count: `x-delivery-count` resets on every dead-letter cycle).
@@ -30,23 +32,42 @@ pub const LAST_FAILURE: &str = "x-portals-last-failure";
 /// Routing key the booking platform used.
 pub const ROUTING_KEY: &str = "x-portals-routing-key";
 
+/// The names of the publisher's own headers left off a retried or dead-lettered copy because
+/// with them its properties would not fit one frame ([`fit_frame`]), comma-separated.
+pub const DROPPED_HEADERS: &str = "x-portals-dropped-headers";
+
 /// The most bytes of a header value portals-crm writes. Why: a message's headers travel in one
 /// frame, which must fit the connection's `frame_max` (RabbitMQ's default: 128 KiB) or the broker
 /// closes the connection, and several values repeat what an event said (an unknown `type` or a
 /// tenant id is quoted in the message) however long it was, up to `worker.max_body_bytes`.
 pub const HEADER_VALUE_MAX: usize = 1024;
 
+/// `value` cut to at most [`HEADER_VALUE_MAX`] bytes, at a character boundary, ending in `…`
+/// when cut: what a header or a log line quotes of a value an event made as long as it liked
+/// (an event id, an unknown `type`).
+pub fn cut(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= HEADER_VALUE_MAX {
+        return value.into();
+    }
+    let mut end = HEADER_VALUE_MAX - '…'.len_utf8();
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &value[..end]).into()
+}
+
 fn set(table: &mut FieldTable, name: &str, value: &str) {
-    let value = if value.len() > HEADER_VALUE_MAX {
-        let mut end = HEADER_VALUE_MAX - '…'.len_utf8();
-        while !value.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}…", &value[..end])
-    } else {
-        value.to_owned()
-    };
-    table.insert(name.into(), AMQPValue::LongString(value.into()));
+    table.insert(
+        name.into(),
+        AMQPValue::LongString(cut(value).into_owned().into()),
+    );
+}
+
+/// True when `value` is a header value [`cut`] to [`HEADER_VALUE_MAX`] bytes: the whole
+/// value is elsewhere (an event id or tenant in the body), and a lookup by it must read it there.
+pub fn is_cut(value: &str) -> bool {
+    // `cut` backs off at most three bytes to a character boundary before the ellipsis.
+    value.len() + 3 >= HEADER_VALUE_MAX && value.ends_with('…')
 }
 
 /// Attempts recorded on a delivery's headers (0 for a first delivery).
@@ -87,6 +108,57 @@ pub fn annotate(
         set(&mut table, ROUTING_KEY, routing_key);
     }
     table
+}
+
+/// `properties` made to fit one frame of `frame_max` bytes ([`header_frame_size`]), and the
+/// names of the headers left off for it. The original message reached portals-crm within the
+/// broker's frame, but its copy carries portals-crm's headers too (up to about 12 KiB), so a
+/// publisher's headers near the limit would make the copy's frame too large: the broker would
+/// close the connection and the message would come back, again and again. The publisher's own
+/// headers are left off, largest first, until the copy fits; portals-crm's (`x-portals-*`) and
+/// the tenant headers the broker routes on are kept, and the names left off are listed in
+/// [`DROPPED_HEADERS`]. Properties that fit are returned unchanged, with no name.
+pub fn fit_frame(properties: BasicProperties, frame_max: u32) -> (BasicProperties, Vec<String>) {
+    let frame_max = frame_max as usize;
+    if header_frame_size(&properties) <= frame_max {
+        return (properties, Vec::new());
+    }
+    let mut table = properties.headers().clone().unwrap_or_default();
+    let mut sheddable: Vec<(usize, String)> = table
+        .inner()
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            !name.starts_with("x-portals-") && name != TENANT_HEADER && name != TENANT_HEADER_COLON
+        })
+        .map(|(name, value)| {
+            let mut one = FieldTable::default();
+            one.insert(name.clone(), value.clone());
+            let size = header_frame_size(&BasicProperties::default().with_headers(one));
+            (size, name.as_str().to_owned())
+        })
+        .collect();
+    // Largest last, to pop first; equal sizes by name, so the choice does not depend on the
+    // table's order.
+    sheddable.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+    let mut dropped = Vec::new();
+    let mut fitted = properties;
+    while header_frame_size(&fitted) > frame_max {
+        let Some((_, name)) = sheddable.pop() else {
+            break;
+        };
+        let mut kept = FieldTable::default();
+        for (key, value) in table.inner() {
+            if key.as_str() != name {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+        table = kept;
+        dropped.push(name);
+        set(&mut table, DROPPED_HEADERS, &dropped.join(","));
+        fitted = fitted.with_headers(table.clone());
+    }
+    (fitted, dropped)
 }
 
 /// The headers of a replayed copy: only the original routing key, so the replay starts with
@@ -153,6 +225,80 @@ mod tests {
     use crate::outcome::Reason;
     use crate::salesforce::model::ApiError;
 
+    /// A publisher's header near the broker's frame: left off the copy, named in
+    /// `x-portals-dropped-headers`; portals-crm's headers, the tenant header and the
+    /// publisher's small headers stay; a copy that fits is left as it is.
+    #[test]
+    fn a_copy_over_one_frame_leaves_the_publishers_largest_headers_off() {
+        const FRAME_MAX: u32 = 131_072;
+        let mut original = FieldTable::default();
+        original.insert(
+            "traceparent".into(),
+            AMQPValue::LongString("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        );
+        original.insert(
+            "x-debug-dump".into(),
+            AMQPValue::LongString("d".repeat(129_000).into()),
+        );
+        original.insert(TENANT_HEADER.into(), AMQPValue::LongString("acme".into()));
+        let original_properties = BasicProperties::default().with_headers(original.clone());
+        assert!(header_frame_size(&original_properties) <= FRAME_MAX as usize);
+        let info = MessageInfo {
+            tenant: "acme".into(),
+            booking_id: Some("bk_1".into()),
+            event_id: Some("e".repeat(5_000)),
+        };
+        let cause = Cause {
+            reason: Reason::InvalidEvent,
+            message: "m".repeat(5_000),
+            salesforce: None,
+        };
+        let table = annotate(&original, &info, &cause, 1, "meeting.booked", "now");
+        let copy = BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into())
+            .with_headers(table);
+        assert!(header_frame_size(&copy) > FRAME_MAX as usize);
+
+        let (fitted, dropped) = fit_frame(copy, FRAME_MAX);
+        assert_eq!(dropped, ["x-debug-dump"]);
+        assert!(header_frame_size(&fitted) <= FRAME_MAX as usize);
+        let headers = fitted.headers().as_ref();
+        assert_eq!(
+            header_str(headers, DROPPED_HEADERS).as_deref(),
+            Some("x-debug-dump")
+        );
+        assert_eq!(header_str(headers, "x-debug-dump"), None);
+        assert!(header_str(headers, "traceparent").is_some());
+        assert_eq!(header_str(headers, TENANT_HEADER).as_deref(), Some("acme"));
+        assert_eq!(
+            header_str(headers, REASON).as_deref(),
+            Some("invalid_event")
+        );
+        assert_eq!(
+            fitted.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/cloudevents+json")
+        );
+
+        let (same, none) = fit_frame(original_properties.clone(), FRAME_MAX);
+        assert!(none.is_empty());
+        assert_eq!(same, original_properties);
+    }
+
+    /// Several large headers: the largest go first, and only as many as needed.
+    #[test]
+    fn only_as_many_headers_as_needed_are_left_off() {
+        let mut table = FieldTable::default();
+        for (name, size) in [("a", 3_000), ("b", 6_000), ("c", 1_000)] {
+            table.insert(name.into(), AMQPValue::LongString("v".repeat(size).into()));
+        }
+        let properties = BasicProperties::default().with_headers(table);
+        let (fitted, dropped) = fit_frame(properties, 8_192);
+        assert_eq!(dropped, ["b"]);
+        let headers = fitted.headers().as_ref();
+        assert!(header_str(headers, "a").is_some() && header_str(headers, "c").is_some());
+        assert!(header_frame_size(&fitted) <= 8_192);
+    }
+
     #[test]
     fn a_long_value_is_cut_to_fit_a_frame() {
         let info = MessageInfo {
@@ -177,6 +323,10 @@ mod tests {
         }
         let message = header_str(Some(&table), MESSAGE).unwrap_or_default();
         assert!(message.starts_with("unknown event type \"xxx"), "{message}");
+        for name in [MESSAGE, EVENT_ID] {
+            assert!(is_cut(&header_str(Some(&table), name).unwrap_or_default()));
+        }
+        assert!(!is_cut("acme") && !is_cut("a value that ends in …"));
         assert_eq!(header_str(Some(&table), TENANT).as_deref(), Some("acme"));
     }
 

@@ -166,12 +166,16 @@ impl Settler {
         (attempt.saturating_sub(1)..tiers.len()).find(|&i| tiers[i].delay >= wanted)
     }
 
+    /// The copy's properties: the delivery's, with portals-crm's headers added, `expiration`
+    /// (milliseconds, for a retry tier) when given, and the publisher's largest headers left off
+    /// when the copy would not fit one frame of the connection ([`dead_letter::fit_frame`]).
     fn annotated(
         &self,
         delivery: &Delivery,
         info: &MessageInfo,
         cause: &Cause,
         attempts: i64,
+        expiration: Option<String>,
     ) -> BasicProperties {
         let original = delivery.properties.headers().clone().unwrap_or_default();
         let table = dead_letter::annotate(
@@ -185,6 +189,18 @@ impl Settler {
         let mut properties = delivery.properties.clone().with_headers(table);
         if properties.content_type().is_none() {
             properties = properties.with_content_type("application/cloudevents+json".into());
+        }
+        if let Some(expiration) = expiration {
+            properties = properties.with_expiration(expiration.into());
+        }
+        let (properties, dropped) = dead_letter::fit_frame(properties, self.publisher.frame_max());
+        if !dropped.is_empty() {
+            // The message's span names its tenant and event.
+            tracing::warn!(
+                dropped = %dropped.join(","),
+                frame_max = self.publisher.frame_max(),
+                "the message's own headers would not fit one frame with portals-crm's; the copy leaves them off (x-portals-dropped-headers)"
+            );
         }
         properties
     }
@@ -241,14 +257,10 @@ impl Settler {
             return self.dead_letter(delivery, info, &exhausted, release).await;
         };
         let tier_delay = self.topology.tiers[tier].delay;
-        let properties = self
-            .annotated(delivery, info, &cause, attempt)
-            .with_expiration(
-                crate::retry_policy::jittered(tier_delay)
-                    .as_millis()
-                    .to_string()
-                    .into(),
-            );
+        let expiration = crate::retry_policy::jittered(tier_delay)
+            .as_millis()
+            .to_string();
+        let properties = self.annotated(delivery, info, &cause, attempt, Some(expiration));
         let queue = &self.topology.tiers[tier].queue;
         if let Err(source) = self
             .publisher
@@ -269,7 +281,7 @@ impl Settler {
         release: impl FnOnce() + Send,
     ) -> Result<Settled, SettleError> {
         let attempts = Self::attempts_so_far(delivery) + 1;
-        let properties = self.annotated(delivery, info, cause, attempts);
+        let properties = self.annotated(delivery, info, cause, attempts, None);
         if let Err(source) = self
             .publisher
             .publish("", &self.topology.dead_queue, &delivery.data, properties)

@@ -47,6 +47,8 @@ pub struct DeadLetter {
     pub tenant: String,
     pub body: Vec<u8>,
     pub sf_error_code: Option<String>,
+    /// Every header, as the dead letter carries them.
+    pub headers: lapin::types::FieldTable,
 }
 
 /// One isolated environment.
@@ -472,6 +474,7 @@ impl TestEnv {
                 tenant: h("x-portals-tenant").unwrap_or_default(),
                 body: message.delivery.data.clone(),
                 sf_error_code: h("x-portals-sf-error-code"),
+                headers: headers.clone().unwrap_or_default(),
             });
             message
                 .delivery
