@@ -579,6 +579,7 @@ mod tests {
         .to_string();
         let info = crate::pipeline::MessageInfo {
             tenant: "acme".into(),
+            tenant_id: Some("acme".into()),
             booking_id: Some("bk_1".into()),
             event_id: Some(long_id.clone()),
         };

@@ -75,8 +75,9 @@ pub fn attempts(headers: Option<&FieldTable>) -> i64 {
     header_int(headers, ATTEMPT).unwrap_or(0)
 }
 
-/// `original` plus what a retry or dead letter carries: attempts, cause, identity, failure
-/// times (the first one kept from an earlier failure) and the original routing key.
+/// `original` plus what a retry or dead letter carries: attempts, cause, identity (the event's
+/// own tenant id, configured or not), failure times (the first one kept from an earlier
+/// failure) and the original routing key.
 pub fn annotate(
     original: &FieldTable,
     info: &MessageInfo,
@@ -89,7 +90,11 @@ pub fn annotate(
     table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(attempts));
     set(&mut table, REASON, &cause.reason.label());
     set(&mut table, MESSAGE, &cause.message);
-    set(&mut table, TENANT, &info.tenant);
+    set(
+        &mut table,
+        TENANT,
+        info.tenant_id.as_deref().unwrap_or(&info.tenant),
+    );
     if let Some(id) = &info.booking_id {
         set(&mut table, BOOKING_ID, id);
     }
@@ -245,6 +250,7 @@ mod tests {
         assert!(header_frame_size(&original_properties) <= FRAME_MAX as usize);
         let info = MessageInfo {
             tenant: "acme".into(),
+            tenant_id: Some("acme".into()),
             booking_id: Some("bk_1".into()),
             event_id: Some("e".repeat(5_000)),
         };
@@ -303,6 +309,7 @@ mod tests {
     fn a_long_value_is_cut_to_fit_a_frame() {
         let info = MessageInfo {
             tenant: "acme".into(),
+            tenant_id: Some("acme".into()),
             booking_id: Some("bk_1".into()),
             event_id: Some("é".repeat(40_000)),
         };
@@ -334,6 +341,7 @@ mod tests {
     fn what_is_written_reads_back() {
         let info = MessageInfo {
             tenant: "acme".into(),
+            tenant_id: Some("acme".into()),
             booking_id: Some("bk_1".into()),
             event_id: Some("evt_1".into()),
         };

@@ -41,6 +41,10 @@ pub struct MessageInfo {
     /// Tenant, or `unknown` when the event did not decode or its tenant is not configured
     /// (so metric labels stay bounded).
     pub tenant: String,
+    /// The event's `tenantid` as sent, when the event decoded, configured or not: what the
+    /// dead-letter headers name, so that an event for a tenant not configured yet is found by
+    /// `dlq … --tenant <id>` once it is.
+    pub tenant_id: Option<String>,
     /// Booking id, when the event decoded.
     pub booking_id: Option<String>,
     /// CloudEvents id, when the event decoded.
@@ -183,6 +187,7 @@ impl Pipeline {
             .inc();
         let info = MessageInfo {
             tenant: tenant_label,
+            tenant_id: Some(event.tenant.clone()),
             booking_id: Some(event.booking.booking_id.clone()),
             event_id: Some(event.id.clone()),
         };
@@ -660,6 +665,7 @@ mod tests {
             first.info,
             MessageInfo {
                 tenant: "acme".into(),
+                tenant_id: Some("acme".into()),
                 booking_id: Some("bk_7Q2M9".into()),
                 event_id: Some("evt_01JD6Q7M1V3S6".into()),
             }
@@ -696,6 +702,7 @@ mod tests {
             "{stranger:?}"
         );
         assert_eq!(stranger.info.tenant, "unknown");
+        assert_eq!(stranger.info.tenant_id.as_deref(), Some("initech"));
         f.finish().await;
     }
 
