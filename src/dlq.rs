@@ -90,7 +90,18 @@ pub enum DlqError {
     /// No dead letter has this id.
     #[error("no dead letter with id {0}")]
     NotFound(String),
+    /// The broker's next dead letter did not arrive ([`GET_TIMEOUT`]).
+    #[error(
+        "the next dead letter did not arrive within {0} s: the connection was lost, or the message is over the connection's frame_max (RabbitMQ takes a frame up to 8 bytes over it from a publisher; lapin refuses it and closes the connection, logging FRAME-ERROR), which this client cannot read"
+    )]
+    Unreadable(u64),
 }
+
+/// How long one `basic.get` may take. A dead letter whose header frame is over the connection's
+/// `frame_max` makes lapin close the connection on receipt without answering the get (found
+/// with a message 8 bytes over it, which RabbitMQ takes from a publisher): unbounded, `dlq`
+/// would wait for ever.
+const GET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// FNV-1a: a stable, dependency-free hash for ids of bodies without an event id.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -308,13 +319,17 @@ impl Dlq {
             .basic_qos(0, BasicQosOptions { global: false })
             .await?;
         let mut chosen = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
+        loop {
+            let get = channel.basic_get(
                 self.topology.dead_queue.as_str().into(),
                 BasicGetOptions { no_ack: false },
-            )
-            .await?
-        {
+            );
+            let Some(message) = tokio::time::timeout(GET_TIMEOUT, get)
+                .await
+                .map_err(|_| DlqError::Unreadable(GET_TIMEOUT.as_secs()))??
+            else {
+                break;
+            };
             let letter = describe(
                 message.delivery.properties.headers().as_ref(),
                 &message.delivery.data,

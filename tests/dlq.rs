@@ -246,3 +246,51 @@ async fn a_broker_dead_letter_is_listed_with_its_ids_and_cause_and_replays() {
     assert_eq!(env.records("Event").await.len(), 1);
     env.finish().await;
 }
+
+/// A dead letter the client cannot read (a header frame over the connection's `frame_max`,
+/// which RabbitMQ takes from a publisher up to 8 bytes over): lapin closes the connection
+/// without answering the `basic.get`. `dlq` says so within its time limit instead of waiting
+/// for ever.
+#[tokio::test]
+async fn a_dead_letter_over_the_frame_is_reported_not_waited_for() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use portals_crm::amqp::header_frame_size;
+    use portals_crm::dlq::DlqError;
+
+    let env = TestEnv::start("dlqoverframe").await;
+    let frame_max = env.publisher.frame_max() as usize;
+    let mut headers = FieldTable::default();
+    headers.insert("x-dump".into(), AMQPValue::LongString("".into()));
+    let empty = header_frame_size(&lapin::BasicProperties::default().with_headers(headers.clone()));
+    headers.insert(
+        "x-dump".into(),
+        AMQPValue::LongString("d".repeat(frame_max + 4 - empty).into()),
+    );
+    let properties = lapin::BasicProperties::default().with_headers(headers);
+    assert_eq!(header_frame_size(&properties), frame_max + 4);
+    // Past the publisher's own check, as another client would send it.
+    env.publisher
+        .channel()
+        .basic_publish(
+            "".into(),
+            env.topology.dead_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &sample("booked"),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
+        .await
+        .unwrap();
+    match dlq.list(&Filter::default()).await {
+        Err(error @ DlqError::Unreadable(_)) => {
+            assert!(error.to_string().contains("frame_max"), "{error}");
+        }
+        other => panic!("expected Unreadable, got {other:?}"),
+    }
+    env.finish().await;
+}

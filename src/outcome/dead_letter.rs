@@ -46,10 +46,15 @@ pub const HEADER_VALUE_MAX: usize = 1024;
 /// when cut: what a header or a log line quotes of a value an event made as long as it liked
 /// (an event id, an unknown `type`).
 pub fn cut(value: &str) -> std::borrow::Cow<'_, str> {
-    if value.len() <= HEADER_VALUE_MAX {
+    cut_to(value, HEADER_VALUE_MAX)
+}
+
+/// `value` cut to at most `max` bytes (at least 4), as [`cut`].
+fn cut_to(value: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if value.len() <= max {
         return value.into();
     }
-    let mut end = HEADER_VALUE_MAX - '…'.len_utf8();
+    let mut end = max - '…'.len_utf8();
     while !value.is_char_boundary(end) {
         end -= 1;
     }
@@ -115,41 +120,70 @@ pub fn annotate(
     table
 }
 
-/// `properties` made to fit one frame of `frame_max` bytes ([`header_frame_size`]), and the
-/// names of the headers left off for it. The original message reached portals-crm within the
-/// broker's frame, but its copy carries portals-crm's headers too (up to about 12 KiB), so a
-/// publisher's headers near the limit would make the copy's frame too large: the broker would
-/// close the connection and the message would come back, again and again. The publisher's own
-/// headers are left off, largest first, until the copy fits; portals-crm's (`x-portals-*`) and
-/// the tenant headers the broker routes on are kept, and the names left off are listed in
-/// [`DROPPED_HEADERS`]. Properties that fit are returned unchanged, with no name.
+/// Bytes of a frame a copy leaves free for what the broker adds when it dead-letters it (a retry
+/// tier's expiry, the delivery limit): an `x-death` entry per queue and reason, the
+/// `x-first-death-*` and `x-last-death-*` headers, `x-delivery-count` — a few hundred bytes a
+/// hop (<https://www.rabbitmq.com/docs/dlx#effects>). A copy filled to the frame would come back
+/// over it, and lapin closes the whole connection on a frame it receives over `frame_max`.
+pub const BROKER_HEADROOM: usize = 4096;
+
+/// The headers portals-crm writes on a copy: never left off (a publisher's header that merely
+/// starts with `x-portals-` is not one of them).
+const OURS: [&str; 12] = [
+    ATTEMPT,
+    REASON,
+    MESSAGE,
+    SF_ERROR_CODE,
+    SF_FIELDS,
+    TENANT,
+    BOOKING_ID,
+    EVENT_ID,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    ROUTING_KEY,
+    DROPPED_HEADERS,
+];
+
+/// What portals-crm's own values are cut to when the copy does not fit even without the
+/// publisher's headers (only with a `frame_max` near lapin's floor of 8 KiB and long ids).
+const SHORT_VALUE_MAX: usize = 128;
+
+/// `properties` made to fit one frame of `frame_max` bytes ([`header_frame_size`]) with
+/// [`BROKER_HEADROOM`] to spare, and the names of the headers left off for it. The original
+/// message reached portals-crm within the broker's frame, but its copy carries portals-crm's
+/// headers too (up to about 12 KiB), so a publisher's headers near the limit would make the
+/// copy's frame too large: the broker would close the connection and the message would come
+/// back, again and again. The publisher's own headers are left off, largest first and the tenant
+/// headers last (nothing routes a copy by them, but they say whose it is), until the copy fits;
+/// their names are added to [`DROPPED_HEADERS`] (after those an earlier copy left off). Should
+/// portals-crm's own headers still not fit, their values are cut to 128 bytes. Properties that
+/// fit are returned unchanged, with no name.
 pub fn fit_frame(properties: BasicProperties, frame_max: u32) -> (BasicProperties, Vec<String>) {
-    let frame_max = frame_max as usize;
-    if header_frame_size(&properties) <= frame_max {
+    let budget = (frame_max as usize).saturating_sub(BROKER_HEADROOM);
+    if header_frame_size(&properties) <= budget {
         return (properties, Vec::new());
     }
     let mut table = properties.headers().clone().unwrap_or_default();
-    let mut sheddable: Vec<(usize, String)> = table
+    let earlier = header_str(Some(&table), DROPPED_HEADERS);
+    let mut sheddable: Vec<(bool, usize, String)> = table
         .inner()
         .iter()
-        .filter(|(name, _)| {
-            let name = name.as_str();
-            !name.starts_with("x-portals-") && name != TENANT_HEADER && name != TENANT_HEADER_COLON
-        })
+        .filter(|(name, _)| !OURS.contains(&name.as_str()))
         .map(|(name, value)| {
             let mut one = FieldTable::default();
             one.insert(name.clone(), value.clone());
             let size = header_frame_size(&BasicProperties::default().with_headers(one));
-            (size, name.as_str().to_owned())
+            let routing = name.as_str() == TENANT_HEADER || name.as_str() == TENANT_HEADER_COLON;
+            (!routing, size, name.as_str().to_owned())
         })
         .collect();
-    // Largest last, to pop first; equal sizes by name, so the choice does not depend on the
-    // table's order.
-    sheddable.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+    // Popped from the end: the tenant headers last, else the largest first; equal sizes by
+    // name, so the choice does not depend on the table's order.
+    sheddable.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| b.2.cmp(&a.2)));
     let mut dropped = Vec::new();
     let mut fitted = properties;
-    while header_frame_size(&fitted) > frame_max {
-        let Some((_, name)) = sheddable.pop() else {
+    while header_frame_size(&fitted) > budget {
+        let Some((_, _, name)) = sheddable.pop() else {
             break;
         };
         let mut kept = FieldTable::default();
@@ -160,8 +194,22 @@ pub fn fit_frame(properties: BasicProperties, frame_max: u32) -> (BasicPropertie
         }
         table = kept;
         dropped.push(name);
-        set(&mut table, DROPPED_HEADERS, &dropped.join(","));
+        let names = earlier.iter().chain(&dropped).cloned();
+        set(
+            &mut table,
+            DROPPED_HEADERS,
+            &names.collect::<Vec<_>>().join(","),
+        );
         fitted = fitted.with_headers(table.clone());
+    }
+    if header_frame_size(&fitted) > budget {
+        for name in OURS {
+            if let Some(value) = header_str(Some(&table), name) {
+                let short = cut_to(&value, SHORT_VALUE_MAX).into_owned();
+                table.insert(name.into(), AMQPValue::LongString(short.into()));
+            }
+        }
+        fitted = fitted.with_headers(table);
     }
     (fitted, dropped)
 }
@@ -267,7 +315,7 @@ mod tests {
 
         let (fitted, dropped) = fit_frame(copy, FRAME_MAX);
         assert_eq!(dropped, ["x-debug-dump"]);
-        assert!(header_frame_size(&fitted) <= FRAME_MAX as usize);
+        assert!(header_frame_size(&fitted) <= FRAME_MAX as usize - BROKER_HEADROOM);
         let headers = fitted.headers().as_ref();
         assert_eq!(
             header_str(headers, DROPPED_HEADERS).as_deref(),
@@ -285,24 +333,120 @@ mod tests {
             Some("application/cloudevents+json")
         );
 
-        let (same, none) = fit_frame(original_properties.clone(), FRAME_MAX);
+        let small = BasicProperties::default().with_headers(original_small());
+        let (same, none) = fit_frame(small.clone(), FRAME_MAX);
         assert!(none.is_empty());
-        assert_eq!(same, original_properties);
+        assert_eq!(same, small);
+    }
+
+    fn original_small() -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(TENANT_HEADER.into(), AMQPValue::LongString("acme".into()));
+        table
+    }
+
+    /// A copy that fits the frame but not its headroom is fitted too: what the broker adds when
+    /// it dead-letters the copy must still fit. The tenant headers go last, a publisher's
+    /// `x-portals-…` header is not portals-crm's, and names left off earlier are kept.
+    #[test]
+    fn the_headroom_is_kept_the_tenant_headers_go_last_and_earlier_names_stay() {
+        const FRAME_MAX: u32 = 16_384;
+        let mut table = FieldTable::default();
+        table.insert(
+            TENANT_HEADER.into(),
+            AMQPValue::LongString("t".repeat(4_500).into()),
+        );
+        table.insert(
+            "x-portals-custom".into(),
+            AMQPValue::LongString("c".repeat(5_000).into()),
+        );
+        table.insert("small".into(), AMQPValue::LongString("s".into()));
+        table.insert(DROPPED_HEADERS.into(), AMQPValue::LongString("x-a".into()));
+        table.insert(REASON.into(), AMQPValue::LongString("invalid_event".into()));
+        table.insert(
+            "x-late".into(),
+            AMQPValue::LongString("l".repeat(5_500).into()),
+        );
+        let properties = BasicProperties::default().with_headers(table);
+        let size = header_frame_size(&properties);
+        assert!(size < FRAME_MAX as usize, "under the frame: {size}");
+        let (fitted, dropped) = fit_frame(properties, FRAME_MAX);
+        assert_eq!(dropped, ["x-late"]);
+        let headers = fitted.headers().as_ref();
+        assert_eq!(
+            header_str(headers, DROPPED_HEADERS).as_deref(),
+            Some("x-a,x-late")
+        );
+        assert!(header_str(headers, TENANT_HEADER).is_some());
+        assert!(header_frame_size(&fitted) <= FRAME_MAX as usize - BROKER_HEADROOM);
+
+        // Tighter: the publisher's `x-portals-custom` next, then the small one, the tenant
+        // header only after every other.
+        let (fitted, dropped) = fit_frame(fitted, 8_192);
+        assert_eq!(dropped, ["x-portals-custom", "small", TENANT_HEADER]);
+        let headers = fitted.headers().as_ref();
+        assert_eq!(
+            header_str(headers, DROPPED_HEADERS).as_deref(),
+            Some(format!("x-a,x-late,x-portals-custom,small,{TENANT_HEADER}").as_str())
+        );
+        assert_eq!(
+            header_str(headers, REASON).as_deref(),
+            Some("invalid_event")
+        );
+    }
+
+    /// At lapin's smallest frame, ids of 1 KiB each do not fit even alone: portals-crm's
+    /// values are cut short, the reason kept whole.
+    #[test]
+    fn at_the_smallest_frame_long_values_of_our_own_are_cut_short() {
+        let info = MessageInfo {
+            tenant: "unknown".into(),
+            tenant_id: Some("t".repeat(5_000)),
+            booking_id: Some("b".repeat(5_000)),
+            event_id: Some("e".repeat(5_000)),
+        };
+        let cause = Cause {
+            reason: Reason::InvalidEvent,
+            message: "m".repeat(5_000),
+            salesforce: None,
+        };
+        let table = annotate(
+            &FieldTable::default(),
+            &info,
+            &cause,
+            1,
+            &"k".repeat(300),
+            "now",
+        );
+        let (fitted, dropped) = fit_frame(BasicProperties::default().with_headers(table), 8_192);
+        assert!(dropped.is_empty());
+        assert!(header_frame_size(&fitted) <= 8_192 - BROKER_HEADROOM);
+        let headers = fitted.headers().as_ref();
+        assert_eq!(
+            header_str(headers, REASON).as_deref(),
+            Some("invalid_event")
+        );
+        let event_id = header_str(headers, EVENT_ID).unwrap_or_default();
+        assert!(
+            event_id.len() <= 128 && event_id.ends_with('…'),
+            "{event_id}"
+        );
+        assert_eq!(attempts(headers), 1);
     }
 
     /// Several large headers: the largest go first, and only as many as needed.
     #[test]
     fn only_as_many_headers_as_needed_are_left_off() {
         let mut table = FieldTable::default();
-        for (name, size) in [("a", 3_000), ("b", 6_000), ("c", 1_000)] {
+        for (name, size) in [("a", 3_000), ("b", 10_000), ("c", 1_000)] {
             table.insert(name.into(), AMQPValue::LongString("v".repeat(size).into()));
         }
         let properties = BasicProperties::default().with_headers(table);
-        let (fitted, dropped) = fit_frame(properties, 8_192);
+        let (fitted, dropped) = fit_frame(properties, 16_384);
         assert_eq!(dropped, ["b"]);
         let headers = fitted.headers().as_ref();
         assert!(header_str(headers, "a").is_some() && header_str(headers, "c").is_some());
-        assert!(header_frame_size(&fitted) <= 8_192);
+        assert!(header_frame_size(&fitted) <= 16_384 - BROKER_HEADROOM);
     }
 
     #[test]

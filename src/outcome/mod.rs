@@ -186,7 +186,12 @@ impl Settler {
             delivery.routing_key.as_str(),
             &now_rfc3339(),
         );
-        let mut properties = delivery.properties.clone().with_headers(table);
+        // Persistent, as `Publisher::publish` sends it: measured as it goes out.
+        let mut properties = delivery
+            .properties
+            .clone()
+            .with_headers(table)
+            .with_delivery_mode(2);
         if properties.content_type().is_none() {
             properties = properties.with_content_type("application/cloudevents+json".into());
         }
