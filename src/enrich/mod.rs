@@ -57,6 +57,8 @@ struct UserEntry {
 
 /// The last snapshot written for a booking, the record ids it produced, and the relations its
 /// Event was left with (see [`relations`]): one sled entry, written once per booking.
+/// Stored in postcard, whose fields are positional: a change of these fields needs a new
+/// format byte ([`COMPACT`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Version applied.
@@ -86,28 +88,39 @@ pub struct LedgerRead {
 /// Why not JSON, as before: a booking's entry is written once per booking, and sled copies the
 /// value again on every rewrite of its leaf (each tenth change of a node, and each split, every
 /// sixteen keys); postcard writes the same entry without field names or quotes and with
-/// integers as varints: 196 bytes against JSON's 350 for a booking with one attendee (the
-/// record ids are most of what is left).
+/// integers as varints: 196 bytes against the previous JSON's 340 for a booking with one
+/// attendee (the record ids are most of what is left).
 fn ledger_bytes(entry: &LedgerEntry) -> Option<Vec<u8>> {
+    compact_bytes(entry, now_secs())
+}
+
+/// `entry` in [`StoredFormat::Compact`], written at `written_at` (Unix seconds).
+fn compact_bytes(entry: &LedgerEntry, written_at: u64) -> Option<Vec<u8>> {
     // Room for a typical entry (a few record ids and relations), so it is written without
     // growing the buffer on the way.
     let mut bytes = Vec::with_capacity(256);
     bytes.extend_from_slice(&entry.version.to_be_bytes());
     bytes.push(COMPACT);
-    bytes.extend_from_slice(&now_secs().to_be_bytes());
+    bytes.extend_from_slice(&written_at.to_be_bytes());
     postcard::to_extend(entry, bytes).ok()
 }
 
-/// Bytes of the big-endian version that prefixes a stored ledger entry, so that "never lower
-/// the version" is decided without decoding the entry.
+/// Bytes of the big-endian version that prefixes a stored ledger entry (in both formats): an
+/// entry whose own version is not this one is a miss.
 const VERSION_PREFIX: usize = 8;
 
 /// The byte after the version of an entry in [`StoredFormat::Compact`]: not `{`, which starts
-/// the JSON of [`StoredFormat::Json`].
+/// the JSON of [`StoredFormat::Json`]. postcard's fields are positional: a change to the fields
+/// of [`LedgerEntry`] or [`Existing`] is a new layout, which takes a new byte here (and a
+/// reader of this one), or every stored entry would be misread or missed
+/// (`tests::the_compact_layout_is_pinned` fails first).
 const COMPACT: u8 = 1;
 
 /// Bytes of the big-endian `written_at` (Unix seconds) after [`COMPACT`].
 const WRITTEN_AT: usize = 8;
+
+/// Bytes before the postcard of a [`StoredFormat::Compact`] entry.
+const COMPACT_HEADER: usize = VERSION_PREFIX + 1 + WRITTEN_AT;
 
 /// The two shapes of a stored ledger entry this release reads; it writes only the first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +134,7 @@ enum StoredFormat {
 }
 
 /// The format of stored ledger bytes, `None` for bytes of another shape (an older release's
-/// entry is JSON from its first byte): such an entry is a miss, overwritten.
+/// entry is JSON from its first byte).
 fn stored_format(bytes: &[u8]) -> Option<StoredFormat> {
     match bytes.get(VERSION_PREFIX)? {
         &COMPACT => Some(StoredFormat::Compact),
@@ -130,37 +143,30 @@ fn stored_format(bytes: &[u8]) -> Option<StoredFormat> {
     }
 }
 
-/// The version a stored ledger entry holds, `None` for bytes of another shape.
-fn stored_version(bytes: &[u8]) -> Option<u64> {
-    stored_format(bytes)?;
-    Some(u64::from_be_bytes(
-        bytes.get(..VERSION_PREFIX)?.try_into().ok()?,
-    ))
-}
-
-/// The entry stored `bytes` hold, `None` when they do not decode.
-fn stored_entry(bytes: &[u8]) -> Option<LedgerEntry> {
-    match stored_format(bytes)? {
+/// The entry stored `bytes` hold and when it was written (Unix seconds; 0 for a JSON entry that
+/// does not say). `None` — a miss, overwritten by the next write and removed by the next expiry
+/// pass — for bytes of another shape, bytes that do not decode whole, or an entry whose version
+/// is not the one its prefix says.
+fn stored_entry(bytes: &[u8]) -> Option<(LedgerEntry, u64)> {
+    let prefix = u64::from_be_bytes(bytes.get(..VERSION_PREFIX)?.try_into().ok()?);
+    let (entry, written_at) = match stored_format(bytes)? {
         StoredFormat::Compact => {
-            postcard::from_bytes(bytes.get(VERSION_PREFIX + 1 + WRITTEN_AT..)?).ok()
+            let written_at = bytes.get(VERSION_PREFIX + 1..COMPACT_HEADER)?;
+            let (entry, rest) =
+                postcard::take_from_bytes::<LedgerEntry>(bytes.get(COMPACT_HEADER..)?).ok()?;
+            if !rest.is_empty() {
+                return None;
+            }
+            (entry, u64::from_be_bytes(written_at.try_into().ok()?))
         }
-        StoredFormat::Json => serde_json::from_slice(bytes.get(VERSION_PREFIX..)?).ok(),
-    }
-}
-
-/// When a stored ledger entry was written (Unix seconds; 0 when it does not say).
-fn stored_written_at(bytes: &[u8]) -> u64 {
-    match stored_format(bytes) {
-        Some(StoredFormat::Compact) => bytes
-            .get(VERSION_PREFIX + 1..VERSION_PREFIX + 1 + WRITTEN_AT)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes),
-        Some(StoredFormat::Json) => bytes
-            .get(VERSION_PREFIX..)
-            .and_then(|json| serde_json::from_slice::<Stamp>(json).ok())
-            .map_or(0, |s| s.written_at),
-        None => 0,
-    }
+        StoredFormat::Json => {
+            let json = bytes.get(VERSION_PREFIX..)?;
+            let entry: LedgerEntry = serde_json::from_slice(json).ok()?;
+            let stamp = serde_json::from_slice::<Stamp>(json).ok()?;
+            (entry, stamp.written_at)
+        }
+    };
+    (entry.version == prefix).then_some((entry, written_at))
 }
 
 /// The expiry stamp of a ledger entry in [`StoredFormat::Json`] (0 when it has none).
@@ -416,7 +422,10 @@ impl Caches {
     /// [`Caches::ledger_put_over`].
     pub fn ledger_read(&self, tenant: &str, booking_id: &str) -> LedgerRead {
         let stored = self.ledger.get(key(tenant, booking_id)).ok().flatten();
-        let entry = stored.as_deref().and_then(stored_entry);
+        let entry = stored
+            .as_deref()
+            .and_then(stored_entry)
+            .map(|(entry, _)| entry);
         self.metrics.cache("ledger", entry.is_some());
         LedgerRead { entry, stored }
     }
@@ -442,10 +451,9 @@ impl Caches {
             return;
         };
         if read
-            .stored
-            .as_deref()
-            .and_then(stored_version)
-            .is_some_and(|version| version > entry.version)
+            .entry
+            .as_ref()
+            .is_some_and(|read| read.version > entry.version)
         {
             return;
         }
@@ -464,9 +472,10 @@ impl Caches {
     fn ledger_update(&self, k: &[u8], version: u64, bytes: Vec<u8>) {
         let result = self.ledger.fetch_and_update(k, |old| {
             // An entry of another shape (an older release's) is a miss: overwritten.
+            // So is one that does not decode (decoded here, on this rarer path, to tell).
             let keep_old = old
-                .and_then(stored_version)
-                .is_some_and(|stored| stored > version);
+                .and_then(stored_entry)
+                .is_some_and(|(stored, _)| stored.version > version);
             if keep_old {
                 old.map(<[u8]>::to_vec)
             } else {
@@ -497,7 +506,8 @@ impl Caches {
             if seen == limit {
                 return (removed, Some(k.to_vec()));
             }
-            let written_at = stored_written_at(&v);
+            // An entry that does not decode counts as written at 0: removed.
+            let written_at = stored_entry(&v).map_or(0, |(_, at)| at);
             // Only if unchanged since read: a version written meanwhile stays.
             if written_at < cutoff
                 && self
@@ -911,19 +921,98 @@ mod tests {
             }]),
         };
         let bytes = ledger_bytes(&entry).unwrap();
-        assert_eq!(stored_version(&bytes), Some(3));
-        assert_eq!(stored_entry(&bytes), Some(entry.clone()));
-        assert!(stored_written_at(&bytes) >= now_secs() - 5);
+        let (read, written_at) = stored_entry(&bytes).expect("it decodes");
+        assert_eq!(read, entry);
+        assert!(written_at >= now_secs() - 5);
         let json = serde_json::to_vec(&entry).unwrap().len() + VERSION_PREFIX;
         assert!(
             bytes.len() * 3 < json * 2,
             "{} bytes against {json}",
             bytes.len()
         );
-        // Cut short, it is a miss, not a panic.
+        // Cut short, with bytes after it, or with a prefix that is not its version, it is a
+        // miss, not a panic.
         for end in 0..bytes.len() {
             assert_eq!(stored_entry(&bytes[..end]), None, "{end} bytes");
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(stored_entry(&longer), None);
+        let mut other = bytes.clone();
+        other[..VERSION_PREFIX].copy_from_slice(&4u64.to_be_bytes());
+        assert_eq!(stored_entry(&other), None);
+    }
+
+    #[test]
+    fn the_compact_layout_is_pinned() {
+        // postcard's wire format, written out by hand: varints for lengths and integers, a
+        // string as its length and bytes, `Some` as 1, a bool as 0 or 1. A change to the
+        // fields of LedgerEntry or Existing fails here: it needs a new COMPACT byte.
+        let entry = LedgerEntry {
+            version: 300,
+            record_ids: vec![("lead_0".into(), "00Q1".into())],
+            relations: Some(vec![Existing {
+                id: "0RE1".into(),
+                key: "k".into(),
+                is_parent: true,
+                is_invitee: false,
+                relation_id: "00Q1".into(),
+            }]),
+        };
+        let mut expected = 300u64.to_be_bytes().to_vec();
+        expected.push(COMPACT);
+        expected.extend_from_slice(&1_764_700_000u64.to_be_bytes());
+        expected.extend_from_slice(&[0xac, 0x02]); // version 300
+        expected.push(1); // one record id
+        expected.push(6);
+        expected.extend_from_slice(b"lead_0");
+        expected.push(4);
+        expected.extend_from_slice(b"00Q1");
+        expected.extend_from_slice(&[1, 1]); // Some, one relation
+        expected.push(4);
+        expected.extend_from_slice(b"0RE1");
+        expected.push(1);
+        expected.extend_from_slice(b"k");
+        expected.extend_from_slice(&[1, 0]); // is_parent, is_invitee
+        expected.push(4);
+        expected.extend_from_slice(b"00Q1");
+        assert_eq!(compact_bytes(&entry, 1_764_700_000), Some(expected.clone()));
+        assert_eq!(stored_entry(&expected), Some((entry, 1_764_700_000)));
+    }
+
+    #[test]
+    fn a_corrupt_entry_is_overwritten_and_expired() {
+        let dir =
+            std::env::temp_dir().join(format!("portals-crm-ledger-bad-{}", std::process::id()));
+        let caches = Caches::open(&test_config(&dir), Arc::new(Metrics::new())).unwrap();
+        // Says version u64::MAX and written in the far future, holds no entry.
+        let mut junk = u64::MAX.to_be_bytes().to_vec();
+        junk.push(COMPACT);
+        junk.extend_from_slice(&u64::MAX.to_be_bytes());
+        junk.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let entry = |version| LedgerEntry {
+            version,
+            record_ids: vec![],
+            relations: None,
+        };
+        for (id, bytes) in [
+            ("bk_1", junk.clone()),
+            ("bk_2", junk.clone()),
+            ("bk_3", junk),
+        ] {
+            caches.ledger.insert(key("acme", id), bytes).unwrap();
+        }
+        assert_eq!(caches.ledger_get("acme", "bk_1"), None);
+        caches.ledger_put("acme", "bk_1", &entry(3));
+        assert_eq!(caches.ledger_get("acme", "bk_1"), Some(entry(3)));
+        let read = caches.ledger_read("acme", "bk_2");
+        caches.ledger_put_over("acme", "bk_2", &read, &entry(2));
+        assert_eq!(caches.ledger_get("acme", "bk_2"), Some(entry(2)));
+        // The one left is removed by the next expiry pass, whatever its header says.
+        assert_eq!(caches.ledger_expire(now_secs() - 60, None, 10), (1, None));
+        assert!(caches.ledger.get(key("acme", "bk_3")).unwrap().is_none());
+        drop(caches);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -81,7 +81,9 @@ pub struct WantedRelation {
     pub existing_id: Option<String>,
 }
 
-/// A relation that exists in the org.
+/// A relation that exists in the org. Kept in the booking's ledger entry, whose stored layout
+/// is positional: a change of these fields needs a new format in `crate::enrich` (see its
+/// `COMPACT`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Existing {
     /// The EventRelation's id.
