@@ -21,7 +21,9 @@ pub use tenant::{
 /// that could never connect stops the service at start instead of being retried for ever. The
 /// URL may hold a password: no part of it is ever quoted, only the names of its parts.
 fn amqp_url_problem(url: &str) -> Option<String> {
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+    // A scheme is case-insensitive (RFC 3986 §3.1): lapin reads `AMQPS://` as `amqps://`.
+    let scheme = url.find("://").map(|end| url[..end].to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("amqp" | "amqps")) {
         return Some("must start with amqp:// or amqps://".to_owned());
     }
     // `url`'s parse errors name the fault (`invalid port number`, `empty host`) without the text.
@@ -751,6 +753,8 @@ mod tests {
                 "http://u:hunter2@broker/%2f",
                 "must start with amqp:// or amqps://",
             ),
+            ("amqpx://u:hunter2@broker/%2f", "must start with amqp://"),
+            ("u:hunter2@broker:5672", "must start with amqp://"),
         ] {
             let env = [("PORTALS_CRM_AMQP_URL", url)].map(|(k, v)| (k.to_owned(), v.to_owned()));
             let error = Config::from_toml(SHIPPED, env.into_iter()).unwrap_err();
@@ -769,7 +773,10 @@ mod tests {
             "amqp://broker",
             "amqp://u:p@127.0.0.1:5672/vhost?auth_mechanism=external",
             "amqp://u:p@broker/%2f?auth_mechanism=AMQPLAIN&cacertfile=/etc/ca.pem&verify=verify_peer",
+            "AMQP://u:p@broker:5672/%2f",
+            "AmQpS://broker/%2f",
         ] {
+            assert!(url.parse::<lapin::uri::AMQPUri>().is_ok(), "lapin: {url}");
             assert_eq!(amqp_url_problem(url), None, "{url}");
         }
     }
