@@ -654,3 +654,27 @@ async fn a_restart_with_a_broken_tenant_file_runs_its_last_good_copy() {
     assert!(error.to_string().contains("acme.toml"), "{error}");
     env.finish().await;
 }
+
+/// A variable that is not UTF-8 stops the service at start with the variable named, not a
+/// panic printing its value (`std::env::vars` would): the broker URL holds a password.
+#[tokio::test]
+async fn an_environment_variable_that_is_not_utf8_is_named_not_printed() {
+    use std::os::unix::ffi::OsStrExt;
+    let url = std::ffi::OsStr::from_bytes(b"amqp://u:hunter2@broker/\xff");
+    let other = std::ffi::OsStr::from_bytes(b"\xff");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run", "--config", "config/portals-crm.toml"])
+        .env("PORTALS_CRM_AMQP_URL", url)
+        .env("SOME_OTHER_SETTING", other)
+        .output()
+        .await
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("PORTALS_CRM_AMQP_URL: is not UTF-8"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -483,6 +483,37 @@ fn overlay_env(
     problems
 }
 
+/// The process environment, as [`Config::from_toml`] takes it. `std::env::vars` panics on a
+/// variable that is not UTF-8 and prints its value, which for `PORTALS_CRM_AMQP_URL` holds a
+/// password: here a `PORTALS_CRM_` variable that is not UTF-8 is a problem named without its
+/// value, and any other such variable is not ours and is left out.
+fn environment() -> Result<std::vec::IntoIter<(String, String)>, ConfigError> {
+    let (vars, problems) = utf8_vars(std::env::vars_os());
+    if problems.is_empty() {
+        Ok(vars.into_iter())
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+/// The variables of `vars` that are UTF-8, and a problem for each `PORTALS_CRM_` one that is not.
+fn utf8_vars(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut kept = Vec::new();
+    let mut problems = Vec::new();
+    for (name, value) in vars {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => kept.push((name, value)),
+            (Ok(name), Err(_)) if name.starts_with("PORTALS_CRM_") => {
+                problems.push(format!("{name}: is not UTF-8 (its value is not shown)"));
+            }
+            _ => {}
+        }
+    }
+    (kept, problems)
+}
+
 impl Config {
     /// Loads `path`, overlays the process environment, validates, and resolves the relative
     /// paths it names (tenants directory, cache, admin token file) against the directory of
@@ -490,7 +521,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
-        let mut config = Self::from_toml(&text, std::env::vars())?;
+        let mut config = Self::from_toml(&text, environment()?)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         Ok(config)
     }
@@ -763,6 +794,35 @@ mod tests {
             assert!(error.0[0].contains(part), "{url}: {error}");
             assert!(!error.to_string().contains("hunter2"), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named_without_its_value() {
+        use std::os::unix::ffi::OsStringExt;
+        let bytes = |b: &[u8]| std::ffi::OsString::from_vec(b.to_vec());
+        let (kept, problems) = utf8_vars(
+            [
+                (
+                    bytes(b"PORTALS_CRM_AMQP_URL"),
+                    bytes(b"amqp://u:hunter2@h/\xff"),
+                ),
+                (bytes(b"SOME_OTHER"), bytes(b"\xff")),
+                (bytes(b"PORTALS_CRM_\xff"), bytes(b"x")),
+                (bytes(b"PORTALS_CRM_HTTP_LISTEN"), bytes(b"127.0.0.1:9000")),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            kept,
+            vec![(
+                "PORTALS_CRM_HTTP_LISTEN".to_owned(),
+                "127.0.0.1:9000".to_owned()
+            )]
+        );
+        assert_eq!(
+            problems,
+            vec!["PORTALS_CRM_AMQP_URL: is not UTF-8 (its value is not shown)".to_owned()]
+        );
     }
 
     #[test]

@@ -20,7 +20,15 @@ fn read_secret(file: Option<&Path>, env: Option<&str>, what: &str) -> Result<Sec
             .map_err(|e| format!("{what}: cannot read {}: {e}", path.display())),
         (None, Some(name)) => std::env::var(name)
             .map(SecretString::from)
-            .map_err(|_| format!("{what}: environment variable {name} is not set")),
+            .map_err(|error| match error {
+                std::env::VarError::NotPresent => {
+                    format!("{what}: environment variable {name} is not set")
+                }
+                // Its value is the secret: named, never shown.
+                std::env::VarError::NotUnicode(_) => {
+                    format!("{what}: environment variable {name} is not UTF-8")
+                }
+            }),
         _ => Err(format!(
             "{what}: give exactly one of a _file or an _env reference"
         )),
