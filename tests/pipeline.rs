@@ -276,6 +276,8 @@ async fn an_external_id_matching_two_records_is_dead_lettered_with_their_ids() {
 
     env.publish("meeting.booked", &sample("booked")).await;
     let dead = env.wait_dead_letters(1).await;
+    // The dead letter is in its queue before the original is acked and counted.
+    env.wait_settled(1).await;
     assert_eq!(dead[0].reason, "salesforce_multiple_choices", "{dead:#?}");
     assert_eq!(dead[0].sf_error_code.as_deref(), Some("MULTIPLE_CHOICES"));
     for id in &ids {
@@ -339,6 +341,8 @@ async fn a_lead_matching_a_duplicate_rule_fails_when_the_tenant_says_so() {
     let typed = typed_in_lead(&env).await;
     env.publish("meeting.booked", &sample("booked")).await;
     let dead = env.wait_dead_letters(1).await;
+    // The dead letter is in its queue before the original is acked and counted.
+    env.wait_settled(1).await;
     assert_eq!(
         dead[0].reason, "salesforce_duplicates_detected",
         "{dead:#?}"
