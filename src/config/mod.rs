@@ -22,8 +22,10 @@ pub use tenant::{
 /// URL may hold a password: no part of it is ever quoted, only the names of its parts.
 fn amqp_url_problem(url: &str) -> Option<String> {
     // A scheme is case-insensitive (RFC 3986 §3.1): lapin reads `AMQPS://` as `amqps://`.
-    let scheme = url.find("://").map(|end| url[..end].to_ascii_lowercase());
-    if !matches!(scheme.as_deref(), Some("amqp" | "amqps")) {
+    let known = url.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("amqp") || scheme.eq_ignore_ascii_case("amqps")
+    });
+    if !known {
         return Some("must start with amqp:// or amqps://".to_owned());
     }
     // `url`'s parse errors name the fault (`invalid port number`, `empty host`) without the text.

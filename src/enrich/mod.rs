@@ -160,18 +160,19 @@ fn stored_entry(bytes: &[u8]) -> Option<(LedgerEntry, u64)> {
             (entry, u64::from_be_bytes(written_at.try_into().ok()?))
         }
         StoredFormat::Json => {
-            let json = bytes.get(VERSION_PREFIX..)?;
-            let entry: LedgerEntry = serde_json::from_slice(json).ok()?;
-            let stamp = serde_json::from_slice::<Stamp>(json).ok()?;
-            (entry, stamp.written_at)
+            let stored: JsonEntry = serde_json::from_slice(bytes.get(VERSION_PREFIX..)?).ok()?;
+            (stored.entry, stored.written_at)
         }
     };
     (entry.version == prefix).then_some((entry, written_at))
 }
 
-/// The expiry stamp of a ledger entry in [`StoredFormat::Json`] (0 when it has none).
+/// A ledger entry in [`StoredFormat::Json`]: the entry's fields and its expiry stamp (0 when it
+/// has none) in one object.
 #[derive(Deserialize)]
-struct Stamp {
+struct JsonEntry {
+    #[serde(flatten)]
+    entry: LedgerEntry,
     #[serde(default)]
     written_at: u64,
 }
