@@ -109,6 +109,9 @@ pub struct Report {
 /// The bench could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// The connection did not open.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
     /// Broker trouble.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),

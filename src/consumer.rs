@@ -116,6 +116,18 @@ pub struct Consumer {
     pub readiness: Arc<Readiness>,
 }
 
+/// Why a connection's session ended before shutdown: the two read differently at 3 a.m. — a
+/// broker never reached is a configuration or network problem, a lost one an outage.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The connection did not open.
+    #[error(transparent)]
+    Unreachable(amqp::ConnectError),
+    /// The connection opened, then failed (or declaring and consuming on it did).
+    #[error(transparent)]
+    Lost(#[from] lapin::Error),
+}
+
 impl Consumer {
     /// Consumes until `cancel`, reconnecting with backoff whenever the connection is lost; on
     /// `cancel`, stops in the order the module documents, cancelling `stop_batchers` when the
@@ -149,9 +161,21 @@ impl Consumer {
                 .await;
             self.readiness.set_broker(false);
             self.metrics.amqp_connected.set(0);
-            if let Err(error) = session {
+            if let Err(ended) = session {
                 let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
+                let retry_in_ms = delay.as_millis() as u64;
+                match ended {
+                    SessionError::Unreachable(error) => tracing::warn!(
+                        error = %error.error,
+                        endpoint = %error.endpoint,
+                        check = error.check,
+                        retry_in_ms,
+                        "could not connect to the broker"
+                    ),
+                    SessionError::Lost(error) => {
+                        tracing::warn!(%error, retry_in_ms, "broker connection lost");
+                    }
+                }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = cancel.cancelled() => {}
@@ -169,11 +193,13 @@ impl Consumer {
         stop_batchers: &CancellationToken,
         backoff: &mut Reconnect,
         known: &mut Vec<String>,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), SessionError> {
         let topology = &self.topology;
         // The queue in the name tells ops (and `rabbitmqctl list_connections`) which worker it is.
         let name = format!("portals-crm worker {}", topology.work_queue);
-        let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name).await?;
+        let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name)
+            .await
+            .map_err(SessionError::Unreachable)?;
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
         let mut feeds = Feeds::new(
@@ -305,7 +331,7 @@ impl Consumer {
             // channel closed and they are redelivered.
             tracing::debug!("acknowledgements still open after the connection closed");
         }
-        result
+        result.map_err(SessionError::Lost)
     }
 
     /// Steps (1) to (4) of the shutdown order in the module documentation (`feeds` is `&mut`

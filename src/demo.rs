@@ -343,8 +343,11 @@ pub enum DemoError {
     /// Tenant files are broken.
     #[error("tenants:\n  - {}", .0.join("\n  - "))]
     Tenants(Vec<String>),
+    /// The connection did not open.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
     /// The broker refused something.
-    #[error("broker at the configured amqp.url: {0} (is RabbitMQ running? see README)")]
+    #[error("broker at the configured amqp.url: {0}")]
     Broker(String),
     /// Reading the emulator's inspection endpoints failed.
     #[error("emulator inspection: {0}")]
@@ -397,8 +400,7 @@ pub async fn run(
         config.amqp.heartbeat_secs,
         "portals-crm demo publisher",
     )
-    .await
-    .map_err(|e| DemoError::Broker(e.to_string()))?;
+    .await?;
     let publisher = Publisher::open(&connection)
         .await
         .map_err(|e| DemoError::Broker(e.to_string()))?;

@@ -73,6 +73,9 @@ pub struct DeadLetter {
 /// A dlq command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
+    /// The connection did not open.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
     /// Broker trouble.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),

@@ -678,3 +678,141 @@ async fn an_environment_variable_that_is_not_utf8_is_named_not_printed() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `dlq list` against `url`: its exit code and stderr.
+async fn dlq_list_with(url: &str) -> (Option<i32>, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["dlq", "list", "--config", "config/portals-crm.toml"])
+        .env("PORTALS_CRM_AMQP_URL", url)
+        .output()
+        .await
+        .expect("the binary runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A listener that answers whatever it is sent with a TLS alert record (`handshake_failure`),
+/// as a TLS-only port does to a plain AMQP client; returns its port.
+async fn tls_only_port() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut hello = [0u8; 8];
+            let _ = socket.read(&mut hello).await;
+            let _ = socket
+                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+                .await;
+        }
+    });
+    port
+}
+
+/// Each kind of connection that does not open is named with what to check first (RabbitMQ's
+/// troubleshooting-networking and access-control guides), the endpoint without credentials, and
+/// never the password.
+#[tokio::test]
+async fn a_broker_that_cannot_be_reached_is_explained_by_kind() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let tls_only = tls_only_port().await;
+    let cases = [
+        (
+            format!("amqp://guest:hunter2@127.0.0.1:{closed}/"),
+            "nothing listens at that port: is RabbitMQ running",
+        ),
+        (
+            "amqps://guest:hunter2@127.0.0.1:5672/".to_owned(),
+            "the port did not answer TLS: amqps:// needs the broker's TLS listener",
+        ),
+        (
+            format!("amqp://guest:hunter2@127.0.0.1:{tls_only}/"),
+            "A TLS listener needs amqps://",
+        ),
+        (
+            "amqp://guest:hunter2@127.0.0.1:5672/".to_owned(),
+            "the broker refused the user name or password in amqp.url",
+        ),
+        (
+            "amqp://guest:guest@127.0.0.1:5672/no-such-vhost".to_owned(),
+            "the virtual host in amqp.url's path does not exist",
+        ),
+    ];
+    for (url, check) in cases {
+        let (code, stderr) = dlq_list_with(&url).await;
+        assert_eq!(code, Some(1), "{url}: {stderr}");
+        assert!(
+            stderr.contains("could not connect to the broker at 127.0.0.1:"),
+            "{url}: {stderr}"
+        );
+        assert!(stderr.contains(check), "{url}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("is RabbitMQ running") || check.contains("RabbitMQ running"),
+            "{url}: {stderr}"
+        );
+    }
+}
+
+/// `run` with a broker it never reached says so, with the check, instead of "connection lost".
+#[tokio::test]
+async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let cache = std::env::temp_dir().join(format!("portals-crm-unreachable-{closed}"));
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            "config/portals-crm.toml",
+        ])
+        .env(
+            "PORTALS_CRM_AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{closed}/"),
+        )
+        .env("PORTALS_CRM_CACHE_PATH", &cache)
+        .env("PORTALS_CRM_HTTP_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Logs go to stderr.
+    let mut lines = BufReader::new(worker.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let unreachable = line.contains("could not connect to the broker");
+            seen.push(line);
+            if unreachable {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    worker.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(&cache);
+    let log = seen.join("\n");
+    assert!(matches!(found, Ok(true)), "{log}");
+    let line: Value = serde_json::from_str(seen.last().unwrap()).unwrap();
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert!(
+        line["check"]
+            .as_str()
+            .is_some_and(|c| c.contains("is RabbitMQ running")),
+        "{line}"
+    );
+    assert_eq!(line["endpoint"], format!("127.0.0.1:{closed}"), "{line}");
+    assert!(!log.contains("connection lost"), "{log}");
+}

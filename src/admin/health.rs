@@ -318,7 +318,7 @@ pub async fn queues(source: &DlqSource, tenants: &[String]) -> Vec<QueueDepth> {
                     queue,
                     messages: None,
                     consumers: None,
-                    error: Some(format!("broker: {e}")),
+                    error: Some(e.to_string()),
                 })
                 .collect();
         }

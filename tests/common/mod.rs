@@ -6,6 +6,7 @@
 pub mod browser;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -14,6 +15,7 @@ use portals_crm::config::{Config, TenantConfig};
 use portals_crm::emulator::{self, EmulatorHandle, FaultSpec, OrgSpec};
 use portals_crm::salesforce::SalesforceClient;
 use portals_crm::service::Service;
+use portals_crm::tenants::Registry;
 use serde_json::Value;
 
 /// The sample events, as shipped in `tests/fixtures/events`.
@@ -62,6 +64,58 @@ pub struct TestEnv {
     connection: lapin::Connection,
     http: reqwest::Client,
     cache_dir: std::path::PathBuf,
+    leftovers: Leftovers,
+}
+
+/// What a test declared on the shared broker, deleted when it is dropped armed: a test that
+/// panics before [`TestEnv::finish`] (an assertion failed) would otherwise leave its queues and
+/// exchanges on the broker for every later run.
+struct Leftovers {
+    url: secrecy::SecretString,
+    topology: Topology,
+    /// The service's live registry, so that tenants added while the test ran are deleted too.
+    registry: Option<Arc<Registry>>,
+    tenants: Vec<String>,
+    cache_dir: std::path::PathBuf,
+    armed: bool,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
+        let mut tenants = std::mem::take(&mut self.tenants);
+        if let Some(registry) = &self.registry {
+            tenants.extend(registry.all().iter().map(|t| t.config.tenant.clone()));
+        }
+        let (url, topology) = (self.url.clone(), self.topology.clone());
+        // The test's own runtime is unwinding: a thread with a runtime of its own deletes them.
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                let connection = amqp::connect(&url, 30, "portals-crm test clean-up").await?;
+                let channel = connection.create_channel().await?;
+                topology
+                    .delete_tenants(&channel, tenants.iter().map(String::as_str))
+                    .await?;
+                topology.delete(&channel).await?;
+                connection.close(200, "test clean-up".into()).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!(
+                "could not delete the failed test's queues and exchanges (exchange {}): {deleted:?}",
+                self.topology.exchange
+            );
+        }
+    }
 }
 
 impl TestEnv {
@@ -119,7 +173,16 @@ impl TestEnv {
             .expect("RabbitMQ on 127.0.0.1:5672 (see README)");
         let publisher = Publisher::open(&connection).await.unwrap();
         topology.declare(publisher.channel()).await.unwrap();
+        let mut leftovers = Leftovers {
+            url: config.amqp.url.clone(),
+            topology: topology.clone(),
+            registry: None,
+            tenants: tenants.iter().map(|t| t.tenant.clone()).collect(),
+            cache_dir: cache_dir.clone(),
+            armed: true,
+        };
         let service = Service::start(&config, tenants.clone()).await.unwrap();
+        leftovers.registry = Some(service.tenants.clone());
         Self {
             emulator,
             service: Some(service),
@@ -130,6 +193,7 @@ impl TestEnv {
             connection,
             http: reqwest::Client::new(),
             cache_dir,
+            leftovers,
         }
     }
 
@@ -527,6 +591,7 @@ impl TestEnv {
         let _ = self.connection.close(200, "test done".into()).await;
         self.emulator.stop().await;
         let _ = std::fs::remove_dir_all(&self.cache_dir);
+        self.leftovers.armed = false;
     }
 }
 
