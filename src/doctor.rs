@@ -464,6 +464,37 @@ pub async fn check_tenant(
             };
         }
     };
+    match client.check_api_version().await {
+        Ok(()) => checks.push(pass(
+            "API version",
+            format!("{} is offered by the org", client.api_version()),
+        )),
+        Err(error) => {
+            let (fix, stop) = match &error {
+                SalesforceError::VersionNotOffered { offered, .. } => (
+                    format!(
+                        "set org.api_version in the tenant file to a version the org offers{}",
+                        offered
+                            .last()
+                            .map_or_else(String::new, |v| format!(", e.g. \"{v}\""))
+                    ),
+                    true,
+                ),
+                _ => (
+                    "retry; if it persists, check the org's status".to_owned(),
+                    false,
+                ),
+            };
+            checks.push(fail("API version", error.to_string(), fix));
+            // Every other check would fail with the same 404.
+            if stop {
+                return Report {
+                    tenant: tenant.tenant.clone(),
+                    checks,
+                };
+            }
+        }
+    }
     let global = match client.describe_global().await {
         Ok(global) => {
             checks.push(pass(

@@ -312,3 +312,68 @@ async fn doctor_names_the_fix_for_a_sign_in_from_outside_the_login_ip_ranges() {
     );
     emulator.stop().await;
 }
+
+/// An API version the org does not offer answers 404 `NOT_FOUND` everywhere, exactly as an
+/// object the user cannot see: the version list tells them apart, so neither `doctor` nor the
+/// org check reports the mapped objects as invisible (and the cached describes are kept).
+#[tokio::test]
+async fn an_api_version_the_org_does_not_offer_is_named_not_read_as_missing_objects() {
+    let emulator = start(OrgSpec::demo()).await;
+    let (loaded, caches, metrics) = load(acme(&emulator));
+    let hits = || {
+        metrics
+            .cache_requests
+            .with_label_values(&["describe", "hit"])
+            .get()
+    };
+    let before = caches
+        .describe(&loaded.client, "Lead")
+        .await
+        .unwrap()
+        .expect("Lead visible at the shipped version");
+
+    let mut unknown = acme(&emulator);
+    unknown.org.api_version = "99.0".into();
+    let (unknown, _, _) = load(unknown);
+    let report = check_tenant(&unknown.config, &unknown.client, &caches).await;
+    let text = report.to_string();
+    let version = report
+        .checks
+        .iter()
+        .find(|c| c.name == "API version")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(!version.ok, "{text}");
+    assert_eq!(
+        version.detail,
+        "the org does not offer REST API version 99.0 (org.api_version in the tenant file); it offers 50.0 to 67.0"
+    );
+    assert_eq!(
+        version.fix.as_deref(),
+        Some("set org.api_version in the tenant file to a version the org offers, e.g. \"67.0\"")
+    );
+    assert!(!text.contains("not visible"), "{text}");
+
+    let checked =
+        portals_crm::tenants::check_against_org(&caches, &unknown.config, &unknown.client).await;
+    assert!(
+        matches!(
+            &checked,
+            Err(portals_crm::salesforce::SalesforceError::VersionNotOffered { version, .. }) if version == "99.0"
+        ),
+        "{checked:?}"
+    );
+    let hits_before = hits();
+    let kept = caches.describe(&loaded.client, "Lead").await.unwrap();
+    assert_eq!(hits(), hits_before + 1, "the cached describe was kept");
+    assert_eq!(kept.map(|d| d.fields.len()), Some(before.fields.len()));
+
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "API version" && c.ok && c.detail == "66.0 is offered by the org"),
+        "{report}"
+    );
+    emulator.stop().await;
+}

@@ -368,6 +368,11 @@ impl Caches {
 
     /// The describe of `sobject` as the integration user sees it, `None` when the user cannot
     /// see the object. A cached copy is revalidated with `If-Modified-Since` (a 304 keeps it).
+    ///
+    /// # Errors
+    /// The request's; [`SalesforceError::VersionNotOffered`] when the 404 came from an API
+    /// version the org does not offer (it reads the same as an object the user cannot see), in
+    /// which case the cached copy is kept.
     pub async fn describe(
         &self,
         client: &SalesforceClient,
@@ -400,6 +405,7 @@ impl Caches {
                 Ok(Some(entry.describe))
             }
             Err(SalesforceError::Api { status: 404, .. }) => {
+                client.check_api_version().await?;
                 let _ = self.describes.remove(&k);
                 Ok(None)
             }

@@ -430,6 +430,36 @@ impl SalesforceClient {
         })
     }
 
+    /// `GET /services/data/`: the REST API versions the org offers, oldest first (`["50.0", …,
+    /// "66.0"]`; Salesforce lists them as `{label, url, version}` objects).
+    pub async fn versions(&self) -> Result<Vec<String>, SalesforceError> {
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            version: String,
+        }
+        let listed: Vec<Listed> = self
+            .send_json("versions", Method::GET, "/services/data/", None::<&Value>)
+            .await?;
+        Ok(listed.into_iter().map(|v| v.version).collect())
+    }
+
+    /// Whether the org offers this client's API version.
+    ///
+    /// # Errors
+    /// [`SalesforceError::VersionNotOffered`] when it does not; the list's own error when it
+    /// could not be read.
+    pub async fn check_api_version(&self) -> Result<(), SalesforceError> {
+        let offered = self.versions().await?;
+        if offered.iter().any(|v| v == self.api_version()) {
+            Ok(())
+        } else {
+            Err(SalesforceError::VersionNotOffered {
+                version: self.api_version().to_owned(),
+                offered,
+            })
+        }
+    }
+
     /// `GET /sobjects` (describeGlobal).
     pub async fn describe_global(&self) -> Result<DescribeGlobal, SalesforceError> {
         let path = format!("{}/sobjects", self.data_path());

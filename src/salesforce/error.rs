@@ -124,6 +124,29 @@ pub enum SalesforceError {
     /// The client refused to send a request (limits, insecure URL, bad credentials reference).
     #[error("refused to send: {0}")]
     Refused(String),
+    /// The tenant's `org.api_version` is not among the versions the org offers (`GET
+    /// /services/data/`): every resource under it answers 404 `NOT_FOUND` "The requested
+    /// resource does not exist", exactly as a missing record or object does, so only the list
+    /// tells the two apart (REST API Developer Guide, "Versions").
+    #[error(
+        "the org does not offer REST API version {version} (org.api_version in the tenant file); it offers {}",
+        offered_range(.offered)
+    )]
+    VersionNotOffered {
+        /// The configured version, e.g. `99.0`.
+        version: String,
+        /// The versions the org lists, oldest first.
+        offered: Vec<String>,
+    },
+}
+
+/// `50.0 to 66.0` for a list of versions, oldest first.
+fn offered_range(offered: &[String]) -> String {
+    match (offered.first(), offered.last()) {
+        (Some(first), Some(last)) if first != last => format!("{first} to {last}"),
+        (Some(only), _) => only.clone(),
+        _ => "none".to_owned(),
+    }
 }
 
 impl SalesforceError {
@@ -139,7 +162,7 @@ impl SalesforceError {
                 retry_after,
                 ..
             } => classify_http(*status, errors, *retry_after),
-            Self::Refused(_) => Class::Permanent,
+            Self::Refused(_) | Self::VersionNotOffered { .. } => Class::Permanent,
         }
     }
 

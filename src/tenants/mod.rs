@@ -128,7 +128,9 @@ fn org_unavailable(error: &SalesforceError) -> bool {
     match error {
         SalesforceError::Transport { .. } | SalesforceError::Token { .. } => true,
         SalesforceError::Api { status, .. } => *status >= 500 || *status == 401,
-        SalesforceError::Decode { .. } | SalesforceError::Refused(_) => false,
+        SalesforceError::Decode { .. }
+        | SalesforceError::Refused(_)
+        | SalesforceError::VersionNotOffered { .. } => false,
     }
 }
 

@@ -151,6 +151,9 @@ async fn check_all(registry: &Registry) {
                     tracing::error!(%problem, "mapping problem: writes will be dead-lettered until it is fixed");
                 }
             }
+            Err(error @ SalesforceError::VersionNotOffered { .. }) => {
+                tracing::error!(tenant = %tenant.config.tenant, %error, "mapping not checked: every write to the org will fail until org.api_version is fixed");
+            }
             Err(error) => match error.sign_in_refused() {
                 // Paused now rather than at its first booking, which would meet the same refusal.
                 Some(refused) => tenant.breaker.refuse_sign_in(&refused),
