@@ -208,6 +208,13 @@ impl Service {
         })
     }
 
+    /// The token whose cancellation starts the shutdown [`Self::shutdown`] waits for, for code
+    /// that must stop the service without awaiting it (a `Drop`): the consumer stops taking
+    /// deliveries and stops reconnecting.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     /// Stops gracefully, within `worker.drain_secs` + [`STOP_GRACE`] whatever the orgs do:
     ///
     /// 1. stop consuming (`basic.cancel`: the broker sends no more);

@@ -23,7 +23,7 @@ async fn tenant_changes_are_validated_and_swapped_atomically() {
     env.stop_service().await;
     env.config.tenants.dir = dir.clone();
     env.config.tenants.watch_secs = 1;
-    env.service = Some(
+    env.run_service(
         portals_crm::service::Service::start(&env.config, env.tenants.clone())
             .await
             .unwrap(),
@@ -82,14 +82,28 @@ async fn tenant_changes_are_validated_and_swapped_atomically() {
             .contains("grant Edit on Lead.Bogus__c")
     );
 
+    let reload = || async {
+        let answer = http
+            .post(format!("{base}/admin/reload"))
+            .send()
+            .await
+            .unwrap();
+        (answer.status(), answer.text().await.unwrap())
+    };
+
+    // An API version the org does not offer: the org answered, so the change is rejected.
+    rewrite(&dir, "api_version = \"66.0\"", "api_version = \"99.0\"");
+    let (status, answer) = reload().await;
+    assert_eq!(status, 422);
+    assert!(
+        answer.contains("tenant acme: the org does not offer REST API version 99.0"),
+        "{answer}"
+    );
+    rewrite(&dir, "api_version = \"99.0\"", "api_version = \"66.0\"");
+
     // An invalid change on disk: the watcher rejects it, the running mapping keeps writing.
     rewrite(&dir, "LeadSource = \"BookMe\"", "Bogus__c = \"x\"");
-    let rejected = http
-        .post(format!("{base}/admin/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(rejected.status(), 422);
+    assert_eq!(reload().await.0, 422);
     env.publish("meeting.booked", &sample("booked")).await;
     env.wait_settled(1).await;
     assert_eq!(env.records("Lead").await[0]["LeadSource"], "BookMe");

@@ -297,7 +297,7 @@ async fn events_for_no_tenant_queue_take_the_shared_queue() {
         },
     )
     .await;
-    env.service = Some(
+    env.run_service(
         Service::start(&env.config, env.tenants.clone())
             .await
             .unwrap(),

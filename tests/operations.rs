@@ -280,7 +280,7 @@ async fn sigterm_under_load_drains_in_time_and_loses_nothing() {
     // A fresh worker takes over what was handed back.
     let env = {
         let mut env = env;
-        env.service = Some(
+        env.run_service(
             portals_crm::service::Service::start(&env.config, env.tenants.clone())
                 .await
                 .unwrap(),
@@ -627,7 +627,7 @@ async fn a_restart_with_a_broken_tenant_file_runs_its_last_good_copy() {
         "[org\nlogin_url = \"https://acme.example\"\n",
     )
     .unwrap();
-    env.service = Some(
+    env.run_service(
         Service::start_from_dir(&config)
             .await
             .expect("starts on the last good copy of acme.toml"),
@@ -740,7 +740,7 @@ async fn a_broker_that_cannot_be_reached_is_explained_by_kind() {
         ),
         (
             "amqp://guest:guest@127.0.0.1:5672/no-such-vhost".to_owned(),
-            "the virtual host in amqp.url's path does not exist",
+            "a virtual host in amqp.url's path that does not exist",
         ),
     ];
     for (url, check) in cases {

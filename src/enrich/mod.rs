@@ -372,7 +372,8 @@ impl Caches {
     /// # Errors
     /// The request's; [`SalesforceError::VersionNotOffered`] when the 404 came from an API
     /// version the org does not offer (it reads the same as an object the user cannot see), in
-    /// which case the cached copy is kept.
+    /// which case the cached copy is kept. A version list that cannot be read leaves the 404 an
+    /// object the user cannot see.
     pub async fn describe(
         &self,
         client: &SalesforceClient,
@@ -405,7 +406,11 @@ impl Caches {
                 Ok(Some(entry.describe))
             }
             Err(SalesforceError::Api { status: 404, .. }) => {
-                client.check_api_version().await?;
+                if let Err(error @ SalesforceError::VersionNotOffered { .. }) =
+                    client.check_api_version().await
+                {
+                    return Err(error);
+                }
                 let _ = self.describes.remove(&k);
                 Ok(None)
             }

@@ -94,8 +94,14 @@ pub struct SalesforceClient {
     http: reqwest::Client,
     tokens: TokenCache,
     usage: Mutex<Option<ApiUsage>>,
+    /// The org's version list and when it was read ([`Self::check_api_version`]).
+    versions: Mutex<Option<(Instant, Vec<String>)>>,
     metrics: Arc<Metrics>,
 }
+
+/// How long the org's version list is trusted: it changes only with Salesforce's releases, three
+/// a year, so an hour keeps the check off every describe 404 that asks it.
+const VERSIONS_FOR: Duration = Duration::from_secs(3600);
 
 impl std::fmt::Debug for SalesforceClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +151,7 @@ impl SalesforceClient {
             http,
             tokens: TokenCache::default(),
             usage: Mutex::new(None),
+            versions: Mutex::new(None),
             metrics,
         })
     }
@@ -443,13 +450,29 @@ impl SalesforceClient {
         Ok(listed.into_iter().map(|v| v.version).collect())
     }
 
-    /// Whether the org offers this client's API version.
+    /// Whether the org offers this client's API version, from its version list read at most
+    /// once per [`VERSIONS_FOR`].
     ///
     /// # Errors
     /// [`SalesforceError::VersionNotOffered`] when it does not; the list's own error when it
     /// could not be read.
     pub async fn check_api_version(&self) -> Result<(), SalesforceError> {
-        let offered = self.versions().await?;
+        let cached = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(read, _)| read.elapsed() < VERSIONS_FOR)
+            .map(|(_, offered)| offered.clone());
+        let offered = match cached {
+            Some(offered) => offered,
+            None => {
+                let offered = self.versions().await?;
+                *self.versions.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), offered.clone()));
+                offered
+            }
+        };
         if offered.iter().any(|v| v == self.api_version()) {
             Ok(())
         } else {

@@ -431,7 +431,8 @@ impl Registry {
     }
 
     /// Replaces every tenant at once with `configs`, after compiling each mapping and checking
-    /// it against its org. Any problem rejects the whole change and the running tenants stay.
+    /// it against its org. Any problem (an API version the org does not offer is one) rejects the
+    /// whole change and the running tenants stay.
     /// An org that cannot be reached does not block a reload (its mapping is checked when the
     /// org answers: a write error dead-letters with the field).
     pub async fn replace(&self, configs: Vec<TenantConfig>) -> Result<Vec<String>, Vec<String>> {
@@ -443,6 +444,10 @@ impl Registry {
             checked.push((tenant.config.tenant.clone(), result.clone()));
             match result {
                 Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
+                // The org answered: this file's version would fail every write.
+                Err(error @ SalesforceError::VersionNotOffered { .. }) => {
+                    problems.push(format!("tenant {}: {error}", tenant.config.tenant));
+                }
                 Err(error) => tracing::warn!(
                     tenant = %tenant.config.tenant,
                     %error,

@@ -6,7 +6,7 @@
 pub mod browser;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -17,6 +17,7 @@ use portals_crm::salesforce::SalesforceClient;
 use portals_crm::service::Service;
 use portals_crm::tenants::Registry;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 /// The sample events, as shipped in `tests/fixtures/events`.
 pub fn sample(name: &str) -> Vec<u8> {
@@ -73,23 +74,40 @@ pub struct TestEnv {
 struct Leftovers {
     url: secrecy::SecretString,
     topology: Topology,
-    /// The service's live registry, so that tenants added while the test ran are deleted too.
-    registry: Option<Arc<Registry>>,
+    /// Each service the test ran: its tenants, by a weak handle (a strong one would keep its sled
+    /// database locked against a restart), and the token that stops it.
+    services: Vec<(Weak<Registry>, CancellationToken)>,
+    /// Tenants of the services already stopped, and the configured ones.
     tenants: Vec<String>,
     cache_dir: std::path::PathBuf,
     armed: bool,
 }
+
+impl Leftovers {
+    fn watch(&mut self, service: &Service) {
+        self.services
+            .push((Arc::downgrade(&service.tenants), service.stop_token()));
+    }
+}
+
+/// How long the clean-up may take: a broker that accepts the connection and then stalls must
+/// not hang the test run.
+const CLEAN_UP_WITHIN: Duration = Duration::from_secs(15);
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        let _ = std::fs::remove_dir_all(&self.cache_dir);
         let mut tenants = std::mem::take(&mut self.tenants);
-        if let Some(registry) = &self.registry {
-            tenants.extend(registry.all().iter().map(|t| t.config.tenant.clone()));
+        for (registry, stop) in &self.services {
+            // Stopped first, so that no consumer declares the topology again once it is gone.
+            stop.cancel();
+            if let Some(registry) = registry.upgrade() {
+                tenants.extend(registry.all().iter().map(|t| t.config.tenant.clone()));
+            }
         }
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
         let (url, topology) = (self.url.clone(), self.topology.clone());
         // The test's own runtime is unwinding: a thread with a runtime of its own deletes them.
         let deleted = std::thread::spawn(move || {
@@ -97,19 +115,23 @@ impl Drop for Leftovers {
                 .enable_all()
                 .build()
                 .expect("a runtime for the clean-up");
+            // The timer is made inside the runtime: it needs one to exist.
             runtime.block_on(async {
-                let connection = amqp::connect(&url, 30, "portals-crm test clean-up").await?;
-                let channel = connection.create_channel().await?;
-                topology
-                    .delete_tenants(&channel, tenants.iter().map(String::as_str))
-                    .await?;
-                topology.delete(&channel).await?;
-                connection.close(200, "test clean-up".into()).await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                tokio::time::timeout(CLEAN_UP_WITHIN, async {
+                    let connection = amqp::connect(&url, 30, "portals-crm test clean-up").await?;
+                    let channel = connection.create_channel().await?;
+                    topology
+                        .delete_tenants(&channel, tenants.iter().map(String::as_str))
+                        .await?;
+                    topology.delete(&channel).await?;
+                    connection.close(200, "test clean-up".into()).await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                })
+                .await
             })
         })
         .join();
-        if !matches!(deleted, Ok(Ok(()))) {
+        if !matches!(deleted, Ok(Ok(Ok(())))) {
             eprintln!(
                 "could not delete the failed test's queues and exchanges (exchange {}): {deleted:?}",
                 self.topology.exchange
@@ -176,13 +198,13 @@ impl TestEnv {
         let mut leftovers = Leftovers {
             url: config.amqp.url.clone(),
             topology: topology.clone(),
-            registry: None,
+            services: Vec::new(),
             tenants: tenants.iter().map(|t| t.tenant.clone()).collect(),
             cache_dir: cache_dir.clone(),
             armed: true,
         };
         let service = Service::start(&config, tenants.clone()).await.unwrap();
-        leftovers.registry = Some(service.tenants.clone());
+        leftovers.watch(&service);
         Self {
             emulator,
             service: Some(service),
@@ -207,7 +229,8 @@ impl TestEnv {
         let mut env = Self::start_org(name, move |o| *o = org, adjust, |_| {}).await;
         env.stop_service().await;
         env.config.tenants.dir = env.write_tenant_files();
-        env.service = Some(Service::start_from_dir(&env.config).await.unwrap());
+        let service = Service::start_from_dir(&env.config).await.unwrap();
+        env.run_service(service);
         env
     }
 
@@ -234,8 +257,21 @@ impl TestEnv {
     /// Stops the in-process service (its queues stay).
     pub async fn stop_service(&mut self) {
         if let Some(service) = self.service.take() {
+            self.leftovers.tenants.extend(
+                service
+                    .tenants
+                    .all()
+                    .iter()
+                    .map(|t| t.config.tenant.clone()),
+            );
             service.shutdown().await;
         }
+    }
+
+    /// Runs `service` as the test's worker (deleted with the test's queues if the test fails).
+    pub fn run_service(&mut self, service: Service) {
+        self.leftovers.watch(&service);
+        self.service = Some(service);
     }
 
     /// A new worker in place of the running one, its sled cache deleted (so only Salesforce
@@ -243,11 +279,10 @@ impl TestEnv {
     pub async fn restart_service_without_cache(&mut self) {
         self.stop_service().await;
         let _ = std::fs::remove_dir_all(&self.config.cache.path);
-        self.service = Some(
-            Service::start(&self.config, self.tenants.clone())
-                .await
-                .unwrap(),
-        );
+        let service = Service::start(&self.config, self.tenants.clone())
+            .await
+            .unwrap();
+        self.run_service(service);
     }
 
     /// Another in-process worker on the same queues, with its own cache and HTTP port.

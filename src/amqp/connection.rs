@@ -1,0 +1,239 @@
+//! Opening a connection to the broker, and saying what to check when it does not open.
+
+use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Connects with heartbeats (added to the URL unless its query sets them). The URL holds a
+/// password, so it never appears in an error: lapin's errors do not include it, and neither do
+/// ours.
+///
+/// # Errors
+/// [`ConnectError`]: the connection did not open, with what to check first.
+pub async fn connect(
+    url: &SecretString,
+    heartbeat_secs: u16,
+    name: &str,
+) -> Result<Connection, ConnectError> {
+    let uri = with_heartbeat(url.expose_secret(), heartbeat_secs);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(&uri, properties)
+        .await
+        .map_err(|error| ConnectError::new(url.expose_secret(), error))
+}
+
+/// `url` with a `heartbeat` query parameter added unless its query sets one (a URL that does not
+/// parse is left as it is, for lapin to refuse).
+fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if !parsed.query_pairs().any(|(key, _)| key == "heartbeat") {
+        parsed
+            .query_pairs_mut()
+            .append_pair("heartbeat", &heartbeat_secs.to_string());
+    }
+    parsed.into()
+}
+
+/// A connection to the broker that did not open: where to (`host:port`, never the credentials),
+/// lapin's error, and what an operator should check first for that kind of failure.
+#[derive(Debug, thiserror::Error)]
+#[error("could not connect to the broker at {endpoint}: {error} — check: {check}")]
+pub struct ConnectError {
+    /// `host:port` from the URL (the scheme's default port when it names none).
+    pub endpoint: String,
+    /// What to check first ([`connect_check`]).
+    pub check: &'static str,
+    /// What lapin reported (in the message, not as its source: the message already says it).
+    pub error: lapin::Error,
+}
+
+impl ConnectError {
+    fn new(url: &str, error: lapin::Error) -> Self {
+        let tls = url
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case("amqps:"));
+        let endpoint = url::Url::parse(url).map_or_else(
+            |_| "the configured amqp.url".to_owned(),
+            |u| {
+                let port = u.port().unwrap_or(if tls { 5671 } else { 5672 });
+                format!("{}:{port}", u.host_str().unwrap_or("localhost"))
+            },
+        );
+        Self {
+            endpoint,
+            check: connect_check(tls, &error),
+            error,
+        }
+    }
+}
+
+/// What to check first when a connection with a TLS (`amqps://`) or plain URL failed with
+/// `error`, by kind:
+/// - nothing listening (TCP refused) or no answer (timeouts, unreachable networks);
+/// - a plain client on a TLS or non-AMQP port: lapin cannot parse the answer (a TLS alert, an
+///   HTTP status line); a TLS client on a plain port: rustls reads the broker's protocol header
+///   as a corrupt record, or the broker resets the connection — every TLS failure reaches us as
+///   an `InvalidData` I/O error carrying the [`rustls::Error`] (rustls-connector's
+///   documentation), which tells a port that is not TLS from a refused certificate;
+/// - the broker closing the connection with `ACCESS_REFUSED` (403: user name or password) or
+///   `NOT_ALLOWED` (530: the virtual host does not exist, the user has no permissions on it, or a
+///   connection limit of the vhost or user is reached; the broker's text says which) —
+///   RabbitMQ's <https://www.rabbitmq.com/docs/troubleshooting-networking>,
+///   <https://www.rabbitmq.com/docs/access-control> and
+///   <https://www.rabbitmq.com/docs/vhosts#limits>.
+pub fn connect_check(tls: bool, error: &lapin::Error) -> &'static str {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    use std::io::ErrorKind as Io;
+    match error.kind() {
+        ErrorKind::IOError(e) => match e.kind() {
+            Io::ConnectionRefused => {
+                "nothing listens at that port: is RabbitMQ running (README, set-up), and is the port its AMQP listener, 5672, or 5671 for amqps://?"
+            }
+            Io::InvalidData if tls => tls_check(e),
+            Io::TimedOut | Io::HostUnreachable | Io::NetworkUnreachable => {
+                "no answer from the host: check the host name, the port and any firewall between"
+            }
+            Io::ConnectionReset | Io::ConnectionAborted | Io::UnexpectedEof | Io::BrokenPipe => {
+                if tls {
+                    NOT_TLS
+                } else {
+                    "the server closed the connection as it opened: is the port RabbitMQ's AMQP listener, 5672? A TLS listener needs amqps://"
+                }
+            }
+            _ => "check the host name and port in amqp.url",
+        },
+        ErrorKind::ParsingError(_) | ErrorKind::InvalidProtocolVersion(_) => {
+            if tls {
+                "the server does not speak AMQP 0-9-1 over TLS: is the port the broker's TLS listener, 5671 by default?"
+            } else {
+                "the server's answer is not AMQP 0-9-1: is the port RabbitMQ's AMQP listener, 5672? A TLS listener needs amqps://"
+            }
+        }
+        ErrorKind::ProtocolError(e) => match e.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                "the broker refused the user name or password in amqp.url; RabbitMQ's log says why"
+            }
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                "the broker's text says which: a virtual host in amqp.url's path that does not exist or on which the user has no permissions (rabbitmqctl list_vhosts, list_permissions -p VHOST), or a connection limit of the vhost or user"
+            }
+            _ => "the broker refused the connection: its log says why",
+        },
+        ErrorKind::AuthProviderError(_) => "check the credentials in amqp.url",
+        _ => "see the broker's log",
+    }
+}
+
+/// A TLS client whose peer does not speak TLS.
+const NOT_TLS: &str = "the port did not answer TLS: amqps:// needs the broker's TLS listener, 5671 by default; a plain listener, 5672, needs amqp://";
+
+/// The check for a TLS handshake that failed with `error` (an `InvalidData` I/O error).
+fn tls_check(error: &std::io::Error) -> &'static str {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. },
+        ) => NOT_TLS,
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            "the broker's TLS certificate was refused: the host in amqp.url must be a name in the certificate, the certificate must be valid today, and its CA trusted by this machine"
+        }
+        Some(rustls::Error::AlertReceived(_) | rustls::Error::PeerIncompatible(_)) => {
+            "the broker refused the TLS handshake: compare its listener's TLS versions, ciphers and client-certificate settings with this client's"
+        }
+        _ => "the TLS handshake failed: the error says why",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> lapin::Error {
+        std::io::Error::from(kind).into()
+    }
+
+    fn tls(error: rustls::Error) -> lapin::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, error).into()
+    }
+
+    #[test]
+    fn a_connect_error_names_the_endpoint_without_credentials_and_the_check_by_kind() {
+        let refused = ConnectError::new(
+            "AMQPS://user:hunter2@broker.example",
+            io(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert_eq!(refused.endpoint, "broker.example:5671");
+        assert!(refused.check.starts_with("nothing listens at that port"));
+        assert!(!refused.to_string().contains("hunter2"), "{refused}");
+
+        let reset = ConnectError::new(
+            "amqps://u:p@10.0.0.1:5672/%2f",
+            io(std::io::ErrorKind::ConnectionReset),
+        );
+        assert_eq!(
+            (reset.endpoint.as_str(), reset.check),
+            ("10.0.0.1:5672", NOT_TLS)
+        );
+        let plain_reset = connect_check(false, &io(std::io::ErrorKind::ConnectionReset));
+        assert!(plain_reset.contains("A TLS listener needs amqps://"));
+
+        let login = lapin::Error::from(lapin::ErrorKind::ProtocolError(
+            lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - Login was refused".into(),
+            ),
+        ));
+        assert!(connect_check(false, &login).contains("user name or password"));
+
+        let unparsable = ConnectError::new("not a url", io(std::io::ErrorKind::TimedOut));
+        assert_eq!(unparsable.endpoint, "the configured amqp.url");
+        assert!(unparsable.check.starts_with("no answer from the host"));
+    }
+
+    #[test]
+    fn a_tls_failure_is_told_from_a_port_that_is_not_tls() {
+        let corrupt = tls(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
+        assert_eq!(connect_check(true, &corrupt), NOT_TLS);
+        let certificate = tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(connect_check(true, &certificate).starts_with("the broker's TLS certificate"));
+        let alert = tls(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        ));
+        assert!(connect_check(true, &alert).starts_with("the broker refused the TLS handshake"));
+        let other = tls(rustls::Error::General("x".into()));
+        assert_eq!(
+            connect_check(true, &other),
+            "the TLS handshake failed: the error says why"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_is_added_unless_the_url_query_sets_one() {
+        assert_eq!(
+            with_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f", 30),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?frame_max=131072", 30),
+            "amqp://h/%2f?frame_max=131072&heartbeat=30"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://u:heartbeat%3D1@h/%2f", 30),
+            "amqp://u:heartbeat%3D1@h/%2f?heartbeat=30",
+            "only the query's keys count"
+        );
+        let parsed: lapin::uri::AMQPUri = with_heartbeat("amqp://h/%2f?heartbeat=5", 30)
+            .parse()
+            .expect("a valid AMQP URI");
+        assert_eq!(parsed.query.heartbeat, Some(5));
+    }
+}
