@@ -132,19 +132,7 @@ async fn a_refused_sign_in_pauses_the_tenant_without_spending_attempts_until_the
         },
     )
     .await;
-    wait_until(
-        "six waits of the booking in the retry tiers",
-        Duration::from_secs(60),
-        || async {
-            let retried = env.outcomes().get("retried").copied().unwrap_or(0);
-            if retried >= 6 {
-                Ok(())
-            } else {
-                Err(format!("{:?}", env.outcomes()))
-            }
-        },
-    )
-    .await;
+    env.wait_outcome("retried", 6).await;
     assert!(
         env.drain_dead_letters().await.is_empty(),
         "waiting spent no attempt: {:?}",
@@ -159,19 +147,7 @@ async fn a_refused_sign_in_pauses_the_tenant_without_spending_attempts_until_the
 
     let relax = json!({"connected_app": APP, "ip_relaxation": "relax"});
     assert_eq!(env.post_json("/__emulator/org", relax).await, 200);
-    wait_until(
-        "the booking written once the org lets the user in",
-        Duration::from_secs(60),
-        || async {
-            let events = env.records("Event").await;
-            if events.len() == 1 {
-                Ok(())
-            } else {
-                Err(format!("{} events; {:?}", events.len(), env.outcomes()))
-            }
-        },
-    )
-    .await;
+    env.wait_records("Event", 1).await;
     // `demo` had no booking to probe with: it stays flagged until its next one.
     let refused = metrics.sign_in_refused();
     assert!(refused.iter().all(|(t, _)| t != "acme"), "{refused:?}");

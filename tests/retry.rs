@@ -214,3 +214,51 @@ async fn properties_over_one_frame_are_refused_unsent() {
     assert_eq!(env.outcomes().get("written"), Some(&1));
     env.finish().await;
 }
+
+/// A tenant file naming an API version its org does not offer: the org answers 404 to every
+/// request, which alone would read as `NOT_FOUND` and dead-letter each booking. The version list
+/// names the fault; the booking waits without spending attempts, and is written once the file
+/// is fixed and reloaded.
+#[tokio::test]
+async fn an_api_version_the_org_does_not_offer_parks_bookings_until_the_file_is_fixed() {
+    // One-second tiers: the five-minute wait takes the longest, and a booking whose waits
+    // counted as attempts would be dead-lettered (retries_exhausted) after its third.
+    let env = TestEnv::start_custom(
+        "version",
+        |c| c.retry.tiers_secs = vec![1, 1, 1],
+        |tenants| {
+            for tenant in tenants {
+                tenant.org.api_version = "99.0".into();
+            }
+        },
+    )
+    .await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_outcome("retried", 4).await;
+    assert!(
+        env.drain_dead_letters().await.is_empty(),
+        "waiting spent no attempt: {:?}",
+        env.outcomes()
+    );
+    assert!(env.records("Event").await.is_empty());
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(
+            "portals_crm_salesforce_requests_total{kind=\"versions\",status=\"200\",tenant=\"acme\"} 1"
+        ),
+        "the version list is read once, not per request: {metrics}"
+    );
+
+    let fixed: Vec<_> = env
+        .tenants
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.org.api_version = "66.0".into();
+            t
+        })
+        .collect();
+    env.service().tenants.replace(fixed).await.unwrap();
+    env.wait_records("Event", 1).await;
+    env.finish().await;
+}

@@ -104,6 +104,9 @@ fn check_for(label: &str, field: Option<&str>) -> Check {
         | Reason::SharingRecordReadOnly
         | Reason::SharingReferenceNotVisible => Check::Sharing,
         Reason::SignInRefused(_) => Check::SignIn,
+        Reason::ApiVersionNotOffered => Check::Cannot(
+            "the tenant file's org.api_version is not a version its org offers (doctor lists them): fix the file and reload; these bookings wait without spending attempts",
+        ),
         Reason::Salesforce(SalesforceCode::Known(code)) if OBJECT_CODES.contains(&code) => {
             Check::Objects
         }

@@ -370,10 +370,9 @@ impl Caches {
     /// see the object. A cached copy is revalidated with `If-Modified-Since` (a 304 keeps it).
     ///
     /// # Errors
-    /// The request's; [`SalesforceError::VersionNotOffered`] when the 404 came from an API
-    /// version the org does not offer (it reads the same as an object the user cannot see), in
-    /// which case the cached copy is kept. A version list that cannot be read leaves the 404 an
-    /// object the user cannot see.
+    /// The request's, and so [`SalesforceError::VersionNotOffered`] when the 404 came from an
+    /// API version the org does not offer (the client tells it from an object the user cannot
+    /// see), in which case the cached copy is kept.
     pub async fn describe(
         &self,
         client: &SalesforceClient,
@@ -406,11 +405,6 @@ impl Caches {
                 Ok(Some(entry.describe))
             }
             Err(SalesforceError::Api { status: 404, .. }) => {
-                if let Err(error @ SalesforceError::VersionNotOffered { .. }) =
-                    client.check_api_version().await
-                {
-                    return Err(error);
-                }
                 let _ = self.describes.remove(&k);
                 Ok(None)
             }

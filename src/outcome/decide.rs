@@ -11,6 +11,7 @@
 //! | mapping cannot render | dead letter | `mapping_error` |
 //! | circuit open | retry, not before the next probe | `circuit_open` |
 //! | sign-in refused (token endpoint 4xx with an OAuth error), or the tenant paused for it | wait: a retry tier, attempt count unchanged | `salesforce_auth_<error>` |
+//! | the tenant's `org.api_version` is not offered by its org (its requests answer 404) | wait: the first tier of at least 5 min, attempt count unchanged | `salesforce_api_version_not_offered` |
 //! | the tenant has its limit of messages in flight | wait: the first retry tier, attempt count unchanged | `tenant_busy` |
 //! | worker shutting down | retry | `shutting_down` |
 //! | record-level security (sharing) refused a node | dead letter | `salesforce_sharing_<condition>` |
@@ -18,9 +19,9 @@
 
 use super::reason::Reason;
 use crate::pipeline::{Failure, Outcome};
-use crate::salesforce::Class;
 use crate::salesforce::error::classify_api_error;
 use crate::salesforce::model::ApiError;
+use crate::salesforce::{Class, SalesforceError};
 use crate::sharing::SharingProblem;
 
 /// Why a message was retried or dead-lettered.
@@ -72,6 +73,10 @@ pub enum Disposition {
     },
 }
 
+/// How long a booking waits while its tenant's API version is not offered: a tenant file is
+/// fixed by a person, so the booking goes to a long tier rather than cycle every few seconds.
+const VERSION_FIX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The disposition of a processed message; the one place a message's fate is decided.
 pub fn decide(outcome: Outcome) -> Disposition {
     match outcome {
@@ -113,6 +118,13 @@ pub fn decide(outcome: Outcome) -> Disposition {
                     cause: Cause::new(Reason::SignInRefused(refused.code), refused.to_string()),
                     retry_after: None,
                 },
+                // A fault of the tenant file, not of this booking: it waits for the fix.
+                None if matches!(*error, SalesforceError::VersionNotOffered { .. }) => {
+                    Disposition::Wait {
+                        cause: Cause::new(Reason::ApiVersionNotOffered, error.to_string()),
+                        retry_after: Some(VERSION_FIX_WAIT),
+                    }
+                }
                 None => by_class(error.class(), error.api_error().cloned(), error.to_string()),
             },
             Failure::Sharing { problem, cause } => Disposition::DeadLetter(Cause {
@@ -272,6 +284,17 @@ mod tests {
                     description: "Service Unavailable".into(),
                 }),
                 ("retry", Some("salesforce_unavailable"), None),
+            ),
+            (
+                request_failure(SalesforceError::VersionNotOffered {
+                    version: "99.0".into(),
+                    offered: vec!["50.0".into(), "67.0".into()],
+                }),
+                (
+                    "wait",
+                    Some("salesforce_api_version_not_offered"),
+                    Some(VERSION_FIX_WAIT),
+                ),
             ),
             (
                 Outcome::Failed(Failure::ShuttingDown(BatcherStopped("acme".into()))),

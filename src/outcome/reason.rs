@@ -93,6 +93,10 @@ pub enum Reason {
     /// Salesforce's token endpoint refuses the integration user's sign-in
     /// (`salesforce_auth_<OAuth error>`): the tenant is paused.
     SignInRefused(OAuthErrorCode),
+    /// The tenant's `org.api_version` is not a version its org offers
+    /// (`salesforce_api_version_not_offered`): every request answers 404, so the tenant's
+    /// bookings wait in the retry tiers, spending no attempt, until the tenant file is fixed.
+    ApiVersionNotOffered,
     /// Record-level security: an upsert by external id did not see the record it should update
     /// (owned by someone else, not shared) and collided inserting a new one
     /// (`salesforce_sharing_record_not_visible`).
@@ -145,6 +149,7 @@ impl Reason {
             }
             Self::Salesforce(SalesforceCode::Other) => "salesforce_other".into(),
             Self::SignInRefused(code) => code.reason_code().into(),
+            Self::ApiVersionNotOffered => "salesforce_api_version_not_offered".into(),
             Self::SharingRecordNotVisible => "salesforce_sharing_record_not_visible".into(),
             Self::SharingRecordReadOnly => "salesforce_sharing_record_read_only".into(),
             Self::SharingReferenceNotVisible => "salesforce_sharing_reference_not_visible".into(),
@@ -177,6 +182,7 @@ impl Reason {
             Self::BrokerOther,
             Self::Unrecognised,
             Self::Salesforce(SalesforceCode::Other),
+            Self::ApiVersionNotOffered,
             Self::SharingRecordNotVisible,
             Self::SharingRecordReadOnly,
             Self::SharingReferenceNotVisible,

@@ -293,6 +293,15 @@ impl SalesforceClient {
             if status.is_success() || status == StatusCode::NOT_MODIFIED || status.as_u16() == 300 {
                 return Ok((status, headers, bytes));
             }
+            // A version the org does not offer answers 404 on every resource, as a missing
+            // record does: the org's version list (read once an hour) tells them apart, so a
+            // typo in the tenant file is named instead of failing each booking as NOT_FOUND.
+            if status == StatusCode::NOT_FOUND
+                && let Err(error @ SalesforceError::VersionNotOffered { .. }) =
+                    self.check_api_version().await
+            {
+                return Err(error);
+            }
             return Err(api_error(kind, status, &headers, &bytes));
         }
     }
@@ -438,15 +447,45 @@ impl SalesforceClient {
     }
 
     /// `GET /services/data/`: the REST API versions the org offers, oldest first (`["50.0", …,
-    /// "66.0"]`; Salesforce lists them as `{label, url, version}` objects).
+    /// "66.0"]`; Salesforce lists them as `{label, url, version}` objects, and answers without a
+    /// session). Sent on its own rather than through [`Self::send`], which asks it to explain a
+    /// 404.
     pub async fn versions(&self) -> Result<Vec<String>, SalesforceError> {
         #[derive(serde::Deserialize)]
         struct Listed {
             version: String,
         }
-        let listed: Vec<Listed> = self
-            .send_json("versions", Method::GET, "/services/data/", None::<&Value>)
-            .await?;
+        const KIND: &str = "versions";
+        let token = self.token().await?;
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(format!("{}/services/data/", token.instance_url))
+            .header(header::ACCEPT, "application/json")
+            .send()
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let transport = |e: reqwest::Error| SalesforceError::Transport {
+            kind: KIND,
+            message: e.without_url().to_string(),
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                self.metrics
+                    .salesforce_request(&self.endpoint.tenant, KIND, "error", elapsed);
+                return Err(transport(error));
+            }
+        };
+        let status = response.status();
+        self.metrics
+            .salesforce_request(&self.endpoint.tenant, KIND, status.as_str(), elapsed);
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            return Err(api_error(KIND, status, &headers, &bytes));
+        }
+        let listed: Vec<Listed> = decode(KIND, &bytes)?;
         Ok(listed.into_iter().map(|v| v.version).collect())
     }
 

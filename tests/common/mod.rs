@@ -393,6 +393,39 @@ impl TestEnv {
         self.service().metrics.settled_by_outcome()
     }
 
+    /// Waits until at least `n` messages were settled with `outcome` (`retried`, `written` …).
+    pub async fn wait_outcome(&self, outcome: &str, n: u64) {
+        wait_until(
+            &format!("{n} messages {outcome}"),
+            Duration::from_secs(60),
+            || async {
+                if self.outcomes().get(outcome).copied().unwrap_or(0) >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", self.outcomes()))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the org holds exactly `n` records of `sobject`.
+    pub async fn wait_records(&self, sobject: &str, n: usize) {
+        wait_until(
+            &format!("{n} {sobject} records in the org"),
+            Duration::from_secs(60),
+            || async {
+                let held = self.records(sobject).await.len();
+                if held == n {
+                    Ok(())
+                } else {
+                    Err(format!("{held} records; {:?}", self.outcomes()))
+                }
+            },
+        )
+        .await;
+    }
+
     /// Waits until `n` events have been settled.
     pub async fn wait_settled(&self, n: u64) {
         wait_until(
