@@ -197,9 +197,14 @@ impl Consumer {
         let topology = &self.topology;
         // The queue in the name tells ops (and `rabbitmqctl list_connections`) which worker it is.
         let name = format!("portals-crm worker {}", topology.work_queue);
-        let connection = amqp::connect(&settings.url, settings.heartbeat_secs, &name)
-            .await
-            .map_err(SessionError::Unreachable)?;
+        // Raced against the shutdown: a broker that does not answer must not hold a SIGTERM
+        // for the connect timeout.
+        let connection = tokio::select! {
+            connected = amqp::connect(&settings.url, settings.heartbeat_secs, &name) => {
+                connected.map_err(SessionError::Unreachable)?
+            }
+            () = cancel.cancelled() => return Ok(()),
+        };
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
         let mut feeds = Feeds::new(

@@ -711,6 +711,20 @@ async fn tls_only_port() -> u16 {
     port
 }
 
+/// A listener that accepts connections and never answers (a service waiting for its client to
+/// speak first); returns its port. Its sockets stay open while the test runs.
+async fn silent_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    port
+}
+
 /// Each kind of connection that does not open is named with what to check first (RabbitMQ's
 /// troubleshooting-networking and access-control guides), the endpoint without credentials, and
 /// never the password.
@@ -721,7 +735,12 @@ async fn a_broker_that_cannot_be_reached_is_explained_by_kind() {
         listener.local_addr().unwrap().port()
     };
     let tls_only = tls_only_port().await;
+    let silent = silent_port().await;
     let cases = [
+        (
+            format!("amqp://guest:hunter2@127.0.0.1:{silent}/"),
+            "no answer in time: is the port RabbitMQ's AMQP listener",
+        ),
         (
             format!("amqp://guest:hunter2@127.0.0.1:{closed}/"),
             "nothing listens at that port: is RabbitMQ running",
@@ -815,4 +834,34 @@ async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
     );
     assert_eq!(line["endpoint"], format!("127.0.0.1:{closed}"), "{line}");
     assert!(!log.contains("connection lost"), "{log}");
+
+    // A port that never answers: a SIGTERM while the worker connects stops it at once, not
+    // after the connect timeout.
+    let silent = silent_port().await;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["run", "--config", "config/portals-crm.toml"])
+        .env(
+            "PORTALS_CRM_AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{silent}/"),
+        )
+        .env("PORTALS_CRM_CACHE_PATH", &cache)
+        .env("PORTALS_CRM_HTTP_LISTEN", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stderr.take().unwrap()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("portals-crm running") {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(unsafe_kill(worker.id().unwrap() as i32), 0);
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("stopped by SIGTERM while connecting, before the 15 s connect timeout")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&cache);
 }

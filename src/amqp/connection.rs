@@ -3,9 +3,16 @@
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-/// Connects with heartbeats (added to the URL unless its query sets them). The URL holds a
-/// password, so it never appears in an error: lapin's errors do not include it, and neither do
-/// ours.
+/// How long opening a connection may take, TCP, TLS and the AMQP handshake together. A port
+/// that accepts the connection and never answers (another service waiting for its client to
+/// speak first) would otherwise hold the caller for ever: lapin's own `connection_timeout`
+/// does not bound its asynchronous connect. RabbitMQ gives a client 10 s for the handshake
+/// (`handshake_timeout`), so a live broker answers well within this.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Connects with heartbeats (added to the URL unless its query sets them), within
+/// [`CONNECT_TIMEOUT`]. The URL holds a password, so it never appears in an error: lapin's
+/// errors do not include it, and neither do ours.
 ///
 /// # Errors
 /// [`ConnectError`]: the connection did not open, with what to check first.
@@ -16,9 +23,19 @@ pub async fn connect(
 ) -> Result<Connection, ConnectError> {
     let uri = with_heartbeat(url.expose_secret(), heartbeat_secs);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&uri, properties)
+    let opened = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&uri, properties))
         .await
-        .map_err(|error| ConnectError::new(url.expose_secret(), error))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer to the AMQP handshake within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+            .into())
+        });
+    opened.map_err(|error| ConnectError::new(url.expose_secret(), error))
 }
 
 /// `url` with a `heartbeat` query parameter added unless its query sets one (a URL that does not
@@ -93,7 +110,7 @@ pub fn connect_check(tls: bool, error: &lapin::Error) -> &'static str {
             }
             Io::InvalidData if tls => tls_check(e),
             Io::TimedOut | Io::HostUnreachable | Io::NetworkUnreachable => {
-                "no answer from the host: check the host name, the port and any firewall between"
+                "no answer in time: is the port RabbitMQ's AMQP listener (5672, or 5671 for amqps://) and the host reachable through any firewall between?"
             }
             Io::ConnectionReset | Io::ConnectionAborted | Io::UnexpectedEof | Io::BrokenPipe => {
                 if tls {
@@ -102,7 +119,7 @@ pub fn connect_check(tls: bool, error: &lapin::Error) -> &'static str {
                     "the server closed the connection as it opened: is the port RabbitMQ's AMQP listener, 5672? A TLS listener needs amqps://"
                 }
             }
-            _ => "check the host name and port in amqp.url",
+            _ => "the host name and port in amqp.url",
         },
         ErrorKind::ParsingError(_) | ErrorKind::InvalidProtocolVersion(_) => {
             if tls {
@@ -192,7 +209,7 @@ mod tests {
 
         let unparsable = ConnectError::new("not a url", io(std::io::ErrorKind::TimedOut));
         assert_eq!(unparsable.endpoint, "the configured amqp.url");
-        assert!(unparsable.check.starts_with("no answer from the host"));
+        assert!(unparsable.check.starts_with("no answer in time"));
     }
 
     #[test]
