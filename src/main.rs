@@ -265,10 +265,13 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
                 for problem in &found {
                     println!("{problem}");
                 }
-                for warning in
-                    tenants::org_setting_warnings(&caches, &loaded.config, &loaded.client).await?
-                {
-                    println!("tenant {name}: warning: {warning}");
+                match tenants::org_setting_warnings(&caches, &loaded.config, &loaded.client).await {
+                    Ok(warnings) => {
+                        for warning in warnings {
+                            println!("tenant {name}: warning: {warning}");
+                        }
+                    }
+                    Err(error) => println!("tenant {name}: org settings not checked: {error}"),
                 }
                 problems += found.len();
             }

@@ -851,16 +851,21 @@ async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(worker.stderr.take().unwrap()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains("portals-crm running") {
-            break;
+    let started = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("portals-crm running") {
+                return true;
+            }
         }
-    }
+        false
+    })
+    .await;
+    assert!(matches!(started, Ok(true)), "the worker did not start");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(unsafe_kill(worker.id().unwrap() as i32), 0);
     let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
         .await
-        .expect("stopped by SIGTERM while connecting, before the 15 s connect timeout")
+        .expect("stopped by SIGTERM while connecting, before the 30 s connect timeout")
         .unwrap();
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&cache);

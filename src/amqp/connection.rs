@@ -1,14 +1,25 @@
 //! Opening a connection to the broker, and saying what to check when it does not open.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
-/// How long opening a connection may take, TCP, TLS and the AMQP handshake together. A port
-/// that accepts the connection and never answers (another service waiting for its client to
-/// speak first) would otherwise hold the caller for ever: lapin's own `connection_timeout`
-/// does not bound its asynchronous connect. RabbitMQ gives a client 10 s for the handshake
-/// (`handshake_timeout`), so a live broker answers well within this.
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long opening a connection may take: name resolution, TCP, TLS and the AMQP handshake
+/// together. A port that accepts the connection and never answers (another service waiting for
+/// its client to speak first) would otherwise hold the caller for ever: lapin's own
+/// `connection_timeout` does not bound its asynchronous connect. RabbitMQ allows 5 s for a TLS
+/// handshake and 10 s for the AMQP one (`ssl_handshake_timeout`, `handshake_timeout`); the rest
+/// is room for a busy broker's accept backlog.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Set when a connect timed out, cleared when one opens. A timed-out lapin connect leaves its
+/// I/O thread and socket waiting for the peer to close, which a silent port never does; while
+/// this is set, a plain `amqp://` connect first asks the port with a socket of its own
+/// ([`answers`]) and lets lapin in only once the port answers, so a retry loop against such a
+/// port holds nothing. One flag per process: a process talks to one broker.
+static LAST_TIMED_OUT: AtomicBool = AtomicBool::new(false);
 
 /// Connects with heartbeats (added to the URL unless its query sets them), within
 /// [`CONNECT_TIMEOUT`]. The URL holds a password, so it never appears in an error: lapin's
@@ -21,21 +32,74 @@ pub async fn connect(
     heartbeat_secs: u16,
     name: &str,
 ) -> Result<Connection, ConnectError> {
-    let uri = with_heartbeat(url.expose_secret(), heartbeat_secs);
+    let url = url.expose_secret();
+    let timed_out = || -> lapin::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer within {} s (name resolution, TCP, TLS and the AMQP handshake)",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )
+        .into()
+    };
+    if LAST_TIMED_OUT.load(Ordering::Relaxed)
+        && let Some((host, port, false)) = endpoint(url)
+        && let Err(error) = answers(&host, port, CONNECT_TIMEOUT).await
+    {
+        let error = if error.kind() == std::io::ErrorKind::TimedOut {
+            timed_out()
+        } else {
+            error.into()
+        };
+        return Err(ConnectError::new(url, error));
+    }
+    let uri = with_heartbeat(url, heartbeat_secs);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let opened = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&uri, properties))
+    let opened =
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&uri, properties)).await {
+            Ok(opened) => opened,
+            Err(_) => {
+                LAST_TIMED_OUT.store(true, Ordering::Relaxed);
+                Err(timed_out())
+            }
+        };
+    if opened.is_ok() {
+        LAST_TIMED_OUT.store(false, Ordering::Relaxed);
+    }
+    opened.map_err(|error| ConnectError::new(url, error))
+}
+
+/// Whether the AMQP port at `host:port` answers the protocol header within `wait`: connects,
+/// sends `AMQP 0 0 9 1` (AMQP 0-9-1 §4.2.2) and waits for the first byte of any answer. The
+/// socket is closed when this returns, whatever happened.
+async fn answers(host: &str, port: u16, wait: Duration) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let asked = async {
+        let mut socket = tokio::net::TcpStream::connect((host, port)).await?;
+        socket.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        let mut first = [0u8; 1];
+        socket.read_exact(&mut first).await.map(drop)
+    };
+    tokio::time::timeout(wait, asked)
         .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer to the AMQP handshake within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                ),
-            )
-            .into())
-        });
-    opened.map_err(|error| ConnectError::new(url.expose_secret(), error))
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// The host, port (the scheme's default when the URL names none) and TLS-ness of an AMQP URL.
+fn endpoint(url: &str) -> Option<(String, u16, bool)> {
+    let tls = url
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case("amqps:"));
+    let parsed = url::Url::parse(url).ok()?;
+    let port = parsed.port().unwrap_or(if tls { 5671 } else { 5672 });
+    let host = parsed.host_str().unwrap_or("localhost");
+    // A bracketed IPv6 literal is connected to without its brackets.
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Some((host, port, tls))
 }
 
 /// `url` with a `heartbeat` query parameter added unless its query sets one (a URL that does not
@@ -67,16 +131,11 @@ pub struct ConnectError {
 
 impl ConnectError {
     fn new(url: &str, error: lapin::Error) -> Self {
-        let tls = url
-            .get(..6)
-            .is_some_and(|s| s.eq_ignore_ascii_case("amqps:"));
-        let endpoint = url::Url::parse(url).map_or_else(
-            |_| "the configured amqp.url".to_owned(),
-            |u| {
-                let port = u.port().unwrap_or(if tls { 5671 } else { 5672 });
-                format!("{}:{port}", u.host_str().unwrap_or("localhost"))
-            },
-        );
+        let (endpoint, tls) = match endpoint(url) {
+            Some((host, port, tls)) if host.contains(':') => (format!("[{host}]:{port}"), tls),
+            Some((host, port, tls)) => (format!("{host}:{port}"), tls),
+            None => ("the configured amqp.url".to_owned(), false),
+        };
         Self {
             endpoint,
             check: connect_check(tls, &error),
@@ -209,6 +268,8 @@ mod tests {
 
         let unparsable = ConnectError::new("not a url", io(std::io::ErrorKind::TimedOut));
         assert_eq!(unparsable.endpoint, "the configured amqp.url");
+        let v6 = ConnectError::new("amqp://[::1]", io(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(v6.endpoint, "[::1]:5672");
         assert!(unparsable.check.starts_with("no answer in time"));
     }
 
@@ -230,6 +291,44 @@ mod tests {
         assert_eq!(
             connect_check(true, &other),
             "the TLS handshake failed: the error says why"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_is_asked_for_an_answer_on_a_socket_of_its_own() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let answering_port = answering.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let heard = tokio::spawn(async move {
+            let (mut socket, _) = answering.accept().await.unwrap();
+            let mut header = [0u8; 8];
+            socket.read_exact(&mut header).await.unwrap();
+            socket.write_all(b"\x01").await.unwrap();
+            header
+        });
+        let wait = Duration::from_millis(300);
+        let silence = answers("127.0.0.1", silent_port, wait).await.unwrap_err();
+        assert_eq!(silence.kind(), std::io::ErrorKind::TimedOut);
+        answers("127.0.0.1", answering_port, wait).await.unwrap();
+        assert_eq!(&heard.await.unwrap(), b"AMQP\x00\x00\x09\x01");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let refused = answers("127.0.0.1", closed, wait).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            endpoint("amqp://u:p@[::1]:5673/%2f"),
+            Some(("::1".to_owned(), 5673, false))
         );
     }
 

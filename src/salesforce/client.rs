@@ -94,14 +94,40 @@ pub struct SalesforceClient {
     http: reqwest::Client,
     tokens: TokenCache,
     usage: Mutex<Option<ApiUsage>>,
-    /// The org's version list and when it was read ([`Self::check_api_version`]).
-    versions: Mutex<Option<(Instant, Vec<String>)>>,
+    /// The org's version list, or why it could not be read, and when
+    /// ([`Self::check_api_version`]). An async lock: the 404s of a batch arriving together wait
+    /// for one read instead of each sending its own.
+    versions: tokio::sync::Mutex<Option<VersionList>>,
     metrics: Arc<Metrics>,
 }
 
+/// The org's version list as last read.
+struct VersionList {
+    read: Instant,
+    listed: Result<Vec<String>, SalesforceError>,
+}
+
+impl VersionList {
+    /// Whether it is recent enough to answer from: a list for [`VERSIONS_FOR`], a failed read for
+    /// [`VERSIONS_RETRY`].
+    fn fresh(&self) -> bool {
+        let trusted = if self.listed.is_ok() {
+            VERSIONS_FOR
+        } else {
+            VERSIONS_RETRY
+        };
+        self.read.elapsed() < trusted
+    }
+}
+
 /// How long the org's version list is trusted: it changes only with Salesforce's releases, three
-/// a year, so an hour keeps the check off every describe 404 that asks it.
+/// a year, so an hour keeps the check off every 404 that asks it.
 const VERSIONS_FOR: Duration = Duration::from_secs(3600);
+
+/// How long a failed read of the version list is kept before the next 404 tries again: long
+/// enough that an org which cannot list its versions costs one extra request a minute, not one
+/// per 404.
+const VERSIONS_RETRY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for SalesforceClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,7 +177,7 @@ impl SalesforceClient {
             http,
             tokens: TokenCache::default(),
             usage: Mutex::new(None),
-            versions: Mutex::new(None),
+            versions: tokio::sync::Mutex::new(None),
             metrics,
         })
     }
@@ -229,6 +255,9 @@ impl SalesforceClient {
                 kind,
                 message: e.to_string(),
             })?;
+        if let Some(error) = self.known_not_offered() {
+            return Err(error);
+        }
         let mut token = self.token().await?;
         let mut replayed = false;
         loop {
@@ -490,35 +519,48 @@ impl SalesforceClient {
     }
 
     /// Whether the org offers this client's API version, from its version list read at most
-    /// once per [`VERSIONS_FOR`].
+    /// once per [`VERSIONS_FOR`] (a failed read: once per [`VERSIONS_RETRY`]).
     ///
     /// # Errors
     /// [`SalesforceError::VersionNotOffered`] when it does not; the list's own error when it
     /// could not be read.
     pub async fn check_api_version(&self) -> Result<(), SalesforceError> {
-        let cached = self
-            .versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .filter(|(read, _)| read.elapsed() < VERSIONS_FOR)
-            .map(|(_, offered)| offered.clone());
-        let offered = match cached {
-            Some(offered) => offered,
-            None => {
-                let offered = self.versions().await?;
-                *self.versions.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), offered.clone()));
-                offered
-            }
-        };
+        let mut cached = self.versions.lock().await;
+        if !cached.as_ref().is_some_and(VersionList::fresh) {
+            *cached = Some(VersionList {
+                read: Instant::now(),
+                listed: self.versions().await,
+            });
+        }
+        let listed = cached.as_ref().map(|list| &list.listed);
+        self.offered_in(listed.expect("set above"))
+    }
+
+    /// The check of this client's version against `listed`.
+    fn offered_in(
+        &self,
+        listed: &Result<Vec<String>, SalesforceError>,
+    ) -> Result<(), SalesforceError> {
+        let offered = listed.as_ref().map_err(Clone::clone)?;
         if offered.iter().any(|v| v == self.api_version()) {
             Ok(())
         } else {
             Err(SalesforceError::VersionNotOffered {
                 version: self.api_version().to_owned(),
-                offered,
+                offered: offered.clone(),
             })
+        }
+    }
+
+    /// [`SalesforceError::VersionNotOffered`] when the version list, still fresh, already says
+    /// so: a request under that version would only answer 404 again. Never waits (a list being
+    /// read counts as not known).
+    fn known_not_offered(&self) -> Option<SalesforceError> {
+        let cached = self.versions.try_lock().ok()?;
+        let list = cached.as_ref().filter(|list| list.fresh())?;
+        match self.offered_in(&list.listed) {
+            Err(error @ SalesforceError::VersionNotOffered { .. }) => Some(error),
+            _ => None,
         }
     }
 
