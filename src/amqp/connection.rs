@@ -18,7 +18,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// I/O thread and socket waiting for the peer to close, which a silent port never does; while
 /// this is set, a plain `amqp://` connect first asks the port with a socket of its own
 /// ([`answers`]) and lets lapin in only once the port answers, so a retry loop against such a
-/// port holds nothing. One flag per process: a process talks to one broker.
+/// port holds nothing (a broker that answers the probe logs its connection as closed by the
+/// client, once per connect until one opens). One flag per process: a process talks to one
+/// broker.
 static LAST_TIMED_OUT: AtomicBool = AtomicBool::new(false);
 
 /// Connects with heartbeats (added to the URL unless its query sets them), within

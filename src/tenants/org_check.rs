@@ -152,7 +152,7 @@ async fn check_all(registry: &Registry) {
                 }
             }
             Err(error @ SalesforceError::VersionNotOffered { .. }) => {
-                tracing::error!(tenant = %tenant.config.tenant, %error, "mapping not checked: every write to the org will fail until org.api_version is fixed");
+                tracing::error!(tenant = %tenant.config.tenant, %error, "mapping not checked: the tenant's bookings wait (salesforce_api_version_not_offered) until org.api_version is fixed");
             }
             Err(error) => match error.sign_in_refused() {
                 // Paused now rather than at its first booking, which would meet the same refusal.
