@@ -165,13 +165,19 @@ impl Consumer {
                 let delay = backoff.next_delay();
                 let retry_in_ms = delay.as_millis() as u64;
                 match ended {
-                    SessionError::Unreachable(error) => tracing::warn!(
-                        error = %error.error,
-                        endpoint = %error.endpoint,
-                        check = error.check,
-                        retry_in_ms,
-                        "could not connect to the broker"
-                    ),
+                    SessionError::Unreachable(error) => {
+                        self.readiness.set_broker_unreachable(format!(
+                            "could not connect to the broker at {} — check: {}",
+                            error.endpoint, error.check
+                        ));
+                        tracing::warn!(
+                            error = %error.error,
+                            endpoint = %error.endpoint,
+                            check = error.check,
+                            retry_in_ms,
+                            "could not connect to the broker"
+                        );
+                    }
                     SessionError::Lost(error) => {
                         tracing::warn!(%error, retry_in_ms, "broker connection lost");
                     }

@@ -820,6 +820,21 @@ async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
         false
     })
     .await;
+    // `/readyz` says why, without the URL.
+    let http = seen
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|l| l["http"].as_str().map(str::to_owned))
+        .expect("the start line names the HTTP address");
+    let readyz = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let readyz = readyz.text().await.unwrap();
+    assert!(
+        readyz.contains(&format!(
+            "not connected to the broker (could not connect to the broker at 127.0.0.1:{closed} — check: nothing listens at that port"
+        )),
+        "{readyz}"
+    );
     worker.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&cache);
     let log = seen.join("\n");

@@ -19,12 +19,28 @@ use super::metrics::Metrics;
 pub struct Readiness {
     broker: AtomicBool,
     tenants: AtomicBool,
+    /// Why the last connect failed, while the broker has not been reached since.
+    unreachable: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
-    /// Broker connection state.
+    /// Broker connection state; connected clears the reason a connect failed.
     pub fn set_broker(&self, connected: bool) {
         self.broker.store(connected, Ordering::Relaxed);
+        if connected {
+            *self.lock_unreachable() = None;
+        }
+    }
+
+    /// The last connect failed: `why` (endpoint and what to check, never the URL's credentials)
+    /// is shown with "not connected to the broker" until a connection opens.
+    pub fn set_broker_unreachable(&self, why: String) {
+        self.broker.store(false, Ordering::Relaxed);
+        *self.lock_unreachable() = Some(why);
+    }
+
+    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tenants loaded and compiled.
@@ -33,13 +49,16 @@ impl Readiness {
     }
 
     /// `Ok` when ready, else every reason it is not.
-    pub fn check(&self) -> Result<(), Vec<&'static str>> {
+    pub fn check(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if !self.broker.load(Ordering::Relaxed) {
-            reasons.push("not connected to the broker");
+            reasons.push(match &*self.lock_unreachable() {
+                Some(why) => format!("not connected to the broker ({why})"),
+                None => "not connected to the broker".to_owned(),
+            });
         }
         if !self.tenants.load(Ordering::Relaxed) {
-            reasons.push("tenants not loaded");
+            reasons.push("tenants not loaded".to_owned());
         }
         if reasons.is_empty() {
             Ok(())
