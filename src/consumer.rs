@@ -68,8 +68,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::amqp::{self, Acks, Publisher, Topology, acks};
-use crate::outcome::{self, Disposition, Reason, Settled, Settler, dead_letter};
+use crate::amqp::{self, Acks, PublishError, Publisher, Topology, acks};
+use crate::outcome::{self, Disposition, Reason, SettleError, Settled, Settler, dead_letter};
 use crate::pipeline::Pipeline;
 use crate::retry_policy::Reconnect;
 use crate::telemetry::http::Readiness;
@@ -123,9 +123,23 @@ enum SessionError {
     /// The connection did not open.
     #[error(transparent)]
     Unreachable(amqp::ConnectError),
-    /// The connection opened, then failed (or declaring and consuming on it did).
+    /// The connection opened, then failed.
     #[error(transparent)]
-    Lost(#[from] lapin::Error),
+    Lost(lapin::Error),
+    /// The connection opened, and the broker refused to declare the topology or to start a
+    /// consumer on it: a permission, or a queue that exists with other arguments.
+    #[error(transparent)]
+    Refused(amqp::Refused),
+}
+
+/// An error of setting up the topology or a consumer: a refusal when the broker sent one.
+impl From<lapin::Error> for SessionError {
+    fn from(error: lapin::Error) -> Self {
+        match amqp::Refused::from_error(error) {
+            Ok(refused) => Self::Refused(refused),
+            Err(error) => Self::Lost(error),
+        }
+    }
 }
 
 impl Consumer {
@@ -166,8 +180,8 @@ impl Consumer {
                 let retry_in_ms = delay.as_millis() as u64;
                 match ended {
                     SessionError::Unreachable(error) => {
-                        self.readiness.set_broker_unreachable(format!(
-                            "could not connect to the broker at {} — check: {}",
+                        self.readiness.set_broker_down(format!(
+                            "not connected to the broker (could not connect to the broker at {} — check: {})",
                             error.endpoint, error.check
                         ));
                         tracing::warn!(
@@ -178,7 +192,21 @@ impl Consumer {
                             "could not connect to the broker"
                         );
                     }
+                    SessionError::Refused(refused) => {
+                        self.readiness
+                            .set_broker_down(format!("the broker refused the topology: {refused}"));
+                        // Not an outage: nothing changes until someone acts on the check.
+                        tracing::error!(
+                            error = %refused.error,
+                            check = refused.check,
+                            retry_in_ms,
+                            "the broker refused the topology"
+                        );
+                    }
                     SessionError::Lost(error) => {
+                        self.readiness.set_broker_down(format!(
+                            "not connected to the broker (connection lost: {error})"
+                        ));
                         tracing::warn!(%error, retry_in_ms, "broker connection lost");
                     }
                 }
@@ -213,6 +241,11 @@ impl Consumer {
         };
         let publisher = Publisher::open(&connection).await?;
         topology.declare(publisher.channel()).await?;
+        publisher.check_default_exchange().await?;
+        // Set by a message whose retry or dead-letter copy failed on the publisher's channel:
+        // the broker closed it (a publish it refused), so every later publish would fail too
+        // and each message be redelivered unsettled; the session ends and starts over.
+        let broken = Arc::new(Broken::default());
         let mut feeds = Feeds::new(
             publisher.clone(),
             topology.clone(),
@@ -228,11 +261,9 @@ impl Consumer {
         let tenant_prefetch = u16::try_from(registry.in_flight_limit()).unwrap_or(u16::MAX);
         let wanted = names.borrow_and_update().clone();
         for gone in known.iter().filter(|t| !wanted.contains(t)) {
-            topology.forget_tenant(publisher.channel(), gone).await?;
+            unbind_tenant(&connection, topology, gone, "removed").await?;
         }
-        feeds
-            .follow(&connection, publisher.channel(), &wanted, tenant_prefetch)
-            .await?;
+        feeds.follow(&connection, &wanted, tenant_prefetch).await?;
         self.readiness.set_broker(true);
         self.metrics.amqp_connected.set(1);
         backoff.reset();
@@ -250,6 +281,7 @@ impl Consumer {
             // race the shutdown. One permit waits for every consumer at once (module docs).
             let permit = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
+                () = broken.token.cancelled() => break Err(broken.session_error()),
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break Ok(()),
@@ -257,15 +289,16 @@ impl Consumer {
             };
             let (delivery, admission, settler) = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
+                () = broken.token.cancelled() => break Err(broken.session_error()),
                 changed = names.changed(), if following => {
                     match changed {
                         Ok(()) => {
                             let wanted = names.borrow_and_update().clone();
                             if let Err(error) = feeds
-                                .follow(&connection, publisher.channel(), &wanted, tenant_prefetch)
+                                .follow(&connection, &wanted, tenant_prefetch)
                                 .await
                             {
-                                break Err(error);
+                                break Err(SessionError::from(error));
                             }
                         }
                         // The registry is gone, so is any reload: the tenants stay as they are.
@@ -286,27 +319,28 @@ impl Consumer {
                                 .nack(&delivery, BasicNackOptions { requeue: true, multiple: false })
                                 .await
                             {
-                                break Err(error);
+                                break Err(SessionError::Lost(error));
                             }
                             continue;
                         }
                         (delivery, feeds.admission(&tag), lane.settler.clone())
                     }
-                    Some((_, Some(Err(error)))) => break Err(error),
+                    Some((_, Some(Err(error)))) => break Err(SessionError::Lost(error)),
                     Some((tag, None)) if feeds.retiring.remove(&tag) => continue,
                     // The broker cancelled a consumer we did not (its queue was deleted) or
                     // the connection closed: start over, declaring everything again.
-                    Some((_, None)) | None => break Err(lapin::Error::from(
+                    Some((_, None)) | None => break Err(SessionError::Lost(lapin::Error::from(
                         lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
-                    )),
+                    ))),
                 }
             };
             let consumer = self.clone();
+            let broken = broken.clone();
             in_flight.spawn(async move {
                 // The permit goes back once the message's outcome is durable, before its ack's
                 // answer (which may wait for a run of acks); the task stays tracked until then.
                 consumer
-                    .handle(delivery, admission, &settler, move || drop(permit))
+                    .handle(delivery, admission, &settler, &broken, move || drop(permit))
                     .await;
             });
         };
@@ -342,7 +376,7 @@ impl Consumer {
             // channel closed and they are redelivered.
             tracing::debug!("acknowledgements still open after the connection closed");
         }
-        result.map_err(SessionError::Lost)
+        result
     }
 
     /// Steps (1) to (4) of the shutdown order in the module documentation (`feeds` is `&mut`
@@ -416,6 +450,7 @@ impl Consumer {
         delivery: Delivery,
         admission: Admission,
         settler: &Settler,
+        broken: &Broken,
         release: impl FnOnce() + Send,
     ) {
         let started = Instant::now();
@@ -469,7 +504,16 @@ impl Consumer {
                         .processing(&info.tenant)
                         .observe(started.elapsed().as_secs_f64());
                 }
-                Err(error) => tracing::error!(%error, "message not settled; the broker will redeliver it"),
+                Err(error) => {
+                    tracing::error!(%error, "message not settled; the broker will redeliver it");
+                    if let SettleError::Publish {
+                        source: PublishError::Broker(error),
+                        ..
+                    } = error
+                    {
+                        broken.report(error);
+                    }
+                }
             }
         }
         .instrument(span)
@@ -611,11 +655,16 @@ impl Feeds {
     }
 
     /// Consumes the queue of every tenant in `wanted` not consumed yet (declaring it and its
-    /// bindings on `declare`), and stops consuming the others, their bindings removed first.
+    /// bindings), and stops consuming the others, their bindings removed first.
+    ///
+    /// Each tenant's queue is declared, and unbound, on a channel of its own: a queue the broker
+    /// refuses (one made by hand with other arguments, a permission missing) closes only that
+    /// channel, and only that tenant's events go to the shared queue, which an unbound tenant's
+    /// reach through the route exchange's alternate exchange; it is tried again on the next
+    /// change of the tenants and on the next connection.
     async fn follow(
         &mut self,
         connection: &Connection,
-        declare: &Channel,
         wanted: &[String],
         prefetch: u16,
     ) -> Result<(), lapin::Error> {
@@ -623,16 +672,40 @@ impl Feeds {
             if self.tenants.contains_key(tenant) {
                 continue;
             }
-            match self.topology.declare_tenant(declare, tenant).await? {
-                Some(queue) => {
-                    self.consume(connection, &queue, prefetch).await?;
+            let own = connection.create_channel().await?;
+            let declared = self.topology.declare_tenant(&own, tenant).await;
+            if own.status().connected() {
+                let _ = own.close(200, "tenant queue declared".into()).await;
+            }
+            let consumed = match declared {
+                Ok(Some(queue)) => self
+                    .consume(connection, &queue, prefetch)
+                    .await
+                    .map(|_| Some(queue)),
+                not_declared => not_declared,
+            };
+            match consumed.map_err(amqp::Refused::from_error) {
+                Ok(Some(queue)) => {
                     tracing::info!(%tenant, %queue, "consuming the tenant's queue");
                     self.tenants.insert(tenant.clone(), queue);
                 }
-                None => tracing::warn!(
+                Ok(None) => tracing::warn!(
                     %tenant,
                     "tenant id too long for a queue name; its events use the shared queue"
                 ),
+                Err(Ok(refused)) => {
+                    tracing::error!(
+                        %tenant,
+                        error = %refused.error,
+                        check = refused.check,
+                        tried_again = TRIED_AGAIN,
+                        "the broker refused the tenant's queue; its events use the shared queue"
+                    );
+                    // A queue left bound (declared, then not consumed; or bound by an earlier
+                    // release) would take the tenant's events where nobody reads them.
+                    unbind_tenant(connection, &self.topology, tenant, "refused").await?;
+                }
+                Err(Err(error)) => return Err(error),
             }
         }
         let removed: Vec<(String, String)> = self
@@ -642,7 +715,7 @@ impl Feeds {
             .map(|(t, q)| (t.clone(), q.clone()))
             .collect();
         for (tenant, queue) in removed {
-            self.topology.forget_tenant(declare, &tenant).await?;
+            unbind_tenant(connection, &self.topology, &tenant, "removed").await?;
             if let Some(tag) = self.tags.remove(&queue)
                 && let Some(lane) = self.lanes.get(&tag)
             {
@@ -656,6 +729,52 @@ impl Feeds {
         }
         Ok(())
     }
+}
+
+/// When a tenant queue the broker refused is declared again.
+const TRIED_AGAIN: &str = "on the next reload of the tenant files (touch the tenant's file, or SIGHUP) or the next connection";
+
+/// Removes `tenant`'s bindings on a channel of its own (`why`: `removed` or `refused`). A
+/// refusal closes only that channel and is logged, not returned: one tenant's queue must not
+/// stop every tenant's consumption.
+///
+/// # Errors
+/// Anything but the broker's refusal (the connection failed).
+async fn unbind_tenant(
+    connection: &Connection,
+    topology: &Topology,
+    tenant: &str,
+    why: &'static str,
+) -> Result<(), lapin::Error> {
+    let own = connection.create_channel().await?;
+    match topology.forget_tenant(&own, tenant).await {
+        Ok(()) => {
+            let _ = own.close(200, "tenant queue unbound".into()).await;
+            Ok(())
+        }
+        // No such queue: nothing bound to it either.
+        Err(error) if is_not_found(&error) => Ok(()),
+        Err(error) => match amqp::Refused::from_error(error) {
+            Ok(refused) => {
+                tracing::error!(
+                    %tenant,
+                    tenant_queue = why,
+                    error = %refused.error,
+                    check = refused.check,
+                    "the broker refused to unbind the tenant's queue; the tenant's events may still reach it"
+                );
+                Ok(())
+            }
+            Err(error) => Err(error),
+        },
+    }
+}
+
+/// Whether the broker answered `NOT_FOUND` (404): the queue or exchange does not exist.
+fn is_not_found(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(reply)
+        if matches!(reply.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 /// Returns once `queue` has taken in every ack sent on `channel` before it, so that a
@@ -691,6 +810,37 @@ async fn settle_barrier(channel: &Channel, acks: &Acks, queue: &str) -> Result<(
     Ok(())
 }
 
+/// The publisher's channel failed under a session ([`Consumer::consume_once`]): the first error
+/// met, and the token that ends the session.
+#[derive(Default)]
+struct Broken {
+    token: CancellationToken,
+    first: std::sync::Mutex<Option<lapin::Error>>,
+}
+
+impl Broken {
+    fn report(&self, error: lapin::Error) {
+        self.first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(error);
+        self.token.cancel();
+    }
+
+    /// The session's end: a refusal when the first error was the broker's (`ACCESS_REFUSED` on
+    /// a publish), else a lost channel.
+    fn session_error(&self) -> SessionError {
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        SessionError::from(first.unwrap_or_else(|| {
+            lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "the publisher's channel closed",
+            )
+            .into()
+        }))
+    }
+}
+
 /// One message in `portals_crm_inflight_events` while it lives: given back when dropped, also
 /// when processing unwinds from a panic.
 struct InFlight<'a>(&'a prometheus::IntGauge);
@@ -705,5 +855,44 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_publisher_ends_the_session_with_its_first_error_classified() {
+        let broken = Broken::default();
+        assert!(!broken.token.is_cancelled());
+        let refusal = lapin::Error::from(lapin::ErrorKind::ProtocolError(
+            lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - access to exchange 'amq.default' in vhost '/' refused for user 'u'"
+                    .into(),
+            ),
+        ));
+        broken.report(refusal);
+        // Later publishes on the closed channel fail too; the first error says why.
+        broken.report(
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "basic.publish")
+                .into(),
+        );
+        assert!(broken.token.is_cancelled());
+        match broken.session_error() {
+            SessionError::Refused(refused) => {
+                assert!(
+                    refused.error.to_string().contains("amq.default"),
+                    "{refused}"
+                );
+            }
+            other => panic!("not a refusal: {other}"),
+        }
+        // Without an error recorded: a lost channel.
+        assert!(matches!(
+            Broken::default().session_error(),
+            SessionError::Lost(_)
+        ));
     }
 }

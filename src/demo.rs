@@ -404,10 +404,12 @@ pub async fn run(
     let publisher = Publisher::open(&connection)
         .await
         .map_err(|e| DemoError::Broker(e.to_string()))?;
-    topology
-        .declare(publisher.channel())
-        .await
-        .map_err(|e| DemoError::Broker(e.to_string()))?;
+    topology.declare(publisher.channel()).await.map_err(
+        |e| match crate::amqp::Refused::from_error(e) {
+            Ok(refused) => DemoError::Broker(format!("the broker refused the topology: {refused}")),
+            Err(e) => DemoError::Broker(e.to_string()),
+        },
+    )?;
     let service = match Service::start(&config, tenants.clone()).await {
         Ok(service) => service,
         Err(BuildError::Listen { .. }) => {

@@ -79,6 +79,10 @@ pub enum DlqError {
     /// Broker trouble.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// The broker refused to declare the topology (a permission, or a queue that exists with
+    /// other arguments).
+    #[error("the broker refused the topology: {0}")]
+    Refused(amqp::Refused),
     /// A replay publish did not become durable; the dead letter was kept.
     #[error("replay of {id} failed, the dead letter is kept: {source}")]
     Replay {
@@ -307,7 +311,12 @@ impl Dlq {
     pub async fn open(url: &secrecy::SecretString, topology: Topology) -> Result<Self, DlqError> {
         let connection = amqp::connect(url, 30, "portals-crm dlq").await?;
         let publisher = Publisher::open(&connection).await?;
-        topology.declare(publisher.channel()).await?;
+        topology.declare(publisher.channel()).await.map_err(
+            |error| match amqp::Refused::from_error(error) {
+                Ok(refused) => DlqError::Refused(refused),
+                Err(error) => DlqError::Broker(error),
+            },
+        )?;
         Ok(Self {
             connection,
             publisher,

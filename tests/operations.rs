@@ -361,7 +361,11 @@ async fn sigterm_under_load_leaves_nothing_committed_unacked() {
     env.stop_service().await;
     let tenants = env.write_tenant_files();
     let run = "sigterm-acks";
-    let total = 3_000;
+    // More than the worker can hold and finish around a stop: it has up to its prefetch (1,500)
+    // delivered while the first writes land, and the drain finishes what it holds, so with
+    // 3,000 a fast machine wrote all of them before the stop took effect and the test was
+    // vacuous (CI once: "the stop came after the backlog was written").
+    let total = 6_000;
     // A backlog first and an org answering in 100 ms, so the stop comes while it drains.
     env.post_json("/__emulator/faults", json!({"latency_ms": 100}))
         .await;
@@ -711,6 +715,16 @@ async fn tls_only_port() -> u16 {
     port
 }
 
+/// A port nothing listens on, held (bound, never listening) while the socket lives: a port
+/// freed instead could be bound again by a test running beside this one (its silent listener),
+/// and a connect would then wait instead of being refused.
+fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 /// A listener that accepts connections and never answers (a service waiting for its client to
 /// speak first); returns its port. Its sockets stay open while the test runs.
 async fn silent_port() -> u16 {
@@ -730,10 +744,7 @@ async fn silent_port() -> u16 {
 /// never the password.
 #[tokio::test]
 async fn a_broker_that_cannot_be_reached_is_explained_by_kind() {
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let (_held, closed) = refusing_port();
     let tls_only = tls_only_port().await;
     let silent = silent_port().await;
     let cases = [
@@ -782,10 +793,7 @@ async fn a_broker_that_cannot_be_reached_is_explained_by_kind() {
 #[tokio::test]
 async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let (_held, closed) = refusing_port();
     let cache = std::env::temp_dir().join(format!("portals-crm-unreachable-{closed}"));
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
         .args([
@@ -884,4 +892,310 @@ async fn run_reports_a_broker_never_reached_as_unreachable_not_lost() {
         .unwrap();
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// A queue that exists with other arguments (here a classic queue where the worker declares a
+/// quorum one) is refused by the broker with `PRECONDITION_FAILED`: the worker says so, with
+/// what to check, in `/readyz` and its log — not "connection lost" — and consumes once the
+/// queue is gone, without a restart.
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_is_named_and_the_worker_recovers_once_it_is_gone() {
+    use lapin::options::QueueDeleteOptions;
+    let mut env = TestEnv::start("refused-topology").await;
+    env.stop_service().await;
+    let channel = env.publisher.channel().clone();
+    let work_queue = env.topology.work_queue.clone();
+    replace_with_a_classic_queue(&channel, &work_queue).await;
+    let service = Service::start(&env.config, env.tenants.clone())
+        .await
+        .unwrap();
+    env.run_service(service);
+    let readyz = format!("{}/readyz", env.http_url());
+    let refused = wait_until("readyz names the refusal", Duration::from_secs(30), || {
+        let readyz = readyz.clone();
+        async move {
+            let response = reqwest::get(&readyz).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| e.to_string())?;
+            if status == 503 && text.contains("refused") {
+                Ok(text)
+            } else {
+                Err(format!("{status} {text}"))
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.contains("the broker refused the topology: ")
+            && refused.contains("PRECONDITION_FAILED - inequivalent arg '")
+            && refused.contains(&format!("queue '{work_queue}'"))
+            && refused
+                .contains("check: a queue or exchange of that name exists with other arguments"),
+        "{refused}"
+    );
+    assert!(!refused.contains("guest:guest"), "{refused}");
+    // The operator deletes the hand-made queue: the next attempt declares the quorum queue and
+    // consumes, and a booking is written.
+    channel
+        .queue_delete(work_queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    wait_ready(&readyz).await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_outcome("written", 1).await;
+    env.finish().await;
+}
+
+/// Runs `rabbitmqctl` with `args`; panics with its output when it fails.
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (.ci/run installs RabbitMQ)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A broker user made for one test, deleted when dropped (also when the test fails).
+struct BrokerUser(String);
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0])
+            .output();
+    }
+}
+
+/// A broker user that may not declare (no configure permission) is refused with
+/// `ACCESS_REFUSED`: the command names the permission and the resource, and what to grant,
+/// without the password.
+#[tokio::test]
+async fn a_broker_user_without_the_configure_permission_is_told_what_to_grant() {
+    let user = BrokerUser(format!("portals-crm-test-{:x}", rand::random::<u32>()));
+    rabbitmqctl(&["add_user", &user.0, "s3cret-pw"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, "^$", ".*", ".*"]);
+    let (code, stderr) =
+        dlq_list_with(&format!("amqp://{}:s3cret-pw@127.0.0.1:5672/%2f", user.0)).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the broker refused the topology: ")
+            && stderr.contains("ACCESS_REFUSED - ")
+            && stderr.contains(&format!(
+                "exchange 'bookings' in vhost '/' refused for user '{}'",
+                user.0
+            ))
+            && stderr.contains(
+                "check: the broker user in amqp.url lacks a permission on the queue or exchange"
+            ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}
+
+/// A tenant's queue the broker refuses (here one made by hand, classic, and bound as an
+/// earlier release would have) costs only that tenant its own queue: the worker unbinds it,
+/// the tenant's events go to the shared queue and are written, and the other tenants keep
+/// their queues.
+#[tokio::test]
+async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_and_stops_no_one_else() {
+    use lapin::options::QueueBindOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut env = TestEnv::start("refused-tenant-queue").await;
+    env.stop_service().await;
+    let channel = env.publisher.channel().clone();
+    let acme_queue = env.topology.tenant_queue("acme").unwrap();
+    let demo_queue = env.topology.tenant_queue("demo").unwrap();
+    replace_with_a_classic_queue(&channel, &acme_queue).await;
+    let mut binding = FieldTable::default();
+    binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    binding.insert(
+        "cloudEvents_tenantid".into(),
+        AMQPValue::LongString("acme".into()),
+    );
+    channel
+        .queue_bind(
+            acme_queue.as_str().into(),
+            env.topology.route_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            binding,
+        )
+        .await
+        .unwrap();
+    let config = env.config.clone();
+    run_until_acme_is_written(&mut env, &config).await;
+    assert_eq!(
+        env.queue_state(&acme_queue).await,
+        (0, 0),
+        "unbound and not consumed"
+    );
+    assert_eq!(
+        env.queue_state(&demo_queue).await.1,
+        1,
+        "demo keeps its queue"
+    );
+    env.finish().await;
+}
+
+/// Waits until `readyz` answers 200 (the worker consumes); the backoff between attempts is at
+/// most 30 s.
+async fn wait_ready(readyz: &str) {
+    wait_until(
+        "/readyz to answer 200",
+        Duration::from_secs(45),
+        || async move {
+            let response = reqwest::get(readyz).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| e.to_string())?;
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(format!("{status} {text}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// Deletes `queue` and declares a durable classic queue of that name, as one made by hand.
+async fn replace_with_a_classic_queue(channel: &lapin::Channel, queue: &str) {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// A broker user that may not write to the default exchange (which retries and dead letters
+/// go through) is refused when the worker starts, named with what to grant — not found only at
+/// the first retry, whose refused publish closed the publisher's channel and left the worker
+/// "ready" with every later message redelivered unsettled. Once granted, the worker consumes.
+#[tokio::test]
+async fn a_broker_user_that_may_not_publish_retries_is_refused_at_start_and_recovers_once_granted()
+{
+    let mut env = TestEnv::start("refused-publish").await;
+    env.stop_service().await;
+    let user = BrokerUser(format!("portals-crm-test-{:x}", rand::random::<u32>()));
+    rabbitmqctl(&["add_user", &user.0, "s3cret-pw"]);
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        &user.0,
+        ".*",
+        "^(?!amq\\.default$).*",
+        ".*",
+    ]);
+    let mut config = env.config.clone();
+    config.amqp.url = format!("amqp://{}:s3cret-pw@127.0.0.1:5672/%2f", user.0).into();
+    let service = Service::start(&config, env.tenants.clone()).await.unwrap();
+    env.run_service(service);
+    let readyz = format!("{}/readyz", env.http_url());
+    let refused = wait_until("readyz names the refusal", Duration::from_secs(30), || {
+        let readyz = readyz.clone();
+        async move {
+            let text = reqwest::get(&readyz)
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            if text.contains("refused") {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.contains("ACCESS_REFUSED - ")
+            && refused.contains("exchange 'amq.default'")
+            && refused.contains("check: the broker user in amqp.url lacks a permission"),
+        "{refused}"
+    );
+    assert!(!refused.contains("s3cret-pw"), "{refused}");
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    wait_ready(&readyz).await;
+    env.finish().await;
+}
+
+/// A tenant removed while the broker user may no longer write to its queue: the broker refuses
+/// to remove its bindings, which is logged and stops no one — the refusal closed the publisher's
+/// channel and ended the session, and every reconnect was refused again.
+#[tokio::test]
+async fn a_removed_tenant_whose_bindings_the_broker_refuses_to_remove_stops_no_one() {
+    let mut env = TestEnv::start("refused-unbind").await;
+    env.stop_service().await;
+    let demo_queue = env.topology.tenant_queue("demo").unwrap();
+    let user = BrokerUser(format!("portals-crm-test-{:x}", rand::random::<u32>()));
+    rabbitmqctl(&["add_user", &user.0, "s3cret-pw"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    let mut config = env.config.clone();
+    config.amqp.url = format!("amqp://{}:s3cret-pw@127.0.0.1:5672/%2f", user.0).into();
+    run_until_acme_is_written(&mut env, &config).await;
+    assert_eq!(
+        env.queue_state(&demo_queue).await.1,
+        1,
+        "demo's queue consumed"
+    );
+    // The user loses write on demo's queue, then demo is removed: its bindings cannot be
+    // removed (a new channel checks the permission anew), and the worker goes on.
+    let not_demo = format!("^(?!{}$).*", demo_queue.replace('.', "\\."));
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", &not_demo, ".*"]);
+    let acme_only: Vec<_> = env
+        .tenants
+        .iter()
+        .filter(|t| t.tenant == "acme")
+        .cloned()
+        .collect();
+    env.service().tenants.replace(acme_only).await.unwrap();
+    env.publish_with("meeting.rescheduled", &sample("rescheduled"), Some("acme"))
+        .await;
+    env.wait_outcome("written", 2).await;
+    // The refusal happened: demo's binding is still there, so its event waits in its queue.
+    env.publish_with("meeting.booked", &sample("booked"), Some("demo"))
+        .await;
+    wait_until(
+        "demo's event in its queue",
+        Duration::from_secs(10),
+        || async {
+            match env.queue_state(&demo_queue).await {
+                (1, 0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let ready = reqwest::get(format!("{}/readyz", env.http_url()))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    env.finish().await;
+}
+
+/// Runs the test's worker with `config`, waits until it is ready, and has it write one acme
+/// booking published with the tenant header.
+async fn run_until_acme_is_written(env: &mut TestEnv, config: &portals_crm::config::Config) {
+    let service = Service::start(config, env.tenants.clone()).await.unwrap();
+    env.run_service(service);
+    wait_ready(&format!("{}/readyz", env.http_url())).await;
+    env.publish_with("meeting.booked", &sample("booked"), Some("acme"))
+        .await;
+    env.wait_outcome("written", 1).await;
 }

@@ -248,6 +248,10 @@ async fn an_api_version_the_org_does_not_offer_parks_bookings_until_the_file_is_
         ),
         "the version list is read once, not per request: {metrics}"
     );
+    assert!(
+        metrics.contains("portals_crm_salesforce_api_version_not_offered{tenant=\"acme\"} 1"),
+        "the alert's gauge: {metrics}"
+    );
 
     let fixed: Vec<_> = env
         .tenants
@@ -260,5 +264,14 @@ async fn an_api_version_the_org_does_not_offer_parks_bookings_until_the_file_is_
         .collect();
     env.service().tenants.replace(fixed).await.unwrap();
     env.wait_records("Event", 1).await;
+    wait_until("the gauge cleared", Duration::from_secs(10), || async {
+        let metrics = env.metrics().await;
+        if metrics.contains("portals_crm_salesforce_api_version_not_offered{tenant=\"acme\"} 0") {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    })
+    .await;
     env.finish().await;
 }

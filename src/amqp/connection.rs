@@ -16,11 +16,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Set when a connect timed out, cleared when one opens. A timed-out lapin connect leaves its
 /// I/O thread and socket waiting for the peer to close, which a silent port never does; while
-/// this is set, a plain `amqp://` connect first asks the port with a socket of its own
-/// ([`answers`]) and lets lapin in only once the port answers, so a retry loop against such a
-/// port holds nothing (a broker that answers the probe logs its connection as closed by the
-/// client, once per connect until one opens). One flag per process: a process talks to one
-/// broker.
+/// this is set, a connect first asks the port with a socket of its own ([`answers`]) and lets
+/// lapin in only once the port answers, so a retry loop against such a port holds nothing (a
+/// broker that answers the probe logs its connection as closed by the client, or for a TLS
+/// listener a failed handshake, once per connect until one opens). One flag per process: a
+/// process talks to one broker.
 static LAST_TIMED_OUT: AtomicBool = AtomicBool::new(false);
 
 /// Connects with heartbeats (added to the URL unless its query sets them), within
@@ -46,7 +46,7 @@ pub async fn connect(
         .into()
     };
     if LAST_TIMED_OUT.load(Ordering::Relaxed)
-        && let Some((host, port, false)) = endpoint(url)
+        && let Some((host, port, _)) = endpoint(url)
         && let Err(error) = answers(&host, port, CONNECT_TIMEOUT).await
     {
         let error = if error.kind() == std::io::ErrorKind::TimedOut {
@@ -72,16 +72,19 @@ pub async fn connect(
     opened.map_err(|error| ConnectError::new(url, error))
 }
 
-/// Whether the AMQP port at `host:port` answers the protocol header within `wait`: connects,
-/// sends `AMQP 0 0 9 1` (AMQP 0-9-1 §4.2.2) and waits for the first byte of any answer. The
-/// socket is closed when this returns, whatever happened.
+/// Whether the port at `host:port` answers the AMQP protocol header within `wait`: connects,
+/// sends `AMQP 0 0 9 1` (AMQP 0-9-1 §4.2.2) and waits for any answer — the first byte, or the
+/// peer closing the connection. An AMQP listener answers with its `connection.start` (or its
+/// own header); a TLS listener, which the header is not a handshake to, with an alert or by
+/// closing; a silent port not at all. The socket is closed when this returns, whatever
+/// happened.
 async fn answers(host: &str, port: u16, wait: Duration) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let asked = async {
         let mut socket = tokio::net::TcpStream::connect((host, port)).await?;
         socket.write_all(b"AMQP\x00\x00\x09\x01").await?;
         let mut first = [0u8; 1];
-        socket.read_exact(&mut first).await.map(drop)
+        socket.read(&mut first).await.map(drop)
     };
     tokio::time::timeout(wait, asked)
         .await
@@ -321,11 +324,20 @@ mod tests {
         assert_eq!(silence.kind(), std::io::ErrorKind::TimedOut);
         answers("127.0.0.1", answering_port, wait).await.unwrap();
         assert_eq!(&heard.await.unwrap(), b"AMQP\x00\x00\x09\x01");
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Bound and never listening, held until the end: a freed port could be taken by a
+        // listener of a test running beside this one.
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let closed = held.local_addr().unwrap().port();
+        // A port that closes on the header (as a TLS listener may) has answered.
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing_port = closing.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = closing.accept().await.unwrap();
+            let mut header = [0u8; 8];
+            let _ = socket.read_exact(&mut header).await;
+        });
+        answers("127.0.0.1", closing_port, wait).await.unwrap();
         let refused = answers("127.0.0.1", closed, wait).await.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
         assert_eq!(

@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 pub use acks::{Acks, Unsettled};
 pub use connection::{ConnectError, connect};
-pub use topology::{RetryTier, Topology};
+pub use topology::{Refused, RetryTier, Topology};
 
 /// A publish that did not become durable on the broker.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,28 @@ impl Publisher {
     /// The underlying channel (for declarations and `basic_get`).
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Asks the broker whether this user may publish to the default exchange, which retries,
+    /// parked messages and dead letters go through: an empty, non-mandatory message to the
+    /// routing key `""`, which names no queue, so the broker drops it after checking the write
+    /// permission on `amq.default` (<https://www.rabbitmq.com/docs/access-control>). Without
+    /// it the broker closes this channel with `ACCESS_REFUSED` on the first retry instead.
+    ///
+    /// # Errors
+    /// The broker's refusal, or a failed channel.
+    pub async fn check_default_exchange(&self) -> Result<(), lapin::Error> {
+        self.channel
+            .basic_publish(
+                "".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &[],
+                BasicProperties::default(),
+            )
+            .await?
+            .await
+            .map(drop)
     }
 
     /// Publishes persistently with `mandatory`, and returns only once the broker confirmed it

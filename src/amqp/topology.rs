@@ -29,6 +29,65 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::config::AmqpConfig;
 
+/// A step of setting up the topology or a consumer that the broker refused: a channel error
+/// (AMQP 0-9-1 §1.2.2, the "soft" reply codes) whose text names the queue or exchange, with
+/// what to check first ([`refusal_check`]). Unlike a lost connection, trying again changes
+/// nothing until someone acts on the check.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} — check: {check}")]
+pub struct Refused {
+    /// What lapin reported: the broker's reply code and text.
+    pub error: lapin::Error,
+    /// What to check first.
+    pub check: &'static str,
+}
+
+impl Refused {
+    /// `error` as a refusal when it is a channel error the broker sent (a soft reply code);
+    /// `Err(error)` when it is anything else (I/O, a closed connection, a connection error).
+    ///
+    /// # Errors
+    /// `error` itself, when it is not a refusal.
+    pub fn from_error(error: lapin::Error) -> Result<Self, lapin::Error> {
+        match refusal_check(&error) {
+            Some(check) => Ok(Self { error, check }),
+            None => Err(error),
+        }
+    }
+}
+
+/// What to check when the broker refused to declare, bind or consume with `error`, by reply
+/// code; `None` for errors that are not such a refusal. RabbitMQ's permissions per operation
+/// (configure to declare or delete, write and read to bind, read to consume, write on the
+/// dead-letter exchange of a queue declared with one) are in
+/// <https://www.rabbitmq.com/docs/access-control>; an existing queue or exchange declared with
+/// other arguments is refused with `PRECONDITION_FAILED` ("inequivalent arg"),
+/// <https://www.rabbitmq.com/docs/queues#property-equivalence>.
+pub fn refusal_check(error: &lapin::Error) -> Option<&'static str> {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(reply) = error.kind() else {
+        return None;
+    };
+    let AMQPErrorKind::Soft(code) = reply.kind() else {
+        return None;
+    };
+    Some(match code {
+        AMQPSoftError::ACCESSREFUSED => {
+            "the broker user in amqp.url lacks a permission on the queue or exchange the broker's text names (or, \"in exclusive use\", another client consumes that queue exclusively): a worker needs configure, write and read on each of its queues and exchanges (README \"Deploying\" gives the regular expressions; rabbitmqctl list_user_permissions USER shows the user's)"
+        }
+        AMQPSoftError::PRECONDITIONFAILED => {
+            "a queue or exchange of that name exists with other arguments or another type than this worker declares (the broker's text names which): made by hand, by another release, or under another amqp.delivery_limit. A queue: move its messages elsewhere and delete it; an exchange: delete it and restore the bindings others made to it (the booking exchange is the publishers' too); the worker then declares it again (README \"Deploying\")"
+        }
+        AMQPSoftError::NOTFOUND => {
+            "a queue or exchange the step needs does not exist (the broker's text names it), deleted meanwhile: the next attempt declares it again"
+        }
+        AMQPSoftError::RESOURCELOCKED => {
+            "a queue of that name is exclusive to another connection (the broker's text names it): stop the client that declared it"
+        }
+        _ => "the broker's text and its log say why",
+    })
+}
+
 /// One delayed-retry tier queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryTier {
@@ -374,6 +433,71 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(kind: lapin::protocol::AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn a_refusal_is_told_from_a_lost_connection_and_checked_by_reply_code() {
+        use lapin::protocol::{
+            AMQPErrorKind::Hard, AMQPErrorKind::Soft, AMQPHardError, AMQPSoftError,
+        };
+        let check = |kind, text| Refused::from_error(reply(kind, text)).map(|r| r.check);
+        assert!(
+            check(
+                Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - access to queue 'q'"
+            )
+            .unwrap()
+            .starts_with("the broker user in amqp.url lacks a permission")
+        );
+        assert!(
+            check(
+                Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg"
+            )
+            .unwrap()
+            .contains("exists with other arguments")
+        );
+        assert!(
+            check(Soft(AMQPSoftError::NOTFOUND), "NOT_FOUND - no exchange 'x'")
+                .unwrap()
+                .contains("the next attempt declares it again")
+        );
+        assert!(
+            check(
+                Soft(AMQPSoftError::RESOURCELOCKED),
+                "RESOURCE_LOCKED - cannot obtain exclusive access"
+            )
+            .unwrap()
+            .contains("exclusive to another connection")
+        );
+        assert_eq!(
+            check(Soft(AMQPSoftError::NOROUTE), "NO_ROUTE").unwrap(),
+            "the broker's text and its log say why"
+        );
+        // A connection error, an I/O error or a closed connection is a lost connection: the
+        // error comes back as it was.
+        let hard = Refused::from_error(reply(Hard(AMQPHardError::INTERNALERROR), "INTERNAL_ERROR"))
+            .unwrap_err();
+        assert!(hard.to_string().contains("INTERNAL_ERROR"), "{hard}");
+        assert!(
+            Refused::from_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into())
+                .is_err()
+        );
+        let refused = Refused::from_error(reply(
+            Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - access to exchange 'bookings' in vhost '/' refused for user 'u'",
+        ))
+        .unwrap();
+        assert!(
+            refused
+                .to_string()
+                .contains("exchange 'bookings' in vhost '/' refused for user 'u' — check: "),
+            "{refused}"
+        );
+    }
 
     #[test]
     fn tier_labels() {

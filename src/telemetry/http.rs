@@ -19,8 +19,9 @@ use super::metrics::Metrics;
 pub struct Readiness {
     broker: AtomicBool,
     tenants: AtomicBool,
-    /// Why the last connect failed, while the broker has not been reached since.
-    unreachable: std::sync::Mutex<Option<String>>,
+    /// Why the last session with the broker ended (a connect that failed, a topology the broker
+    /// refused), until a session starts consuming.
+    down: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -28,19 +29,19 @@ impl Readiness {
     pub fn set_broker(&self, connected: bool) {
         self.broker.store(connected, Ordering::Relaxed);
         if connected {
-            *self.lock_unreachable() = None;
+            *self.lock_down() = None;
         }
     }
 
-    /// The last connect failed: `why` (endpoint and what to check, never the URL's credentials)
-    /// is shown with "not connected to the broker" until a connection opens.
-    pub fn set_broker_unreachable(&self, why: String) {
+    /// Not consuming, and why (what failed and what to check, never the URL's credentials):
+    /// the reason `/readyz` gives until a session starts consuming.
+    pub fn set_broker_down(&self, why: String) {
         self.broker.store(false, Ordering::Relaxed);
-        *self.lock_unreachable() = Some(why);
+        *self.lock_down() = Some(why);
     }
 
-    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.unreachable.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_down(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tenants loaded and compiled.
@@ -52,8 +53,8 @@ impl Readiness {
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if !self.broker.load(Ordering::Relaxed) {
-            reasons.push(match &*self.lock_unreachable() {
-                Some(why) => format!("not connected to the broker ({why})"),
+            reasons.push(match &*self.lock_down() {
+                Some(why) => why.clone(),
                 None => "not connected to the broker".to_owned(),
             });
         }

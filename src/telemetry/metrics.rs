@@ -47,6 +47,10 @@ pub struct Metrics {
     /// `portals_crm_salesforce_auth_refused{tenant,reason}`: 1 while the org refuses the
     /// tenant's sign-in, `reason` = `salesforce_auth_<OAuth error>`.
     pub salesforce_auth_refused: IntGaugeVec,
+    /// `portals_crm_salesforce_api_version_not_offered{tenant}`: 1 while the tenant's org does
+    /// not offer the REST API version of its file (`org.api_version`): its bookings wait in the
+    /// retry tiers, unattempted, until the file is fixed.
+    pub salesforce_api_version_not_offered: IntGaugeVec,
     /// `portals_crm_inflight_events`
     pub inflight: IntGauge,
     /// `portals_crm_cache_requests_total{cache,result}`
@@ -207,6 +211,17 @@ impl Metrics {
         registry
             .register(Box::new(salesforce_auth_refused.clone()))
             .expect("unique metric");
+        let salesforce_api_version_not_offered = IntGaugeVec::new(
+            Opts::new(
+                "portals_crm_salesforce_api_version_not_offered",
+                "1 while the tenant's org does not offer the REST API version of its file (org.api_version): its bookings wait until the file is fixed.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(salesforce_api_version_not_offered.clone()))
+            .expect("unique metric");
         let inflight = IntGauge::new(
             "portals_crm_inflight_events",
             "Events received and not yet settled.",
@@ -255,6 +270,7 @@ impl Metrics {
             circuit_open,
             tenant_file_rejected,
             salesforce_auth_refused,
+            salesforce_api_version_not_offered,
             inflight,
             cache_requests,
             amqp_connected,

@@ -37,6 +37,8 @@ pub struct Tenant {
     pub batcher: Batcher,
     /// Pauses it while its org fails or its API quota share is used up.
     pub breaker: CircuitBreaker,
+    /// Its `portals_crm_salesforce_api_version_not_offered` series, set by [`Tenant::observe`].
+    version_not_offered: prometheus::IntGauge,
     /// Its messages in flight in this worker, at most [`BatchLimits::tenant_in_flight`]: one
     /// tenant whose org answers slowly holds no more than this of the shared prefetch window
     /// and concurrency permits.
@@ -101,6 +103,13 @@ impl Tenant {
     /// Feeds the breaker with what a Salesforce call showed about the org: a request limit hit
     /// or the quota share used up trips it at once; an org-level failure counts toward opening.
     pub fn observe(&self, failed: Option<&SalesforceError>) {
+        // Any other answer came from a request under the version, or never reached the org:
+        // only a success clears it.
+        match failed {
+            Some(SalesforceError::VersionNotOffered { .. }) => self.version_not_offered.set(1),
+            None => self.version_not_offered.set(0),
+            Some(_) => {}
+        }
         if let Some(refused) = failed.and_then(SalesforceError::sign_in_refused) {
             self.breaker.refuse_sign_in(&refused);
             return;
@@ -384,7 +393,12 @@ impl Registry {
                 )
                 .reporting_sign_in(&config.tenant, self.metrics.salesforce_auth_refused.clone());
                 let slot_limit = self.settings.batch.tenant_in_flight();
+                let version_not_offered = self
+                    .metrics
+                    .salesforce_api_version_not_offered
+                    .with_label_values(&[config.tenant.as_str()]);
                 let tenant = Tenant {
+                    version_not_offered,
                     config,
                     mapping,
                     client,
