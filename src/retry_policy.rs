@@ -28,16 +28,21 @@ pub struct Reconnect {
 }
 
 impl Reconnect {
-    /// Starts at `initial`, doubles up to `max`, with ±50 % jitter, never gives up.
+    /// Starts at `initial`, doubles up to `max`, with ±50 % jitter, never gives up; no wait is
+    /// longer than `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             inner: doubling(initial, max, None),
         }
     }
 
-    /// The wait before the next attempt.
+    /// The wait before the next attempt, at most the `max` it was made with. The `backoff`
+    /// crate caps the interval before it draws the jitter, so its draw can be half again as
+    /// long as `max` (45 s for the broker's 30 s); once at the cap the waits are drawn from
+    /// half of `max` to `max`.
     pub fn next_delay(&mut self) -> Duration {
-        self.inner.next_backoff().unwrap_or(self.inner.max_interval)
+        let max = self.inner.max_interval;
+        self.inner.next_backoff().unwrap_or(max).min(max)
     }
 
     /// Back to the initial delay after a success.
@@ -61,9 +66,11 @@ impl Republish {
         }
     }
 
-    /// The wait before the next attempt, `None` once it is time to give up.
+    /// The wait before the next attempt, at most `max` (as [`Reconnect::next_delay`]); `None`
+    /// once it is time to give up.
     pub fn next_delay(&mut self) -> Option<Duration> {
-        self.inner.next_backoff()
+        let max = self.inner.max_interval;
+        self.inner.next_backoff().map(|delay| delay.min(max))
     }
 }
 
@@ -104,9 +111,13 @@ mod tests {
     #[test]
     fn delays_grow_and_are_capped() {
         let mut policy = Reconnect::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..10).map(|_| policy.next_delay()).collect();
+        // Enough draws at the cap that a draw over it (up to 3 s before the cap) would show.
+        let delays: Vec<Duration> = (0..200).map(|_| policy.next_delay()).collect();
         assert!(delays[0] <= Duration::from_millis(150));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(3)));
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(2)),
+            "{delays:?}"
+        );
         assert!(delays[9] >= Duration::from_secs(1));
         policy.reset();
         assert!(policy.next_delay() <= Duration::from_millis(150));
@@ -125,5 +136,16 @@ mod tests {
         assert!(second >= Duration::from_millis(10) && second <= Duration::from_millis(30));
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(policy.next_delay(), None, "gives up after 50 ms");
+        let mut capped = Republish::new(
+            Duration::from_millis(10),
+            Duration::from_millis(40),
+            Duration::from_secs(3600),
+        );
+        let delays: Vec<Duration> = (0..200).filter_map(|_| capped.next_delay()).collect();
+        assert_eq!(delays.len(), 200);
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_millis(40)),
+            "{delays:?}"
+        );
     }
 }
