@@ -49,7 +49,7 @@
 //! still unanswered at the end of the grace can commit unacked; it is redelivered and rewritten
 //! idempotently (or counted superseded).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -250,6 +250,7 @@ impl Consumer {
             publisher.clone(),
             topology.clone(),
             self.metrics.amqp_acks.clone(),
+            self.metrics.tenant_queue_refused.clone(),
         );
         feeds.shared = Some(
             feeds
@@ -276,6 +277,9 @@ impl Consumer {
         );
         let in_flight = TaskTracker::new();
         let mut following = true;
+        // Armed once, reset after each try: nothing per delivery.
+        let refused_again = tokio::time::sleep(REFUSED_TRIED_AGAIN_AFTER);
+        tokio::pin!(refused_again);
         let result = loop {
             // Wait for a slot first, so a delivery is only taken when it can start; both waits
             // race the shutdown. One permit waits for every consumer at once (module docs).
@@ -300,10 +304,23 @@ impl Consumer {
                             {
                                 break Err(SessionError::from(error));
                             }
+                            refused_again
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + REFUSED_TRIED_AGAIN_AFTER);
                         }
                         // The registry is gone, so is any reload: the tenants stay as they are.
                         Err(_) => following = false,
                     }
+                    continue;
+                }
+                () = &mut refused_again, if !feeds.refused.is_empty() => {
+                    let wanted = names.borrow().clone();
+                    if let Err(error) = feeds.follow(&connection, &wanted, tenant_prefetch).await {
+                        break Err(SessionError::from(error));
+                    }
+                    refused_again
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + REFUSED_TRIED_AGAIN_AFTER);
                     continue;
                 }
                 next = feeds.streams.next() => match next {
@@ -574,6 +591,11 @@ struct Feeds {
     tags: HashMap<String, Arc<str>>,
     /// Queue by tenant, of the tenants whose queue is consumed.
     tenants: BTreeMap<String, String>,
+    /// The tenants whose queue the broker refused (their events use the shared queue), tried
+    /// again every [`REFUSED_TRIED_AGAIN_AFTER`]; each is 1 in `refused_gauge`.
+    refused: BTreeSet<String>,
+    /// `portals_crm_tenant_queue_refused{tenant}`.
+    refused_gauge: IntGaugeVec,
     /// Tags of consumers cancelled for a removed tenant, until the broker ends them: what they
     /// still deliver goes back to the queue.
     retiring: HashSet<Arc<str>>,
@@ -584,7 +606,15 @@ struct Feeds {
 }
 
 impl Feeds {
-    fn new(publisher: Publisher, topology: Arc<Topology>, acks_counted: IntCounterVec) -> Self {
+    /// Feeds of a new connection, which declares every tenant's queue again: what the last
+    /// one found refused is forgotten until the broker refuses it again.
+    fn new(
+        publisher: Publisher,
+        topology: Arc<Topology>,
+        acks_counted: IntCounterVec,
+        refused_gauge: IntGaugeVec,
+    ) -> Self {
+        refused_gauge.reset();
         Self {
             publisher,
             topology,
@@ -593,6 +623,8 @@ impl Feeds {
             lanes: HashMap::new(),
             tags: HashMap::new(),
             tenants: BTreeMap::new(),
+            refused: BTreeSet::new(),
+            refused_gauge,
             retiring: HashSet::new(),
             shared: None,
             acking: TaskTracker::new(),
@@ -661,7 +693,7 @@ impl Feeds {
     /// refuses (one made by hand with other arguments, a permission missing) closes only that
     /// channel, and only that tenant's events go to the shared queue, which an unbound tenant's
     /// reach through the route exchange's alternate exchange; it is tried again on the next
-    /// change of the tenants and on the next connection.
+    /// change of the tenants, every [`REFUSED_TRIED_AGAIN_AFTER`] and on the next connection.
     async fn follow(
         &mut self,
         connection: &Connection,
@@ -687,6 +719,9 @@ impl Feeds {
             match consumed.map_err(amqp::Refused::from_error) {
                 Ok(Some(queue)) => {
                     tracing::info!(%tenant, %queue, "consuming the tenant's queue");
+                    if self.refused.remove(tenant) {
+                        let _ = self.refused_gauge.remove_label_values(&[tenant]);
+                    }
                     self.tenants.insert(tenant.clone(), queue);
                 }
                 Ok(None) => tracing::warn!(
@@ -701,12 +736,24 @@ impl Feeds {
                         tried_again = TRIED_AGAIN,
                         "the broker refused the tenant's queue; its events use the shared queue"
                     );
+                    self.refused_gauge.with_label_values(&[tenant]).set(1);
+                    self.refused.insert(tenant.clone());
                     // A queue left bound (declared, then not consumed; or bound by an earlier
                     // release) would take the tenant's events where nobody reads them.
                     unbind_tenant(connection, &self.topology, tenant, "refused").await?;
                 }
                 Err(Err(error)) => return Err(error),
             }
+        }
+        let dropped: Vec<String> = self
+            .refused
+            .iter()
+            .filter(|tenant| !wanted.contains(tenant))
+            .cloned()
+            .collect();
+        for tenant in dropped {
+            self.refused.remove(&tenant);
+            let _ = self.refused_gauge.remove_label_values(&[&tenant]);
         }
         let removed: Vec<(String, String)> = self
             .tenants
@@ -731,8 +778,14 @@ impl Feeds {
     }
 }
 
-/// When a tenant queue the broker refused is declared again.
-const TRIED_AGAIN: &str = "on the next reload of the tenant files (touch the tenant's file, or SIGHUP) or the next connection";
+/// How long a tenant queue the broker refused waits before it is declared again (besides on a
+/// reload of the tenant files and on a new connection): a fixed permission or a queue moved
+/// aside takes effect within this, without anyone's action on the worker. Each attempt opens two
+/// channels and logs the refusal again.
+const REFUSED_TRIED_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// When a tenant queue the broker refused is declared again, for the log.
+const TRIED_AGAIN: &str = "in a minute, on the next reload of the tenant files (touch the tenant's file, or SIGHUP) and on the next connection";
 
 /// Removes `tenant`'s bindings on a channel of its own (`why`: `removed` or `refused`). A
 /// refusal closes only that channel and is logged, not returned: one tenant's queue must not

@@ -999,9 +999,10 @@ async fn a_broker_user_without_the_configure_permission_is_told_what_to_grant() 
 /// A tenant's queue the broker refuses (here one made by hand, classic, and bound as an
 /// earlier release would have) costs only that tenant its own queue: the worker unbinds it,
 /// the tenant's events go to the shared queue and are written, and the other tenants keep
-/// their queues.
+/// their queues. `portals_crm_tenant_queue_refused` shows it; once the queue is moved aside the
+/// worker takes the tenant's queue back within a minute by itself (no reload, no restart).
 #[tokio::test]
-async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_and_stops_no_one_else() {
+async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_until_it_is_fixed() {
     use lapin::options::QueueBindOptions;
     use lapin::types::{AMQPValue, FieldTable};
     let mut env = TestEnv::start("refused-tenant-queue").await;
@@ -1037,6 +1038,49 @@ async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_and_stops_
         env.queue_state(&demo_queue).await.1,
         1,
         "demo keeps its queue"
+    );
+    let metrics = format!("{}/metrics", env.http_url());
+    let refused_line = "portals_crm_tenant_queue_refused{tenant=\"acme\"} 1";
+    let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+    assert!(text.contains(refused_line), "{text}");
+    assert!(!text.contains("tenant_queue_refused{tenant=\"demo\"}"));
+    // Ops move the hand-made queue aside; the worker declares the tenant's queue again by
+    // itself within a minute, without a reload, and the gauge goes.
+    channel
+        .queue_delete(
+            acme_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let queue = acme_queue.clone();
+    let env_ref = &env;
+    wait_until(
+        "the worker to consume acme's queue again",
+        Duration::from_secs(90),
+        || {
+            let queue = queue.clone();
+            async move {
+                match env_ref.queue_exists(&queue).await {
+                    Some((_, 1)) => Ok(()),
+                    state => Err(format!("(messages, consumers) = {state:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+    assert!(
+        !text.contains("tenant_queue_refused{tenant=\"acme\"}"),
+        "{text}"
+    );
+    env.publish_with("meeting.booked", &sample("rescheduled"), Some("acme"))
+        .await;
+    env.wait_outcome("written", 2).await;
+    assert_eq!(
+        env.queue_state(&acme_queue).await,
+        (0, 1),
+        "consumed from its queue"
     );
     env.finish().await;
 }

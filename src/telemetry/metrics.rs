@@ -51,6 +51,11 @@ pub struct Metrics {
     /// not offer the REST API version of its file (`org.api_version`): its bookings wait in the
     /// retry tiers, unattempted, until the file is fixed.
     pub salesforce_api_version_not_offered: IntGaugeVec,
+    /// `portals_crm_tenant_queue_refused{tenant}`: 1 while the broker refuses this worker the
+    /// tenant's queue (a permission, or a queue that exists with other arguments): the tenant's
+    /// events use the shared queue. Reset on each new connection, which declares every queue
+    /// again.
+    pub tenant_queue_refused: IntGaugeVec,
     /// `portals_crm_inflight_events`
     pub inflight: IntGauge,
     /// `portals_crm_cache_requests_total{cache,result}`
@@ -222,6 +227,17 @@ impl Metrics {
         registry
             .register(Box::new(salesforce_api_version_not_offered.clone()))
             .expect("unique metric");
+        let tenant_queue_refused = IntGaugeVec::new(
+            Opts::new(
+                "portals_crm_tenant_queue_refused",
+                "1 while the broker refuses this worker the tenant's queue (a permission, or a queue that exists with other arguments): the tenant's events use the shared queue.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tenant_queue_refused.clone()))
+            .expect("unique metric");
         let inflight = IntGauge::new(
             "portals_crm_inflight_events",
             "Events received and not yet settled.",
@@ -271,6 +287,7 @@ impl Metrics {
             tenant_file_rejected,
             salesforce_auth_refused,
             salesforce_api_version_not_offered,
+            tenant_queue_refused,
             inflight,
             cache_requests,
             amqp_connected,
