@@ -29,7 +29,9 @@
 //! Reloads: a tenant added gets its queue, bindings and consumer; a removed tenant's bindings
 //! go first (its new events reach the shared queue), then its consumer is cancelled and what
 //! the broker had already sent it is handed back to its queue (`basic.nack` with requeue), which
-//! is kept: it may hold bookings.
+//! is kept: it may hold bookings. Once the broker has ended that consumer and its messages in
+//! flight are settled, its channel closes ([`Feeds::retire`]), so tenants added and removed over
+//! a long-lived connection leave no channels behind.
 //!
 //! # Shutdown order and its guarantee
 //!
@@ -40,8 +42,9 @@
 //! still open, for the requests on the wire until `grace` − [`CLOSE_BUDGET`]: a graph Salesforce
 //! commits then is still acked; (4) the settle barrier (see [`settle_barrier`]): every ack still
 //! held for a run is sent, then a synchronous round trip through every queue consumed (the
-//! shared one and each tenant's, on its channel) returns only once each has taken in every ack
-//! sent before it; (5) close the connection,
+//! shared one, each tenant's, and each removed tenant's whose channel is still open, on its
+//! channel) returns only once each has taken in every ack sent before it; (5) close the
+//! connection,
 //! which hands back every message not acked.
 //!
 //! Guarantee: after a graceful stop, every message whose graph Salesforce answered as committed
@@ -291,7 +294,7 @@ impl Consumer {
                     Err(_) => break Ok(()),
                 },
             };
-            let (delivery, admission, settler) = tokio::select! {
+            let (delivery, admission, (settler, lane_token)) = tokio::select! {
                 () = cancel.cancelled() => break Ok(()),
                 () = broken.token.cancelled() => break Err(broken.session_error()),
                 changed = names.changed(), if following => {
@@ -340,10 +343,17 @@ impl Consumer {
                             }
                             continue;
                         }
-                        (delivery, feeds.admission(&tag), lane.settler.clone())
+                        (
+                            delivery,
+                            feeds.admission(&tag),
+                            (lane.settler.clone(), lane.in_flight.token()),
+                        )
                     }
                     Some((_, Some(Err(error)))) => break Err(SessionError::Lost(error)),
-                    Some((tag, None)) if feeds.retiring.remove(&tag) => continue,
+                    Some((tag, None)) if feeds.retiring.remove(&tag) => {
+                        feeds.retire(&tag);
+                        continue;
+                    }
                     // The broker cancelled a consumer we did not (its queue was deleted) or
                     // the connection closed: start over, declaring everything again.
                     Some((_, None)) | None => break Err(SessionError::Lost(lapin::Error::from(
@@ -354,6 +364,7 @@ impl Consumer {
             let consumer = self.clone();
             let broken = broken.clone();
             in_flight.spawn(async move {
+                let _lane = lane_token;
                 // The permit goes back once the message's outcome is durable, before its ack's
                 // answer (which may wait for a run of acks); the task stays tracked until then.
                 consumer
@@ -441,24 +452,23 @@ impl Consumer {
         }
         // Every lane at once, each on its own channel: one lane's failure (a removed tenant's
         // queue deleted meanwhile) must not cost the others their barrier, nor their time.
-        let barriers = futures_util::future::join_all(feeds.lanes.values().map(|lane| async {
-            // Acks held behind a message still in flight go out now, before the barrier.
-            lane.acks.flush().await;
-            let barrier = settle_barrier(&lane.channel, &lane.acks, &lane.queue);
-            match tokio::time::timeout(STEP_TIMEOUT, barrier).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(
-                    queue = %lane.queue,
-                    %error,
-                    "settle barrier failed; acks sent last may be redelivered"
-                ),
-                Err(_) => tracing::warn!(
-                    queue = %lane.queue,
-                    "settle barrier timed out; acks sent last may be redelivered"
-                ),
+        // Removed tenants' lanes settle on their own (Feeds::retire), meanwhile.
+        feeds.retired.close();
+        let retired = async {
+            if tokio::time::timeout(STEP_TIMEOUT, feeds.retired.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "a removed tenant's channel did not settle; the connection close hands back what it holds"
+                );
             }
-        }));
-        barriers.await;
+        };
+        futures_util::future::join(
+            futures_util::future::join_all(feeds.lanes.values().map(Lane::settle_acks)),
+            retired,
+        )
+        .await;
     }
 
     /// Processes one delivery and settles it; the only caller of [`Settler::settle`].
@@ -573,6 +583,32 @@ struct Lane {
     acks: Acks,
     /// Settles its deliveries (through `acks`).
     settler: Settler,
+    /// Its messages in flight, one token each: a retired lane's channel closes only once they
+    /// are settled ([`Feeds::retire`]).
+    in_flight: TaskTracker,
+}
+
+impl Lane {
+    /// Sends the acks held back and waits until the broker has taken in every ack sent on the
+    /// channel ([`settle_barrier`]), within [`STEP_TIMEOUT`]; a failure is logged (the broker
+    /// redelivers what it did not take in).
+    async fn settle_acks(&self) {
+        // Acks held behind a message still in flight go out now, before the barrier.
+        self.acks.flush().await;
+        let barrier = settle_barrier(&self.channel, &self.acks, &self.queue);
+        match tokio::time::timeout(STEP_TIMEOUT, barrier).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                queue = %self.queue,
+                %error,
+                "settle barrier failed; acks sent last may be redelivered"
+            ),
+            Err(_) => tracing::warn!(
+                queue = %self.queue,
+                "settle barrier timed out; acks sent last may be redelivered"
+            ),
+        }
+    }
 }
 
 /// The consumers of one connection, one channel each: the shared queue's and one per configured
@@ -603,6 +639,8 @@ struct Feeds {
     shared: Option<Arc<str>>,
     /// The lanes' acknowledgement tasks, which end with the last handle.
     acking: TaskTracker,
+    /// Lanes of removed tenants settling before their channel closes ([`Feeds::retire`]).
+    retired: TaskTracker,
 }
 
 impl Feeds {
@@ -628,6 +666,7 @@ impl Feeds {
             retiring: HashSet::new(),
             shared: None,
             acking: TaskTracker::new(),
+            retired: TaskTracker::new(),
         }
     }
 
@@ -680,6 +719,7 @@ impl Feeds {
                 queue: queue.to_owned(),
                 acks,
                 settler,
+                in_flight: TaskTracker::new(),
             },
         );
         self.tags.insert(queue.to_owned(), tag.clone());
@@ -775,6 +815,22 @@ impl Feeds {
             self.tenants.remove(&tenant);
         }
         Ok(())
+    }
+
+    /// Closes the channel of a removed tenant's consumer `tag` once the broker has ended the
+    /// consumer (nothing more is delivered on it), its messages in flight are settled and the
+    /// broker has taken in their acks. Kept until the connection closed, each removal of a
+    /// tenant would leave one channel open on the connection for good.
+    fn retire(&mut self, tag: &Arc<str>) {
+        let Some(lane) = self.lanes.remove(tag) else {
+            return;
+        };
+        self.retired.spawn(async move {
+            lane.in_flight.close();
+            lane.in_flight.wait().await;
+            lane.settle_acks().await;
+            let _ = lane.channel.close(200, "tenant removed".into()).await;
+        });
     }
 }
 

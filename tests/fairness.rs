@@ -313,6 +313,7 @@ async fn a_reload_adds_and_removes_tenant_queues() {
     let env = TestEnv::start_from_files("fairness-reload", OrgSpec::demo(), |_| {}).await;
     let demo = env.topology.tenant_queue("demo").unwrap();
     tenant_queues_consumed(&env).await;
+    let channels = env.worker_channels().expect("the worker's connection");
     let file = env.config.tenants.dir.join("demo.toml");
     let off = env.config.tenants.dir.join("demo.toml.off");
     std::fs::rename(&file, &off).unwrap();
@@ -322,6 +323,18 @@ async fn a_reload_adds_and_removes_tenant_queues() {
     );
     // No longer consumed, and kept.
     consumed_by(&env, "demo", 0).await;
+    // Its consumer's channel closes: tenants added and removed leave no channels behind.
+    wait_until(
+        "the removed tenant's channel to close",
+        Duration::from_secs(10),
+        || async {
+            match env.worker_channels() {
+                Some(now) if now == channels - 1 => Ok(()),
+                now => Err(format!("{now:?} channels, {channels} before the removal")),
+            }
+        },
+    )
+    .await;
     // Its binding is gone: a new event of it reaches the shared queue, as for any tenant not
     // configured.
     env.publish("meeting.booked", &simple_booking("reload", 0, "demo"))
@@ -335,6 +348,7 @@ async fn a_reload_adds_and_removes_tenant_queues() {
     names.sort();
     assert_eq!(names, vec!["acme".to_owned(), "demo".to_owned()]);
     consumed_by(&env, "demo", 1).await;
+    assert_eq!(env.worker_channels(), Some(channels), "one channel again");
     env.publish("meeting.booked", &simple_booking("reload", 1, "demo"))
         .await;
     written(&env, "demo's booking written from its queue", "demo", 1).await;

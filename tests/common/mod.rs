@@ -383,6 +383,38 @@ impl TestEnv {
         Some((declared.message_count(), declared.consumer_count()))
     }
 
+    /// The channels open on the worker's connection, as the broker counts them
+    /// (`rabbitmqctl list_connections client_properties channels`, the connection found by the
+    /// `connection_name` the worker gives it); `None` while the worker has no connection.
+    pub fn worker_channels(&self) -> Option<u64> {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "-q",
+                "--formatter",
+                "json",
+                "client_properties",
+                "channels",
+            ])
+            .output()
+            .expect("rabbitmqctl runs (.ci/run installs RabbitMQ)");
+        assert!(output.status.success(), "rabbitmqctl list_connections");
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&output.stdout).expect("rabbitmqctl's JSON");
+        let name = format!("portals-crm worker {}", self.topology.work_queue);
+        rows.iter()
+            .find(|row| {
+                row["client_properties"]
+                    .as_array()
+                    .is_some_and(|properties| {
+                        properties
+                            .iter()
+                            .any(|p| p[0] == "connection_name" && p[2] == name.as_str())
+                    })
+            })
+            .and_then(|row| row["channels"].as_u64())
+    }
+
     /// Settled events so far (all outcomes).
     pub fn settled(&self) -> u64 {
         self.service().metrics.settled_by_outcome().values().sum()
