@@ -628,7 +628,8 @@ struct Feeds {
     /// Queue by tenant, of the tenants whose queue is consumed.
     tenants: BTreeMap<String, String>,
     /// The tenants whose queue the broker refused (their events use the shared queue), tried
-    /// again every [`REFUSED_TRIED_AGAIN_AFTER`]; each is 1 in `refused_gauge`.
+    /// again every [`REFUSED_TRIED_AGAIN_AFTER`]; each is 1 in `refused_gauge`, a tenant whose
+    /// queue is consumed 0.
     refused: BTreeSet<String>,
     /// `portals_crm_tenant_queue_refused{tenant}`.
     refused_gauge: IntGaugeVec,
@@ -759,9 +760,8 @@ impl Feeds {
             match consumed.map_err(amqp::Refused::from_error) {
                 Ok(Some(queue)) => {
                     tracing::info!(%tenant, %queue, "consuming the tenant's queue");
-                    if self.refused.remove(tenant) {
-                        let _ = self.refused_gauge.remove_label_values(&[tenant]);
-                    }
+                    self.refused.remove(tenant);
+                    self.refused_gauge.with_label_values(&[tenant]).set(0);
                     self.tenants.insert(tenant.clone(), queue);
                 }
                 Ok(None) => tracing::warn!(
@@ -803,6 +803,7 @@ impl Feeds {
             .collect();
         for (tenant, queue) in removed {
             unbind_tenant(connection, &self.topology, &tenant, "removed").await?;
+            let _ = self.refused_gauge.remove_label_values(&[&tenant]);
             if let Some(tag) = self.tags.remove(&queue)
                 && let Some(lane) = self.lanes.get(&tag)
             {

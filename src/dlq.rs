@@ -79,9 +79,9 @@ pub enum DlqError {
     /// Broker trouble.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
-    /// The broker refused to declare the topology (a permission, or a queue that exists with
-    /// other arguments).
-    #[error("the broker refused the topology: {0}")]
+    /// The broker refused to declare the dead-letter queue (a permission, or a queue of that
+    /// name that exists with other arguments).
+    #[error("the broker refused the dead-letter queue: {0}")]
     Refused(amqp::Refused),
     /// A replay publish did not become durable; the dead letter was kept.
     #[error("replay of {id} failed, the dead letter is kept: {source}")]
@@ -307,16 +307,20 @@ impl Fetched {
 }
 
 impl Dlq {
-    /// Connects and makes sure the topology exists.
+    /// Connects and makes sure the dead-letter queue exists
+    /// ([`Topology::declare_dead_letter_queue`]); nothing else of the topology is declared, so
+    /// none of it can stand in the way (a replay to a work queue that does not exist is
+    /// refused as unroutable).
     pub async fn open(url: &secrecy::SecretString, topology: Topology) -> Result<Self, DlqError> {
         let connection = amqp::connect(url, 30, "portals-crm dlq").await?;
         let publisher = Publisher::open(&connection).await?;
-        topology.declare(publisher.channel()).await.map_err(
-            |error| match amqp::Refused::from_error(error) {
+        topology
+            .declare_dead_letter_queue(publisher.channel())
+            .await
+            .map_err(|error| match amqp::Refused::from_error(error) {
                 Ok(refused) => DlqError::Refused(refused),
                 Err(error) => DlqError::Broker(error),
-            },
-        )?;
+            })?;
         Ok(Self {
             connection,
             publisher,

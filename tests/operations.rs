@@ -982,10 +982,10 @@ async fn a_broker_user_without_the_configure_permission_is_told_what_to_grant() 
         dlq_list_with(&format!("amqp://{}:s3cret-pw@127.0.0.1:5672/%2f", user.0)).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("the broker refused the topology: ")
+        stderr.contains("the broker refused the dead-letter queue: ")
             && stderr.contains("ACCESS_REFUSED - ")
             && stderr.contains(&format!(
-                "exchange 'bookings' in vhost '/' refused for user '{}'",
+                "queue 'crm.dead' in vhost '/' refused for user '{}'",
                 user.0
             ))
             && stderr.contains(
@@ -1043,9 +1043,12 @@ async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_until_it_i
     let refused_line = "portals_crm_tenant_queue_refused{tenant=\"acme\"} 1";
     let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
     assert!(text.contains(refused_line), "{text}");
-    assert!(!text.contains("tenant_queue_refused{tenant=\"demo\"}"));
+    assert!(
+        text.contains("portals_crm_tenant_queue_refused{tenant=\"demo\"} 0"),
+        "{text}"
+    );
     // Ops move the hand-made queue aside; the worker declares the tenant's queue again by
-    // itself within a minute, without a reload, and the gauge goes.
+    // itself within a minute, without a reload, and the gauge says so.
     channel
         .queue_delete(
             acme_queue.as_str().into(),
@@ -1071,7 +1074,7 @@ async fn a_refused_tenant_queue_sends_that_tenant_to_the_shared_queue_until_it_i
     .await;
     let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
     assert!(
-        !text.contains("tenant_queue_refused{tenant=\"acme\"}"),
+        text.contains("portals_crm_tenant_queue_refused{tenant=\"acme\"} 0"),
         "{text}"
     );
     env.publish_with("meeting.booked", &sample("rescheduled"), Some("acme"))

@@ -239,6 +239,28 @@ impl Topology {
         args
     }
 
+    /// Declares the dead-letter queue alone: a classic durable queue, so that inspecting its
+    /// messages (get, then requeue) can never trip a delivery limit. What `dlq` and the console
+    /// need, so that a part of the topology they do not use (a retry tier declared with other
+    /// arguments, a permission on a tenant queue) cannot keep ops from their dead letters.
+    ///
+    /// # Errors
+    /// The broker's refusal (a queue of that name with arguments, a permission) or a failed
+    /// channel.
+    pub async fn declare_dead_letter_queue(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        channel
+            .queue_declare(
+                self.dead_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(drop)
+    }
+
     /// Declares everything but the tenant queues ([`Topology::declare_tenant`]); safe to
     /// repeat. A queue that exists with other arguments makes the broker close the channel with
     /// PRECONDITION_FAILED, which the caller reports.
@@ -258,15 +280,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        // Dead letters: a classic durable queue, so that inspecting them (get + requeue) can
-        // never trip a delivery limit.
-        channel
-            .queue_declare(
-                self.dead_queue.as_str().into(),
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
+        self.declare_dead_letter_queue(channel).await?;
         channel
             .queue_declare(self.work_queue.as_str().into(), durable, self.work_args())
             .await?;

@@ -39,18 +39,6 @@ impl Browser {
             );
             return None;
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = tokio::process::Command::new(driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromedriver starts");
         let profile =
             std::env::temp_dir().join(format!("portals-crm-chromium-{:x}", rand::random::<u64>()));
         let mut caps = serde_json::Map::new();
@@ -66,24 +54,45 @@ impl Browser {
                 ],
             }),
         );
-        let url = format!("http://127.0.0.1:{port}");
         let mut last = String::new();
-        for _ in 0..100 {
-            match ClientBuilder::new(HttpConnector::new())
-                .capabilities(caps.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(client) => {
-                    return Some(Self {
-                        client,
-                        driver: child,
-                        profile,
-                    });
+        // chromedriver takes a port number, not a listener: the free port found here can be
+        // taken by another test's listener before chromedriver binds it, and chromedriver then
+        // exits. Each such loss gets a new port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = tokio::process::Command::new(&driver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("chromedriver starts");
+            let url = format!("http://127.0.0.1:{port}");
+            for _ in 0..100 {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!("chromedriver on port {port} exited: {status}");
+                    break;
                 }
-                Err(e) => last = e.to_string(),
+                match ClientBuilder::new(HttpConnector::new())
+                    .capabilities(caps.clone())
+                    .connect(&url)
+                    .await
+                {
+                    Ok(client) => {
+                        return Some(Self {
+                            client,
+                            driver: child,
+                            profile,
+                        });
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("chromedriver did not accept a session: {last}");
     }
