@@ -178,6 +178,9 @@ impl Consumer {
                 .await;
             self.readiness.set_broker(false);
             self.metrics.amqp_connected.set(0);
+            // The next connection declares every tenant's queue again; until then this worker
+            // consumes none, refused or not.
+            self.metrics.tenant_queue_refused.reset();
             if let Err(ended) = session {
                 let delay = backoff.next_delay();
                 let retry_in_ms = delay.as_millis() as u64;
@@ -453,6 +456,7 @@ impl Consumer {
         // Every lane at once, each on its own channel: one lane's failure (a removed tenant's
         // queue deleted meanwhile) must not cost the others their barrier, nor their time.
         // Removed tenants' lanes settle on their own (Feeds::retire), meanwhile.
+        feeds.stopping.cancel();
         feeds.retired.close();
         let retired = async {
             if tokio::time::timeout(STEP_TIMEOUT, feeds.retired.wait())
@@ -642,18 +646,18 @@ struct Feeds {
     acking: TaskTracker,
     /// Lanes of removed tenants settling before their channel closes ([`Feeds::retire`]).
     retired: TaskTracker,
+    /// Cancelled by the shutdown's settle barrier: a retired lane with a message still in
+    /// flight settles its acks then, as every other lane does.
+    stopping: CancellationToken,
 }
 
 impl Feeds {
-    /// Feeds of a new connection, which declares every tenant's queue again: what the last
-    /// one found refused is forgotten until the broker refuses it again.
     fn new(
         publisher: Publisher,
         topology: Arc<Topology>,
         acks_counted: IntCounterVec,
         refused_gauge: IntGaugeVec,
     ) -> Self {
-        refused_gauge.reset();
         Self {
             publisher,
             topology,
@@ -668,6 +672,7 @@ impl Feeds {
             shared: None,
             acking: TaskTracker::new(),
             retired: TaskTracker::new(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -826,11 +831,20 @@ impl Feeds {
         let Some(lane) = self.lanes.remove(tag) else {
             return;
         };
+        let stopping = self.stopping.clone();
         self.retired.spawn(async move {
             lane.in_flight.close();
-            lane.in_flight.wait().await;
+            let settled = tokio::select! {
+                () = lane.in_flight.wait() => true,
+                // A message still in flight when the shutdown comes (its request unanswered at
+                // the end of the grace): the acks sent so far are made durable now, and the
+                // connection's close hands the rest back.
+                () = stopping.cancelled() => false,
+            };
             lane.settle_acks().await;
-            let _ = lane.channel.close(200, "tenant removed".into()).await;
+            if settled {
+                let _ = lane.channel.close(200, "tenant removed".into()).await;
+            }
         });
     }
 }

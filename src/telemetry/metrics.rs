@@ -53,8 +53,8 @@ pub struct Metrics {
     pub salesforce_api_version_not_offered: IntGaugeVec,
     /// `portals_crm_tenant_queue_refused{tenant}`: 1 while the broker refuses this worker the
     /// tenant's queue (a permission, or a queue that exists with other arguments): the tenant's
-    /// events use the shared queue; 0 while it is consumed. Reset on each new connection, which
-    /// declares every queue again.
+    /// events use the shared queue; 0 while it is consumed. Reset when a connection ends: the
+    /// next one declares every queue again.
     pub tenant_queue_refused: IntGaugeVec,
     /// `portals_crm_inflight_events`
     pub inflight: IntGauge,
