@@ -307,7 +307,7 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
                 std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
             let decoded = portals_crm::event::decode(&body, config.worker.max_body_bytes)?;
             let enrichment = portals_crm::enrich::enrich(&decoded, &loaded.client, &caches).await?;
-            let nodes = loaded.mapping.build_graph(&decoded, &enrichment)?;
+            let nodes = loaded.mapping.first_write_graph(&decoded, &enrichment)?;
             let request = portals_crm::salesforce::model::GraphRequest {
                 graphs: vec![portals_crm::salesforce::model::Graph {
                     graph_id: "g0".into(),

@@ -119,6 +119,11 @@ async fn admin_maps_a_field_validates_previews_tests_and_saves_it() {
         .wait_text("#preview-out", "https://initech.example")
         .await;
     assert!(preview.contains("lead_0 — PATCH Lead"), "{preview}");
+    // The relations acme's mapping gives the Event, as a first write creates them.
+    assert!(
+        preview.contains("rel_lead_0 — POST EventRelation"),
+        "{preview}"
+    );
     assert!(preview.contains("url (255)"), "{preview}");
     assert!(!preview.contains("does not fit"), "{preview}");
     shot(&browser, "mapping-preview").await;

@@ -452,7 +452,7 @@ async fn preview(
     let enrichment = crate::enrich::enrich(&event, &t.client, state.tenants.caches())
         .await
         .unwrap_or_else(|_| samples::sample_enrichment());
-    let nodes = match mapping.build_graph(&event, &enrichment) {
+    let nodes = match mapping.first_write_graph(&event, &enrichment) {
         Ok(nodes) => nodes,
         Err(e) => {
             return (

@@ -1208,6 +1208,31 @@ impl CompiledMapping {
         nodes.extend(deletes);
         Ok(nodes)
     }
+
+    /// The graph a first write of `event` sends: [`CompiledMapping::build_graph`]'s nodes, then,
+    /// when the tenant relates records to the Event (`[relations]`), an `EventRelation` create
+    /// for every attendee's record ([`relations::changes`] with none existing yet), as the
+    /// batcher appends them. What the previews show: the worker reads the Event's relations
+    /// first, so a later version of a booking sends only what changed.
+    ///
+    /// # Errors
+    /// As [`CompiledMapping::build_graph`].
+    pub fn first_write_graph(
+        &self,
+        event: &BookingEvent,
+        enrichment: &Enrichment,
+    ) -> Result<Vec<Subrequest>, PlanError> {
+        let mut nodes = self.build_graph(event, enrichment)?;
+        if let Some(wanted) = self
+            .relations
+            .as_ref()
+            .and_then(|spec| spec.wanted(&nodes, &[]))
+        {
+            let created = relations::changes(&self.api_version, &wanted, &[]);
+            nodes.extend(created.into_iter().filter_map(|change| change.node));
+        }
+        Ok(nodes)
+    }
 }
 
 /// The problems of a `[relations]` mapping: it must name an Event record and a per-attendee
@@ -1548,6 +1573,51 @@ mod tests {
             }
         }
         assert!(compared > 200, "{compared}");
+    }
+
+    /// The previews' graph is the booking's nodes, then one EventRelation create per attendee
+    /// (the first as the Who, every one an invitee, under acme's `[relations]`); a mapping
+    /// without `[relations]` previews its nodes alone.
+    #[test]
+    fn a_first_write_graph_relates_every_attendee_to_the_event() {
+        let enrichment = Enrichment {
+            host_user_id: None,
+            integration_user_id: "005000000000001AAA".into(),
+        };
+        let mapping = CompiledMapping::compile(&acme()).unwrap();
+        let nodes = mapping
+            .first_write_graph(&event("booked-group"), &enrichment)
+            .unwrap();
+        let refs: Vec<&str> = nodes.iter().map(|n| n.reference_id.as_str()).collect();
+        assert_eq!(
+            refs,
+            [
+                "lead_0",
+                "lead_1",
+                "event",
+                "booking",
+                "rel_lead_0",
+                "rel_lead_1"
+            ]
+        );
+        for (node, (lead, parent)) in nodes[4..].iter().zip([("lead_0", true), ("lead_1", false)]) {
+            assert_eq!(
+                (node.method.as_str(), node.url.as_str()),
+                ("POST", "/services/data/v66.0/sobjects/EventRelation")
+            );
+            let body = node.body.as_ref().unwrap().value();
+            assert_eq!(body["EventId"], "@{event.id}");
+            assert_eq!(body["RelationId"], format!("@{{{lead}.id}}"));
+            assert_eq!(body["IsParent"], parent);
+            assert_eq!(body["IsInvitee"], true);
+        }
+        let mut unrelated = acme();
+        unrelated.relations = None;
+        let plain = CompiledMapping::compile(&unrelated).unwrap();
+        assert_eq!(
+            plain.first_write_graph(&event("booked-group"), &enrichment),
+            plain.build_graph(&event("booked-group"), &enrichment)
+        );
     }
 
     #[test]
