@@ -306,7 +306,21 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
             let body =
                 std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
             let decoded = portals_crm::event::decode(&body, config.worker.max_body_bytes)?;
-            let enrichment = portals_crm::enrich::enrich(&decoded, &loaded.client, &caches).await?;
+            // As the console's preview: an org that cannot be reached (or a tenant not signed
+            // in yet) still gets its graph, with placeholder user ids, said on stderr.
+            let enrichment = match portals_crm::enrich::enrich(&decoded, &loaded.client, &caches)
+                .await
+            {
+                Ok(enrichment) => enrichment,
+                Err(error) => {
+                    let sample = portals_crm::plan::samples::sample_enrichment();
+                    eprintln!(
+                        "note: the org's user ids could not be read ({error}); the preview uses no host user and the placeholder integration user {}",
+                        sample.integration_user_id
+                    );
+                    sample
+                }
+            };
             let nodes = loaded.mapping.first_write_graph(&decoded, &enrichment)?;
             let request = portals_crm::salesforce::model::GraphRequest {
                 graphs: vec![portals_crm::salesforce::model::Graph {

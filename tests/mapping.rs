@@ -377,3 +377,64 @@ async fn an_api_version_the_org_does_not_offer_is_named_not_read_as_missing_obje
     );
     emulator.stop().await;
 }
+
+/// `mapping preview` prints the graph of a first write, EventRelation creates included, also
+/// when the org cannot be reached (here a port that refuses connections): the user ids are
+/// placeholders then, and stderr says so.
+#[tokio::test]
+async fn mapping_preview_prints_the_graph_with_its_relations_without_an_org() {
+    // Bound, never listening, held until the end: connections to it are refused.
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = refusing.local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("portals-crm-preview-{:x}", rand::random::<u64>()));
+    std::fs::create_dir_all(dir.join("tenants")).unwrap();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::copy("config/keys/demo-jwt.key", dir.join("keys/demo-jwt.key")).unwrap();
+    let acme = std::fs::read_to_string("config/tenants/acme.toml")
+        .unwrap()
+        .replace("http://127.0.0.1:7800", &format!("http://127.0.0.1:{port}"));
+    std::fs::write(dir.join("tenants/acme.toml"), acme).unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args([
+            "mapping",
+            "preview",
+            "--config",
+            "config/portals-crm.toml",
+            "--tenant",
+            "acme",
+            "--event",
+            "tests/fixtures/events/booked-group.json",
+        ])
+        .env("PORTALS_CRM_TENANTS_DIR", dir.join("tenants"))
+        .env("PORTALS_CRM_CACHE_PATH", dir.join("cache"))
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("note: the org's user ids could not be read"),
+        "{stderr}"
+    );
+    let graph: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let nodes = graph["graphs"][0]["compositeRequest"].as_array().unwrap();
+    let refs: Vec<&str> = nodes
+        .iter()
+        .map(|n| n["referenceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            "lead_0",
+            "lead_1",
+            "event",
+            "booking",
+            "rel_lead_0",
+            "rel_lead_1"
+        ]
+    );
+    assert_eq!(nodes[4]["body"]["RelationId"], "@{lead_0.id}");
+    assert_eq!(nodes[2]["body"]["OwnerId"], "005000000000000AAA");
+}
