@@ -78,11 +78,17 @@ pub enum DlqError {
     Connect(#[from] amqp::ConnectError),
     /// Broker trouble.
     #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
-    /// The broker refused to declare the dead-letter queue (a permission, or a queue of that
-    /// name that exists with other arguments).
-    #[error("the broker refused the dead-letter queue: {0}")]
-    Refused(amqp::Refused),
+    Broker(lapin::Error),
+    /// The broker refused a step (a permission, or a queue of that name that exists with
+    /// other arguments): `step` names it, the broker's text the queue or exchange.
+    #[error("the broker refused {step}: {refused}")]
+    Refused {
+        /// `the dead-letter queue` (declaring it) or `the operation` (reading, publishing,
+        /// acknowledging).
+        step: &'static str,
+        /// The refusal and what to check.
+        refused: amqp::Refused,
+    },
     /// A replay publish did not become durable; the dead letter was kept.
     #[error("replay of {id} failed, the dead letter is kept: {source}")]
     Replay {
@@ -102,6 +108,20 @@ pub enum DlqError {
         "the next dead letter did not arrive within {0} s: the connection was lost, or the message is over the connection's frame_max (RabbitMQ takes a frame up to 8 bytes over it from a publisher; lapin refuses it and closes the connection, logging FRAME-ERROR), which this client cannot read"
     )]
     Unreadable(u64),
+}
+
+/// A broker error of an operation: a refusal (say `ACCESS_REFUSED` for a user without the read
+/// permission on the dead-letter queue) with what to check, anything else as it is.
+impl From<lapin::Error> for DlqError {
+    fn from(error: lapin::Error) -> Self {
+        match amqp::Refused::from_error(error) {
+            Ok(refused) => Self::Refused {
+                step: "the operation",
+                refused,
+            },
+            Err(error) => Self::Broker(error),
+        }
+    }
 }
 
 /// How long one `basic.get` may take. A dead letter whose header frame is over the connection's
@@ -318,7 +338,10 @@ impl Dlq {
             .declare_dead_letter_queue(publisher.channel())
             .await
             .map_err(|error| match amqp::Refused::from_error(error) {
-                Ok(refused) => DlqError::Refused(refused),
+                Ok(refused) => DlqError::Refused {
+                    step: "the dead-letter queue",
+                    refused,
+                },
                 Err(error) => DlqError::Broker(error),
             })?;
         Ok(Self {
@@ -447,12 +470,13 @@ pub fn table(letters: &[DeadLetter]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<28} {:<10} {:<36} {:>3} {:<25} {message}",
-            l.id,
-            l.tenant,
-            l.reason,
+            "{:<28} {:<10} {:<36} {:>3} {:<25} {}",
+            crate::telemetry::logging::terminal_safe(&l.id),
+            crate::telemetry::logging::terminal_safe(&l.tenant),
+            crate::telemetry::logging::terminal_safe(&l.reason),
             l.attempts,
-            l.last_failure.as_deref().unwrap_or("-")
+            crate::telemetry::logging::terminal_safe(l.last_failure.as_deref().unwrap_or("-")),
+            crate::telemetry::logging::terminal_safe(&message)
         );
     }
     let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
@@ -635,6 +659,39 @@ mod tests {
         assert_eq!(letter.id, format!("body-{:016x}", fnv1a(b"not json")));
         assert_eq!(letter.tenant, "unknown");
         assert_eq!(letter.reason, "unknown");
+    }
+
+    /// Headers are a publisher's or an org's text: a line break, an escape sequence or a
+    /// bidirectional override in them is printed escaped, so a letter is one row as it is.
+    #[test]
+    fn the_table_prints_control_and_formatting_characters_escaped() {
+        let letter = DeadLetter {
+            id: "evt_1".into(),
+            tenant: "acme\u{1b}[31m".into(),
+            reason: "mapping_error".into(),
+            message: "bad\r\nFAKE-ROW \u{1b}[2J".into(),
+            salesforce_error: None,
+            salesforce_fields: None,
+            booking_id: None,
+            attempts: 1,
+            first_failure: None,
+            last_failure: Some("2026-12-03T10:00:00Z\u{202e}".into()),
+            routing_key: None,
+            body: String::new(),
+        };
+        let table = table(&[letter]);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(
+            !table
+                .chars()
+                .any(|c| c == '\u{1b}' || c == '\r' || c == '\u{202e}')
+        );
+        assert!(table.contains("acme\\u{1b}[31m"), "{table}");
+        assert!(
+            table.contains("bad\\u{d}\\u{a}FAKE-ROW \\u{1b}[2J"),
+            "{table}"
+        );
+        assert!(table.contains("2026-12-03T10:00:00Z\\u{202e}"), "{table}");
     }
 
     #[test]

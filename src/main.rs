@@ -388,12 +388,15 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
         DlqAction::Export { file, filter } => {
             use std::io::Write as _;
             let letters = dlq.list(&filter.filter()).await?;
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
-            for letter in &letters {
-                serde_json::to_writer(&mut out, letter)?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
+            let written = || -> std::io::Result<()> {
+                let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+                for letter in &letters {
+                    serde_json::to_writer(&mut out, letter)?;
+                    out.write_all(b"\n")?;
+                }
+                out.flush()
+            };
+            written().with_context(|| format!("writing {}", file.display()))?;
             eprintln!(
                 "exported {} dead letters to {}",
                 letters.len(),

@@ -996,6 +996,40 @@ async fn a_broker_user_without_the_configure_permission_is_told_what_to_grant() 
     assert!(!stderr.contains("s3cret-pw"), "{stderr}");
 }
 
+/// A broker user that may declare the dead-letter queue but not read it is refused on the
+/// first `basic.get`: the command says which step and queue, and what to check, as for a
+/// declaration (not a bare protocol error).
+#[tokio::test]
+async fn a_broker_user_without_the_read_permission_is_told_what_to_grant() {
+    let user = BrokerUser(format!("portals-crm-test-{:x}", rand::random::<u32>()));
+    rabbitmqctl(&["add_user", &user.0, "s3cret-pw"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", "^$"]);
+    let dead = format!("crm.dead.read-{:x}", rand::random::<u32>());
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["dlq", "list", "--config", "config/portals-crm.toml"])
+        .env(
+            "PORTALS_CRM_AMQP_URL",
+            format!("amqp://{}:s3cret-pw@127.0.0.1:5672/%2f", user.0),
+        )
+        .env("PORTALS_CRM_AMQP_DEAD_LETTER_QUEUE", &dead)
+        .output()
+        .await
+        .expect("the binary runs");
+    rabbitmqctl(&["delete_queue", &dead]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the broker refused the operation: ")
+            && stderr.contains(&format!(
+                "ACCESS_REFUSED - access to queue '{dead}' in vhost '/' refused for user '{}'",
+                user.0
+            ))
+            && stderr.contains("check: the broker user in amqp.url lacks a permission"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}
+
 /// A tenant's queue the broker refuses (here one made by hand, classic, and bound as an
 /// earlier release would have) costs only that tenant its own queue: the worker unbinds it,
 /// the tenant's events go to the shared queue and are written, and the other tenants keep

@@ -119,6 +119,7 @@ fn referenced_record(value: &Value) -> Option<&str> {
 
 /// The fields the integration user may use, as a table for people.
 pub fn fields_table(describe: &SObjectDescribe) -> String {
+    use crate::telemetry::logging::terminal_safe;
     let mut out = format!(
         "{:<28} {:<24} {:<10} {:>6} {:<8} {:<6} {:<6} PICKLIST\n",
         "NAME", "LABEL", "TYPE", "LENGTH", "REQUIRED", "CREATE", "UPDATE"
@@ -128,14 +129,14 @@ pub fn fields_table(describe: &SObjectDescribe) -> String {
         let picklist: Vec<&str> = f.picklist_values.iter().map(|v| v.value.as_str()).collect();
         out.push_str(&format!(
             "{:<28} {:<24} {:<10} {:>6} {:<8} {:<6} {:<6} {}\n",
-            f.name,
-            f.label,
-            f.field_type,
+            terminal_safe(&f.name),
+            terminal_safe(&f.label),
+            terminal_safe(&f.field_type),
             f.length,
             yes(f.required_on_create()),
             yes(f.createable),
             yes(f.updateable),
-            picklist.join(", ")
+            terminal_safe(&picklist.join(", "))
         ));
     }
     out

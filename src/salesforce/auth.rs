@@ -130,7 +130,7 @@ pub async fn mint(
             .await
             .map_err(|e| SalesforceError::Transport {
                 kind: "token",
-                message: e.without_url().to_string(),
+                message: super::error::transport_message(e),
             })?;
     let status = response.status().as_u16();
     let bytes = response
@@ -138,7 +138,7 @@ pub async fn mint(
         .await
         .map_err(|e| SalesforceError::Transport {
             kind: "token",
-            message: e.without_url().to_string(),
+            message: super::error::transport_message(e),
         })?;
     if status != 200 {
         let body: OAuthError = serde_json::from_slice(&bytes).unwrap_or(OAuthError {

@@ -285,7 +285,7 @@ impl SalesforceClient {
                         .salesforce_request(&self.endpoint.tenant, kind, "error", elapsed);
                     return Err(SalesforceError::Transport {
                         kind,
-                        message: e.without_url().to_string(),
+                        message: super::error::transport_message(e),
                     });
                 }
             };
@@ -299,7 +299,7 @@ impl SalesforceClient {
                 .await
                 .map_err(|e| SalesforceError::Transport {
                     kind,
-                    message: e.without_url().to_string(),
+                    message: super::error::transport_message(e),
                 })?;
             if status == StatusCode::UNAUTHORIZED && !replayed {
                 replayed = true;
@@ -496,7 +496,7 @@ impl SalesforceClient {
         let elapsed = started.elapsed().as_secs_f64();
         let transport = |e: reqwest::Error| SalesforceError::Transport {
             kind: KIND,
-            message: e.without_url().to_string(),
+            message: super::error::transport_message(e),
         };
         let response = match response {
             Ok(response) => response,

@@ -80,6 +80,35 @@ pub fn classify_http(status: u16, errors: &[ApiError], retry_after: Option<Durat
     }
 }
 
+/// A transport error's text for [`SalesforceError::Transport`]: reqwest's own (`error sending
+/// request`), where it went (the origin: scheme, host and port; not the path, which may hold an
+/// external id such as an attendee's email, nor the query, which may hold a SOQL query's
+/// values), and the causes beneath it (`client error (Connect)`,
+/// `tcp connect error`, `Connection refused (os error 111)`), which reqwest's text leaves out
+/// and which tell an unreachable org from a refused TLS handshake or a timeout.
+pub fn transport_message(error: reqwest::Error) -> String {
+    let at = error.url().map(|url| url.origin().ascii_serialization());
+    let mut causes: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if causes.last() != Some(&text) {
+            causes.push(text);
+        }
+        source = cause.source();
+    }
+    let mut message = error.without_url().to_string();
+    if let Some(at) = at {
+        message.push_str(" to ");
+        message.push_str(&at);
+    }
+    for cause in causes {
+        message.push_str(": ");
+        message.push_str(&cause);
+    }
+    message
+}
+
 /// A failed Salesforce call.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SalesforceError {
@@ -88,7 +117,7 @@ pub enum SalesforceError {
     Transport {
         /// What the request was for.
         kind: &'static str,
-        /// The transport error, without URL query strings or headers.
+        /// The transport error, without URL query strings or headers ([`transport_message`]).
         message: String,
     },
     /// Salesforce answered with an error status.
@@ -213,6 +242,33 @@ fn describe_errors(errors: &[ApiError]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An org that cannot be reached is named with where the request went and why it failed
+    /// (here: refused), without the path or the query, which may hold personal data.
+    #[tokio::test]
+    async fn a_transport_error_says_where_and_why_and_nothing_personal() {
+        // Bound, never listening, held until the end: connections to it are refused.
+        let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+        refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = refusing.local_addr().unwrap().port();
+        for path in [
+            "/services/data/v66.0/query?q=SELECT+Id+FROM+Lead+WHERE+Email='jane@globex.example'",
+            "/services/data/v66.0/sobjects/Lead/BookMe__Lead_Key__c/acme:jane@globex.example",
+        ] {
+            let error = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+                .await
+                .unwrap_err();
+            let message = transport_message(error);
+            assert!(
+                message.starts_with(&format!(
+                    "error sending request to http://127.0.0.1:{port}: "
+                )),
+                "{message}"
+            );
+            assert!(message.contains("Connection refused"), "{message}");
+            assert!(!message.contains("jane"), "{message}");
+        }
+    }
 
     fn err(code: &str, message: &str) -> ApiError {
         ApiError::new(code, message, vec![])

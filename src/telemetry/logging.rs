@@ -231,9 +231,42 @@ fn is_iso_date(chars: &[char]) -> bool {
     shaped && (1..=12).contains(&number(5)) && (1..=31).contains(&number(8)) && !continues_as_number
 }
 
+/// `text` as a table printed to a terminal shows it (`dlq list`, `mapping fields`): every
+/// control character (a line break, an ANSI escape sequence's `ESC`) and every invisible
+/// formatting character (the bidirectional overrides U+202A–U+202E and U+2066–U+2069,
+/// zero-width characters) written as its `\u{…}` escape. A dead letter's headers come from
+/// publishers and orgs, a describe's labels from the org: printed raw, they could add rows,
+/// clear the operator's screen or reorder what the terminal shows.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_safe_escapes_only_what_a_terminal_would_act_on() {
+        assert_eq!(terminal_safe("Café — plain"), "Café — plain");
+        assert_eq!(terminal_safe("a\u{1b}[2J\nb"), "a\\u{1b}[2J\\u{a}b");
+        assert_eq!(terminal_safe("x\u{202e}y\u{200b}"), "x\\u{202e}y\\u{200b}");
+    }
 
     #[test]
     fn emails_and_phones_are_masked() {
