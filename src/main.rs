@@ -34,41 +34,43 @@ unsafe impl Sync for MallocConf {}
 pub static MALLOC_CONF: MallocConf =
     MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// A future that resolves on SIGTERM or SIGINT, whose handlers are registered by this call,
+/// not when the future is first polled: until a handler is registered, the signal takes its
+/// default action and ends the process on the spot, without the drain or the settle barrier.
+///
+/// # Errors
+/// The handlers could not be registered.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let config = Config::load(&cli.config)?;
+            // Registered before the service starts consuming: a SIGTERM (or a SIGHUP) that came
+            // before its handler would end the worker without its drain.
+            let stopped = shutdown_signal()?;
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             let service = Service::start_from_dir(&config).await?;
             tracing::info!(http = %service.http_addr, "portals-crm running");
             let reloader = service.reloader.clone();
             let hangups = tokio::spawn(async move {
-                let Ok(mut hangup) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                else {
-                    return;
-                };
                 while hangup.recv().await.is_some() {
                     // The outcome is logged by the reloader.
                     let _ = reloader.reload().await;
                 }
             });
-            shutdown_signal().await;
+            stopped.await;
             hangups.abort();
             tracing::info!("shutting down");
             service.shutdown().await;
@@ -83,7 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = Config::load(&cli.config)?;
             let summary =
-                portals_crm::demo::run(&config, events, keep_running, shutdown_signal()).await?;
+                portals_crm::demo::run(&config, events, keep_running, shutdown_signal()?).await?;
             println!("{summary}");
             if !verbose {
                 println!("log:                 {}", log_file.display());
@@ -209,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "  records: GET  {}/__emulator/records/Lead",
                 handle.base_url
             );
-            shutdown_signal().await;
+            shutdown_signal()?.await;
             handle.stop().await;
             Ok(())
         }
@@ -305,7 +307,16 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
             let loaded = &tenants[0];
             let body =
                 std::fs::read(&event).with_context(|| format!("reading {}", event.display()))?;
-            let decoded = portals_crm::event::decode(&body, config.worker.max_body_bytes)?;
+            let mut decoded = portals_crm::event::decode(&body, config.worker.max_body_bytes)?;
+            if decoded.tenant != tenant {
+                // Previewed under --tenant, as the console's preview does; the worker would
+                // write it for the tenant the event names.
+                eprintln!(
+                    "note: the event names tenant {:?}; previewed with {tenant:?}'s mapping (the service writes an event for the tenant it names)",
+                    decoded.tenant
+                );
+                decoded.tenant = tenant.clone();
+            }
             // As the console's preview: an org that cannot be reached (or a tenant not signed
             // in yet) still gets its graph, with placeholder user ids, said on stderr.
             let enrichment = match portals_crm::enrich::enrich(&decoded, &loaded.client, &caches)

@@ -395,22 +395,28 @@ async fn mapping_preview_prints_the_graph_with_its_relations_without_an_org() {
         .unwrap()
         .replace("http://127.0.0.1:7800", &format!("http://127.0.0.1:{port}"));
     std::fs::write(dir.join("tenants/acme.toml"), acme).unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
-        .args([
-            "mapping",
-            "preview",
-            "--config",
-            "config/portals-crm.toml",
-            "--tenant",
-            "acme",
-            "--event",
-            "tests/fixtures/events/booked-group.json",
-        ])
-        .env("PORTALS_CRM_TENANTS_DIR", dir.join("tenants"))
-        .env("PORTALS_CRM_CACHE_PATH", dir.join("cache"))
-        .output()
+    // An event of another tenant is previewed under --tenant, and said to be.
+    let demo_event = dir.join("demo-event.json");
+    std::fs::write(
+        &demo_event,
+        std::fs::read_to_string("tests/fixtures/events/booked-group.json")
+            .unwrap()
+            .replace("\"tenantid\": \"acme\"", "\"tenantid\": \"demo\""),
+    )
+    .unwrap();
+    let preview = |event: std::path::PathBuf| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+            .args(["mapping", "preview", "--config", "config/portals-crm.toml"])
+            .args(["--tenant", "acme", "--event"])
+            .arg(event)
+            .env("PORTALS_CRM_TENANTS_DIR", dir.join("tenants"))
+            .env("PORTALS_CRM_CACHE_PATH", dir.join("cache"))
+            .output()
+    };
+    let output = preview("tests/fixtures/events/booked-group.json".into())
         .await
         .unwrap();
+    let other = preview(demo_event).await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
@@ -418,6 +424,14 @@ async fn mapping_preview_prints_the_graph_with_its_relations_without_an_org() {
         stderr.contains("note: the org's user ids could not be read"),
         "{stderr}"
     );
+    assert!(!stderr.contains("the event names tenant"), "{stderr}");
+    let other_stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        other_stderr
+            .contains("note: the event names tenant \"demo\"; previewed with \"acme\"'s mapping"),
+        "{other_stderr}"
+    );
+    assert_eq!(other.stdout, output.stdout, "the same graph, as acme's");
     let graph: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let nodes = graph["graphs"][0]["compositeRequest"].as_array().unwrap();
     let refs: Vec<&str> = nodes
