@@ -197,8 +197,8 @@ pub struct FilterArgs {
     /// Only this tenant.
     #[arg(long)]
     pub tenant: Option<String>,
-    /// Only this reason code (e.g. salesforce_invalid_field).
-    #[arg(long)]
+    /// Only this reason code (e.g. salesforce_invalid_field; README lists them all).
+    #[arg(long, value_parser = reason_code)]
     pub reason: Option<String>,
     /// Only these ids (repeatable).
     #[arg(long = "id")]
@@ -216,8 +216,31 @@ impl FilterArgs {
             reason: self.reason.clone(),
             ids: self.ids.clone(),
             limit: self.limit,
+            require_ids: true,
         }
     }
+}
+
+/// `--reason`: one of the reason codes a dead letter can carry ([`crate::outcome::Reason`]),
+/// so that a typo is an error instead of an empty list (or a purge of nothing).
+fn reason_code(value: &str) -> Result<String, String> {
+    if crate::outcome::Reason::parse(value).is_some() {
+        return Ok(value.to_owned());
+    }
+    let close: Vec<String> = crate::outcome::Reason::all()
+        .into_iter()
+        .map(crate::outcome::Reason::label)
+        .filter(|label| strsim::damerau_levenshtein(&value.to_ascii_lowercase(), label) <= 2)
+        .take(3)
+        .collect();
+    let hint = if close.is_empty() {
+        String::new()
+    } else {
+        format!(" (did you mean {}?)", close.join(", "))
+    };
+    Err(format!(
+        "not a reason code{hint}; README's reason table lists them, e.g. invalid_event, mapping_error, salesforce_invalid_field, delivery_limit"
+    ))
 }
 
 #[cfg(feature = "dev-tools")]
@@ -257,5 +280,29 @@ impl FaultArgs {
             api_quota_remaining: self.api_quota_remaining,
             outage_seconds: self.outage_seconds,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_takes_only_a_reason_code_and_names_the_close_ones() {
+        assert_eq!(
+            reason_code("salesforce_invalid_field").as_deref(),
+            Ok("salesforce_invalid_field")
+        );
+        assert_eq!(
+            reason_code("delivery_limit").as_deref(),
+            Ok("delivery_limit")
+        );
+        let typo = reason_code("salesforce_invalid_feild").unwrap_err();
+        assert!(
+            typo.starts_with("not a reason code (did you mean salesforce_invalid_field?)"),
+            "{typo}"
+        );
+        let unknown = reason_code("bogus").unwrap_err();
+        assert!(unknown.starts_with("not a reason code; "), "{unknown}");
     }
 }

@@ -30,6 +30,10 @@ pub struct Filter {
     pub ids: Vec<String>,
     /// At most this many.
     pub limit: Option<usize>,
+    /// Every id of `ids` must match a dead letter (with the other filters), or the operation
+    /// does nothing and fails with [`DlqError::NotFound`]: what a command line wants, where an
+    /// id is typed by hand. The console reports ids gone meanwhile itself, and leaves it off.
+    pub require_ids: bool,
 }
 
 impl Filter {
@@ -100,7 +104,7 @@ pub enum DlqError {
     /// Writing the export file failed.
     #[error("export: {0}")]
     Export(#[from] std::io::Error),
-    /// No dead letter has this id.
+    /// No dead letter has this id (or these ids, comma-separated), within the other filters.
     #[error("no dead letter with id {0}")]
     NotFound(String),
     /// The broker's next dead letter did not arrive ([`GET_TIMEOUT`]).
@@ -318,6 +322,17 @@ pub struct Dlq {
 struct Fetched {
     channel: Channel,
     chosen: Vec<(BasicGetMessage, DeadLetter)>,
+    /// How many matched the filter, `limit` aside.
+    matching: usize,
+}
+
+/// What [`Dlq::listing`] found.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The dead letters matching the filter, at most its `limit`, in queue order.
+    pub letters: Vec<DeadLetter>,
+    /// How many matched, `limit` aside: more than `letters.len()` when the limit cut the list.
+    pub matching: usize,
 }
 
 impl Fetched {
@@ -358,6 +373,7 @@ impl Dlq {
             .basic_qos(0, BasicQosOptions { global: false })
             .await?;
         let mut chosen = Vec::new();
+        let mut matching = 0;
         loop {
             let get = channel.basic_get(
                 self.topology.dead_queue.as_str().into(),
@@ -374,19 +390,47 @@ impl Dlq {
                 &message.delivery.data,
                 &self.topology,
             );
-            if filter.matches(&letter) && filter.limit.is_none_or(|n| chosen.len() < n) {
-                chosen.push((message, letter));
+            if filter.matches(&letter) {
+                matching += 1;
+                if filter.limit.is_none_or(|n| chosen.len() < n) {
+                    chosen.push((message, letter));
+                }
             }
         }
-        Ok(Fetched { channel, chosen })
+        let fetched = Fetched {
+            channel,
+            chosen,
+            matching,
+        };
+        if filter.require_ids {
+            let missing: Vec<&str> = filter
+                .ids
+                .iter()
+                .filter(|id| !fetched.chosen.iter().any(|(_, l)| &l.id == *id))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                let missing = missing.join(", ");
+                fetched.release().await;
+                return Err(DlqError::NotFound(missing));
+            }
+        }
+        Ok(fetched)
     }
 
     /// Dead letters matching `filter`; nothing is removed.
     pub async fn list(&self, filter: &Filter) -> Result<Vec<DeadLetter>, DlqError> {
+        Ok(self.listing(filter).await?.letters)
+    }
+
+    /// Dead letters matching `filter`, with how many matched beyond its `limit`; nothing is
+    /// removed.
+    pub async fn listing(&self, filter: &Filter) -> Result<Listing, DlqError> {
         let fetched = self.select(filter).await?;
         let letters = fetched.chosen.iter().map(|(_, l)| l.clone()).collect();
+        let matching = fetched.matching;
         fetched.release().await;
-        Ok(letters)
+        Ok(Listing { letters, matching })
     }
 
     /// Publishes matching dead letters back to the work queue (attempts reset) and removes each
@@ -455,8 +499,14 @@ impl Dlq {
     }
 }
 
-/// A table for people.
-pub fn table(letters: &[DeadLetter]) -> String {
+/// `n dead letters`, or `1 dead letter`.
+pub fn count(n: usize) -> String {
+    format!("{n} dead letter{}", if n == 1 { "" } else { "s" })
+}
+
+/// A table for people; `matching` is how many matched the filter, which the footer gives when
+/// a `--limit` left some out (`2 of 7 matching dead letters shown`).
+pub fn table(letters: &[DeadLetter], matching: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -483,7 +533,15 @@ pub fn table(letters: &[DeadLetter]) -> String {
     for l in letters {
         *by_reason.entry(l.reason.as_str()).or_default() += 1;
     }
-    let _ = write!(out, "{} dead letters", letters.len());
+    if matching > letters.len() {
+        let _ = write!(
+            out,
+            "{} of {matching} matching dead letters shown (--limit)",
+            letters.len()
+        );
+    } else {
+        out.push_str(&count(letters.len()));
+    }
     for (reason, n) in by_reason {
         let _ = write!(out, "; {reason}: {n}");
     }
@@ -679,8 +737,12 @@ mod tests {
             routing_key: None,
             body: String::new(),
         };
-        let table = table(&[letter]);
+        let table = table(&[letter], 1);
         assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(
+            table.ends_with("1 dead letter; mapping_error: 1"),
+            "{table}"
+        );
         assert!(
             !table
                 .chars()
@@ -692,6 +754,29 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("2026-12-03T10:00:00Z\\u{202e}"), "{table}");
+    }
+
+    /// A `--limit` that left some out says so in the footer, with how many matched.
+    #[test]
+    fn the_footer_counts_what_the_limit_left_out() {
+        let letter = describe(None, BOOKED, &topology());
+        let two = [letter.clone(), letter];
+        let cut = table(&two, 7);
+        assert!(
+            cut.lines()
+                .last()
+                .is_some_and(|l| l.starts_with("2 of 7 matching dead letters shown (--limit)")),
+            "{cut}"
+        );
+        assert!(
+            table(&two, 2)
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("2 dead letters;")
+        );
+        assert_eq!(table(&[], 0).lines().last(), Some("0 dead letters"));
+        assert_eq!(count(1), "1 dead letter");
     }
 
     #[test]

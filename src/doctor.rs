@@ -548,6 +548,13 @@ pub async fn check_tenant(
             )),
         }
     }
+    // Only for the mapping's checks (its parent needs `IsParent`, see `validate`): relations
+    // follow the Event's permissions, checked above.
+    if tenant.described_sobjects().contains(&"EventRelation")
+        && let Ok(Some(describe)) = caches.describe(client, "EventRelation").await
+    {
+        describes.insert("EventRelation".to_owned(), describe);
+    }
     for warning in crate::plan::org_settings::warnings(tenant, &describes) {
         checks.push(pass(
             format!("org setting {}", warning.setting),

@@ -348,16 +348,26 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
 }
 
 async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
-    let print = |letters: &[dlq::DeadLetter], json: bool| -> anyhow::Result<()> {
+    let print = |letters: &[dlq::DeadLetter], matching: usize, json: bool| -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::to_string_pretty(letters)?);
         } else {
-            println!("{}", dlq::table(letters));
+            println!("{}", dlq::table(letters, matching));
         }
         Ok(())
     };
     match action {
-        DlqAction::List { filter, json } => print(&dlq.list(&filter.filter()).await?, json),
+        DlqAction::List { filter, json } => {
+            let listing = dlq.listing(&filter.filter()).await?;
+            if json && listing.matching > listing.letters.len() {
+                eprintln!(
+                    "{} of {} matching dead letters listed (--limit)",
+                    listing.letters.len(),
+                    listing.matching
+                );
+            }
+            print(&listing.letters, listing.matching, json)
+        }
         DlqAction::Show { id } => {
             let filter = dlq::Filter {
                 ids: vec![id.clone()],
@@ -378,11 +388,11 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             json,
         } => {
             let letters = dlq.replay(&filter.filter(), dry_run).await?;
-            print(&letters, json)?;
+            print(&letters, letters.len(), json)?;
             eprintln!(
-                "{} {} dead letters",
+                "{} {}",
                 if dry_run { "would replay" } else { "replayed" },
-                letters.len()
+                dlq::count(letters.len())
             );
             Ok(())
         }
@@ -393,7 +403,7 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
                 );
             }
             let letters = dlq.purge(&filter.filter()).await?;
-            eprintln!("purged {} dead letters", letters.len());
+            eprintln!("purged {}", dlq::count(letters.len()));
             Ok(())
         }
         DlqAction::Export { file, filter } => {
@@ -409,8 +419,8 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             };
             written().with_context(|| format!("writing {}", file.display()))?;
             eprintln!(
-                "exported {} dead letters to {}",
-                letters.len(),
+                "exported {} to {}",
+                dlq::count(letters.len()),
                 file.display()
             );
             Ok(())

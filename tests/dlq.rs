@@ -67,6 +67,46 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     let listed: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(listed.len(), 2);
 
+    // A limit that leaves some out says how many matched; a mistyped reason and an id that
+    // matches nothing are errors, and a purge naming one purges nothing (the export below
+    // still finds all three).
+    let dlq_cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+            .arg("dlq")
+            .args(args)
+            .envs(env.binary_env())
+            .output()
+            .unwrap()
+    };
+    let limited = dlq_cli(&["list", "--limit", "1"]);
+    let table = String::from_utf8_lossy(&limited.stdout);
+    assert!(limited.status.success(), "{table}");
+    assert!(
+        table
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("1 of 3 matching dead letters shown (--limit)")),
+        "{table}"
+    );
+    let typo = dlq_cli(&["list", "--reason", "salesforce_invalid_feild"]);
+    let said = String::from_utf8_lossy(&typo.stderr);
+    assert!(!typo.status.success());
+    assert!(
+        said.contains("not a reason code (did you mean salesforce_invalid_field?)"),
+        "{said}"
+    );
+    let unknown = dlq_cli(&[
+        "purge",
+        "--id",
+        "evt_01JD6Q7M1V3S6",
+        "--id",
+        "evt_nope",
+        "--yes",
+    ]);
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success(), "{said}");
+    assert!(said.contains("no dead letter with id evt_nope"), "{said}");
+
     let export = std::env::temp_dir().join(format!(
         "portals-crm-dlq-export-{:x}.jsonl",
         rand::random::<u32>()

@@ -278,6 +278,37 @@ async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
     emulator.stop().await;
 }
 
+/// `parent = "first"` (acme's) in an org without Shared Activities, which has no
+/// `EventRelation.IsParent`: doctor names the setting and both fixes; with `parent = "none"`
+/// the mapping passes.
+#[tokio::test]
+async fn doctor_names_shared_activities_for_a_parent_in_an_org_without_it() {
+    let mut org = OrgSpec::demo();
+    org.set_shared_activities(false);
+    let emulator = start(org).await;
+    let (loaded, caches, _) = load(acme(&emulator));
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    let miss = report
+        .checks
+        .iter()
+        .find(|c| c.name == "mapping relations.EventRelation.IsParent")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(!miss.ok, "{report}");
+    assert!(miss.detail.contains("Shared Activities is off"), "{report}");
+    let fix = miss.fix.as_deref().unwrap_or_default();
+    assert!(
+        fix.contains("enable Shared Activities") && fix.contains("set parent = \"none\""),
+        "{report}"
+    );
+
+    let mut invitees = acme(&emulator);
+    invitees.relations.as_mut().unwrap().parent = portals_crm::config::Parent::None;
+    let (loaded, caches, _) = load(invitees);
+    let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
+    assert!(report.ok(), "{report}");
+    emulator.stop().await;
+}
+
 async fn emulator_records(emulator: &EmulatorHandle, sobject: &str) -> usize {
     let rows: serde_json::Value = reqwest::get(format!(
         "{}/__emulator/records/{sobject}",

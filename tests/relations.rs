@@ -157,6 +157,107 @@ async fn every_attendee_is_related_once_through_replays_reschedules_and_lost_cac
     env.finish().await;
 }
 
+/// An org without Shared Activities has no `EventRelation.IsParent`. Invitees only
+/// (`parent = "none"`): every attendee is related as an invitee, through a reschedule that
+/// reads the relations (a worker without its cache), with no write or query naming the field.
+/// (`parent = "first"` in such an org: `tests/mapping.rs`.)
+#[tokio::test]
+async fn without_shared_activities_invitees_only_relations_are_written() {
+    let mut env = TestEnv::start_custom(
+        "relations-nosa",
+        |_| {},
+        |tenants| {
+            for tenant in tenants {
+                if let Some(relations) = tenant.relations.as_mut() {
+                    relations.parent = portals_crm::config::Parent::None;
+                }
+            }
+        },
+    )
+    .await;
+    let off = env
+        .post_json("/__emulator/org", json!({"shared_activities": false}))
+        .await;
+    assert_eq!(off, 200);
+    env.publish("meeting.booked", &event("bk_nosa", 1, &["ann", "bob"]))
+        .await;
+    env.wait_settled(1).await;
+    let invitees = |found: Vec<Value>| {
+        let mut names: Vec<(String, bool)> = found
+            .iter()
+            .map(|r| {
+                assert!(r.get("IsParent").is_none_or(Value::is_null), "{r}");
+                (
+                    r["RelationId"].as_str().unwrap().to_owned(),
+                    r["IsInvitee"] == true,
+                )
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let first = invitees(env.records("EventRelation").await);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(first.iter().all(|(_, invitee)| *invitee));
+    env.restart_service_without_cache().await;
+    env.publish("meeting.rescheduled", &event("bk_nosa", 2, &["bob", "cy"]))
+        .await;
+    env.wait_settled(1).await;
+    let outcomes = env.outcomes();
+    assert_eq!(outcomes.get("written"), Some(&1), "{outcomes:?}");
+    let leads = env.records("Lead").await;
+    let lead_of = |name: &str| {
+        leads
+            .iter()
+            .find(|l| l["FirstName"] == name)
+            .map(|l| l["Id"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    let mut want = vec![(lead_of("bob"), true), (lead_of("cy"), true)];
+    want.sort();
+    assert_eq!(invitees(env.records("EventRelation").await), want);
+
+    let outcomes = env.outcomes();
+    assert_eq!(outcomes.get("dead_lettered"), None, "{outcomes:?}");
+
+    // What `parent = "first"` would meet: Salesforce's answers for a field the org lacks.
+    let http = reqwest::Client::new();
+    let token = env.token().await;
+    let data = format!("{}/services/data/v66.0", env.emulator.base_url);
+    let event_id = env.records("Event").await[0]["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let write = http
+        .post(format!("{data}/sobjects/EventRelation"))
+        .bearer_auth(&token)
+        .json(&json!({"EventId": event_id, "RelationId": lead_of("ann"), "IsParent": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(write.status(), 400);
+    let refused: Value = write.json().await.unwrap();
+    assert_eq!(
+        refused,
+        json!([{"errorCode": "INVALID_FIELD", "message": "No such column 'IsParent' on sobject of type EventRelation", "fields": []}])
+    );
+    let query = http
+        .get(format!("{data}/query"))
+        .query(&[("q", "SELECT Id, IsParent FROM EventRelation")])
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(query.status(), 400);
+    let refused: Value = query.json().await.unwrap();
+    assert_eq!(refused[0]["errorCode"], "INVALID_FIELD");
+    assert_eq!(
+        refused[0]["message"],
+        "No such column 'IsParent' on entity 'EventRelation'."
+    );
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_version_one_replayed_by_a_worker_without_its_cache_fails_on_the_duplicate_and_rereads() {
     let mut env = TestEnv::start("relations-dup").await;

@@ -303,6 +303,26 @@ fn file_stem(path: &Path) -> String {
 }
 
 impl TenantConfig {
+    /// The sObjects whose describes the mapping is checked against
+    /// ([`crate::plan::validate::validate`]): every record's, once each, and `EventRelation`
+    /// when `[relations]` names a parent (its `IsParent` exists only with Shared Activities).
+    pub fn described_sobjects(&self) -> Vec<&str> {
+        let mut sobjects: Vec<&str> = Vec::new();
+        for record in &self.records {
+            if !sobjects.contains(&record.sobject.as_str()) {
+                sobjects.push(&record.sobject);
+            }
+        }
+        if self
+            .relations
+            .as_ref()
+            .is_some_and(|r| r.parent == Parent::First)
+        {
+            sobjects.push("EventRelation");
+        }
+        sobjects
+    }
+
     /// Loads one tenant file; the tenant id defaults to the file stem, and its relative paths
     /// resolve against the file's directory (see [`TenantConfig::resolve_paths`]).
     pub fn load(path: &Path) -> Result<Self, String> {

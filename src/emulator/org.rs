@@ -42,7 +42,17 @@ pub struct OrgSpec {
     pub sharing_rules: Vec<SharingRule>,
     /// sObjects.
     pub sobjects: Vec<SObjectSpec>,
+    /// The fields Shared Activities adds ([`SHARED_ACTIVITY_FIELDS`]), kept aside while it is
+    /// off ([`OrgSpec::set_shared_activities`]).
+    #[serde(skip)]
+    shared_activity_fields: Vec<FieldSpec>,
 }
+
+/// The `EventRelation` fields that exist only with Shared Activities: "IsParent/IsWhat visible
+/// only with Shared Activities" (`salesforce-api.md` §4a, from the EventRelation object
+/// reference: without it "EventRelation records only represent invitees").
+/// <https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_eventattendee.htm>
+pub const SHARED_ACTIVITY_FIELDS: [&str; 2] = ["IsParent", "IsWhat"];
 
 /// Org-wide settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +87,15 @@ pub struct OrgSettings {
     /// <https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_event.htm>
     #[serde(default)]
     pub multiday_events: bool,
+    /// Setup → Activity Settings → "Allow Users to Relate Multiple Contacts to Tasks and
+    /// Events" (Shared Activities). Off, `EventRelation` has no `IsParent` or `IsWhat`
+    /// ([`SHARED_ACTIVITY_FIELDS`]): its describe omits them, a write naming one is refused with
+    /// 400 `INVALID_FIELD` (No such column 'IsParent' on sobject of type EventRelation) and a
+    /// query selecting one with 400 `INVALID_FIELD` (No such column 'IsParent' on entity
+    /// 'EventRelation'), as for any field the org does not have; a relation is an invitee only.
+    /// The demo org has it on; an org where nobody enabled it has it off.
+    #[serde(default = "yes")]
+    pub shared_activities: bool,
 }
 
 impl OrgSettings {
@@ -495,7 +514,33 @@ impl OrgSpec {
             toml::from_str(text).map_err(|e| e.to_string())?
         };
         spec.check()?;
+        let mut spec = spec;
+        let shared = spec.org.shared_activities;
+        spec.set_shared_activities(shared);
         Ok(spec)
+    }
+
+    /// Turns Shared Activities on or off (see [`OrgSettings::shared_activities`]): the
+    /// [`SHARED_ACTIVITY_FIELDS`] of `EventRelation` leave its fields, or come back. Records
+    /// keep what they hold; a field the org does not have is neither written nor read.
+    pub fn set_shared_activities(&mut self, on: bool) {
+        self.org.shared_activities = on;
+        let Some(relation) = self
+            .sobjects
+            .iter_mut()
+            .find(|o| o.name.eq_ignore_ascii_case("EventRelation"))
+        else {
+            return;
+        };
+        if on {
+            relation.fields.append(&mut self.shared_activity_fields);
+        } else {
+            let (aside, kept) = std::mem::take(&mut relation.fields)
+                .into_iter()
+                .partition(|f| SHARED_ACTIVITY_FIELDS.contains(&f.name.as_str()));
+            relation.fields = kept;
+            self.shared_activity_fields.extend::<Vec<FieldSpec>>(aside);
+        }
     }
 
     /// The built-in demo org.

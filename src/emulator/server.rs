@@ -643,6 +643,8 @@ enum OrgChange {
     },
     /// `{"multiday_events": bool}`: Setup → Activity Settings → Enable Multiday Events.
     MultidayEvents { multiday_events: bool },
+    /// `{"shared_activities": bool}`: Setup → Activity Settings → Shared Activities.
+    SharedActivities { shared_activities: bool },
 }
 
 async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -700,6 +702,11 @@ async fn change_org(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
         OrgChange::MultidayEvents { multiday_events } => {
             spec.org.multiday_events = multiday_events;
             Ok(false)
+        }
+        // EventRelation's fields change: its describe does too.
+        OrgChange::SharedActivities { shared_activities } => {
+            spec.set_shared_activities(shared_activities);
+            Ok(true)
         }
     };
     match changed {

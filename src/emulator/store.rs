@@ -212,12 +212,16 @@ fn relation_event(record: &Record) -> Option<String> {
 }
 
 /// EventRelation's defaults on create: the flags false, except `IsInvitee`, true when none of
-/// the three is given (O-er).
-fn relation_defaults(fields: &mut Map<String, Value>) {
+/// the three is given (O-er); only the flags the org has (`IsParent` and `IsWhat` come with
+/// Shared Activities).
+fn relation_defaults(object: &SObjectSpec, fields: &mut Map<String, Value>) {
     let given = ["IsInvitee", "IsParent", "IsWhat"]
         .iter()
         .any(|f| fields.get(*f).is_some_and(|v| !v.is_null()));
     for name in ["IsInvitee", "IsParent", "IsWhat"] {
+        if !object.fields.iter().any(|f| f.name == name) {
+            continue;
+        }
         let default = name == "IsInvitee" && !given;
         let entry = fields.entry(name).or_insert(Value::Bool(default));
         if entry.is_null() {
@@ -571,7 +575,7 @@ impl Store {
             }
         }
         if object.name == "EventRelation" {
-            relation_defaults(&mut fields);
+            relation_defaults(object, &mut fields);
         }
         let record = Record {
             sobject: object.name.clone(),

@@ -60,7 +60,7 @@ impl Caches {
             }
         }
         let keys: Vec<String> = wanted.iter().map(|w| w.event.key.clone()).collect();
-        let soql = lookup_query(&first.event, &types, &keys);
+        let soql = lookup_query(&first.event, &types, &keys, first.with_parent);
         let rows = client.query(&soql).await?;
         Ok(wanted
             .iter()

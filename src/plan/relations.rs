@@ -10,7 +10,6 @@
 //! Source: https://developer.salesforce.com/docs/atlas.en-us.object_reference.meta/object_reference/sforce_api_objects_eventattendee.htm
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::duplicates::Related;
 use crate::config::{Parent, RelationsMapping};
@@ -63,6 +62,10 @@ pub struct Wanted {
     pub event: Keyed,
     /// One per related record, in attendee order.
     pub relations: Vec<WantedRelation>,
+    /// The mapping names a parent (`parent = "first"`), so `IsParent` is read and written. That
+    /// field exists only with Shared Activities; without a parent the relations are invitees
+    /// and never name it, so that they work in an org without Shared Activities too.
+    pub with_parent: bool,
 }
 
 /// One relation a graph wants.
@@ -174,6 +177,7 @@ impl RelationSpec {
             event_ref: event.reference_id.clone(),
             event: keyed(&event.url)?,
             relations,
+            with_parent: self.parent_first,
         })
     }
 }
@@ -185,6 +189,16 @@ impl RelationSpec {
 pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec<Change> {
     let base = format!("/services/data/v{api_version}/sobjects/EventRelation");
     let event_ref = &wanted.event_ref;
+    let with_parent = wanted.with_parent;
+    // `IsParent` only when the mapping names a parent (see `Wanted::with_parent`).
+    let flags = |w: &WantedRelation| {
+        let mut body = serde_json::Map::new();
+        if with_parent {
+            body.insert("IsParent".into(), w.is_parent.into());
+        }
+        body.insert("IsInvitee".into(), w.is_invitee.into());
+        body
+    };
     let mut seen: Vec<&str> = Vec::new();
     let mut seen_ids: Vec<&str> = Vec::new();
     let wanted: Vec<&WantedRelation> = wanted
@@ -233,7 +247,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                     method: "PATCH".into(),
                     url: format!("{base}/{}", current.id),
                     reference_id: format!("{NODE_PREFIX}{}", w.reference),
-                    body: Some(json!({"IsParent": w.is_parent, "IsInvitee": w.is_invitee}).into()),
+                    body: Some(serde_json::Value::Object(flags(w)).into()),
                 }),
                 after: Some(Existing {
                     key: w.record.key.clone(),
@@ -257,15 +271,13 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                 method: "POST".into(),
                 url: base.clone(),
                 reference_id: format!("{NODE_PREFIX}{}", w.reference),
-                body: Some(
-                    json!({
-                        "EventId": format!("@{{{}.id}}", event_ref),
-                        "RelationId": relation,
-                        "IsParent": w.is_parent,
-                        "IsInvitee": w.is_invitee,
-                    })
-                    .into(),
-                ),
+                body: Some({
+                    let mut body = serde_json::Map::new();
+                    body.insert("EventId".into(), format!("@{{{event_ref}.id}}").into());
+                    body.insert("RelationId".into(), relation.into());
+                    body.extend(flags(w));
+                    serde_json::Value::Object(body).into()
+                }),
             }),
             after: Some(Existing {
                 id: String::new(),
@@ -284,8 +296,14 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
 /// `TYPEOF`, the related record's key. `Relation` is polymorphic (User, Contact, Lead), so only
 /// `TYPEOF` reaches a custom field of one of its types
 /// (https://developer.salesforce.com/docs/atlas.en-us.soql_sosl.meta/soql_sosl/sforce_api_calls_soql_select_typeof.htm).
-/// Needs API v46.0 or later (TYPEOF's GA).
-pub fn lookup_query(event: &Keyed, records: &[(String, String)], event_keys: &[String]) -> String {
+/// Needs API v46.0 or later (TYPEOF's GA). `IsParent` is selected only `with_parent` (see
+/// [`Wanted::with_parent`]).
+pub fn lookup_query(
+    event: &Keyed,
+    records: &[(String, String)],
+    event_keys: &[String],
+    with_parent: bool,
+) -> String {
     let mut whens = String::new();
     for (sobject, field) in records {
         whens.push_str(&format!(" WHEN {sobject} THEN {field}"));
@@ -300,9 +318,10 @@ pub fn lookup_query(event: &Keyed, records: &[(String, String)], event_keys: &[S
         format!(", TYPEOF Relation{whens} END")
     };
     format!(
-        "SELECT Id, RelationId, IsParent, IsInvitee, Event.{field}{relation} FROM EventRelation \
+        "SELECT Id, RelationId, {parent}IsInvitee, Event.{field}{relation} FROM EventRelation \
          WHERE Event.{field} IN ({})",
         keys.join(", "),
+        parent = if with_parent { "IsParent, " } else { "" },
         field = event.field,
     )
 }
@@ -310,6 +329,7 @@ pub fn lookup_query(event: &Keyed, records: &[(String, String)], event_keys: &[S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// The JSON body of a change's node.
     fn body_of(change: &Change) -> serde_json::Value {
@@ -527,6 +547,7 @@ mod tests {
             &wanted.event,
             &[("Lead".into(), "BookMe__Lead_Key__c".into())],
             &["bk_1".into(), "o'k".into()],
+            true,
         );
         assert_eq!(
             q,
@@ -534,6 +555,41 @@ mod tests {
              Relation WHEN \
              Lead THEN BookMe__Lead_Key__c END FROM EventRelation WHERE \
              Event.BookMe__Booking_Id__c IN ('bk_1', 'o\\'k')"
+        );
+    }
+
+    /// Invitees only (`parent = "none"`): no node and no query names `IsParent`, which an org
+    /// without Shared Activities does not have.
+    #[test]
+    fn invitees_only_never_name_is_parent() {
+        let invitees = RelationSpec {
+            parent_first: false,
+            ..spec()
+        };
+        let wanted = invitees.wanted(&graph(&["a@x", "b@x"]), &[]).unwrap();
+        assert!(!wanted.with_parent);
+        let now = [Existing {
+            is_invitee: false,
+            ..existing("0RE1", "a@x", false)
+        }];
+        let changes = changes("66.0", &wanted, &now);
+        assert_eq!(
+            shape(&changes),
+            [
+                ("PATCH".into(), "rel_lead_0".into()),
+                ("POST".into(), "rel_lead_1".into())
+            ]
+        );
+        assert_eq!(body_of(&changes[0]), json!({"IsInvitee": true}));
+        assert_eq!(
+            body_of(&changes[1]),
+            json!({"EventId": "@{event.id}", "RelationId": "@{lead_1.id}", "IsInvitee": true})
+        );
+        let q = lookup_query(&wanted.event, &[], &["bk_1".into()], wanted.with_parent);
+        assert!(!q.contains("IsParent"), "{q}");
+        assert!(
+            q.starts_with("SELECT Id, RelationId, IsInvitee, Event."),
+            "{q}"
         );
     }
 }

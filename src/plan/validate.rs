@@ -302,5 +302,37 @@ pub fn validate(
             }
         }
     }
+    problems.extend(parent_needs_shared_activities(tenant, describes));
     problems
+}
+
+/// `[relations]` with `parent = "first"` writes `EventRelation.IsParent`, a field that exists
+/// only in an org with Shared Activities (`salesforce-api.md` §4a, from the EventRelation object
+/// reference): without it every relation write and look-up would fail with `INVALID_FIELD`.
+/// Checked when the describe of `EventRelation` is at hand
+/// ([`TenantConfig::described_sobjects`](crate::config::TenantConfig::described_sobjects)).
+fn parent_needs_shared_activities(
+    tenant: &TenantConfig,
+    describes: &HashMap<String, SObjectDescribe>,
+) -> Option<MappingProblem> {
+    let relations = tenant.relations.as_ref()?;
+    if relations.parent != crate::config::Parent::First {
+        return None;
+    }
+    let describe = describes.get("EventRelation")?;
+    describe
+        .field("IsParent")
+        .is_none()
+        .then(|| MappingProblem {
+            tenant: tenant.tenant.clone(),
+            record: "relations".into(),
+            target: "EventRelation.IsParent".into(),
+            problem: "parent = \"first\" makes the first attendee the Event's Who through \
+                  EventRelation.IsParent, which this org does not have: Shared Activities is off"
+                .into(),
+            fix: "enable Shared Activities in Setup (Activity Settings: Allow Users to Relate \
+              Multiple Contacts to Tasks and Events), or set parent = \"none\" under [relations] \
+              (the attendees are then related as invitees only)"
+                .into(),
+        })
 }

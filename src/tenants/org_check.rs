@@ -25,9 +25,9 @@ pub async fn check_against_org(
     client: &SalesforceClient,
 ) -> Result<Vec<MappingProblem>, SalesforceError> {
     let mut describes = HashMap::new();
-    for record in &config.records {
-        if let Some(describe) = caches.describe(client, &record.sobject).await? {
-            describes.insert(record.sobject.clone(), describe);
+    for sobject in config.described_sobjects() {
+        if let Some(describe) = caches.describe(client, sobject).await? {
+            describes.insert(sobject.to_owned(), describe);
         }
     }
     Ok(validate(config, &describes))
@@ -41,9 +41,9 @@ pub async fn org_setting_warnings(
     client: &SalesforceClient,
 ) -> Result<Vec<crate::plan::org_settings::OrgSettingWarning>, SalesforceError> {
     let mut describes = HashMap::new();
-    for record in &config.records {
-        if let Some(describe) = caches.describe(client, &record.sobject).await? {
-            describes.insert(record.sobject.clone(), describe);
+    for sobject in config.described_sobjects() {
+        if let Some(describe) = caches.describe(client, sobject).await? {
+            describes.insert(sobject.to_owned(), describe);
         }
     }
     Ok(crate::plan::org_settings::warnings(config, &describes))
