@@ -217,6 +217,45 @@ async fn markup_in_an_orgs_labels_renders_as_text() {
     env.finish().await;
 }
 
+/// "Test against the org" sends the graph a first write sends, the relation creates included:
+/// in an org without Shared Activities the first relation is the record refused, with
+/// Salesforce's error; with the setting on, every record is accepted and rolled back.
+#[tokio::test]
+async fn the_probe_tests_the_relations_a_first_write_creates() {
+    let mut org = OrgSpec::demo();
+    org.set_shared_activities(false);
+    let env = TestEnv::start_from_files("console-probe-rel", org, |_| {}).await;
+    let probe = || {
+        env.admin_post(
+            "/admin/tenants/acme/probe",
+            json!({"sample": "booked-group"}),
+        )
+    };
+    let (status, refused) = probe().await;
+    assert_eq!(status, 200, "{refused}");
+    assert_eq!(refused["ok"], false, "{refused}");
+    let detail = refused["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail
+            .starts_with("record rel_lead_0 was refused: INVALID_FIELD: No such column 'IsParent'"),
+        "{refused}"
+    );
+    let on = env
+        .post_json("/__emulator/org", json!({"shared_activities": true}))
+        .await;
+    assert_eq!(on, 200);
+    let (_, accepted) = probe().await;
+    assert_eq!(accepted["ok"], true, "{accepted}");
+    assert!(
+        accepted["detail"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("records of the graph were accepted, then rolled back")),
+        "{accepted}"
+    );
+    assert!(env.records("EventRelation").await.is_empty(), "rolled back");
+    env.finish().await;
+}
+
 #[tokio::test]
 async fn a_post_with_a_foreign_origin_is_refused() {
     let env = TestEnv::start_from_files("console-origin", OrgSpec::demo(), |_| {}).await;

@@ -645,7 +645,9 @@ async fn probe(
     let enrichment = crate::enrich::enrich(&event, &t.client, state.tenants.caches())
         .await
         .unwrap_or_else(|_| samples::sample_enrichment());
-    let check: Check = match mapping.build_graph(&event, &enrichment) {
+    // As a first write sends it: with the relation creates of `[relations]`, so that the
+    // probe meets what the org refuses of those too (no Shared Activities, no Edit Events).
+    let check: Check = match mapping.first_write_graph(&event, &enrichment) {
         Ok(nodes) => doctor::probe_mapping(&t.client, nodes).await,
         Err(e) => Check {
             name: "test against the org".into(),
