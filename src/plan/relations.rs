@@ -190,10 +190,11 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
     let base = format!("/services/data/v{api_version}/sobjects/EventRelation");
     let event_ref = &wanted.event_ref;
     let with_parent = wanted.with_parent;
-    // `IsParent` only when the mapping names a parent (see `Wanted::with_parent`).
-    let flags = |w: &WantedRelation| {
+    // `IsParent` only when the mapping names a parent (see `Wanted::with_parent`), or to clear
+    // it on a relation that has it (left by a mapping that named one: the org has the field).
+    let flags = |w: &WantedRelation, was_parent: bool| {
         let mut body = serde_json::Map::new();
-        if with_parent {
+        if with_parent || was_parent {
             body.insert("IsParent".into(), w.is_parent.into());
         }
         body.insert("IsInvitee".into(), w.is_invitee.into());
@@ -247,7 +248,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                     method: "PATCH".into(),
                     url: format!("{base}/{}", current.id),
                     reference_id: format!("{NODE_PREFIX}{}", w.reference),
-                    body: Some(serde_json::Value::Object(flags(w)).into()),
+                    body: Some(serde_json::Value::Object(flags(w, current.is_parent)).into()),
                 }),
                 after: Some(Existing {
                     key: w.record.key.clone(),
@@ -275,7 +276,7 @@ pub fn changes(api_version: &str, wanted: &Wanted, existing: &[Existing]) -> Vec
                     let mut body = serde_json::Map::new();
                     body.insert("EventId".into(), format!("@{{{event_ref}.id}}").into());
                     body.insert("RelationId".into(), relation.into());
-                    body.extend(flags(w));
+                    body.extend(flags(w, false));
                     serde_json::Value::Object(body).into()
                 }),
             }),
@@ -572,7 +573,8 @@ mod tests {
             is_invitee: false,
             ..existing("0RE1", "a@x", false)
         }];
-        let changes = changes("66.0", &wanted, &now);
+        let changes_of = |wanted: &Wanted, now: &[Existing]| changes("66.0", wanted, now);
+        let changes = changes_of(&wanted, &now);
         assert_eq!(
             shape(&changes),
             [
@@ -584,6 +586,12 @@ mod tests {
         assert_eq!(
             body_of(&changes[1]),
             json!({"EventId": "@{event.id}", "RelationId": "@{lead_1.id}", "IsInvitee": true})
+        );
+        // A parent left by an earlier mapping that named one is cleared (the org has the field).
+        let was_parent = changes_of(&wanted, &[existing("0RE1", "a@x", true)]);
+        assert_eq!(
+            body_of(&was_parent[0]),
+            json!({"IsParent": false, "IsInvitee": true})
         );
         let q = lookup_query(&wanted.event, &[], &["bk_1".into()], wanted.with_parent);
         assert!(!q.contains("IsParent"), "{q}");
