@@ -159,7 +159,8 @@ async fn every_attendee_is_related_once_through_replays_reschedules_and_lost_cac
 
 /// An org without Shared Activities has no `EventRelation.IsParent`. Invitees only
 /// (`parent = "none"`): every attendee is related as an invitee, through a reschedule that
-/// reads the relations (a worker without its cache), with no write or query naming the field.
+/// reads the relations (a worker without its cache), with no write or query naming the field;
+/// the Event names its Who itself (`WhoId`).
 /// (`parent = "first"` in such an org: `tests/mapping.rs`.)
 #[tokio::test]
 async fn without_shared_activities_invitees_only_relations_are_written() {
@@ -170,6 +171,13 @@ async fn without_shared_activities_invitees_only_relations_are_written() {
             for tenant in tenants {
                 if let Some(relations) = tenant.relations.as_mut() {
                     relations.parent = portals_crm::config::Parent::None;
+                    // The Event names its one Who itself, as such an org relates a lead.
+                    let event = relations.event.clone();
+                    let record = tenant.records.iter_mut().find(|r| r.reference == event);
+                    record
+                        .unwrap()
+                        .fields
+                        .insert("WhoId".into(), json!("@{lead_0.id}"));
                 }
             }
         },
@@ -216,6 +224,11 @@ async fn without_shared_activities_invitees_only_relations_are_written() {
     let mut want = vec![(lead_of("bob"), true), (lead_of("cy"), true)];
     want.sort();
     assert_eq!(invitees(env.records("EventRelation").await), want);
+    assert_eq!(
+        env.records("Event").await[0]["WhoId"].as_str(),
+        Some(lead_of("bob").as_str()),
+        "the Who the Event maps, which the relations leave as it is"
+    );
 
     let outcomes = env.outcomes();
     assert_eq!(outcomes.get("dead_lettered"), None, "{outcomes:?}");

@@ -602,7 +602,7 @@ impl Store {
         self.insert_raw(id.clone(), record, ctx.org);
         self.journal.push(Undo::Created(id.clone()));
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id);
+            self.sync_who(&event_id, ctx.org);
         }
         Ok(id)
     }
@@ -653,7 +653,7 @@ impl Store {
             self.journal.push(Undo::Replaced(id.to_owned(), old));
         }
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id);
+            self.sync_who(&event_id, ctx.org);
         }
         Ok(())
     }
@@ -695,7 +695,7 @@ impl Store {
         self.remove_raw(id, ctx.org);
         self.journal.push(Undo::Deleted(id.to_owned(), old));
         if let Some(event_id) = event_id {
-            self.sync_who(&event_id);
+            self.sync_who(&event_id, ctx.org);
         }
         Ok(())
     }
@@ -719,8 +719,12 @@ impl Store {
 
     /// Keeps the event's `WhoId` equal to its (first) parent relation: with Shared Activities
     /// the Who is the relation with `IsParent`, and deleting it clears or promotes the Who
-    /// (EventRelation, O-er).
-    fn sync_who(&mut self, event_id: &str) {
+    /// (EventRelation, O-er). Without it relations are invitees only and the Who is the
+    /// Event's own field, which they leave as it is.
+    fn sync_who(&mut self, event_id: &str, org: &OrgSpec) {
+        if !org.org.shared_activities {
+            return;
+        }
         let who = self
             .relations_of(event_id)
             .find(|(_, r)| flag(r, "IsParent"))
