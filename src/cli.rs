@@ -227,16 +227,32 @@ fn reason_code(value: &str) -> Result<String, String> {
     if crate::outcome::Reason::parse(value).is_some() {
         return Ok(value.to_owned());
     }
-    let close: Vec<String> = crate::outcome::Reason::all()
+    let typed = value.trim().to_ascii_lowercase();
+    let labels: Vec<String> = crate::outcome::Reason::all()
         .into_iter()
         .map(crate::outcome::Reason::label)
-        .filter(|label| strsim::damerau_levenshtein(&value.to_ascii_lowercase(), label) <= 2)
-        .take(3)
         .collect();
-    let hint = if close.is_empty() {
-        String::new()
-    } else {
+    // What an operator types: a near miss, Salesforce's code as the message shows it
+    // (`INVALID_FIELD`), or a part of a label (`rejected`, `sharing_record`).
+    let mut close: Vec<&str> = labels
+        .iter()
+        .filter(|label| {
+            label.strip_prefix("salesforce_") == Some(typed.as_str())
+                || strsim::damerau_levenshtein(&typed, label) <= 2
+                || (typed.len() >= 5 && label.contains(&typed))
+        })
+        .map(String::as_str)
+        .collect();
+    close.sort_by_key(|label| (label.len(), *label));
+    close.truncate(5);
+    let hint = if !close.is_empty() {
         format!(" (did you mean {}?)", close.join(", "))
+    } else if typed.starts_with("salesforce_") {
+        " (a Salesforce error code without a label of its own is dead-lettered as \
+         salesforce_other, with the code in its message)"
+            .to_owned()
+    } else {
+        String::new()
     };
     Err(format!(
         "not a reason code{hint}; README's reason table lists them, e.g. invalid_event, mapping_error, salesforce_invalid_field, delivery_limit"
@@ -304,5 +320,14 @@ mod tests {
         );
         let unknown = reason_code("bogus").unwrap_err();
         assert!(unknown.starts_with("not a reason code; "), "{unknown}");
+        let code = reason_code("INVALID_FIELD").unwrap_err();
+        assert!(
+            code.contains("did you mean salesforce_invalid_field"),
+            "{code}"
+        );
+        let part = reason_code("rejected").unwrap_err();
+        assert!(part.contains("did you mean broker_rejected?"), "{part}");
+        let other = reason_code("salesforce_invalid_operation").unwrap_err();
+        assert!(other.contains("salesforce_other"), "{other}");
     }
 }

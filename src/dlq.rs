@@ -31,7 +31,8 @@ pub struct Filter {
     /// At most this many.
     pub limit: Option<usize>,
     /// Every id of `ids` must match a dead letter (with the other filters), or the operation
-    /// does nothing and fails with [`DlqError::NotFound`]: what a command line wants, where an
+    /// does nothing and fails with [`DlqError::NotFound`] (or [`DlqError::Excluded`], when the
+    /// other filters leave it out): what a command line wants, where an
     /// id is typed by hand. The console reports ids gone meanwhile itself, and leaves it off.
     pub require_ids: bool,
 }
@@ -104,9 +105,13 @@ pub enum DlqError {
     /// Writing the export file failed.
     #[error("export: {0}")]
     Export(#[from] std::io::Error),
-    /// No dead letter has this id (or these ids, comma-separated), within the other filters.
+    /// No dead letter has this id (or these ids, comma-separated).
     #[error("no dead letter with id {0}")]
     NotFound(String),
+    /// Dead letters of the ids asked for exist, but the other filters (`--tenant`,
+    /// `--reason`) leave them out: each with its tenant and reason.
+    #[error("the other filters leave out the dead letters asked for by id: {0}")]
+    Excluded(String),
     /// The broker's next dead letter did not arrive ([`GET_TIMEOUT`]).
     #[error(
         "the next dead letter did not arrive within {0} s: the connection was lost, or the message is over the connection's frame_max (RabbitMQ takes a frame up to 8 bytes over it from a publisher; lapin refuses it and closes the connection, logging FRAME-ERROR), which this client cannot read"
@@ -374,6 +379,13 @@ impl Dlq {
             .await?;
         let mut chosen = Vec::new();
         let mut matching = 0;
+        // With `require_ids`: each id of the filter, with whether a letter of that id matched
+        // every filter, and otherwise what kept the last one out.
+        let mut named: Vec<(&str, Result<(), String>)> = filter
+            .ids
+            .iter()
+            .map(|id| (id.as_str(), Err(String::new())))
+            .collect();
         loop {
             let get = channel.basic_get(
                 self.topology.dead_queue.as_str().into(),
@@ -390,7 +402,20 @@ impl Dlq {
                 &message.delivery.data,
                 &self.topology,
             );
-            if filter.matches(&letter) {
+            let matched = filter.matches(&letter);
+            if let Some((_, seen)) = named.iter_mut().find(|(id, _)| *id == letter.id)
+                && seen.is_err()
+            {
+                *seen = if matched {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} (tenant {}, reason {})",
+                        letter.id, letter.tenant, letter.reason
+                    ))
+                };
+            }
+            if matched {
                 matching += 1;
                 if filter.limit.is_none_or(|n| chosen.len() < n) {
                     chosen.push((message, letter));
@@ -403,16 +428,26 @@ impl Dlq {
             matching,
         };
         if filter.require_ids {
-            let missing: Vec<&str> = filter
-                .ids
+            let missing: Vec<&str> = named
                 .iter()
-                .filter(|id| !fetched.chosen.iter().any(|(_, l)| &l.id == *id))
+                .filter(|(_, seen)| seen.as_ref().is_err_and(String::is_empty))
+                .map(|(id, _)| *id)
+                .collect();
+            let excluded: Vec<&str> = named
+                .iter()
+                .filter_map(|(_, seen)| seen.as_ref().err().filter(|e| !e.is_empty()))
                 .map(String::as_str)
                 .collect();
-            if !missing.is_empty() {
-                let missing = missing.join(", ");
+            let refused = if !missing.is_empty() {
+                Some(DlqError::NotFound(missing.join(", ")))
+            } else if !excluded.is_empty() {
+                Some(DlqError::Excluded(excluded.join("; ")))
+            } else {
+                None
+            };
+            if let Some(refused) = refused {
                 fetched.release().await;
-                return Err(DlqError::NotFound(missing));
+                return Err(refused);
             }
         }
         Ok(fetched)
@@ -434,22 +469,20 @@ impl Dlq {
     }
 
     /// Publishes matching dead letters back to the work queue (attempts reset) and removes each
-    /// only after its copy was confirmed and routed. With `dry_run`, only reports what it would do.
-    pub async fn replay(
-        &self,
-        filter: &Filter,
-        dry_run: bool,
-    ) -> Result<Vec<DeadLetter>, DlqError> {
+    /// only after its copy was confirmed and routed. With `dry_run`, only reports what it would
+    /// do. `matching` is how many matched, `limit` aside.
+    pub async fn replay(&self, filter: &Filter, dry_run: bool) -> Result<Listing, DlqError> {
         let mut fetched = self.select(filter).await?;
+        let matching = fetched.matching;
         if dry_run {
             let letters = fetched.chosen.iter().map(|(_, l)| l.clone()).collect();
             fetched.release().await;
-            return Ok(letters);
+            return Ok(Listing { letters, matching });
         }
         let chosen = std::mem::take(&mut fetched.chosen);
         let result = self.republish(chosen).await;
         fetched.release().await;
-        result
+        result.map(|letters| Listing { letters, matching })
     }
 
     async fn republish(
@@ -477,9 +510,10 @@ impl Dlq {
         Ok(replayed)
     }
 
-    /// Removes matching dead letters.
-    pub async fn purge(&self, filter: &Filter) -> Result<Vec<DeadLetter>, DlqError> {
+    /// Removes matching dead letters. `matching` is how many matched, `limit` aside.
+    pub async fn purge(&self, filter: &Filter) -> Result<Listing, DlqError> {
         let mut fetched = self.select(filter).await?;
+        let matching = fetched.matching;
         let mut purged = Vec::new();
         let mut result = Ok(());
         for (message, letter) in std::mem::take(&mut fetched.chosen) {
@@ -490,7 +524,10 @@ impl Dlq {
             purged.push(letter);
         }
         fetched.release().await;
-        result.map(|()| purged)
+        result.map(|()| Listing {
+            letters: purged,
+            matching,
+        })
     }
 
     /// Disconnects.
@@ -504,13 +541,23 @@ pub fn count(n: usize) -> String {
     format!("{n} dead letter{}", if n == 1 { "" } else { "s" })
 }
 
+/// `n` of `matching` dead letters: `2 of 7 matching dead letters (--limit)` when a limit left
+/// some out, else as [`count`].
+pub fn counted(n: usize, matching: usize) -> String {
+    if matching > n {
+        format!("{n} of {matching} matching dead letters (--limit)")
+    } else {
+        count(n)
+    }
+}
+
 /// A table for people; `matching` is how many matched the filter, which the footer gives when
-/// a `--limit` left some out (`2 of 7 matching dead letters shown`).
+/// a `--limit` left some out (`2 of 7 matching dead letters (--limit); of those shown: …`).
 pub fn table(letters: &[DeadLetter], matching: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<28} {:<10} {:<36} {:>3} {:<25} MESSAGE",
+        "{:<28} {:<10} {:<36} {:>3} {:<30} MESSAGE",
         "ID", "TENANT", "REASON", "TRY", "LAST FAILURE"
     );
     for l in letters {
@@ -520,7 +567,7 @@ pub fn table(letters: &[DeadLetter], matching: usize) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<28} {:<10} {:<36} {:>3} {:<25} {}",
+            "{:<28} {:<10} {:<36} {:>3} {:<30} {}",
             crate::telemetry::logging::terminal_safe(&l.id),
             crate::telemetry::logging::terminal_safe(&l.tenant),
             crate::telemetry::logging::terminal_safe(&l.reason),
@@ -533,17 +580,16 @@ pub fn table(letters: &[DeadLetter], matching: usize) -> String {
     for l in letters {
         *by_reason.entry(l.reason.as_str()).or_default() += 1;
     }
-    if matching > letters.len() {
-        let _ = write!(
-            out,
-            "{} of {matching} matching dead letters shown (--limit)",
-            letters.len()
-        );
+    out.push_str(&counted(letters.len(), matching));
+    // The reasons of the rows above: when a limit cut the list, not of every match.
+    let mut separator = if matching > letters.len() {
+        "; shown by reason: "
     } else {
-        out.push_str(&count(letters.len()));
-    }
+        "; "
+    };
     for (reason, n) in by_reason {
-        let _ = write!(out, "; {reason}: {n}");
+        let _ = write!(out, "{separator}{reason}: {n}");
+        separator = "; ";
     }
     out
 }
@@ -763,9 +809,9 @@ mod tests {
         let two = [letter.clone(), letter];
         let cut = table(&two, 7);
         assert!(
-            cut.lines()
-                .last()
-                .is_some_and(|l| l.starts_with("2 of 7 matching dead letters shown (--limit)")),
+            cut.lines().last().is_some_and(
+                |l| l.starts_with("2 of 7 matching dead letters (--limit); shown by reason: ")
+            ),
             "{cut}"
         );
         assert!(

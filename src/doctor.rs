@@ -679,13 +679,24 @@ pub async fn probe_mapping(client: &SalesforceClient, mut nodes: Vec<Subrequest>
             let error = node.node_error();
             let (code, message) =
                 error.map_or_else(Default::default, |e| (e.error_code, e.message));
+            // A relation node is no record of the editor: say where it comes from.
+            let fix = if node
+                .reference_id
+                .starts_with(crate::plan::relations::NODE_PREFIX)
+            {
+                "this is an EventRelation that [relations] creates: with parent = \"first\" the \
+                 org needs Shared Activities (its IsParent field; the mapping check names it), \
+                 and relations follow the Event's permissions (Edit Events)"
+            } else {
+                "fix the field the message names (see the problems at that record), then test again"
+            };
             fail(
                 name,
                 format!(
                     "record {} was refused: {code}: {message}",
                     node.reference_id
                 ),
-                "fix the field the message names (see the problems at that record), then test again",
+                fix,
             )
         }
         None => fail(

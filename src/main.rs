@@ -279,7 +279,8 @@ async fn run_mapping(config: &Config, action: MappingAction) -> anyhow::Result<(
             }
             anyhow::ensure!(
                 problems == 0,
-                "{problems} mapping problems (a tenant not checked counts as one)"
+                "{problems} mapping problem{} (a tenant not checked counts as one)",
+                if problems == 1 { "" } else { "s" }
             );
             Ok(())
         }
@@ -361,9 +362,8 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             let listing = dlq.listing(&filter.filter()).await?;
             if json && listing.matching > listing.letters.len() {
                 eprintln!(
-                    "{} of {} matching dead letters listed (--limit)",
-                    listing.letters.len(),
-                    listing.matching
+                    "{} shown",
+                    dlq::counted(listing.letters.len(), listing.matching)
                 );
             }
             print(&listing.letters, listing.matching, json)
@@ -387,12 +387,12 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             dry_run,
             json,
         } => {
-            let letters = dlq.replay(&filter.filter(), dry_run).await?;
-            print(&letters, letters.len(), json)?;
+            let replayed = dlq.replay(&filter.filter(), dry_run).await?;
+            print(&replayed.letters, replayed.matching, json)?;
             eprintln!(
                 "{} {}",
                 if dry_run { "would replay" } else { "replayed" },
-                dlq::count(letters.len())
+                dlq::counted(replayed.letters.len(), replayed.matching)
             );
             Ok(())
         }
@@ -402,16 +402,20 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
                     "purging cannot be undone: add --yes (try `dlq list` with the same filters first)"
                 );
             }
-            let letters = dlq.purge(&filter.filter()).await?;
-            eprintln!("purged {}", dlq::count(letters.len()));
+            let purged = dlq.purge(&filter.filter()).await?;
+            eprintln!(
+                "purged {}",
+                dlq::counted(purged.letters.len(), purged.matching)
+            );
             Ok(())
         }
         DlqAction::Export { file, filter } => {
             use std::io::Write as _;
-            let letters = dlq.list(&filter.filter()).await?;
+            let listing = dlq.listing(&filter.filter()).await?;
+            let letters = &listing.letters;
             let written = || -> std::io::Result<()> {
                 let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
-                for letter in &letters {
+                for letter in letters {
                     serde_json::to_writer(&mut out, letter)?;
                     out.write_all(b"\n")?;
                 }
@@ -420,7 +424,7 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             written().with_context(|| format!("writing {}", file.display()))?;
             eprintln!(
                 "exported {} to {}",
-                dlq::count(letters.len()),
+                dlq::counted(letters.len(), listing.matching),
                 file.display()
             );
             Ok(())

@@ -240,6 +240,12 @@ async fn the_probe_tests_the_relations_a_first_write_creates() {
             .starts_with("record rel_lead_0 was refused: INVALID_FIELD: No such column 'IsParent'"),
         "{refused}"
     );
+    assert!(
+        refused["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("[relations]") && f.contains("Shared Activities")),
+        "{refused}"
+    );
     let on = env
         .post_json("/__emulator/org", json!({"shared_activities": true}))
         .await;

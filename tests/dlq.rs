@@ -85,7 +85,7 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
         table
             .lines()
             .last()
-            .is_some_and(|l| l.starts_with("1 of 3 matching dead letters shown (--limit)")),
+            .is_some_and(|l| l.starts_with("1 of 3 matching dead letters (--limit)")),
         "{table}"
     );
     let typo = dlq_cli(&["list", "--reason", "salesforce_invalid_feild"]);
@@ -93,6 +93,38 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     assert!(!typo.status.success());
     assert!(
         said.contains("not a reason code (did you mean salesforce_invalid_field?)"),
+        "{said}"
+    );
+    // Ids are checked against every match, not only the rows the limit keeps.
+    let both = dlq_cli(&[
+        "list",
+        "--limit",
+        "1",
+        "--id",
+        "evt_01JD6Q7M1V3S6",
+        "--id",
+        "evt_01JD7A1C9XW2E",
+    ]);
+    let table = String::from_utf8_lossy(&both.stdout);
+    assert!(both.status.success(), "{table}");
+    assert!(
+        table.contains("1 of 2 matching dead letters (--limit)"),
+        "{table}"
+    );
+    let excluded = dlq_cli(&[
+        "list",
+        "--id",
+        "evt_01JD6Q7M1V3S6",
+        "--reason",
+        "invalid_event",
+    ]);
+    let said = String::from_utf8_lossy(&excluded.stderr);
+    assert!(!excluded.status.success());
+    assert!(
+        said.contains(
+            "the other filters leave out the dead letters asked for by id: evt_01JD6Q7M1V3S6 \
+             (tenant acme, reason salesforce_invalid_field)"
+        ),
         "{said}"
     );
     let unknown = dlq_cli(&[
@@ -142,7 +174,7 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
         ..Filter::default()
     };
     assert_eq!(
-        dlq.replay(&by_reason, true).await.unwrap().len(),
+        dlq.replay(&by_reason, true).await.unwrap().letters.len(),
         2,
         "dry run"
     );
@@ -161,7 +193,10 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
     let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
         .await
         .unwrap();
-    assert_eq!(dlq.replay(&by_reason, false).await.unwrap().len(), 2);
+    assert_eq!(
+        dlq.replay(&by_reason, false).await.unwrap().letters.len(),
+        2
+    );
     dlq.close().await;
     env.wait_settled(5).await;
     assert_eq!(env.outcomes().get("written"), Some(&2));
@@ -181,7 +216,7 @@ async fn replay_after_granting_the_missing_permission_empties_the_dead_letters()
         })
         .await
         .unwrap();
-    assert_eq!(purged.len(), 1);
+    assert_eq!(purged.letters.len(), 1);
     dlq.close().await;
     let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
         .await
@@ -279,7 +314,7 @@ async fn a_broker_dead_letter_is_listed_with_its_ids_and_cause_and_replays() {
         )
         .await
         .unwrap();
-    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed.letters.len(), 1);
     dlq.close().await;
     env.wait_settled(1).await;
     assert_eq!(env.outcomes().get("written"), Some(&1));

@@ -308,6 +308,18 @@ async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
     )
     .await;
     assert_eq!(status, 422, "{refused}");
+    // An id gone meanwhile (replayed or purged by someone else) is named, not passed over.
+    let (status, gone) = post(
+        &http,
+        format!("{base}/admin/dead-letters/purge"),
+        json!({"ids": ["evt_gone_meanwhile"], "confirm": "purge 1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{gone}");
+    assert_eq!(
+        gone,
+        json!({"purged": [], "missing": ["evt_gone_meanwhile"]})
+    );
     let (_, blocked) = post(
         &http,
         format!("{base}/admin/dead-letters/replay"),

@@ -238,7 +238,7 @@ async fn replay(env: &TestEnv, reason: &str) {
         reason: Some(reason.into()),
         ..Filter::default()
     };
-    assert_eq!(dlq.replay(&filter, false).await.unwrap().len(), 1);
+    assert_eq!(dlq.replay(&filter, false).await.unwrap().letters.len(), 1);
     dlq.close().await;
 }
 

@@ -554,7 +554,7 @@ pub(crate) async fn replay(
         };
         let result = dlq.replay(&filter, false).await;
         dlq.close().await;
-        result?.into_iter().map(|l| l.id).collect()
+        result?.letters.into_iter().map(|l| l.id).collect()
     };
     unchecked.retain(|id| replayed.contains(id));
     Ok(ReplayAnswer {
@@ -583,17 +583,23 @@ impl PurgeRequest {
     }
 }
 
-/// Removes the chosen dead letters for good.
-pub(crate) async fn purge(source: &DlqSource, ids: Vec<String>) -> Result<Vec<String>, DlqError> {
+/// Removes the chosen dead letters for good: the ids purged, and those no dead letter had
+/// (gone meanwhile: replayed or purged by someone else).
+pub(crate) async fn purge(
+    source: &DlqSource,
+    ids: Vec<String>,
+) -> Result<(Vec<String>, Vec<String>), DlqError> {
     let dlq = source.open().await?;
     let result = dlq
         .purge(&Filter {
-            ids,
+            ids: ids.clone(),
             ..Filter::default()
         })
         .await;
     dlq.close().await;
-    Ok(result?.into_iter().map(|l| l.id).collect())
+    let purged: Vec<String> = result?.letters.into_iter().map(|l| l.id).collect();
+    let missing = ids.into_iter().filter(|id| !purged.contains(id)).collect();
+    Ok((purged, missing))
 }
 
 /// The CLI twin of a listing or action on `query`.

@@ -879,7 +879,9 @@ async fn dead_letter_purge(
         );
     }
     match dead_letters::purge(&state.dlq, request.ids).await {
-        Ok(purged) => axum::Json(json!({"purged": purged})).into_response(),
+        Ok((purged, missing)) => {
+            axum::Json(json!({"purged": purged, "missing": missing})).into_response()
+        }
         Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }

@@ -352,7 +352,9 @@ function setupDeadLetters() {
       const confirm = document.getElementById("purge-confirm").value;
       const { status, data } = await postJson("/admin/dead-letters/purge", { ids, confirm });
       if (status !== 200) { say(["Not purged: " + (data.error || status)], "bad"); return; }
-      say(["Purged " + data.purged.length + ": " + data.purged.join(", ")], "good");
+      const lines = ["Purged " + data.purged.length + ": " + data.purged.join(", ")];
+      if (data.missing.length) lines.push("Not found (gone meanwhile): " + data.missing.join(", "));
+      say(lines, data.missing.length ? "bad" : "good");
     });
   }
 }
