@@ -331,7 +331,19 @@ struct Fetched {
     matching: usize,
 }
 
-/// What [`Dlq::listing`] found.
+/// What a dead-letter id of a filter met in the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// No dead letter of that id.
+    Not,
+    /// One that matched every filter.
+    Matched,
+    /// Only ones the other filters leave out: the last, as it is named in the refusal.
+    Excluded(String),
+}
+
+/// The dead letters an operation found ([`Dlq::listing`]) or handled ([`Dlq::replay`],
+/// [`Dlq::purge`]).
 #[derive(Debug, Clone)]
 pub struct Listing {
     /// The dead letters matching the filter, at most its `limit`, in queue order.
@@ -379,12 +391,12 @@ impl Dlq {
             .await?;
         let mut chosen = Vec::new();
         let mut matching = 0;
-        // With `require_ids`: each id of the filter, with whether a letter of that id matched
-        // every filter, and otherwise what kept the last one out.
-        let mut named: Vec<(&str, Result<(), String>)> = filter
+        // Each id of the filter, with what became of the dead letters of that id (for
+        // `require_ids`).
+        let mut named: Vec<(&str, Seen)> = filter
             .ids
             .iter()
-            .map(|id| (id.as_str(), Err(String::new())))
+            .map(|id| (id.as_str(), Seen::Not))
             .collect();
         loop {
             let get = channel.basic_get(
@@ -404,14 +416,18 @@ impl Dlq {
             );
             let matched = filter.matches(&letter);
             if let Some((_, seen)) = named.iter_mut().find(|(id, _)| *id == letter.id)
-                && seen.is_err()
+                && *seen != Seen::Matched
             {
                 *seen = if matched {
-                    Ok(())
+                    Seen::Matched
                 } else {
-                    Err(format!(
+                    // A header's text, printed on a terminal.
+                    let safe = crate::telemetry::logging::terminal_safe;
+                    Seen::Excluded(format!(
                         "{} (tenant {}, reason {})",
-                        letter.id, letter.tenant, letter.reason
+                        safe(&letter.id),
+                        safe(&letter.tenant),
+                        safe(&letter.reason)
                     ))
                 };
             }
@@ -430,13 +446,15 @@ impl Dlq {
         if filter.require_ids {
             let missing: Vec<&str> = named
                 .iter()
-                .filter(|(_, seen)| seen.as_ref().is_err_and(String::is_empty))
+                .filter(|(_, seen)| *seen == Seen::Not)
                 .map(|(id, _)| *id)
                 .collect();
             let excluded: Vec<&str> = named
                 .iter()
-                .filter_map(|(_, seen)| seen.as_ref().err().filter(|e| !e.is_empty()))
-                .map(String::as_str)
+                .filter_map(|(_, seen)| match seen {
+                    Seen::Excluded(which) => Some(which.as_str()),
+                    Seen::Not | Seen::Matched => None,
+                })
                 .collect();
             let refused = if !missing.is_empty() {
                 Some(DlqError::NotFound(missing.join(", ")))
