@@ -553,6 +553,13 @@ pub async fn check_tenant(
     if tenant.described_sobjects().contains(&"EventRelation")
         && let Ok(Some(describe)) = caches.describe(client, "EventRelation").await
     {
+        // Off, `validate` names it with its fixes; on, say so, as the other org settings are.
+        if describe.field("IsParent").is_some() {
+            checks.push(pass(
+                "org setting Shared Activities",
+                "on: EventRelation has IsParent, which relations.parent = \"first\" writes",
+            ));
+        }
         describes.insert("EventRelation".to_owned(), describe);
     }
     for warning in crate::plan::org_settings::warnings(tenant, &describes) {

@@ -212,6 +212,10 @@ async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
             .any(|c| c.name.starts_with("version guard") && c.ok)
     );
     assert!(
+        report.to_string().contains("org setting Shared Activities"),
+        "{report}"
+    );
+    assert!(
         emulator_records(&emulator, "BookMe__Booking__c").await == 0,
         "the probe wrote nothing"
     );
