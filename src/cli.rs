@@ -221,42 +221,11 @@ impl FilterArgs {
     }
 }
 
-/// `--reason`: one of the reason codes a dead letter can carry ([`crate::outcome::Reason`]),
-/// so that a typo is an error instead of an empty list (or a purge of nothing).
+/// `--reason`: one of the reason codes a dead letter can carry
+/// ([`crate::outcome::Reason::check_label`]), so that a typo is an error instead of an empty
+/// list (or a purge of nothing).
 fn reason_code(value: &str) -> Result<String, String> {
-    if crate::outcome::Reason::parse(value).is_some() {
-        return Ok(value.to_owned());
-    }
-    let typed = value.trim().to_ascii_lowercase();
-    let labels: Vec<String> = crate::outcome::Reason::all()
-        .into_iter()
-        .map(crate::outcome::Reason::label)
-        .collect();
-    // What an operator types: a near miss, Salesforce's code as the message shows it
-    // (`INVALID_FIELD`), or a part of a label (`rejected`, `sharing_record`).
-    let mut close: Vec<&str> = labels
-        .iter()
-        .filter(|label| {
-            label.strip_prefix("salesforce_") == Some(typed.as_str())
-                || strsim::damerau_levenshtein(&typed, label) <= 2
-                || (typed.len() >= 5 && label.contains(&typed))
-        })
-        .map(String::as_str)
-        .collect();
-    close.sort_by_key(|label| (label.len(), *label));
-    close.truncate(5);
-    let hint = if !close.is_empty() {
-        format!(" (did you mean {}?)", close.join(", "))
-    } else if typed.starts_with("salesforce_") {
-        " (a Salesforce error code without a label of its own is dead-lettered as \
-         salesforce_other, with the code in its message)"
-            .to_owned()
-    } else {
-        String::new()
-    };
-    Err(format!(
-        "not a reason code{hint}; README's reason table lists them, e.g. invalid_event, mapping_error, salesforce_invalid_field, delivery_limit"
-    ))
+    crate::outcome::Reason::check_label(value).map(|()| value.to_owned())
 }
 
 #[cfg(feature = "dev-tools")]

@@ -248,6 +248,11 @@ async fn ops_find_why_fix_it_and_replay_exactly_what_now_succeeds() {
     env.finish().await;
 }
 
+/// The body of a GET, as text.
+async fn text(http: &reqwest::Client, url: String) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 #[tokio::test]
 async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
     let env = TestEnv::start_from_files("ops-api", OrgSpec::demo(), |_| {}).await;
@@ -273,6 +278,32 @@ async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
     );
     let none = get(&http, format!("{base}/admin/dead-letters?q=bk_other")).await;
     assert_eq!(none["letters"], json!([]));
+    // A reason that is no reason code matches nothing: named, with the codes it resembles,
+    // as `dlq --reason` does; the page says it above the filters.
+    let typo = http
+        .get(format!(
+            "{base}/admin/dead-letters?reason=salesforce_invalid_feild"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(typo.status(), 400);
+    let said = typo.text().await.unwrap();
+    assert!(
+        said.contains("reason: not a reason code (did you mean salesforce_invalid_field?)"),
+        "{said}"
+    );
+    let page = text(
+        &http,
+        format!("{base}/ui/dead-letters?reason=salesforce_invalid_feild"),
+    )
+    .await;
+    assert!(
+        page.contains("Nothing can match this filter:")
+            && page.contains("did you mean salesforce_invalid_field?")
+            && !page.contains("id=\"no-dead-letters\""),
+        "{page}"
+    );
 
     let shown = get(
         &http,
@@ -287,16 +318,11 @@ async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
     );
     assert_eq!(shown["headers"]["x-portals-sf-error-code"], "INVALID_FIELD");
 
-    let export = http
-        .get(format!(
-            "{base}/admin/dead-letters/export?ids=evt_01JD6Q7M1V3S6"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = text(
+        &http,
+        format!("{base}/admin/dead-letters/export?ids=evt_01JD6Q7M1V3S6"),
+    )
+    .await;
     assert_eq!(export.lines().count(), 1);
     let line: Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
     assert_eq!(line["booking_id"], "bk_7Q2M9");

@@ -68,6 +68,19 @@ fn some(value: &Option<String>) -> Option<&str> {
 }
 
 impl Query {
+    /// The filters a person typed that cannot match anything: a reason that is no reason code
+    /// ([`crate::outcome::Reason::check_label`]), named with the codes it resembles.
+    ///
+    /// # Errors
+    /// `reason: not a reason code …`.
+    pub fn check(&self) -> Result<(), String> {
+        match some(&self.reason) {
+            Some(reason) => crate::outcome::Reason::check_label(reason)
+                .map_err(|problem| format!("reason: {problem}")),
+            None => Ok(()),
+        }
+    }
+
     fn filter(&self) -> Filter {
         Filter {
             tenant: some(&self.tenant).map(str::to_owned),

@@ -774,6 +774,9 @@ async fn dead_letter_list(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
 ) -> Response {
+    if let Err(problem) = query.check() {
+        return error(StatusCode::BAD_REQUEST, problem);
+    }
     match dead_letters::matching(&state.dlq, &query).await {
         Ok(letters) => {
             let listing = dead_letters::listing(&state, &letters).await;
@@ -794,6 +797,9 @@ async fn dead_letter_export(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
 ) -> Response {
+    if let Err(problem) = query.check() {
+        return error(StatusCode::BAD_REQUEST, problem);
+    }
     match dead_letters::matching(&state.dlq, &query).await {
         Ok(letters) => {
             let mut out = String::new();

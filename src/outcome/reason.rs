@@ -200,6 +200,44 @@ impl Reason {
     pub fn parse(label: &str) -> Option<Self> {
         Self::all().into_iter().find(|r| r.label() == label)
     }
+
+    /// Whether `value`, typed by someone to filter dead letters (`dlq --reason`, the
+    /// console's filter), is a label; if not, the error says which labels it resembles: a near
+    /// miss, Salesforce's code as a message shows it (`INVALID_FIELD`), or a part of a label
+    /// (`rejected`, `sharing_record`).
+    ///
+    /// # Errors
+    /// `not a reason code (did you mean …?); …`, for people.
+    pub fn check_label(value: &str) -> Result<(), String> {
+        if Self::parse(value).is_some() {
+            return Ok(());
+        }
+        let typed = value.trim().to_ascii_lowercase();
+        let labels: Vec<String> = Self::all().into_iter().map(Self::label).collect();
+        let mut close: Vec<&str> = labels
+            .iter()
+            .filter(|label| {
+                label.strip_prefix("salesforce_") == Some(typed.as_str())
+                    || strsim::damerau_levenshtein(&typed, label) <= 2
+                    || (typed.len() >= 5 && label.contains(&typed))
+            })
+            .map(String::as_str)
+            .collect();
+        close.sort_by_key(|label| (label.len(), *label));
+        close.truncate(5);
+        let hint = if !close.is_empty() {
+            format!(" (did you mean {}?)", close.join(", "))
+        } else if typed.starts_with("salesforce_") {
+            " (a Salesforce error code without a label of its own is dead-lettered as \
+             salesforce_other, with the code in its message)"
+                .to_owned()
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "not a reason code{hint}; README's reason table lists them, e.g. invalid_event, mapping_error, salesforce_invalid_field, delivery_limit"
+        ))
+    }
 }
 
 impl fmt::Display for Reason {

@@ -258,12 +258,17 @@ async fn dead_letters_page(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
 ) -> Response {
-    let (listing, error) = match dead_letters::matching(&state.dlq, &query).await {
-        Ok(letters) => (
-            Some(dead_letters::listing(&state, &letters).await),
-            String::new(),
-        ),
-        Err(e) => (None, e.to_string()),
+    let filter_error = query.check().err().unwrap_or_default();
+    let (listing, error) = if !filter_error.is_empty() {
+        (None, String::new())
+    } else {
+        match dead_letters::matching(&state.dlq, &query).await {
+            Ok(letters) => (
+                Some(dead_letters::listing(&state, &letters).await),
+                String::new(),
+            ),
+            Err(e) => (None, e.to_string()),
+        }
     };
     let (groups, letters) = listing.map(|l| (l.groups, l.letters)).unwrap_or_default();
     let query_string = query.to_query_string();
@@ -280,7 +285,8 @@ async fn dead_letters_page(
         "dead_letters.html",
         context! {
             query => ser(&query), query_string, filtered, groups => ser(&groups), letters => ser(&letters),
-            cli_list => dead_letters::cli_twin("list", &query), error, logout => state.gate.needs_login()
+            cli_list => dead_letters::cli_twin("list", &query), error, filter_error,
+            logout => state.gate.needs_login()
         },
     )
 }
