@@ -508,15 +508,13 @@ pub const SYSTEM_FIELDS: &[(&str, &str, &str)] = &[
 impl OrgSpec {
     /// Parses an org file (TOML, or JSON when it starts with `{`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let spec: Self = if text.trim_start().starts_with('{') {
+        let mut spec: Self = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| e.to_string())?
         } else {
             toml::from_str(text).map_err(|e| e.to_string())?
         };
         spec.check()?;
-        let mut spec = spec;
-        let shared = spec.org.shared_activities;
-        spec.set_shared_activities(shared);
+        spec.set_shared_activities(spec.org.shared_activities);
         Ok(spec)
     }
 

@@ -15,6 +15,7 @@ use super::{Registry, Tenant};
 use crate::config::TenantConfig;
 use crate::enrich::Caches;
 use crate::plan::validate::{MappingProblem, validate};
+use crate::salesforce::model::SObjectDescribe;
 use crate::salesforce::{SalesforceClient, SalesforceError};
 
 /// Problems of `config`'s mapping against its org, as the integration user sees it. `Err` when
@@ -24,13 +25,7 @@ pub async fn check_against_org(
     config: &TenantConfig,
     client: &SalesforceClient,
 ) -> Result<Vec<MappingProblem>, SalesforceError> {
-    let mut describes = HashMap::new();
-    for sobject in config.described_sobjects() {
-        if let Some(describe) = caches.describe(client, sobject).await? {
-            describes.insert(sobject.to_owned(), describe);
-        }
-    }
-    Ok(validate(config, &describes))
+    Ok(validate(config, &describes(caches, config, client).await?))
 }
 
 /// What `config`'s data can meet in org settings the API does not report
@@ -40,13 +35,26 @@ pub async fn org_setting_warnings(
     config: &TenantConfig,
     client: &SalesforceClient,
 ) -> Result<Vec<crate::plan::org_settings::OrgSettingWarning>, SalesforceError> {
+    Ok(crate::plan::org_settings::warnings(
+        config,
+        &describes(caches, config, client).await?,
+    ))
+}
+
+/// The cached describes of the sObjects `config`'s mapping is checked against
+/// ([`TenantConfig::described_sobjects`]); an object the integration user cannot see is absent.
+async fn describes(
+    caches: &Caches,
+    config: &TenantConfig,
+    client: &SalesforceClient,
+) -> Result<HashMap<String, SObjectDescribe>, SalesforceError> {
     let mut describes = HashMap::new();
     for sobject in config.described_sobjects() {
         if let Some(describe) = caches.describe(client, sobject).await? {
             describes.insert(sobject.to_owned(), describe);
         }
     }
-    Ok(crate::plan::org_settings::warnings(config, &describes))
+    Ok(describes)
 }
 
 /// Checks every tenant at start and then every `every` (none: once), until `cancel`. A start
