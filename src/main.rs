@@ -373,13 +373,22 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
                 ids: vec![id.clone()],
                 ..dlq::Filter::default()
             };
-            let letter = dlq
-                .list(&filter)
-                .await?
-                .into_iter()
-                .next()
-                .ok_or(dlq::DlqError::NotFound(id))?;
-            println!("{}", serde_json::to_string_pretty(&letter)?);
+            let letters = dlq.list(&filter).await?;
+            if letters.is_empty() {
+                return Err(dlq::DlqError::NotFound(id).into());
+            }
+            // The same event dead-lettered twice (a duplicate publish, a replay that failed
+            // again) is two letters with one id: each is shown, as a stream of JSON objects.
+            if letters.len() > 1 {
+                eprintln!(
+                    "{} dead letters have id {}; each is shown",
+                    letters.len(),
+                    portals_crm::telemetry::logging::terminal_safe(&id)
+                );
+            }
+            for letter in letters {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+            }
             Ok(())
         }
         DlqAction::Replay {

@@ -369,3 +369,44 @@ async fn a_dead_letter_over_the_frame_is_reported_not_waited_for() {
     }
     env.finish().await;
 }
+
+/// The same event dead-lettered twice is two letters with one id: `dlq show` shows each, as a
+/// stream of JSON objects, and says on stderr that there are two.
+#[tokio::test]
+async fn show_shows_every_dead_letter_with_the_id() {
+    let env = TestEnv::start("dlqshow").await;
+    env.publish("meeting.booked", b"not an event").await;
+    env.publish("meeting.booked", b"not an event").await;
+    env.wait_settled(2).await;
+    let dlq = Dlq::open(&env.config.amqp.url, env.topology.clone())
+        .await
+        .unwrap();
+    let all = dlq.list(&Filter::default()).await.unwrap();
+    dlq.close().await;
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert_eq!(all[0].id, all[1].id, "one body, one id");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_portals-crm"))
+        .args(["dlq", "show", &all[0].id])
+        .envs(env.binary_env())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("2 dead letters have id {}", all[0].id)),
+        "{said}"
+    );
+    let shown: Vec<Value> = serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(shown.len(), 2);
+    assert!(
+        shown
+            .iter()
+            .all(|l| l["id"] == all[0].id.as_str() && l["reason"] == "invalid_event"),
+        "{shown:#?}"
+    );
+    env.finish().await;
+}

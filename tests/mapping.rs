@@ -229,6 +229,12 @@ async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
             && text.contains("fix: grant Edit on Lead.Phone"),
         "{text}"
     );
+    // The sharing probe writes through the mapping: not run, and said so, not dropped.
+    assert!(
+        text.contains("[skip] record sharing (records owned by other users): not run")
+            && text.ends_with(" to fix, 1 not run"),
+        "{text}"
+    );
     emulator.stop().await;
 
     let mut org = OrgSpec::demo();

@@ -317,6 +317,7 @@ async fn the_json_twins_list_show_and_refuse_a_purge_without_confirmation() {
             .contains("j***@globex.example")
     );
     assert_eq!(shown["headers"]["x-portals-sf-error-code"], "INVALID_FIELD");
+    assert_eq!(shown["with_id"], 1, "{shown}");
 
     let export = text(
         &http,
@@ -727,5 +728,35 @@ async fn a_refused_sign_in_is_tried_again_before_a_replay_and_unknown_causes_say
         "looking consumed nothing"
     );
     env.integration_user_active(true).await;
+    env.finish().await;
+}
+
+/// The same event dead-lettered twice: the detail says how many dead letters share its id,
+/// and its page says that a replay acts on all of them and links to their list.
+#[tokio::test]
+async fn a_detail_says_how_many_dead_letters_share_its_id() {
+    let env = TestEnv::start("ops-same-id").await;
+    let headers = [
+        ("x-portals-reason", "invalid_event"),
+        ("x-portals-message", "data.version: missing field"),
+        ("x-portals-tenant", "acme"),
+        ("x-portals-event-id", "evt_twice"),
+    ];
+    plant_dead_letter(&env, &headers, b"{\"id\":\"evt_twice\"}").await;
+    plant_dead_letter(&env, &headers, b"{\"id\":\"evt_twice\"}").await;
+    wait_dead_letters(&env, 2).await;
+    let shown = env.admin_get("/admin/dead-letters/evt_twice").await;
+    assert_eq!(shown["with_id"], 2, "{shown}");
+    let page = text(
+        &reqwest::Client::new(),
+        format!("{}/ui/dead-letters/evt_twice", env.http_url()),
+    )
+    .await;
+    assert!(
+        page.contains("2 dead letters have this id")
+            && page.contains("replaying it replays all 2")
+            && page.contains("href=\"/ui/dead-letters?ids=evt_twice\""),
+        "{page}"
+    );
     env.finish().await;
 }

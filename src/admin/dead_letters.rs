@@ -425,6 +425,10 @@ pub struct Detail {
     pub revealed: bool,
     /// Its group's cause, re-checked now.
     pub cause: Cause,
+    /// How many dead letters have this id: more than one when the same event was
+    /// dead-lettered again (a duplicate publish, a replay that failed again). The detail is the
+    /// first's; a replay or purge by id acts on all of them.
+    pub with_id: usize,
 }
 
 /// One dead letter by id, in full.
@@ -438,8 +442,9 @@ pub(crate) async fn detail(
         ids: Some(id.to_owned()),
         ..Query::default()
     };
-    let letter = matching(source, &query)
-        .await?
+    let all = matching(source, &query).await?;
+    let with_id = all.len();
+    let letter = all
         .into_iter()
         .next()
         .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
@@ -471,6 +476,7 @@ pub(crate) async fn detail(
         body: body_for_people(&letter.body, reveal),
         revealed: reveal,
         cause,
+        with_id,
     })
 }
 

@@ -652,6 +652,7 @@ async fn probe(
         Err(e) => Check {
             name: "test against the org".into(),
             ok: false,
+            skipped: false,
             detail: e.to_string(),
             fix: Some(format!("fix record {}, field {}", e.record, e.field)),
         },
