@@ -732,31 +732,100 @@ async fn a_refused_sign_in_is_tried_again_before_a_replay_and_unknown_causes_say
 }
 
 /// The same event dead-lettered twice: the detail says how many dead letters share its id,
-/// and its page says that a replay acts on all of them and links to their list.
+/// and its page says that a replay acts on all of them and links to their list. A CloudEvents
+/// id may be any string: the detail and the replay compare it whole, never as the list
+/// filter's comma-separated `ids` (which would also take the letter `v2` here), and the page's
+/// "Script this" command, copied into a shell, shows exactly these two.
 #[tokio::test]
 async fn a_detail_says_how_many_dead_letters_share_its_id() {
+    const ID: &str = "evt twice,$(echo v2)";
+    const IN_PATH: &str = "evt%20twice%2C%24%28echo%20v2%29";
     let env = TestEnv::start("ops-same-id").await;
-    let headers = [
-        ("x-portals-reason", "invalid_event"),
-        ("x-portals-message", "data.version: missing field"),
-        ("x-portals-tenant", "acme"),
-        ("x-portals-event-id", "evt_twice"),
-    ];
-    plant_dead_letter(&env, &headers, b"{\"id\":\"evt_twice\"}").await;
-    plant_dead_letter(&env, &headers, b"{\"id\":\"evt_twice\"}").await;
-    wait_dead_letters(&env, 2).await;
-    let shown = env.admin_get("/admin/dead-letters/evt_twice").await;
+    let planted = |id: &'static str| {
+        let headers = [
+            ("x-portals-reason", "invalid_event"),
+            ("x-portals-message", "data.version: missing field"),
+            ("x-portals-tenant", "acme"),
+            ("x-portals-event-id", id),
+        ];
+        let body = json!({ "id": id }).to_string();
+        let env = &env;
+        async move { plant_dead_letter(env, &headers, body.as_bytes()).await }
+    };
+    planted(ID).await;
+    planted(ID).await;
+    planted("v2").await;
+    wait_dead_letters(&env, 3).await;
+    let shown = env
+        .admin_get(&format!("/admin/dead-letters/{IN_PATH}"))
+        .await;
     assert_eq!(shown["with_id"], 2, "{shown}");
+    assert_eq!(shown["summary"]["id"], ID, "{shown}");
+
+    let http = reqwest::Client::new();
     let page = text(
-        &reqwest::Client::new(),
-        format!("{}/ui/dead-letters/evt_twice", env.http_url()),
+        &http,
+        format!("{}/ui/dead-letters/{IN_PATH}", env.http_url()),
     )
     .await;
     assert!(
-        page.contains("2 dead letters have this id")
-            && page.contains("replaying it replays all 2")
-            && page.contains("href=\"/ui/dead-letters?ids=evt_twice\""),
+        page.contains("2 dead letters have this id") && page.contains("replaying it replays all 2"),
         "{page}"
     );
+    // The banner's link lists the two (its JSON twin, with the same query string).
+    let link = page
+        .split("href=\"/ui/dead-letters?")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("{page}"))
+        .replace("&amp;", "&");
+    let listed = get(
+        &http,
+        format!("{}/admin/dead-letters?{link}", env.http_url()),
+    )
+    .await;
+    assert_eq!(
+        listed["letters"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    // "Script this", pasted into a shell: the id is one argument, nothing of it runs.
+    let unescaped = page
+        .replace("&#x27;", "'")
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    let command = unescaped
+        .lines()
+        .find_map(|line| line.strip_prefix("<pre>portals-crm dlq show "))
+        .unwrap_or_else(|| panic!("{page}"));
+    let output = std::process::Command::new("sh")
+        .args(["-c", &format!("\"$PORTALS_CRM\" dlq show {command}")])
+        .env("PORTALS_CRM", env!("CARGO_BIN_EXE_portals-crm"))
+        .envs(env.binary_env())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{command}: {said}");
+    let letters: Vec<Value> = serde_json::Deserializer::from_slice(&output.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{command}: {said}");
+    assert!(letters.iter().all(|l| l["id"] == ID), "{letters:#?}");
+
+    let (status, replayed) = env
+        .admin_post("/admin/dead-letters/replay", json!({"ids": [ID]}))
+        .await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(
+        replayed["replayed"],
+        json!([ID, ID]),
+        "both, and not v2: {replayed}"
+    );
+    // Replayed, the two bodies are no events and come back; `v2` never left.
+    env.wait_settled(2).await;
+    wait_dead_letters(&env, 3).await;
     env.finish().await;
 }

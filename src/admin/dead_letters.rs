@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::causes::{self, Cause, CauseState};
 use super::superseded::{self, VersionTarget};
+use super::twin::shell_word;
 use super::{AdminState, ProblemView};
 use crate::amqp::Topology;
 use crate::dlq::{DeadLetter, Dlq, DlqError, Filter};
@@ -256,6 +257,30 @@ pub(crate) async fn matching(
     Ok(listed?.into_iter().filter(|l| query.matches(l)).collect())
 }
 
+/// The dead letters whose id is one of `ids`, each compared whole, of `tenant` when given.
+/// Not through [`Query::ids`]: that is what a person types in a URL, split at commas, and a
+/// CloudEvents `id` is any non-empty string, commas and spaces included
+/// (<https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md#id>).
+///
+/// # Errors
+/// [`DlqError`] when the dead-letter queue cannot be read.
+pub(crate) async fn with_ids(
+    source: &DlqSource,
+    tenant: Option<&str>,
+    ids: &[String],
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let dlq = source.open().await?;
+    let listed = dlq
+        .list(&Filter {
+            tenant: tenant.map(str::to_owned),
+            ids: ids.to_vec(),
+            ..Filter::default()
+        })
+        .await;
+    dlq.close().await;
+    listed
+}
+
 /// How many of a tenant's dead letters the mapping editor offers as preview events.
 pub const RECENT: usize = 20;
 
@@ -438,11 +463,7 @@ pub(crate) async fn detail(
     id: &str,
     reveal: bool,
 ) -> Result<Detail, DlqError> {
-    let query = Query {
-        ids: Some(id.to_owned()),
-        ..Query::default()
-    };
-    let all = matching(source, &query).await?;
+    let all = with_ids(source, None, &[id.to_owned()]).await?;
     let with_id = all.len();
     let letter = all
         .into_iter()
@@ -523,14 +544,10 @@ pub(crate) async fn replay(
     source: &DlqSource,
     request: &ReplayRequest,
 ) -> Result<ReplayAnswer, DlqError> {
-    let query = Query {
-        ids: Some(request.ids.join(",")),
-        ..Query::default()
-    };
     let letters = if request.ids.is_empty() {
         Vec::new()
     } else {
-        matching(source, &query).await?
+        with_ids(source, None, &request.ids).await?
     };
     let listing = listing(state, &letters).await;
     let mut blocked = Vec::new();
@@ -625,17 +642,19 @@ pub(crate) async fn purge(
 pub fn cli_twin(verb: &str, query: &Query) -> String {
     let mut out = format!("portals-crm dlq {verb}");
     if let Some(tenant) = some(&query.tenant) {
-        out.push_str(&format!(" --tenant {tenant}"));
+        out.push_str(&format!(" --tenant {}", shell_word(tenant)));
     }
     if let Some(reason) = some(&query.reason) {
-        out.push_str(&format!(" --reason {reason}"));
+        out.push_str(&format!(" --reason {}", shell_word(reason)));
     }
     for id in query.id_list() {
-        out.push_str(&format!(" --id {id}"));
+        out.push_str(&format!(" --id {}", shell_word(&id)));
     }
     if let Some(q) = some(&query.q) {
+        // `--arg`: jq takes the value as a string, never as part of its program.
         out.push_str(&format!(
-            " --json | jq '.[] | select(.id == \"{q}\" or .booking_id == \"{q}\")'"
+            " --json | jq --arg q {} '.[] | select(.id == $q or .booking_id == $q)'",
+            shell_word(q)
         ));
     }
     out
@@ -644,6 +663,21 @@ pub fn cli_twin(verb: &str, query: &Query) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cli_twin_quotes_each_value_as_one_shell_word() {
+        let query = Query {
+            tenant: Some("acme".into()),
+            ids: Some("evt_1, it's $(id)".into()),
+            q: Some("bk_1\" or true".into()),
+            ..Query::default()
+        };
+        assert_eq!(
+            cli_twin("list", &query),
+            "portals-crm dlq list --tenant acme --id evt_1 --id \"it's \"'$(id)' \
+             --json | jq --arg q 'bk_1\" or true' '.[] | select(.id == $q or .booking_id == $q)'"
+        );
+    }
 
     fn letter(message: &str, fields: Option<&str>) -> DeadLetter {
         DeadLetter {

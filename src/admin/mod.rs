@@ -12,6 +12,7 @@ pub mod dead_letters;
 pub mod health;
 pub mod mapping_file;
 pub mod superseded;
+pub mod twin;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -570,12 +571,7 @@ async fn chosen_event(
             .map_err(|e| Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("{what}: {e}")))
     };
     if let Some(id) = body.dead_letter.as_deref().filter(|id| !id.is_empty()) {
-        let query = dead_letters::Query {
-            tenant: Some(tenant.to_owned()),
-            ids: Some(id.to_owned()),
-            ..dead_letters::Query::default()
-        };
-        let letter = dead_letters::matching(&state.dlq, &query)
+        let letter = dead_letters::with_ids(&state.dlq, Some(tenant), &[id.to_owned()])
             .await
             .map_err(|e| Refusal(StatusCode::BAD_GATEWAY, e.to_string()))?
             .into_iter()

@@ -32,6 +32,8 @@ static PAGES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         }
     });
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    // "Script this": a value in a command is one shell word (`{{ id | sh }}`), see `twin`.
+    env.add_filter("sh", |value: &str| super::twin::shell_word(value));
     for (name, source) in [
         ("base.html", include_str!("templates/base.html")),
         ("login.html", include_str!("templates/login.html")),
