@@ -789,6 +789,14 @@ async fn a_detail_says_how_many_dead_letters_share_its_id() {
         Some(2),
         "{listed}"
     );
+    // The export of a selection sends one `id=` each (the console's script does): whole.
+    let export = text(
+        &http,
+        format!("{}/admin/dead-letters/export?id={IN_PATH}", env.http_url()),
+    )
+    .await;
+    assert_eq!(export.lines().count(), 2, "{export}");
+    assert!(!export.contains("\"id\":\"v2\""), "{export}");
     // "Script this", pasted into a shell: the id is one argument, nothing of it runs.
     let unescaped = page
         .replace("&#x27;", "'")

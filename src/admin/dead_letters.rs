@@ -41,7 +41,8 @@ impl DlqSource {
 
 /// Which dead letters a page or route shows: `tenant` and `reason` exactly, `since`/`until`
 /// against the last failure (UTC, ISO 8601, compared as text so a prefix such as `2026-11-30T07`
-/// works), `q` a booking id or event id (exact), `ids` a comma-separated selection.
+/// works), `q` a booking id or event id (exact), `ids` a comma-separated selection, `id` one id
+/// whole (repeated for several: an event id may hold a comma).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct Query {
     /// Only this tenant.
@@ -62,6 +63,10 @@ pub struct Query {
     /// Comma-separated dead-letter ids.
     #[serde(default)]
     pub ids: Option<String>,
+    /// Dead-letter ids, each whole: the URL's `id=` pairs, read by [`Query::with_id_pairs`]
+    /// (serde's form decoding takes no repeated key).
+    #[serde(skip)]
+    pub id: Vec<String>,
 }
 
 fn some(value: &Option<String>) -> Option<&str> {
@@ -82,11 +87,22 @@ impl Query {
         }
     }
 
+    /// With each `id=` of the URL's query string `raw` in [`Query::id`]. The console's export
+    /// of a selection sends its ids so, since a CloudEvents `id` may hold the comma that `ids`
+    /// splits at (<https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md#id>).
+    pub fn with_id_pairs(mut self, raw: Option<&str>) -> Self {
+        self.id = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .filter(|(name, value)| name == "id" && !value.is_empty())
+            .map(|(_, value)| value.into_owned())
+            .collect();
+        self
+    }
+
     fn filter(&self) -> Filter {
         Filter {
             tenant: some(&self.tenant).map(str::to_owned),
             reason: some(&self.reason).map(str::to_owned),
-            ids: self.id_list(),
+            ids: self.id_list().into_iter().chain(self.id.clone()).collect(),
             limit: None,
             // The console reports an id gone meanwhile next to what it did with the others.
             require_ids: false,
@@ -119,6 +135,9 @@ impl Query {
             if let Some(value) = some(value) {
                 out.append_pair(name, value);
             }
+        }
+        for id in &self.id {
+            out.append_pair("id", id);
         }
         out.finish()
     }
@@ -647,8 +666,8 @@ pub fn cli_twin(verb: &str, query: &Query) -> String {
     if let Some(reason) = some(&query.reason) {
         out.push_str(&format!(" --reason {}", shell_word(reason)));
     }
-    for id in query.id_list() {
-        out.push_str(&format!(" --id {}", shell_word(&id)));
+    for id in query.id_list().iter().chain(&query.id) {
+        out.push_str(&format!(" --id {}", shell_word(id)));
     }
     if let Some(q) = some(&query.q) {
         // `--arg`: jq takes the value as a string, never as part of its program.
@@ -663,6 +682,25 @@ pub fn cli_twin(verb: &str, query: &Query) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_pair_is_one_id_whole_and_goes_into_every_twin() {
+        let query = Query {
+            ids: Some("evt_1,evt_2".into()),
+            ..Query::default()
+        }
+        .with_id_pairs(Some("ids=evt_1%2Cevt_2&id=evt+3%2Cv2&id=&id=evt_4"));
+        assert_eq!(query.id, ["evt 3,v2", "evt_4"]);
+        assert_eq!(query.filter().ids, ["evt_1", "evt_2", "evt 3,v2", "evt_4"]);
+        assert_eq!(
+            query.to_query_string(),
+            "ids=evt_1%2Cevt_2&id=evt+3%2Cv2&id=evt_4"
+        );
+        assert_eq!(
+            cli_twin("list", &query),
+            "portals-crm dlq list --id evt_1 --id evt_2 --id 'evt 3,v2' --id evt_4"
+        );
+    }
 
     #[test]
     fn the_cli_twin_quotes_each_value_as_one_shell_word() {

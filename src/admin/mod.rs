@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -770,7 +770,9 @@ async fn reload(State(state): State<AdminState>) -> Response {
 async fn dead_letter_list(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = query.with_id_pairs(raw.as_deref());
     if let Err(problem) = query.check() {
         return error(StatusCode::BAD_REQUEST, problem);
     }
@@ -793,7 +795,9 @@ async fn dead_letter_list(
 async fn dead_letter_export(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = query.with_id_pairs(raw.as_deref());
     if let Err(problem) = query.check() {
         return error(StatusCode::BAD_REQUEST, problem);
     }

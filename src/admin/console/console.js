@@ -340,7 +340,8 @@ function setupDeadLetters() {
     exportSelected.addEventListener("click", () => {
       const ids = selected();
       if (ids.length === 0) { say(["Select dead letters first."], "bad"); return; }
-      window.location.assign("/admin/dead-letters/export?ids=" + encodeURIComponent(ids.join(",")));
+      // One id= each, whole: an event id may hold the comma that ids= splits at.
+      window.location.assign("/admin/dead-letters/export?" + ids.map((id) => "id=" + encodeURIComponent(id)).join("&"));
     });
   }
 

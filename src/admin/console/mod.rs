@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use axum::Form;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -259,7 +259,9 @@ async fn checks_page(State(state): State<AdminState>, Path(tenant): Path<String>
 async fn dead_letters_page(
     State(state): State<AdminState>,
     Query(query): Query<dead_letters::Query>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
+    let query = query.with_id_pairs(raw.as_deref());
     let filter_error = query.check().err().unwrap_or_default();
     let (listing, error) = if !filter_error.is_empty() {
         (None, String::new())
