@@ -157,6 +157,7 @@ pub enum DlqAction {
     /// Show one dead letter whole: headers and body.
     Show {
         /// Its id (first column of `dlq list`).
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
     /// Publish dead letters back to the work queue (attempts reset); each is removed only after
@@ -201,7 +202,7 @@ pub struct FilterArgs {
     #[arg(long, value_parser = reason_code)]
     pub reason: Option<String>,
     /// Only these ids (repeatable).
-    #[arg(long = "id")]
+    #[arg(long = "id", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub ids: Vec<String>,
     /// At most this many.
     #[arg(long)]

@@ -420,6 +420,7 @@ pub async fn run(
     };
     println!("Salesforce emulator: {}", emulator.base_url);
     println!("metrics:             http://{}/metrics", service.http_addr);
+    println!("console:             http://{}/ui", service.http_addr);
     println!("work queue:          {}", topology.work_queue);
     let messages = scenario(events, &run_id, rand::random());
     let started = Instant::now();

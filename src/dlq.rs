@@ -444,10 +444,11 @@ impl Dlq {
             matching,
         };
         if filter.require_ids {
-            let missing: Vec<&str> = named
+            // Printed on a terminal: an id is any string, control characters included.
+            let missing: Vec<std::borrow::Cow<str>> = named
                 .iter()
                 .filter(|(_, seen)| *seen == Seen::Not)
-                .map(|(id, _)| *id)
+                .map(|(id, _)| crate::telemetry::logging::terminal_safe(id))
                 .collect();
             let excluded: Vec<&str> = named
                 .iter()

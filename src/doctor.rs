@@ -96,7 +96,12 @@ impl fmt::Display for Report {
         }
         let misses = self.checks.iter().filter(|c| !c.ok && !c.skipped).count();
         let skipped = self.checks.iter().filter(|c| c.skipped).count();
-        write!(f, "  {} checks, {misses} to fix", self.checks.len())?;
+        let n = self.checks.len();
+        write!(
+            f,
+            "  {n} check{}, {misses} to fix",
+            if n == 1 { "" } else { "s" }
+        )?;
         if skipped > 0 {
             write!(f, ", {skipped} not run")?;
         }
@@ -305,6 +310,17 @@ async fn duplicate_rules(tenant: &TenantConfig, client: &SalesforceClient) -> Ve
         .collect()
 }
 
+/// One line for the checks a failed first check leaves out (objects, mapping, version guard,
+/// duplicate rules, sharing, quota): each needs `what`.
+fn the_rest_not_run(what: &str) -> Check {
+    skip(
+        "the other checks",
+        format!(
+            "objects, mapping, version guard, duplicate rules, record sharing and API quota each need {what}"
+        ),
+    )
+}
+
 /// The name of the record-sharing check, run or skipped.
 const SHARING: &str = "record sharing (records owned by other users)";
 
@@ -486,6 +502,7 @@ pub async fn check_tenant(
                 None => error.to_string(),
             };
             checks.push(fail("sign-in", detail, token_fix(&error)));
+            checks.push(the_rest_not_run("a session, and the sign-in failed"));
             return Report {
                 tenant: tenant.tenant.clone(),
                 checks,
@@ -516,6 +533,7 @@ pub async fn check_tenant(
             checks.push(fail("API version", error.to_string(), fix));
             // Every other check would fail with the same 404.
             if stop {
+                checks.push(the_rest_not_run("an API version the org offers"));
                 return Report {
                     tenant: tenant.tenant.clone(),
                     checks,
@@ -537,6 +555,7 @@ pub async fn check_tenant(
                 error.to_string(),
                 "enable \"API Enabled\" for the integration user (permission set or profile)",
             ));
+            checks.push(the_rest_not_run("API access"));
             return Report {
                 tenant: tenant.tenant.clone(),
                 checks,
@@ -625,7 +644,7 @@ pub async fn check_tenant(
         // The probe writes through the mapping; with a mapping miss it would only repeat it.
         checks.push(skip(
             SHARING,
-            "not run: its probe writes through the mapping, which has the misses above",
+            "its probe writes through the mapping, which has a miss above",
         ));
     }
     match client.limits().await {

@@ -375,7 +375,8 @@ async fn run_dlq(dlq: &Dlq, action: DlqAction) -> anyhow::Result<()> {
             };
             let letters = dlq.list(&filter).await?;
             if letters.is_empty() {
-                return Err(dlq::DlqError::NotFound(id).into());
+                let shown = portals_crm::telemetry::logging::terminal_safe(&id).into_owned();
+                return Err(dlq::DlqError::NotFound(shown).into());
             }
             // The same event dead-lettered twice (a duplicate publish, a replay that failed
             // again) is two letters with one id: each is shown, as a stream of JSON objects.

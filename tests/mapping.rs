@@ -231,7 +231,7 @@ async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
     );
     // The sharing probe writes through the mapping: not run, and said so, not dropped.
     assert!(
-        text.contains("[skip] record sharing (records owned by other users): not run")
+        text.contains("[skip] record sharing (records owned by other users): its probe writes")
             && text.ends_with(" to fix, 1 not run"),
         "{text}"
     );
@@ -274,7 +274,15 @@ async fn doctor_passes_a_ready_tenant_and_names_every_miss_with_its_fix() {
     };
     let (loaded, caches, _) = load(wrong);
     let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
-    assert!(!report.ok() && report.checks.len() == 1, "{report}");
+    // The sign-in failed: the other checks are said not to run, in one line.
+    assert!(!report.ok() && report.checks.len() == 2, "{report}");
+    assert!(
+        report.checks[1].skipped
+            && report
+                .to_string()
+                .ends_with("2 checks, 1 to fix, 1 not run"),
+        "{report}"
+    );
     assert!(
         report.checks[0]
             .fix
@@ -345,7 +353,11 @@ async fn doctor_names_the_fix_for_a_sign_in_from_outside_the_login_ip_ranges() {
     let (loaded, caches, _) = load(acme(&emulator));
     let report = check_tenant(&loaded.config, &loaded.client, &caches).await;
     let text = report.to_string();
-    assert!(!report.ok() && report.checks.len() == 1, "{text}");
+    assert!(!report.ok() && report.checks.len() == 2, "{text}");
+    assert!(
+        text.contains("[skip] the other checks: objects, mapping, version guard"),
+        "{text}"
+    );
     assert!(
         text.contains("[MISS] sign-in: Salesforce refused the sign-in (salesforce_auth_invalid_grant): IP restricted or invalid login hours")
             && text.contains("fix: add BookMe's egress IP addresses to the Login IP Ranges of the integration user's profile, or set the connected app's IP Relaxation to \"Relax IP restrictions\""),
@@ -393,6 +405,10 @@ async fn an_api_version_the_org_does_not_offer_is_named_not_read_as_missing_obje
         Some("set org.api_version in the tenant file to a version the org offers, e.g. \"67.0\"")
     );
     assert!(!text.contains("not visible"), "{text}");
+    assert!(
+        text.contains("each need an API version the org offers"),
+        "{text}"
+    );
 
     let checked =
         portals_crm::tenants::check_against_org(&caches, &unknown.config, &unknown.client).await;

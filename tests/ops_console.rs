@@ -769,7 +769,8 @@ async fn a_detail_says_how_many_dead_letters_share_its_id() {
     )
     .await;
     assert!(
-        page.contains("2 dead letters have this id") && page.contains("replaying it replays all 2"),
+        page.contains("2 dead letters have this id")
+            && page.contains("A replay of this id replays all 2"),
         "{page}"
     );
     // The banner's link lists the two (its JSON twin, with the same query string).
@@ -835,5 +836,66 @@ async fn a_detail_says_how_many_dead_letters_share_its_id() {
     // Replayed, the two bodies are no events and come back; `v2` never left.
     env.wait_settled(2).await;
     wait_dead_letters(&env, 3).await;
+
+    // Two letters of one id whose causes differ: the one still there (Lead.Phone not
+    // editable) holds back a replay of the id, the other included, and the detail shows it.
+    phone_access(&env, "none").await;
+    env.publish("meeting.booked", &sample("booked")).await;
+    env.wait_settled(3).await;
+    wait_dead_letters(&env, 4).await;
+    let headers = [
+        ("x-portals-reason", "invalid_event"),
+        ("x-portals-message", "data.version: missing field"),
+        ("x-portals-tenant", "acme"),
+        ("x-portals-event-id", "evt_01JD6Q7M1V3S6"),
+    ];
+    plant_dead_letter(&env, &headers, b"{}").await;
+    wait_dead_letters(&env, 5).await;
+    let shown = env.admin_get("/admin/dead-letters/evt_01JD6Q7M1V3S6").await;
+    assert_eq!(shown["with_id"], 2, "{shown}");
+    assert_eq!(shown["cause"]["state"], "still_there", "{shown}");
+    assert_eq!(shown["with_id_groups"].as_array().map(Vec::len), Some(2));
+    let (status, replayed) = env
+        .admin_post(
+            "/admin/dead-letters/replay",
+            json!({"ids": ["evt_01JD6Q7M1V3S6"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["replayed"], json!([]), "{replayed}");
+    assert_eq!(
+        replayed["blocked"][0]["id"], "evt_01JD6Q7M1V3S6",
+        "{replayed}"
+    );
+    assert_eq!(dead_letters(&env).await.len(), 5, "nothing left the queue");
+
+    // On the list the two go together: ticking one ticks the other.
+    if let Some(browser) = Browser::start("ops_same_id").await {
+        browser
+            .client
+            .goto(&format!(
+                "{}/ui/dead-letters?id=evt_01JD6Q7M1V3S6",
+                env.http_url()
+            ))
+            .await
+            .unwrap();
+        browser
+            .wait_text(
+                "#chosen-ids",
+                "Only the dead letters with id evt_01JD6Q7M1V3S6",
+            )
+            .await;
+        browser.click("input[name=pick]").await;
+        let ticked = browser
+            .client
+            .execute(
+                "return Array.from(document.querySelectorAll('input[name=pick]')).map(b => b.checked)",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ticked, json!([true, true]));
+        browser.close().await;
+    }
     env.finish().await;
 }

@@ -102,11 +102,18 @@ impl Query {
         Filter {
             tenant: some(&self.tenant).map(str::to_owned),
             reason: some(&self.reason).map(str::to_owned),
-            ids: self.id_list().into_iter().chain(self.id.clone()).collect(),
+            ids: self.chosen_ids(),
             limit: None,
             // The console reports an id gone meanwhile next to what it did with the others.
             require_ids: false,
         }
+    }
+
+    /// The ids chosen: those of `ids`, split at commas, then each of `id`.
+    pub fn chosen_ids(&self) -> Vec<String> {
+        let mut ids = self.id_list();
+        ids.extend(self.id.iter().cloned());
+        ids
     }
 
     fn id_list(&self) -> Vec<String> {
@@ -467,12 +474,15 @@ pub struct Detail {
     pub body: String,
     /// Whether the body is shown unmasked.
     pub revealed: bool,
-    /// Its group's cause, re-checked now.
+    /// The cause re-checked now: of the letters with this id, that of a group whose cause is
+    /// still there (it holds back a replay by this id), else the shown letter's group's.
     pub cause: Cause,
-    /// How many dead letters have this id: more than one when the same event was
-    /// dead-lettered again (a duplicate publish, a replay that failed again). The detail is the
-    /// first's; a replay or purge by id acts on all of them.
+    /// How many dead letters have this id: more than one when an event was published or
+    /// dead-lettered again, or when events reuse an id. The detail is the first's; a replay or
+    /// purge by id acts on all of them.
     pub with_id: usize,
+    /// The groups of the letters with this id (tenant × reason × field, with their causes).
+    pub with_id_groups: Vec<Group>,
 }
 
 /// One dead letter by id, in full.
@@ -483,14 +493,22 @@ pub(crate) async fn detail(
     reveal: bool,
 ) -> Result<Detail, DlqError> {
     let all = with_ids(source, None, &[id.to_owned()]).await?;
-    let with_id = all.len();
-    let letter = all
-        .into_iter()
-        .next()
-        .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
-    let mut listing = listing(state, std::slice::from_ref(&letter)).await;
-    let summary = listing.letters.remove(0);
-    let cause = listing.groups.remove(0).cause;
+    let Some(letter) = all.first() else {
+        return Err(DlqError::NotFound(id.to_owned()));
+    };
+    let mut listing = listing(state, &all).await;
+    let summary = listing.letters.swap_remove(0);
+    let cause = listing
+        .groups
+        .iter()
+        .find(|g| g.cause.state == CauseState::StillThere)
+        .or_else(|| {
+            listing.groups.iter().find(|g| {
+                g.tenant == summary.tenant && g.reason == summary.reason && g.field == summary.field
+            })
+        })
+        .map(|g| g.cause.clone())
+        .unwrap_or_else(|| listing.groups[0].cause.clone());
     let mut headers = BTreeMap::new();
     for (name, value) in [
         ("x-portals-reason", Some(letter.reason.clone())),
@@ -516,7 +534,8 @@ pub(crate) async fn detail(
         body: body_for_people(&letter.body, reveal),
         revealed: reveal,
         cause,
-        with_id,
+        with_id: all.len(),
+        with_id_groups: listing.groups,
     })
 }
 
@@ -586,6 +605,9 @@ pub(crate) async fn replay(
             go.extend(group.ids.iter().cloned());
         }
     }
+    // A replay selects by id: letters that share an id go together, so one whose cause is still
+    // there holds back the others with its id (the page says so), rather than going with them.
+    go.retain(|id| !blocked.iter().any(|b| &b.id == id));
     let missing = request
         .ids
         .iter()
@@ -666,8 +688,8 @@ pub fn cli_twin(verb: &str, query: &Query) -> String {
     if let Some(reason) = some(&query.reason) {
         out.push_str(&format!(" --reason {}", shell_word(reason)));
     }
-    for id in query.id_list().iter().chain(&query.id) {
-        out.push_str(&format!(" --id {}", shell_word(id)));
+    for id in query.chosen_ids() {
+        out.push_str(&format!(" --id {}", shell_word(&id)));
     }
     if let Some(q) = some(&query.q) {
         // `--arg`: jq takes the value as a string, never as part of its program.

@@ -300,6 +300,12 @@ function setupDeadLetters() {
   const override = document.getElementById("override");
   const selected = () =>
     Array.from(document.querySelectorAll("input[name=pick]:checked")).map((box) => box.value);
+  // Letters that share an id are replayed, exported and purged together (the routes select by
+  // id): ticking one ticks the others, so that the selection and "purge N" count what goes.
+  const picks = Array.from(document.querySelectorAll("input[name=pick]"));
+  picks.forEach((box) => box.addEventListener("change", () => {
+    picks.forEach((other) => { if (other.value === box.value) other.checked = box.checked; });
+  }));
 
   function say(lines, cls) {
     result.replaceChildren(...lines.map((line) => el("p", line)));
@@ -330,7 +336,8 @@ function setupDeadLetters() {
   }
 
   document.querySelectorAll("[data-replay]").forEach((button) => {
-    button.addEventListener("click", () => replay(button.dataset.replay.split(",").filter((id) => id)));
+    // A JSON array of ids: an event id may hold a comma.
+    button.addEventListener("click", () => replay(JSON.parse(button.dataset.replay)));
   });
   const replaySelected = document.getElementById("replay-selected");
   if (replaySelected) replaySelected.addEventListener("click", () => replay(selected()));

@@ -282,13 +282,17 @@ async fn dead_letters_page(
         &query.since,
         &query.until,
         &query.q,
+        &query.ids,
     ]
     .iter()
-    .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()));
+    .any(|v| v.as_deref().is_some_and(|v| !v.is_empty()))
+        || !query.id.is_empty();
+    // The ids a link chose (`id=`, `ids=`): kept by the filter form, shown above it.
+    let chosen = query.chosen_ids();
     page(
         "dead_letters.html",
         context! {
-            query => ser(&query), query_string, filtered, groups => ser(&groups), letters => ser(&letters),
+            query => ser(&query), query_string, filtered, chosen, id_pairs => query.id.clone(), groups => ser(&groups), letters => ser(&letters),
             cli_list => dead_letters::cli_twin("list", &query), error, filter_error,
             logout => state.gate.needs_login()
         },
