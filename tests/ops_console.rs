@@ -897,5 +897,31 @@ async fn a_detail_says_how_many_dead_letters_share_its_id() {
         assert_eq!(ticked, json!([true, true]));
         browser.close().await;
     }
+    // A purge of the id counts its letters: "purge 1" for one id that selects two is refused.
+    let (status, refused) = env
+        .admin_post(
+            "/admin/dead-letters/purge",
+            json!({"ids": ["evt_01JD6Q7M1V3S6"], "confirm": "purge 1"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"].as_str().is_some_and(
+            |e| e.starts_with("confirm: type \"purge 2\" to purge; these ids select 2")
+        ),
+        "{refused}"
+    );
+    let (status, purged) = env
+        .admin_post(
+            "/admin/dead-letters/purge",
+            json!({"ids": ["evt_01JD6Q7M1V3S6"], "confirm": "purge 2"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{purged}");
+    assert_eq!(
+        purged["purged"],
+        json!(["evt_01JD6Q7M1V3S6", "evt_01JD6Q7M1V3S6"])
+    );
+    assert_eq!(dead_letters(&env).await.len(), 3);
     env.finish().await;
 }

@@ -643,20 +643,22 @@ pub(crate) async fn replay(
     })
 }
 
-/// A purge request: the selection and the typed confirmation, `purge <n>` for `n` ids.
+/// A purge request: the selection and the typed confirmation, `purge <n>`: `n` the number of
+/// ids, or of the dead letters they select when that is more (letters that share an id go
+/// together, also those the page did not show).
 #[derive(Debug, Deserialize)]
 pub struct PurgeRequest {
     /// The dead letters to remove.
     pub ids: Vec<String>,
-    /// Must be `purge <n>`, `n` the number of ids.
+    /// Must be [`PurgeRequest::expected`].
     #[serde(default)]
     pub confirm: String,
 }
 
 impl PurgeRequest {
-    /// The confirmation this purge needs.
-    pub fn expected(&self) -> String {
-        format!("purge {}", self.ids.len())
+    /// The confirmation this purge needs, when its ids select `selected` dead letters now.
+    pub fn expected(&self, selected: usize) -> String {
+        format!("purge {}", self.ids.len().max(selected))
     }
 }
 
@@ -820,6 +822,10 @@ mod tests {
             ids: vec!["a".into(), "b".into()],
             confirm: String::new(),
         };
-        assert_eq!(request.expected(), "purge 2");
+        assert_eq!(request.expected(2), "purge 2");
+        // One gone meanwhile: still the selection's count (the answer names it missing).
+        assert_eq!(request.expected(1), "purge 2");
+        // Three letters share those two ids: all three go, so all three are confirmed.
+        assert_eq!(request.expected(3), "purge 3");
     }
 }

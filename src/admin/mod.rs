@@ -872,17 +872,28 @@ async fn dead_letter_purge(
     State(state): State<AdminState>,
     axum::Json(request): axum::Json<dead_letters::PurgeRequest>,
 ) -> Response {
-    let expected = request.expected();
     if request.ids.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "ids: choose at least one dead letter",
         );
     }
+    let selected = match dead_letters::with_ids(&state.dlq, None, &request.ids).await {
+        Ok(letters) => letters.len(),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
+    };
+    let expected = request.expected(selected);
     if request.confirm.trim() != expected {
+        let shared = if selected > request.ids.len() {
+            format!(
+                "; these ids select {selected} dead letters now (some share an id, also with letters the page's filter hid)"
+            )
+        } else {
+            String::new()
+        };
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!("confirm: type \"{expected}\" to purge; purging cannot be undone"),
+            format!("confirm: type \"{expected}\" to purge{shared}; purging cannot be undone"),
         );
     }
     match dead_letters::purge(&state.dlq, request.ids).await {
