@@ -37,6 +37,14 @@ impl DlqSource {
     pub(crate) async fn open(&self) -> Result<Dlq, DlqError> {
         Dlq::open(&self.url, self.topology.clone()).await
     }
+
+    /// The dead letters `filter` matches, read without consuming, on a connection of their own.
+    async fn list(&self, filter: &Filter) -> Result<Vec<DeadLetter>, DlqError> {
+        let dlq = self.open().await?;
+        let listed = dlq.list(filter).await;
+        dlq.close().await;
+        listed
+    }
 }
 
 /// Which dead letters a page or route shows: `tenant` and `reason` exactly, `since`/`until`
@@ -277,10 +285,8 @@ pub(crate) async fn matching(
     source: &DlqSource,
     query: &Query,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let dlq = source.open().await?;
-    let listed = dlq.list(&query.filter()).await;
-    dlq.close().await;
-    Ok(listed?.into_iter().filter(|l| query.matches(l)).collect())
+    let listed = source.list(&query.filter()).await?;
+    Ok(listed.into_iter().filter(|l| query.matches(l)).collect())
 }
 
 /// The dead letters whose id is one of `ids`, each compared whole, of `tenant` when given.
@@ -295,16 +301,13 @@ pub(crate) async fn with_ids(
     tenant: Option<&str>,
     ids: &[String],
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let dlq = source.open().await?;
-    let listed = dlq
+    source
         .list(&Filter {
             tenant: tenant.map(str::to_owned),
             ids: ids.to_vec(),
             ..Filter::default()
         })
-        .await;
-    dlq.close().await;
-    listed
+        .await
 }
 
 /// How many of a tenant's dead letters the mapping editor offers as preview events.
